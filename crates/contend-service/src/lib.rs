@@ -1,0 +1,3 @@
+//! The contend reference HTTP service.
+
+pub mod cli;

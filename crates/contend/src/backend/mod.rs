@@ -1,0 +1,253 @@
+//! The three supported databases and what differs between them: URLs, placeholders, how a
+//! transaction begins, row-lock clauses and how errors are classified.
+//!
+//! Generic code asks the [`Dialect`] of a [`Backend`]; each database implements it in its own
+//! module ([`postgres`], [`mysql`], [`sqlite`]) with the same methods in the same order.
+
+pub mod mysql;
+pub mod postgres;
+pub mod sqlite;
+
+use std::borrow::Cow;
+use std::fmt;
+
+use sqlx::error::DatabaseError;
+
+use crate::error::{ConflictKind, Error, Result};
+use crate::tx::TxOptions;
+
+/// Which database a [`crate::Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Backend {
+    /// SQLite, embedded (a file or `sqlite::memory:`).
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB (the tests run MariaDB).
+    MySql,
+}
+
+impl Backend {
+    /// All backends, in a stable order.
+    pub const ALL: [Backend; 3] = [Backend::Sqlite, Backend::Postgres, Backend::MySql];
+
+    /// Detects the backend from a URL's scheme.
+    ///
+    /// ```
+    /// use contend::Backend;
+    /// assert_eq!(Backend::from_url("sqlite::memory:").unwrap(), Backend::Sqlite);
+    /// assert_eq!(Backend::from_url("postgres://u@127.0.0.1/app").unwrap(), Backend::Postgres);
+    /// assert_eq!(Backend::from_url("mariadb://root@127.0.0.1/app").unwrap(), Backend::MySql);
+    /// assert!(Backend::from_url("oracle://x").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for any other scheme.
+    pub fn from_url(url: &str) -> Result<Backend> {
+        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+        match scheme.to_ascii_lowercase().as_str() {
+            "sqlite" => Ok(Backend::Sqlite),
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            "mysql" | "mariadb" => Ok(Backend::MySql),
+            _ => Err(Error::InvalidUrl {
+                url: redact_url(url),
+                reason: "expected a URL starting with sqlite:, postgres://, mysql:// or mariadb://"
+                    .into(),
+            }),
+        }
+    }
+
+    /// The short name used in reports: `sqlite`, `postgres` or `mysql`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+            Backend::MySql => "mysql",
+        }
+    }
+
+    /// The dialect that knows this backend's SQL.
+    pub fn dialect(self) -> &'static dyn Dialect {
+        match self {
+            Backend::Sqlite => &sqlite::Sqlite,
+            Backend::Postgres => &postgres::Postgres,
+            Backend::MySql => &mysql::MySql,
+        }
+    }
+
+    /// Rewrites `?` placeholders for this backend (`$1, $2, ...` on PostgreSQL).
+    ///
+    /// Write SQL once with `?`; `?` inside quoted literals or identifiers is left alone.
+    ///
+    /// ```
+    /// use contend::Backend;
+    /// let sql = "UPDATE account SET balance = balance - ? WHERE id = ? AND note <> '?'";
+    /// assert_eq!(
+    ///     Backend::Postgres.sql(sql),
+    ///     "UPDATE account SET balance = balance - $1 WHERE id = $2 AND note <> '?'"
+    /// );
+    /// assert_eq!(Backend::Sqlite.sql(sql), sql);
+    /// ```
+    pub fn sql(self, sql: &str) -> Cow<'_, str> {
+        match self {
+            Backend::Postgres => Cow::Owned(numbered_placeholders(sql)),
+            _ => Cow::Borrowed(sql),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+            Backend::MySql => "MySQL/MariaDB",
+        })
+    }
+}
+
+/// Row-lock modes for `SELECT ... FOR ...` (see [`Dialect::row_lock_clause`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RowLock {
+    /// `FOR UPDATE`: exclusive, waits.
+    Update,
+    /// `FOR NO KEY UPDATE` (PostgreSQL): does not block inserts of referencing rows.
+    NoKeyUpdate,
+    /// `FOR SHARE` (PostgreSQL; MariaDB `LOCK IN SHARE MODE`).
+    Share,
+    /// `FOR UPDATE NOWAIT`: fail at once with [`ConflictKind::LockTimeout`] if taken.
+    UpdateNowait,
+    /// `FOR UPDATE SKIP LOCKED`: leave rows that are locked out of the result.
+    UpdateSkipLocked,
+}
+
+/// What differs between databases. One zero-sized implementation per backend.
+///
+/// Generic code calls these instead of matching on a backend name.
+pub trait Dialect: Send + Sync + 'static {
+    /// The backend this dialect is for.
+    fn backend(&self) -> Backend;
+
+    /// The statements that start a transaction with `options` (one round trip; may contain
+    /// several `;`-separated statements), and the statements that undo session settings after it
+    /// ends (empty when nothing needs undoing).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the backend cannot honour an option.
+    fn begin(&self, options: &TxOptions) -> Result<(String, Option<String>)>;
+
+    /// Classifies a database error as a conflict kind, if it is one.
+    fn classify(&self, err: &dyn DatabaseError) -> Option<ConflictKind>;
+
+    /// The clause appended to a `SELECT` to take row locks.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the backend has no such lock (SQLite has no row locks).
+    fn row_lock_clause(&self, mode: RowLock) -> Result<&'static str> {
+        Ok(match mode {
+            RowLock::Update => " FOR UPDATE",
+            RowLock::UpdateNowait => " FOR UPDATE NOWAIT",
+            RowLock::UpdateSkipLocked => " FOR UPDATE SKIP LOCKED",
+            RowLock::Share => " FOR SHARE",
+            RowLock::NoKeyUpdate => {
+                return Err(Error::Unsupported {
+                    backend: self.backend(),
+                    what: "FOR NO KEY UPDATE".into(),
+                });
+            }
+        })
+    }
+}
+
+/// Classifies an error from any backend (used by `From<sqlx::Error> for Error`).
+pub(crate) fn classify(err: &dyn DatabaseError) -> Option<ConflictKind> {
+    if err.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+        postgres::Postgres.classify(err)
+    } else if err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().is_some() {
+        mysql::MySql.classify(err)
+    } else if err.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        sqlite::Sqlite.classify(err)
+    } else {
+        None
+    }
+}
+
+fn numbered_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    let mut quote: Option<char> = None;
+    for c in sql.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => {
+                quote = None;
+                out.push(c);
+            }
+            (Some(_), c) => out.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                out.push(c);
+            }
+            (None, '?') => {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+            (None, c) => out.push(c),
+        }
+    }
+    out
+}
+
+/// Replaces the password in a URL with `***`, for error messages and logs.
+///
+/// ```
+/// assert_eq!(
+///     contend::backend::redact_url("postgres://app:secret@db:5432/x"),
+///     "postgres://app:***@db:5432/x"
+/// );
+/// ```
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _password)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    url.to_string()
+}
+
+/// The `host:port` (or file) part of a URL, for error messages.
+pub(crate) fn address_of(url: &str) -> String {
+    match url.split_once("://") {
+        Some((_, rest)) => {
+            let rest = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+            rest.split(['/', '?']).next().unwrap_or(rest).to_string()
+        }
+        None => url
+            .strip_prefix("sqlite:")
+            .unwrap_or(url)
+            .split('?')
+            .next()
+            .unwrap_or(url)
+            .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(address_of("postgres://u:p@127.0.0.1:5432/app"), "127.0.0.1:5432");
+        assert_eq!(address_of("mysql://root@localhost/app?x=1"), "localhost");
+        assert_eq!(address_of("sqlite:/tmp/a.db?mode=rwc"), "/tmp/a.db");
+    }
+
+    #[test]
+    fn placeholders_skip_quotes() {
+        assert_eq!(numbered_placeholders("a ? \"?\" ? '??' ?"), "a $1 \"?\" $2 '??' $3");
+    }
+}

@@ -1,0 +1,77 @@
+//! MySQL/MariaDB: `SET TRANSACTION ...` before `START TRANSACTION` on the same connection,
+//! session timeouts restored afterwards, error-number classification.
+
+use std::fmt::Write;
+
+use sqlx::error::DatabaseError;
+use sqlx::mysql::MySqlDatabaseError;
+
+use super::{Backend, Dialect, RowLock};
+use crate::error::{ConflictKind, Result};
+use crate::tx::TxOptions;
+
+/// The MySQL/MariaDB dialect.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MySql;
+
+impl Dialect for MySql {
+    fn backend(&self) -> Backend {
+        Backend::MySql
+    }
+
+    /// `SET TRANSACTION ISOLATION LEVEL ..; START TRANSACTION [READ ONLY]`. Lock and statement
+    /// timeouts are session variables in InnoDB/MariaDB (`innodb_lock_wait_timeout`, whole
+    /// seconds, at least 1; `max_statement_time`), so they are set before and reset to the
+    /// server default after the transaction, never left on a pooled connection.
+    fn begin(&self, options: &TxOptions) -> Result<(String, Option<String>)> {
+        let mut sql = String::new();
+        let mut restore = Vec::new();
+        if let Some(t) = options.lock_timeout {
+            let secs = t.as_millis().div_ceil(1000).max(1);
+            write!(sql, "SET SESSION innodb_lock_wait_timeout = {secs}; ").unwrap();
+            restore.push("innodb_lock_wait_timeout = DEFAULT");
+        }
+        if let Some(t) = options.statement_timeout {
+            write!(sql, "SET SESSION max_statement_time = {:.3}; ", t.as_secs_f64()).unwrap();
+            restore.push("max_statement_time = DEFAULT");
+        }
+        if let Some(level) = options.isolation {
+            write!(sql, "SET TRANSACTION ISOLATION LEVEL {}; ", level.sql()).unwrap();
+        }
+        sql.push_str("START TRANSACTION");
+        if options.read_only {
+            sql.push_str(" READ ONLY");
+        }
+        let restore = (!restore.is_empty()).then(|| format!("SET SESSION {}", restore.join(", ")));
+        Ok((sql, restore))
+    }
+
+    /// `1213` deadlock, `1205` lock wait timeout, `3572` NOWAIT lock refused, `1020` record
+    /// changed (snapshot isolation), any other SQLSTATE `40001` serialization.
+    fn classify(&self, err: &dyn DatabaseError) -> Option<ConflictKind> {
+        if let Some(e) = err.try_downcast_ref::<MySqlDatabaseError>() {
+            match e.number() {
+                1213 => return Some(ConflictKind::Deadlock),
+                1205 | 3572 => return Some(ConflictKind::LockTimeout),
+                1020 => return Some(ConflictKind::Serialization),
+                _ => {}
+            }
+        }
+        (err.code().as_deref() == Some("40001")).then_some(ConflictKind::Serialization)
+    }
+
+    fn row_lock_clause(&self, mode: RowLock) -> Result<&'static str> {
+        Ok(match mode {
+            RowLock::Update => " FOR UPDATE",
+            RowLock::Share => " LOCK IN SHARE MODE",
+            RowLock::UpdateNowait => " FOR UPDATE NOWAIT",
+            RowLock::UpdateSkipLocked => " FOR UPDATE SKIP LOCKED",
+            RowLock::NoKeyUpdate => {
+                return Err(crate::Error::Unsupported {
+                    backend: Backend::MySql,
+                    what: "FOR NO KEY UPDATE (a PostgreSQL lock mode)".into(),
+                });
+            }
+        })
+    }
+}

@@ -1,0 +1,58 @@
+//! PostgreSQL: `BEGIN ISOLATION LEVEL ...`, `SET LOCAL` timeouts, SQLSTATE classification.
+
+use std::fmt::Write;
+
+use sqlx::error::DatabaseError;
+
+use super::{Backend, Dialect, RowLock};
+use crate::error::{ConflictKind, Result};
+use crate::tx::TxOptions;
+
+/// The PostgreSQL dialect.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Postgres;
+
+impl Dialect for Postgres {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    /// `BEGIN [ISOLATION LEVEL ..] [READ ONLY]`, then `SET LOCAL lock_timeout` and
+    /// `statement_timeout`, which end with the transaction: nothing to undo.
+    fn begin(&self, options: &TxOptions) -> Result<(String, Option<String>)> {
+        let mut sql = String::from("BEGIN");
+        if let Some(level) = options.isolation {
+            write!(sql, " ISOLATION LEVEL {}", level.sql()).unwrap();
+        }
+        if options.read_only {
+            sql.push_str(" READ ONLY");
+        }
+        if let Some(t) = options.lock_timeout {
+            write!(sql, "; SET LOCAL lock_timeout = '{}ms'", t.as_millis().max(1)).unwrap();
+        }
+        if let Some(t) = options.statement_timeout {
+            write!(sql, "; SET LOCAL statement_timeout = '{}ms'", t.as_millis().max(1)).unwrap();
+        }
+        Ok((sql, None))
+    }
+
+    /// `40001` serialization_failure, `40P01` deadlock_detected, `55P03` lock_not_available.
+    fn classify(&self, err: &dyn DatabaseError) -> Option<ConflictKind> {
+        match err.code()?.as_ref() {
+            "40001" => Some(ConflictKind::Serialization),
+            "40P01" => Some(ConflictKind::Deadlock),
+            "55P03" => Some(ConflictKind::LockTimeout),
+            _ => None,
+        }
+    }
+
+    fn row_lock_clause(&self, mode: RowLock) -> Result<&'static str> {
+        Ok(match mode {
+            RowLock::Update => " FOR UPDATE",
+            RowLock::NoKeyUpdate => " FOR NO KEY UPDATE",
+            RowLock::Share => " FOR SHARE",
+            RowLock::UpdateNowait => " FOR UPDATE NOWAIT",
+            RowLock::UpdateSkipLocked => " FOR UPDATE SKIP LOCKED",
+        })
+    }
+}

@@ -1,0 +1,311 @@
+//! [`Db`]: one pooled handle for SQLite, PostgreSQL and MySQL/MariaDB, chosen by URL, with the
+//! session settings each backend needs for safe concurrent use.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use sqlx::any::{AnyArguments, AnyConnectOptions, AnyPoolOptions};
+use sqlx::pool::PoolConnection;
+use sqlx::query::{Query, QueryScalar};
+use sqlx::{Any, AnyPool, AssertSqlSafe, Executor};
+
+use crate::backend::{Backend, address_of, redact_url, sqlite::DEFAULT_BUSY_TIMEOUT_MS};
+use crate::error::{Error, Result};
+use crate::tx::{self, Attempted, Tx, TxOptions};
+
+/// A pooled database handle. Cheap to clone; clones share the pool.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+/// let db = contend::Db::connect("sqlite::memory:").await?;
+/// assert_eq!(db.backend(), contend::Backend::Sqlite);
+/// let one: i64 = db.query_scalar("SELECT 1").fetch_one(db.pool()).await?;
+/// assert_eq!(one, 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: AnyPool,
+    backend: Backend,
+    url: String,
+    busy_timeout_ms: u64,
+}
+
+/// Settings for [`Db`], made by [`Db::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `connect` is called"]
+pub struct DbBuilder {
+    url: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    connect_timeout: Duration,
+    busy_timeout: Duration,
+}
+
+impl DbBuilder {
+    /// Largest number of pooled connections. Default 16 (always 1 for `sqlite::memory:`, where
+    /// every connection would be a database of its own).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a caller waits for a free pooled connection before [`Error::Unavailable`].
+    /// Default 30 s.
+    pub fn acquire_timeout(mut self, t: Duration) -> Self {
+        self.acquire_timeout = t;
+        self
+    }
+
+    /// How long [`DbBuilder::connect`] may take to open the first connection. Default 5 s.
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// SQLite's busy timeout: how long a statement waits for another connection's lock before
+    /// failing with `SQLITE_BUSY`. Default 5 s. Ignored by the other backends.
+    pub fn busy_timeout(mut self, t: Duration) -> Self {
+        self.busy_timeout = t;
+        self
+    }
+
+    /// Opens the pool and one connection, so that a bad address fails here, clearly.
+    ///
+    /// SQLite files are created if missing, and every SQLite connection gets WAL journaling,
+    /// `synchronous = NORMAL`, foreign keys and the busy timeout.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for a URL that names no supported backend or cannot be parsed;
+    /// [`Error::Connect`] naming the backend and address when the server cannot be reached in
+    /// time or refuses the login.
+    pub async fn connect(self) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::from_url(&self.url)?;
+        let (url, memory) = normalize_url(backend, &self.url);
+        let options = AnyConnectOptions::from_str(&url).map_err(|e| Error::InvalidUrl {
+            url: redact_url(&self.url),
+            reason: e.to_string(),
+        })?;
+        let busy_ms = self.busy_timeout.as_millis() as u64;
+        let mut pool = AnyPoolOptions::new()
+            .max_connections(if memory { 1 } else { self.max_connections })
+            .acquire_timeout(self.acquire_timeout);
+        if memory {
+            pool = pool.idle_timeout(None).max_lifetime(None).min_connections(1);
+        }
+        if backend == Backend::Sqlite {
+            pool = pool.after_connect(move |conn, _| {
+                Box::pin(async move {
+                    let sql = format!(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {busy_ms}"
+                    );
+                    conn.execute(AssertSqlSafe(sql)).await.map(|_| ())
+                })
+            });
+        }
+        let connect = pool.connect_with(options);
+        let pool = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(pool)) => pool,
+            Ok(Err(source)) => {
+                return Err(Error::Connect {
+                    backend,
+                    address: address_of(&self.url),
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(Error::Connect {
+                    backend,
+                    address: address_of(&self.url),
+                    source: sqlx::Error::PoolTimedOut,
+                });
+            }
+        };
+        Ok(Db {
+            inner: Arc::new(Inner {
+                pool,
+                backend,
+                url: redact_url(&self.url),
+                busy_timeout_ms: busy_ms,
+            }),
+        })
+    }
+}
+
+/// `mariadb://` becomes `mysql://` (same protocol); SQLite files get `mode=rwc` so that they are
+/// created when missing. Returns whether the URL is an in-memory SQLite database.
+fn normalize_url(backend: Backend, url: &str) -> (String, bool) {
+    match backend {
+        Backend::MySql => match url.split_once("://") {
+            Some((_, rest)) => (format!("mysql://{rest}"), false),
+            None => (url.to_string(), false),
+        },
+        Backend::Sqlite => {
+            let memory = url.contains(":memory:") || url.contains("mode=memory");
+            if memory || url.contains("mode=") {
+                (url.to_string(), memory)
+            } else if url.contains('?') {
+                (format!("{url}&mode=rwc"), false)
+            } else {
+                (format!("{url}?mode=rwc"), false)
+            }
+        }
+        _ => (url.to_string(), false),
+    }
+}
+
+impl Db {
+    /// Connects with default settings. See [`DbBuilder::connect`].
+    ///
+    /// # Errors
+    /// As [`DbBuilder::connect`].
+    pub async fn connect(url: &str) -> Result<Db> {
+        Db::builder(url).connect().await
+    }
+
+    /// Starts configuring a connection to `url`: `sqlite:PATH`, `sqlite::memory:`,
+    /// `postgres://user:pass@host:port/db`, `mysql://...` or `mariadb://...`.
+    pub fn builder(url: &str) -> DbBuilder {
+        DbBuilder {
+            url: url.to_string(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            busy_timeout: Duration::from_millis(DEFAULT_BUSY_TIMEOUT_MS),
+        }
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// The URL, with its password redacted.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// The connection pool, for statements outside a transaction (autocommit).
+    pub fn pool(&self) -> &AnyPool {
+        &self.inner.pool
+    }
+
+    /// Takes a connection from the pool for autocommit work.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when none becomes free within the acquire timeout.
+    pub async fn acquire(&self) -> Result<PoolConnection<Any>> {
+        self.inner.pool.acquire().await.map_err(Error::from)
+    }
+
+    /// A query with `?` placeholders rewritten for this backend (see [`Backend::sql`]).
+    pub fn query(&self, sql: &str) -> Query<'static, Any, AnyArguments> {
+        sqlx::query(AssertSqlSafe(self.inner.backend.sql(sql).into_owned()))
+    }
+
+    /// A single-value query with placeholders rewritten for this backend.
+    pub fn query_scalar<O>(&self, sql: &str) -> QueryScalar<'static, Any, O, AnyArguments>
+    where
+        (O,): for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
+    {
+        sqlx::query_scalar(AssertSqlSafe(self.inner.backend.sql(sql).into_owned()))
+    }
+
+    /// Runs several `;`-separated statements without parameters (schema setup and the like).
+    ///
+    /// # Errors
+    /// The first statement's error.
+    pub async fn execute_script(&self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+            .execute(&self.inner.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `body` in a new outermost transaction with default options (no retry): commits when
+    /// it returns `Ok`, rolls back when it returns `Err`, then runs the `on_commit` hooks.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+    /// let db = contend::Db::connect("sqlite::memory:").await?;
+    /// db.execute_script("CREATE TABLE t (v INTEGER)").await?;
+    /// let n = db
+    ///     .transaction(|tx| {
+    ///         Box::pin(async move {
+    ///             let q = tx.query("INSERT INTO t (v) VALUES (?)").bind(7_i64);
+    ///             Ok(q.execute(tx.conn()).await?.rows_affected())
+    ///         })
+    ///     })
+    ///     .await?;
+    /// assert_eq!(n, 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// The body's error; [`Error::NestedTransaction`] when called inside another transaction of
+    /// the same task; connection and `BEGIN`/`COMMIT` errors.
+    ///
+    /// # Cancel safety
+    /// Safe to drop at any await point: a connection whose transaction did not finish is closed,
+    /// never returned to the pool, so the server rolls the transaction back and no partial work
+    /// becomes visible. Hooks run only after a completed commit; once they have started, they
+    /// run to the end in a task of their own even if this future is dropped.
+    pub async fn transaction<T, F>(&self, body: F) -> Result<T>
+    where
+        T: Send,
+        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+    {
+        self.run(&TxOptions::default(), body).await.result
+    }
+
+    /// Like [`Db::transaction`], with options: isolation level, read-only, timeouts and retry.
+    ///
+    /// # Errors
+    /// As [`Db::transaction`]; [`Error::Unsupported`] for an option the backend cannot honour.
+    ///
+    /// # Cancel safety
+    /// As [`Db::transaction`].
+    pub async fn transaction_with<T, F>(&self, options: &TxOptions, body: F) -> Result<T>
+    where
+        T: Send,
+        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+    {
+        self.run(options, body).await.result
+    }
+
+    /// Like [`Db::transaction_with`], and reports how many attempts it took and which conflicts
+    /// made it retry (the lab and metrics read these).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+    /// use contend::{Db, RetryPolicy, TxOptions};
+    /// let db = Db::connect("sqlite::memory:").await?;
+    /// let options = TxOptions::new().retry(RetryPolicy::new().max_attempts(5));
+    /// let run = db.run(&options, |_tx| Box::pin(async { Ok(42) })).await;
+    /// assert_eq!(run.result?, 42);
+    /// assert_eq!(run.attempts, 1);
+    /// assert!(run.conflicts.is_empty());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// As [`Db::transaction`].
+    pub async fn run<T, F>(&self, options: &TxOptions, body: F) -> Attempted<T>
+    where
+        T: Send,
+        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+    {
+        let mut options = options.clone();
+        options.session_busy_timeout_ms = Some(self.inner.busy_timeout_ms);
+        tx::run(&self.inner.pool, self.inner.backend, &options, body).await
+    }
+}

@@ -1,0 +1,47 @@
+//! Concurrency control for request handlers: the right transaction, lock or retry, so that two
+//! requests racing for the same row neither lose an update nor break an invariant.
+//!
+//! # Brief overview
+//! - [`Db`] is a pooled handle for SQLite, PostgreSQL or MySQL/MariaDB, chosen by URL.
+//! - [`Db::transaction`] runs a closure in the outermost transaction; [`Tx::savepoint`] nests;
+//!   [`Tx::on_commit`] defers side effects until the commit; [`TxOptions`] sets the
+//!   [`IsolationLevel`], timeouts and a [`RetryPolicy`] for conflicts ([`ConflictKind`]).
+//! - Functions that must run inside a transaction take `&mut Tx` (see [`tx`]).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+//! use contend::{Db, RetryPolicy, TxOptions};
+//! let db = Db::connect("sqlite::memory:").await?;
+//! db.execute_script("CREATE TABLE account (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL);
+//!                    INSERT INTO account VALUES (1, 100)").await?;
+//! // Withdraw 30 only if the balance allows it: one conditional UPDATE, no lost update.
+//! let options = TxOptions::new().retry(RetryPolicy::new());
+//! let applied = db.transaction_with(&options, |tx| Box::pin(async move {
+//!     let q = tx.query("UPDATE account SET balance = balance - ? WHERE id = ? AND balance >= ?")
+//!         .bind(30_i64).bind(1_i64).bind(30_i64);
+//!     Ok(q.execute(tx.conn()).await?.rows_affected() == 1)
+//! })).await?;
+//! assert!(applied);
+//! # Ok(()) }
+//! ```
+//!
+//! # Closures and `Send`
+//! Transaction bodies have sqlx's shape, `|tx| Box::pin(async move { .. })`, because async
+//! closures (`AsyncFnMut`) do not yet produce `Send` futures on stable Rust, and axum handlers and
+//! `tokio::spawn` need `Send`.
+
+pub mod backend;
+pub mod db;
+pub mod error;
+pub mod isolation;
+pub mod retry;
+pub mod strategy;
+pub mod tx;
+
+pub use backend::{Backend, RowLock};
+pub use db::{Db, DbBuilder};
+pub use error::{BoxError, ConflictKind, Error, Result};
+pub use futures_util::future::BoxFuture;
+pub use isolation::IsolationLevel;
+pub use retry::RetryPolicy;
+pub use tx::{Attempted, Tx, TxOptions};

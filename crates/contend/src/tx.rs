@@ -1,0 +1,485 @@
+//! Transactions that cannot be nested by accident, savepoints for nesting on purpose,
+//! `on_commit` hooks, per-transaction isolation and timeouts, and retry of conflicts.
+//!
+//! # Transaction versus savepoint
+//! Django's `atomic` means "transaction" at the top and "savepoint" when nested, so code that
+//! must really commit (before calling a payment provider, say) can be wrapped by a caller and
+//! rolled back later. Here the two are different calls:
+//! - [`crate::Db::transaction`] always starts the outermost transaction. Called while the same
+//!   task is already inside one, it fails with [`Error::NestedTransaction`]: what it commits is
+//!   durable when it returns.
+//! - [`Tx::savepoint`] nests, and can only be called with a transaction in hand. When its body
+//!   fails, only its own work is rolled back and the outer transaction goes on.
+//!
+//! # "Transaction required"
+//! A function that must run inside a transaction takes `&mut Tx`. There is no way to get a
+//! `Tx` outside [`crate::Db::transaction`], so forgetting the transaction does not compile:
+//!
+//! ```
+//! use contend::{Result, Tx};
+//! /// Debits `amount` if the balance allows. Must run in the caller's transaction.
+//! async fn debit(tx: &mut Tx, account: i64, amount: i64) -> Result<bool> {
+//!     let q = tx
+//!         .query("UPDATE account SET balance = balance - ? WHERE id = ? AND balance >= ?")
+//!         .bind(amount)
+//!         .bind(account)
+//!         .bind(amount);
+//!     Ok(q.execute(tx.conn()).await?.rows_affected() == 1)
+//! }
+//! ```
+//!
+//! # Retries
+//! With a [`RetryPolicy`] in [`TxOptions::retry`], a body that fails with a conflict
+//! ([`Error::conflict`]) is run again from the start on a fresh transaction. The body is an
+//! `FnMut` for that reason: keep side effects that must happen once out of it, in
+//! [`Tx::on_commit`] hooks; hooks of failed attempts never run.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use sqlx::AnyConnection;
+use sqlx::any::AnyArguments;
+use sqlx::pool::PoolConnection;
+use sqlx::query::{Query, QueryScalar};
+use sqlx::{Any, AnyPool, AssertSqlSafe};
+
+use crate::backend::Backend;
+use crate::error::{ConflictKind, Error, Result};
+use crate::isolation::IsolationLevel;
+use crate::retry::RetryPolicy;
+
+tokio::task_local! {
+    /// Set while a transaction body runs on this task.
+    static IN_TRANSACTION: ();
+}
+
+/// Whether the current task is running a transaction body.
+///
+/// ```
+/// assert!(!contend::tx::in_transaction());
+/// ```
+pub fn in_transaction() -> bool {
+    IN_TRANSACTION.try_with(|_| ()).is_ok()
+}
+
+/// Options of one transaction: isolation level, read-only, lock and statement timeouts, retry.
+///
+/// ```
+/// use std::time::Duration;
+/// use contend::{IsolationLevel, RetryPolicy, TxOptions};
+/// let options = TxOptions::new()
+///     .isolation(IsolationLevel::Serializable)
+///     .lock_timeout(Duration::from_millis(500))
+///     .retry(RetryPolicy::new().max_attempts(20));
+/// assert_eq!(options.isolation_level(), Some(IsolationLevel::Serializable));
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct TxOptions {
+    pub(crate) isolation: Option<IsolationLevel>,
+    pub(crate) read_only: bool,
+    pub(crate) lock_timeout: Option<Duration>,
+    pub(crate) statement_timeout: Option<Duration>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) session_busy_timeout_ms: Option<u64>,
+}
+
+impl TxOptions {
+    /// The backend's default isolation level, read-write, no timeouts, no retry.
+    pub fn new() -> Self {
+        TxOptions::default()
+    }
+
+    /// Run at this isolation level (see [`crate::isolation`] for what each backend gives).
+    pub fn isolation(mut self, level: IsolationLevel) -> Self {
+        self.isolation = Some(level);
+        self
+    }
+
+    /// Make the transaction read-only: writes fail.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Wait at most this long for a row lock (PostgreSQL `lock_timeout`, InnoDB
+    /// `innodb_lock_wait_timeout` rounded up to whole seconds, SQLite busy timeout). Expiry is a
+    /// [`ConflictKind::LockTimeout`] (SQLite: [`ConflictKind::Busy`]).
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = Some(timeout);
+        self
+    }
+
+    /// Cancel any statement running longer than this (PostgreSQL `statement_timeout`, MariaDB
+    /// `max_statement_time`; SQLite has none: [`Error::Unsupported`]).
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// Retry conflicts under this policy (default: [`RetryPolicy::none`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The requested isolation level, if any.
+    pub fn isolation_level(&self) -> Option<IsolationLevel> {
+        self.isolation
+    }
+}
+
+/// The outcome of [`crate::Db::run`]: the body's result and how it was reached.
+#[derive(Debug)]
+#[must_use]
+pub struct Attempted<T> {
+    /// The committed value, or the error of the last attempt.
+    pub result: Result<T>,
+    /// How many times the body ran (1 when it did not need a retry).
+    pub attempts: u32,
+    /// The conflict of every failed attempt, in order (including the last one when the retry
+    /// policy gave up on it).
+    pub conflicts: Vec<ConflictKind>,
+}
+
+/// A function to run after the outermost transaction commits.
+type Hook = Box<dyn FnOnce() -> BoxFuture<'static, Result<(), String>> + Send>;
+
+/// What an `on_commit` hook returns: `()` or a `Result` whose error is logged.
+pub trait HookOutcome {
+    /// `Err` with a message when the hook failed.
+    fn into_outcome(self) -> Result<(), String>;
+}
+
+impl HookOutcome for () {
+    fn into_outcome(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: std::fmt::Display> HookOutcome for Result<(), E> {
+    fn into_outcome(self) -> Result<(), String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+/// An open transaction: the handle a transaction body gets.
+///
+/// Run statements with sqlx on [`Tx::conn`]; [`Tx::query`] rewrites `?` placeholders for the
+/// backend. Errors convert into [`Error`] with `?`, conflicts classified.
+#[must_use = "a transaction body must use its Tx"]
+pub struct Tx {
+    conn: Option<PoolConnection<Any>>,
+    backend: Backend,
+    depth: u32,
+    hooks: Vec<(u32, Hook)>,
+    finished: bool,
+    restore: Option<String>,
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx")
+            .field("backend", &self.backend)
+            .field("depth", &self.depth)
+            .field("hooks", &self.hooks.len())
+            .finish()
+    }
+}
+
+impl Drop for Tx {
+    /// A transaction that did not finish (its future was dropped, or `ROLLBACK` failed) closes
+    /// its connection instead of returning it to the pool: the server then rolls back.
+    fn drop(&mut self) {
+        if !self.finished
+            && let Some(conn) = self.conn.as_mut()
+        {
+            conn.close_on_drop();
+        }
+    }
+}
+
+impl Tx {
+    async fn begin(conn: PoolConnection<Any>, backend: Backend, options: &TxOptions) -> Result<Tx> {
+        let (sql, restore) = backend.dialect().begin(options)?;
+        let mut tx = Tx {
+            conn: Some(conn),
+            backend,
+            depth: 0,
+            hooks: Vec::new(),
+            finished: false,
+            restore,
+        };
+        if let Err(e) = tx.raw(sql).await {
+            // Whatever part of the BEGIN took effect is undone; if that fails the connection is
+            // closed on drop.
+            let _ = tx.finish("ROLLBACK").await;
+            return Err(e);
+        }
+        Ok(tx)
+    }
+
+    async fn raw(&mut self, sql: String) -> Result<()> {
+        use sqlx::Executor;
+        self.conn().execute(sqlx::raw_sql(AssertSqlSafe(sql))).await?;
+        Ok(())
+    }
+
+    /// Ends the transaction with `COMMIT` or `ROLLBACK`, undoes session settings, and marks the
+    /// connection fit for the pool.
+    async fn finish(&mut self, end: &'static str) -> Result<()> {
+        let result = self.raw(end.to_string()).await;
+        if result.is_err() && end == "COMMIT" {
+            // A failed COMMIT may leave the transaction open (SQLite busy): roll it back, and
+            // keep the connection out of the pool if even that fails.
+            if self.raw("ROLLBACK".into()).await.is_err() {
+                return result;
+            }
+        } else if result.is_err() {
+            return result;
+        }
+        if let Some(restore) = self.restore.take()
+            && let Err(e) = self.raw(restore).await
+        {
+            tracing::warn!(error = %e, "could not reset session settings; closing the connection");
+            return result;
+        }
+        self.finished = true;
+        result
+    }
+
+    /// The backend this transaction runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The connection, to run sqlx queries on: `query.execute(tx.conn()).await?`.
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        self.conn.as_mut().expect("connection present until drop")
+    }
+
+    /// A query with `?` placeholders rewritten for this backend.
+    pub fn query(&self, sql: &str) -> Query<'static, Any, AnyArguments> {
+        sqlx::query(AssertSqlSafe(self.backend.sql(sql).into_owned()))
+    }
+
+    /// A single-value query with `?` placeholders rewritten for this backend.
+    pub fn query_scalar<O>(&self, sql: &str) -> QueryScalar<'static, Any, O, AnyArguments>
+    where
+        (O,): for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
+    {
+        sqlx::query_scalar(AssertSqlSafe(self.backend.sql(sql).into_owned()))
+    }
+
+    /// How many savepoints are open around the current code (0 in the transaction body itself).
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// Registers `hook` to run once the outermost transaction has committed.
+    ///
+    /// Hooks run in registration order, after the commit and after the connection went back to
+    /// the pool. They never run when the transaction (or the savepoint they were registered in)
+    /// rolls back, nor for attempts that a retry replaced. A hook that returns `Err` or panics is
+    /// logged and the others still run.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+    /// use std::sync::{Arc, atomic::{AtomicU32, Ordering}};
+    /// let db = contend::Db::connect("sqlite::memory:").await?;
+    /// let sent = Arc::new(AtomicU32::new(0));
+    /// let s = sent.clone();
+    /// db.transaction(move |tx| {
+    ///     let s = s.clone();
+    ///     Box::pin(async move {
+    ///         tx.on_commit(move || async move { s.fetch_add(1, Ordering::SeqCst); });
+    ///         Ok(())
+    ///     })
+    /// })
+    /// .await?;
+    /// assert_eq!(sent.load(Ordering::SeqCst), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn on_commit<F, Fut, R>(&mut self, hook: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        R: HookOutcome,
+    {
+        self.hooks.push((
+            self.depth,
+            Box::new(move || Box::pin(async move { hook().await.into_outcome() })),
+        ));
+    }
+
+    /// Runs `body` inside a savepoint. When it returns `Err`, only its work (and the hooks it
+    /// registered) is rolled back, and the error is returned; the outer transaction goes on.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+    /// let db = contend::Db::connect("sqlite::memory:").await?;
+    /// db.execute_script("CREATE TABLE t (v INTEGER)").await?;
+    /// db.transaction(|tx| Box::pin(async move {
+    ///     tx.query("INSERT INTO t VALUES (1)").execute(tx.conn()).await?;
+    ///     let inner: contend::Result<()> = tx.savepoint(|tx| Box::pin(async move {
+    ///         tx.query("INSERT INTO t VALUES (2)").execute(tx.conn()).await?;
+    ///         Err(contend::Error::aborted("changed my mind"))
+    ///     })).await;
+    ///     assert!(inner.is_err());
+    ///     Ok(())
+    /// })).await?;
+    /// let n: i64 = db.query_scalar("SELECT COUNT(*) FROM t").fetch_one(db.pool()).await?;
+    /// assert_eq!(n, 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// The body's error, or the error of `SAVEPOINT`/`RELEASE`. If the database already rolled
+    /// back the whole transaction (an InnoDB deadlock does), the body's error is returned and the
+    /// transaction is marked broken, so it cannot commit.
+    ///
+    /// # Cancel safety
+    /// If this future is dropped before it finishes, the savepoint stays open and the
+    /// transaction can no longer commit: its commit rolls everything back and fails with
+    /// [`Error::TransactionBroken`]. No partial savepoint work becomes visible.
+    pub async fn savepoint<T, F>(&mut self, body: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c mut Tx) -> BoxFuture<'c, Result<T>>,
+    {
+        let outer = self.depth;
+        let depth = outer + 1;
+        self.raw(format!("SAVEPOINT contend_sp_{depth}")).await?;
+        self.depth = depth;
+        let result = body(self).await;
+        if self.depth != depth {
+            return Err(Error::TransactionBroken("a nested savepoint was cancelled"));
+        }
+        match result {
+            Ok(value) => {
+                self.raw(format!("RELEASE SAVEPOINT contend_sp_{depth}")).await?;
+                for hook in &mut self.hooks {
+                    if hook.0 == depth {
+                        hook.0 = outer;
+                    }
+                }
+                self.depth = outer;
+                Ok(value)
+            }
+            Err(err) => {
+                self.hooks.retain(|h| h.0 < depth);
+                let undo = format!(
+                    "ROLLBACK TO SAVEPOINT contend_sp_{depth}; RELEASE SAVEPOINT contend_sp_{depth}"
+                );
+                if self.raw(undo).await.is_ok() {
+                    self.depth = outer;
+                }
+                // else: depth stays above the caller's, so the transaction cannot commit.
+                Err(err)
+            }
+        }
+    }
+}
+
+/// The retry loop behind [`crate::Db::run`].
+pub(crate) async fn run<T, F>(
+    pool: &AnyPool,
+    backend: Backend,
+    options: &TxOptions,
+    mut body: F,
+) -> Attempted<T>
+where
+    T: Send,
+    F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+{
+    let mut report = Attempted {
+        result: Err(Error::NestedTransaction),
+        attempts: 0,
+        conflicts: Vec::new(),
+    };
+    if in_transaction() {
+        return report;
+    }
+    let started = Instant::now();
+    loop {
+        report.attempts += 1;
+        let attempt = IN_TRANSACTION.scope((), attempt(pool, backend, options, &mut body));
+        match attempt.await {
+            Ok((value, hooks)) => {
+                run_hooks(hooks).await;
+                report.result = Ok(value);
+                return report;
+            }
+            Err(err) => {
+                if let Some(kind) = err.conflict() {
+                    report.conflicts.push(kind);
+                    if options
+                        .retry
+                        .should_retry(kind, report.attempts, started.elapsed())
+                    {
+                        tokio::time::sleep(options.retry.backoff(report.attempts)).await;
+                        continue;
+                    }
+                }
+                report.result = Err(err);
+                return report;
+            }
+        }
+    }
+}
+
+async fn attempt<T, F>(
+    pool: &AnyPool,
+    backend: Backend,
+    options: &TxOptions,
+    body: &mut F,
+) -> Result<(T, Vec<Hook>)>
+where
+    F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+{
+    let conn = pool.acquire().await?;
+    let mut tx = Tx::begin(conn, backend, options).await?;
+    match body(&mut tx).await {
+        Ok(value) if tx.depth == 0 => {
+            tx.finish("COMMIT").await?;
+            let hooks = std::mem::take(&mut tx.hooks);
+            drop(tx);
+            Ok((value, hooks.into_iter().map(|(_, h)| h).collect()))
+        }
+        Ok(_) => {
+            let _ = tx.finish("ROLLBACK").await;
+            Err(Error::TransactionBroken(
+                "a savepoint was cancelled; the transaction was rolled back",
+            ))
+        }
+        Err(err) => {
+            if let Err(e) = tx.finish("ROLLBACK").await {
+                tracing::debug!(error = %e, "rollback failed; the connection will be closed");
+            }
+            Err(err)
+        }
+    }
+}
+
+async fn run_hooks(hooks: Vec<Hook>) {
+    if hooks.is_empty() {
+        return;
+    }
+    // A task of their own: once the commit is done, the hooks run to the end even if the
+    // caller's future is dropped.
+    let task = tokio::spawn(async move {
+        for (index, hook) in hooks.into_iter().enumerate() {
+            match AssertUnwindSafe(async move { hook().await })
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => tracing::error!(hook = index, %message, "on_commit hook failed"),
+                Err(_) => tracing::error!(hook = index, "on_commit hook panicked"),
+            }
+        }
+    });
+    let _ = task.await;
+}
