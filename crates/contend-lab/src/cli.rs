@@ -1,16 +1,252 @@
-//! `contend lab`: arguments and entry point.
+//! `contend lab`: the command-line flags, their validation into a [`LabConfig`], and the entry
+//! point that runs the lab and prints the table or the JSON document.
+//!
+//! Exit status: 0 when every strategy expected to be safe was; 1 when one showed a violation or
+//! unexpected errors; 2 (an `Err` from [`run`]) for bad flags or an error that stopped the lab.
 
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::config::{self, ConfigError, LabConfig, Load};
+use crate::report::LabReport;
+use crate::runner::{self, LockServices};
+use crate::scenario::Scenario;
 
 /// Arguments of `contend lab`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct LabArgs {
-    /// Database to run against (default: embedded SQLite in a temporary file).
-    #[arg(long, env = "DATABASE_URL")]
+    /// Database to run against [default: embedded SQLite in a temporary file].
+    #[arg(long, env = "DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
+
+    /// Scenarios to run, comma separated, or `all` [default: all].
+    #[arg(long, value_name = "LIST")]
+    pub scenario: Option<String>,
+
+    /// Strategies to run, comma separated, or `all` [default: all].
+    #[arg(long, value_name = "LIST")]
+    pub strategy: Option<String>,
+
+    /// Concurrent workers per run, comma separated, e.g. 1,8,32,64 [default: 16].
+    #[arg(long, value_name = "LIST")]
+    pub workers: Option<String>,
+
+    /// Operations per run, all workers together [default: 1000 unless --duration is given].
+    #[arg(long, value_name = "N")]
+    pub operations: Option<u64>,
+
+    /// Time per run, e.g. 500ms, 10s, 2m (with --operations: whichever comes first).
+    #[arg(long, value_name = "TIME")]
+    pub duration: Option<String>,
+
+    /// Runs of each combination [default: 1].
+    #[arg(long, value_name = "N")]
+    pub repeat: Option<u32>,
+
+    /// Redis server for the `redis` and `redis-spin` strategies.
+    #[arg(long, env = "REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Redis servers for the `redlock` strategy, comma separated (an odd number, e.g. 5).
+    #[arg(long, env = "REDLOCK_URLS", value_name = "URLS")]
+    pub redlock_urls: Option<String>,
+
+    /// Write the JSON document to stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also write the JSON document to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Do not show the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
-/// Runs the lab.
-pub async fn run(_args: LabArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("the lab is being built")
+impl LabArgs {
+    /// Validates the flags into a [`LabConfig`], given the scenario names that exist.
+    ///
+    /// ```
+    /// use contend_lab::cli::LabArgs;
+    /// let args = LabArgs { workers: Some("1,8".into()), ..LabArgs::default() };
+    /// let config = args.into_config(&["withdraw"]).unwrap();
+    /// assert_eq!(config.workers, vec![1, 8]);
+    /// let bad = LabArgs { workers: Some("0".into()), ..LabArgs::default() };
+    /// assert!(bad.into_config(&["withdraw"]).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// The first bad value, with the flag's name and what is expected.
+    pub fn into_config(self, known_scenarios: &[&str]) -> Result<LabConfig, ConfigError> {
+        let mut config = LabConfig::default();
+        if let Some(url) = self.database_url.filter(|u| !u.trim().is_empty()) {
+            config::check_database_url(&url)?;
+            config.database_url = Some(url);
+        }
+        if let Some(s) = &self.scenario {
+            config.scenarios = config::parse_scenarios(s, known_scenarios)?;
+        }
+        if let Some(s) = &self.strategy {
+            config.strategies = config::parse_strategies(s)?;
+        }
+        if let Some(w) = &self.workers {
+            config.workers = config::parse_workers(w)?;
+        }
+        if self.operations == Some(0) {
+            return Err(ConfigError("--operations: must be at least 1".to_string()));
+        }
+        let duration = self
+            .duration
+            .as_deref()
+            .map(config::parse_duration)
+            .transpose()?;
+        config.load = match (self.operations, duration) {
+            (None, None) => config.load,
+            (operations, duration) => Load {
+                operations,
+                duration,
+            },
+        };
+        if let Some(repeat) = self.repeat {
+            if !(1..=1000).contains(&repeat) {
+                return Err(ConfigError(format!(
+                    "--repeat: {repeat} is out of range (1 to 1000)"
+                )));
+            }
+            config.repeat = repeat;
+        }
+        if let Some(url) = self.redis_url.filter(|u| !u.trim().is_empty()) {
+            config::check_redis_url("--redis-url", url.trim())?;
+            config.redis_url = Some(url.trim().to_string());
+        }
+        if let Some(urls) = self.redlock_urls.filter(|u| !u.trim().is_empty()) {
+            let urls: Vec<String> = config::split_list(&urls)
+                .into_iter()
+                .map(String::from)
+                .collect();
+            for url in &urls {
+                config::check_redis_url("--redlock-urls", url)?;
+            }
+            if urls.len() % 2 == 0 {
+                return Err(ConfigError(format!(
+                    "--redlock-urls: {} servers given; Redlock needs an odd number (e.g. 3 or 5)",
+                    urls.len()
+                )));
+            }
+            config.redlock_urls = urls;
+        }
+        config.json = self.json;
+        config.output = self.output;
+        config.progress = !self.no_progress && !self.json;
+        Ok(config)
+    }
+}
+
+/// The scenarios of `config`, in its order (all of `registry` when it names none).
+///
+/// # Errors
+/// A name that is not in `registry` (cannot happen after [`LabArgs::into_config`]).
+pub fn select_scenarios(
+    config: &LabConfig,
+    registry: &[Arc<dyn Scenario>],
+) -> anyhow::Result<Vec<Arc<dyn Scenario>>> {
+    if config.scenarios.is_empty() {
+        return Ok(registry.to_vec());
+    }
+    config
+        .scenarios
+        .iter()
+        .map(|name| {
+            registry
+                .iter()
+                .find(|s| s.name() == name)
+                .cloned()
+                .with_context(|| format!("unknown scenario `{name}`"))
+        })
+        .collect()
+}
+
+/// Runs the lab with the scenarios the lab has.
+///
+/// # Errors
+/// Bad flags, an unreachable database or Redis, an unwritable `--output` file: the command
+/// exits with status 2.
+///
+/// # Cancel safety
+/// As [`runner::run_lab`]: dropping it stops the current run's workers.
+pub async fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
+    run_with(args, crate::scenario::registry()).await
+}
+
+/// Runs the lab over the scenarios in `registry`: validates the flags, connects the lock
+/// services, runs, writes the table and/or JSON, and returns the exit status.
+///
+/// # Errors
+/// As [`run`].
+///
+/// # Cancel safety
+/// As [`run`].
+pub async fn run_with(args: LabArgs, registry: Vec<Arc<dyn Scenario>>) -> anyhow::Result<ExitCode> {
+    if registry.is_empty() {
+        anyhow::bail!("this build of the lab has no scenarios");
+    }
+    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
+    let config = args.into_config(&names)?;
+    let report = run_config(&config, &registry).await?;
+    emit(&config, &report)?;
+    Ok(if report.failed() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Runs a validated configuration: connects the lock services it names, then the runs.
+///
+/// # Errors
+/// An unreachable database or Redis.
+///
+/// # Cancel safety
+/// As [`runner::run_lab`].
+pub async fn run_config(
+    config: &LabConfig,
+    registry: &[Arc<dyn Scenario>],
+) -> anyhow::Result<LabReport> {
+    let scenarios = select_scenarios(config, registry)?;
+    let locks: LockServices = crate::redis_locks::lock_services(config).await?;
+    runner::run_lab(config, &scenarios, &locks).await
+}
+
+/// Writes the report where `config` says: table or JSON on stdout, JSON to `--output`.
+///
+/// # Errors
+/// The output file cannot be written.
+pub fn emit(config: &LabConfig, report: &LabReport) -> anyhow::Result<()> {
+    let json = report
+        .to_json()
+        .context("cannot encode the report as JSON")?;
+    if let Some(path) = &config.output {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
+    let text = if config.json {
+        format!("{json}\n")
+    } else {
+        report.render()
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        // `contend lab | head` is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(e).context("cannot write to stdout"),
+    }
 }

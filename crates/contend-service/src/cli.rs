@@ -1,16 +1,127 @@
 //! `contend serve`: arguments and entry point.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use contend::strategy::Strategy;
+
+use crate::redis_locks::RedisLocks;
+use crate::{AppState, Config};
 
 /// Arguments of `contend serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Database URL (default: an embedded SQLite file).
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: Option<String>,
+    /// Database URL: sqlite:PATH, postgres://..., mysql://... or mariadb://...
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite:contend-service.db"
+    )]
+    pub database_url: String,
+    /// Redis URL for the `redis` strategy.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Comma-separated Redis URLs for the `redlock` strategy.
+    #[arg(long, env = "REDLOCK_URLS", value_delimiter = ',')]
+    pub redlock_urls: Vec<String>,
+    /// Address to listen on.
+    #[arg(long, env = "CONTEND_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Default concurrency strategy: none, mutex, atomic, pessimistic, optimistic, serializable,
+    /// advisory, redis, redlock.
+    #[arg(long, env = "CONTEND_STRATEGY", default_value = "atomic")]
+    pub strategy: String,
+    /// Accept `X-Concurrency-Strategy` to pick a strategy per request.
+    #[arg(long, env = "CONTEND_ALLOW_STRATEGY_HEADER")]
+    pub allow_strategy_header: bool,
+    /// Admin bearer token (a random one is generated and printed when unset).
+    #[arg(long, env = "CONTEND_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Request timeout in milliseconds (503 after it).
+    #[arg(long, default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+    /// After SIGTERM, how long in-flight requests may take to finish, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// Largest number of pooled database connections.
+    #[arg(long, default_value_t = 16)]
+    pub max_connections: u32,
 }
 
-/// Runs the service until SIGTERM.
-pub async fn run(_args: ServeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("the service is being built (issue 5)")
+/// Runs the service until SIGTERM or Ctrl-C, then finishes in-flight requests and exits 0.
+///
+/// # Errors
+/// Bad arguments, an unreachable database, failed migrations, a port in use.
+pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if !crate::extract::STRATEGY_NAMES.contains(&args.strategy.as_str()) {
+        anyhow::bail!(
+            "unknown strategy `{}` (expected one of: {})",
+            args.strategy,
+            crate::extract::STRATEGY_NAMES.join(", ")
+        );
+    }
+    let strategy: Strategy = args.strategy.parse()?;
+    let db = contend::Db::builder(&args.database_url)
+        .max_connections(args.max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect()
+        .await?;
+    crate::migrate::run(&db).await?;
+    let admin_token = match args.admin_token {
+        Some(t) if !t.is_empty() => t,
+        _ => {
+            let token = crate::auth::new_token().replacen("acct_", "admin_", 1);
+            eprintln!(
+                "contend serve: no --admin-token / CONTEND_ADMIN_TOKEN given; generated admin token: {token}"
+            );
+            token
+        }
+    };
+    let mut config = Config::new(db, &admin_token);
+    config.strategy = strategy;
+    config.allow_strategy_header = args.allow_strategy_header;
+    config.request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
+    config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
+    config.redis = args.redis_url.map(|url| RedisLocks { urls: vec![url] });
+    config.redlock = (!args.redlock_urls.is_empty()).then(|| RedisLocks {
+        urls: args.redlock_urls.clone(),
+    });
+    let state = AppState::new(config);
+    crate::engine::check_supported(&state, strategy)
+        .map_err(|e| anyhow::anyhow!("--strategy {strategy}: {}", e.message))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "contend serve: listening on http://{} (database {}, strategy {strategy})",
+        listener.local_addr()?,
+        state.db().url()
+    );
+    crate::serve(listener, state, shutdown_signal()).await?;
+    eprintln!("contend serve: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
 }

@@ -1,3 +1,319 @@
-//! The contend reference HTTP service.
+//! The contend reference HTTP service: a bank (accounts, deposits, withdrawals, transfers), a
+//! shop (products with limited stock, orders) and seat booking, every write safe under
+//! concurrency with the configured strategy, also with several instances behind one database.
+//!
+//! # Brief overview
+//! - [`Config`] says which database, strategy, admin token and limits; [`AppState::new`] connects
+//!   nothing by itself: pass it a connected [`contend::Db`] after [`migrate::run`].
+//! - [`app`] builds the axum router with its layers (request id, tracing, metrics, timeout,
+//!   panic guard); [`serve`] runs it on a listener until a shutdown future resolves, then
+//!   finishes in-flight requests (bounded).
+//! - The contract (status codes, check order, idempotency, strategies) is documented in
+//!   `API.md` next to this crate's `Cargo.toml`; `/openapi.json` is generated from the handlers.
+//!
+//! # Layout
+//! `extract` (413/415, 401, 400 in that order), `auth`, `idempotency`, `engine` (one write
+//! under any strategy), `bank`, `shop`, `booking`, `audit`, `metrics`, `migrate`, `openapi`,
+//! `cli`.
+//!
+//! ```no_run
+//! # async fn f() -> anyhow::Result<()> {
+//! use contend_service::{AppState, Config, serve};
+//! let db = contend::Db::connect("sqlite:service.db").await?;
+//! contend_service::migrate::run(&db).await?;
+//! let state = AppState::new(Config::new(db, "admin-secret"));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! serve(listener, state, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
 
+pub mod audit;
+pub mod auth;
+pub mod bank;
+pub mod booking;
 pub mod cli;
+pub(crate) mod engine;
+pub mod error;
+pub mod extract;
+pub mod idempotency;
+pub mod metrics;
+pub mod migrate;
+pub mod openapi;
+pub mod redis_locks;
+pub mod shop;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use contend::Db;
+use contend::strategy::Strategy;
+use contend::strategy::mutex::KeyedMutex;
+use futures_util::FutureExt;
+use tracing::Instrument;
+
+use crate::error::ApiError;
+use crate::extract::Meta;
+use crate::metrics::Metrics;
+use crate::redis_locks::RedisLocks;
+
+/// Settings of one service instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The database (migrated).
+    pub db: Db,
+    /// The default strategy.
+    pub strategy: Strategy,
+    /// Whether `X-Concurrency-Strategy` may pick another one per request.
+    pub allow_strategy_header: bool,
+    /// The admin bearer token.
+    pub admin_token: String,
+    /// Longest time a request may take before 503.
+    pub request_timeout: Duration,
+    /// Longest time in-flight requests get to finish after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// Single-node Redis lock settings (`--redis-url`).
+    pub redis: Option<RedisLocks>,
+    /// Redlock settings (`--redlock-urls`).
+    pub redlock: Option<RedisLocks>,
+}
+
+impl Config {
+    /// Defaults: strategy `atomic`, no strategy header, 30 s request timeout, 10 s shutdown
+    /// grace, no Redis.
+    pub fn new(db: Db, admin_token: &str) -> Config {
+        Config {
+            db,
+            strategy: Strategy::Atomic,
+            allow_strategy_header: false,
+            admin_token: admin_token.to_string(),
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+            redis: None,
+            redlock: None,
+        }
+    }
+}
+
+/// Shared state of one instance. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: Db,
+    pub(crate) strategy: Strategy,
+    pub(crate) allow_strategy_header: bool,
+    pub(crate) admin_hash: [u8; 32],
+    pub(crate) request_timeout: Duration,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) mutexes: KeyedMutex,
+    pub(crate) redis: Option<RedisLocks>,
+    pub(crate) redlock: Option<RedisLocks>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("db", &self.inner.db.url())
+            .field("strategy", &self.inner.strategy)
+            .finish()
+    }
+}
+
+impl AppState {
+    /// The state of an instance with `config`.
+    pub fn new(config: Config) -> AppState {
+        AppState {
+            inner: Arc::new(Inner {
+                admin_hash: auth::hash_token(&config.admin_token),
+                db: config.db,
+                strategy: config.strategy,
+                allow_strategy_header: config.allow_strategy_header,
+                request_timeout: config.request_timeout,
+                shutdown_grace: config.shutdown_grace,
+                metrics: Arc::new(Metrics::default()),
+                mutexes: KeyedMutex::new(),
+                redis: config.redis,
+                redlock: config.redlock,
+            }),
+        }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// The strategy of one request: the header's (already validated) or the default.
+    pub(crate) fn strategy_for(&self, meta: &Meta) -> Strategy {
+        meta.strategy.unwrap_or(self.inner.strategy)
+    }
+}
+
+/// The router with every endpoint and layer.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/accounts", post(bank::create_account))
+        .route("/accounts/{id}", get(bank::get_account))
+        .route("/accounts/{id}/deposit", post(bank::deposit))
+        .route("/accounts/{id}/withdraw", post(bank::withdraw))
+        .route("/accounts/{id}/transfers", get(bank::list_transfers))
+        .route("/transfers", post(bank::create_transfer))
+        .route("/products", post(shop::create_product))
+        .route("/products/{sku}", get(shop::get_product))
+        .route("/orders", post(shop::create_order))
+        .route("/events", post(booking::create_event))
+        .route("/events/{id}/bookings", post(booking::create_booking))
+        .route("/audit", get(audit::audit))
+        .route("/healthz", get(audit::healthz))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), edge))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
+/// `GET /metrics`
+#[utoipa::path(get, path = "/metrics",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics_text(State(state): State<AppState>) -> Response {
+    let mut response = state.inner.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn request_id(req: &Request) -> String {
+    if let Some(id) = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        && !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return id.to_string();
+    }
+    let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{:08x}-{n}", std::process::id())
+}
+
+/// The outer layer of every request: request id, tracing span, timeout, panic guard, metrics.
+async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id(&req);
+    let method = req.method().as_str().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let span = tracing::info_span!("request", id = %id, method = %method, route = %route);
+    let timeout = state.inner.request_timeout;
+    let work = AssertUnwindSafe(next.run(req)).catch_unwind();
+    let mut response = match tokio::time::timeout(timeout, work)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(panic)) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            span.in_scope(|| ApiError::internal(format!("handler panicked: {what}")))
+                .into_response()
+        }
+        Err(_) => ApiError::unavailable(
+            "timeout",
+            format!(
+                "the request did not finish within {} ms; try again",
+                timeout.as_millis()
+            ),
+        )
+        .into_response(),
+    };
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    state
+        .inner
+        .metrics
+        .request(&method, &route, status, elapsed);
+    span.in_scope(|| tracing::info!(status, ms = elapsed.as_secs_f64() * 1e3, "request done"));
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
+/// requests finish for at most the configured grace period, and returns.
+///
+/// # Errors
+/// I/O errors of the listener.
+///
+/// # Cancel safety
+/// Dropping the future drops every open connection; requests in flight are cancelled (their
+/// transactions roll back; idempotent ones finish in their own tasks).
+pub async fn serve<S>(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: S,
+) -> std::io::Result<()>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    let grace = state.inner.shutdown_grace;
+    let router = app(state);
+    let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        let _ = begun_tx.send(());
+    };
+    let server = axum::serve(listener, router).with_graceful_shutdown(signal);
+    let server = server.into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        () = async {
+            if begun_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the grace period");
+            Ok(())
+        }
+    }
+}

@@ -9,7 +9,7 @@ use futures_util::future::BoxFuture;
 use sqlx::any::{AnyArguments, AnyConnectOptions, AnyPoolOptions};
 use sqlx::pool::PoolConnection;
 use sqlx::query::{Query, QueryScalar};
-use sqlx::{Any, AnyPool, AssertSqlSafe, Executor};
+use sqlx::{Any, AnyPool, AssertSqlSafe, ConnectOptions, Connection, Executor};
 
 use crate::backend::{Backend, address_of, redact_url, sqlite::DEFAULT_BUSY_TIMEOUT_MS};
 use crate::error::{Error, Result};
@@ -99,7 +99,10 @@ impl DbBuilder {
             .max_connections(if memory { 1 } else { self.max_connections })
             .acquire_timeout(self.acquire_timeout);
         if memory {
-            pool = pool.idle_timeout(None).max_lifetime(None).min_connections(1);
+            pool = pool
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .min_connections(1);
         }
         if backend == Backend::Sqlite {
             pool = pool.after_connect(move |conn, _| {
@@ -112,23 +115,35 @@ impl DbBuilder {
                 })
             });
         }
+        // The pool retries refused connections until its acquire timeout and then reports only
+        // "pool timed out". Open one connection directly first, so that an unreachable server or
+        // a refused login reports the real cause ("connection refused", "access denied", ...).
+        let address = address_of(&self.url);
+        let connect_error = |source| Error::Connect {
+            backend,
+            address: address.clone(),
+            source,
+        };
+        let timed_out = || {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {:?}", self.connect_timeout),
+            ))
+        };
+        if !memory {
+            match tokio::time::timeout(self.connect_timeout, options.connect()).await {
+                Ok(Ok(probe)) => {
+                    let _ = probe.close().await;
+                }
+                Ok(Err(source)) => return Err(connect_error(source)),
+                Err(_) => return Err(connect_error(timed_out())),
+            }
+        }
         let connect = pool.connect_with(options);
         let pool = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(pool)) => pool,
-            Ok(Err(source)) => {
-                return Err(Error::Connect {
-                    backend,
-                    address: address_of(&self.url),
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(Error::Connect {
-                    backend,
-                    address: address_of(&self.url),
-                    source: sqlx::Error::PoolTimedOut,
-                });
-            }
+            Ok(Err(source)) => return Err(connect_error(source)),
+            Err(_) => return Err(connect_error(timed_out())),
         };
         Ok(Db {
             inner: Arc::new(Inner {

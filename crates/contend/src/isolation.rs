@@ -88,7 +88,13 @@ impl FromStr for IsolationLevel {
         let norm: String = s
             .trim()
             .chars()
-            .map(|c| if c == ' ' || c == '-' { '_' } else { c.to_ascii_lowercase() })
+            .map(|c| {
+                if c == ' ' || c == '-' {
+                    '_'
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            })
             .collect();
         IsolationLevel::ALL
             .into_iter()

@@ -33,6 +33,7 @@
 pub mod backend;
 pub mod db;
 pub mod error;
+pub mod fencing;
 pub mod isolation;
 pub mod retry;
 pub mod strategy;

@@ -33,6 +33,26 @@
 //! ([`Error::conflict`]) is run again from the start on a fresh transaction. The body is an
 //! `FnMut` for that reason: keep side effects that must happen once out of it, in
 //! [`Tx::on_commit`] hooks; hooks of failed attempts never run.
+//!
+//! # Database errors the body does not return
+//! Return database errors with `?`, or catch them with [`Tx::savepoint`]. A body that ignores
+//! one and returns `Ok` gets different outcomes per backend:
+//! - PostgreSQL aborts the whole transaction at the first error, and would answer the final
+//!   `COMMIT` with a silent rollback. contend checks for this in the same round trip as the
+//!   `COMMIT` and returns [`Error::TransactionBroken`] instead; hooks do not run.
+//! - MariaDB and SQLite undo only the failed statement: the rest of the transaction commits.
+//!   Exception: an InnoDB deadlock (and, with `innodb_rollback_on_timeout`, a lock wait timeout)
+//!   rolls back the *whole* transaction, and statements the body runs after ignoring it execute
+//!   outside any transaction. Never swallow [`Error::conflict`] errors: return them, so that the
+//!   attempt ends and the retry policy can run it again.
+//!
+//! # Cancellation
+//! Dropping the future of a transaction at any await point (an HTTP client went away) is safe:
+//! the connection of an unfinished transaction is closed instead of returned to the pool, so the
+//! server rolls the transaction back. (`Tx` issues its own `BEGIN` for this reason: sqlx 0.9.0's
+//! `begin` could return a cancelled connection to the pool inside a transaction,
+//! launchbadge/sqlx#4393.) A future dropped while `COMMIT` was on its way may still have
+//! committed; its hooks then do not run.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -216,7 +236,22 @@ impl Tx {
         if let Err(e) = tx.raw(sql).await {
             // Whatever part of the BEGIN took effect is undone; if that fails the connection is
             // closed on drop.
-            let _ = tx.finish("ROLLBACK").await;
+            let rolled_back = match tx.raw("ROLLBACK".into()).await {
+                Ok(()) => true,
+                // SQLite answers ROLLBACK with an error when BEGIN did not start a transaction
+                // (`BEGIN IMMEDIATE` busy): it answered, so the connection is fine and worth
+                // keeping (a busy database would otherwise also pay for reconnecting).
+                Err(Error::Database(sqlx::Error::Database(db))) => {
+                    backend == Backend::Sqlite && db.message().contains("no transaction is active")
+                }
+                Err(_) => false,
+            };
+            if rolled_back {
+                match tx.restore.take() {
+                    Some(restore) => tx.finished = tx.raw(restore).await.is_ok(),
+                    None => tx.finished = true,
+                }
+            }
             return Err(e);
         }
         Ok(tx)
@@ -224,15 +259,33 @@ impl Tx {
 
     async fn raw(&mut self, sql: String) -> Result<()> {
         use sqlx::Executor;
-        self.conn().execute(sqlx::raw_sql(AssertSqlSafe(sql))).await?;
+        self.conn()
+            .execute(sqlx::raw_sql(AssertSqlSafe(sql)))
+            .await?;
         Ok(())
     }
 
     /// Ends the transaction with `COMMIT` or `ROLLBACK`, undoes session settings, and marks the
     /// connection fit for the pool.
     async fn finish(&mut self, end: &'static str) -> Result<()> {
-        let result = self.raw(end.to_string()).await;
-        if result.is_err() && end == "COMMIT" {
+        let commit = end == "COMMIT";
+        let result = if commit && self.backend == Backend::Postgres {
+            // PostgreSQL answers COMMIT of a transaction that an error has aborted with success
+            // (and the command tag ROLLBACK, which the Any driver does not show). A body that
+            // swallowed a database error would "commit" nothing and its hooks would run. Any
+            // statement but COMMIT/ROLLBACK fails in an aborted transaction, so a `SELECT 1` in
+            // the same round trip as the COMMIT tells the two apart.
+            match self.raw("SELECT 1; COMMIT".into()).await {
+                Err(e) if has_sqlstate(&e, "25P02") => Err(Error::TransactionBroken(
+                    "PostgreSQL had aborted the transaction after a database error that the body \
+                     did not return; it was rolled back, not committed",
+                )),
+                other => other,
+            }
+        } else {
+            self.raw(end.to_string()).await
+        };
+        if result.is_err() && commit {
             // A failed COMMIT may leave the transaction open (SQLite busy): roll it back, and
             // keep the connection out of the pool if even that fails.
             if self.raw("ROLLBACK".into()).await.is_err() {
@@ -272,6 +325,17 @@ impl Tx {
         (O,): for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
     {
         sqlx::query_scalar(AssertSqlSafe(self.backend.sql(sql).into_owned()))
+    }
+
+    /// Runs `sql` on this transaction's connection right after it ends (after `COMMIT` or
+    /// `ROLLBACK`, before the connection goes back to the pool); if that fails, the connection is
+    /// closed instead of pooled. A dropped transaction closes its connection anyway. For session
+    /// state that must not outlive the transaction, such as a MariaDB `GET_LOCK`.
+    pub(crate) fn after_end(&mut self, sql: String) {
+        self.restore = Some(match self.restore.take() {
+            Some(existing) => format!("{existing}; {sql}"),
+            None => sql,
+        });
     }
 
     /// How many savepoints are open around the current code (0 in the transaction body itself).
@@ -359,7 +423,8 @@ impl Tx {
         }
         match result {
             Ok(value) => {
-                self.raw(format!("RELEASE SAVEPOINT contend_sp_{depth}")).await?;
+                self.raw(format!("RELEASE SAVEPOINT contend_sp_{depth}"))
+                    .await?;
                 for hook in &mut self.hooks {
                     if hook.0 == depth {
                         hook.0 = outer;
@@ -381,6 +446,18 @@ impl Tx {
             }
         }
     }
+}
+
+/// Whether `err` is a database error with this SQLSTATE.
+fn has_sqlstate(err: &Error, code: &str) -> bool {
+    let source = match err {
+        Error::Database(e) => e,
+        Error::Conflict {
+            source: Some(e), ..
+        } => e.as_ref(),
+        _ => return false,
+    };
+    matches!(source, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
 }
 
 /// The retry loop behind [`crate::Db::run`].
@@ -476,7 +553,9 @@ async fn run_hooks(hooks: Vec<Hook>) {
                 .await
             {
                 Ok(Ok(())) => {}
-                Ok(Err(message)) => tracing::error!(hook = index, %message, "on_commit hook failed"),
+                Ok(Err(message)) => {
+                    tracing::error!(hook = index, %message, "on_commit hook failed")
+                }
                 Err(_) => tracing::error!(hook = index, "on_commit hook panicked"),
             }
         }

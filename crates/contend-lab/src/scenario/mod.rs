@@ -4,10 +4,27 @@
 //! Scenario files (one per scenario) implement [`Scenario`]; the runner in `crate::runner`
 //! knows nothing of their tables.
 
+pub mod booking;
+pub mod get_or_create;
+pub mod order;
+pub mod queue;
+pub mod transfer;
+pub mod withdraw;
+
 use std::sync::Arc;
 
 use contend::strategy::Strategy;
-use contend::{Backend, BoxFuture, ConflictKind, Db};
+use contend::{Attempted, Backend, BoxFuture, ConflictKind, Db, Error};
+
+/// Every scenario, in the order the lab runs them (`withdraw` first: it tells the story).
+pub fn registry() -> Vec<Arc<dyn Scenario>> {
+    vec![Arc::new(withdraw::Withdraw::new())]
+}
+
+/// The scenario called `name`, if there is one.
+pub fn by_name(name: &str) -> Option<Arc<dyn Scenario>> {
+    registry().into_iter().find(|s| s.name() == name)
+}
 
 /// Everything a scenario needs for one run.
 #[derive(Clone)]
@@ -116,6 +133,300 @@ pub trait Scenario: Send + Sync + 'static {
     fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport>;
 
     /// Checks the invariants after the run.
-    fn check<'a>(&'a self, ctx: &'a Ctx, totals: &'a Totals)
-    -> BoxFuture<'a, anyhow::Result<Vec<Invariant>>>;
+    fn check<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        totals: &'a Totals,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<Invariant>>>;
+
+    /// Drops what [`Scenario::setup`] created (called after [`Scenario::check`]; the default
+    /// does nothing).
+    fn teardown<'a>(&'a self, _ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
+
+// ---- helpers shared by the scenario files ----
+
+/// A business "no" (insufficient funds, sold out, seat taken): returned from a transaction body
+/// as [`Error::Aborted`] so that the transaction rolls back and the operation counts as refused.
+#[derive(Debug)]
+pub(crate) struct Refusal(pub &'static str);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// The error a transaction body returns to refuse.
+pub(crate) fn refuse(why: &'static str) -> Error {
+    Error::aborted(Refusal(why))
+}
+
+/// Whether `err` is a [`Refusal`].
+pub(crate) fn is_refusal(err: &Error) -> bool {
+    matches!(err, Error::Aborted(e) if e.is::<Refusal>())
+}
+
+/// The outcome of a body result: `Ok` succeeded, a [`Refusal`] refused, anything else an error.
+pub(crate) fn outcome_of<T>(result: &contend::Result<T>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Succeeded,
+        Err(e) if is_refusal(e) => Outcome::Refused,
+        Err(e) => Outcome::Error(e.to_string()),
+    }
+}
+
+/// The report of one operation run through [`Db::run`].
+pub(crate) fn report<T>(run: Attempted<T>) -> OpReport {
+    OpReport {
+        outcome: outcome_of(&run.result),
+        attempts: run.attempts,
+        conflicts: run.conflicts,
+        fenced_rejections: 0,
+    }
+}
+
+/// The report of one operation that ran without a transaction (autocommit statements).
+pub(crate) fn report_plain<T>(result: contend::Result<T>) -> OpReport {
+    let conflicts = result
+        .as_ref()
+        .err()
+        .and_then(Error::conflict)
+        .into_iter()
+        .collect();
+    OpReport {
+        outcome: outcome_of(&result),
+        attempts: 1,
+        conflicts,
+        fenced_rejections: 0,
+    }
+}
+
+/// The pause between reading and writing in every read-decide-write of every strategy: a yield to
+/// the scheduler, which lets other workers read the same row. It widens the race window of the
+/// unsafe baseline to what a real handler (which does some work) has, and costs the safe
+/// strategies the same.
+pub(crate) async fn think() {
+    tokio::task::yield_now().await;
+}
+
+/// A table name for this run: `lab_<base>_<run id>`, sanitized to a plain identifier that fits
+/// every backend's 63-character limit.
+pub(crate) fn table_name(ctx: &Ctx, base: &str) -> String {
+    let run: String = ctx
+        .run_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let mut name = format!("lab_{base}_{run}");
+    name.truncate(63);
+    name
+}
+
+/// `CREATE TABLE` options: InnoDB on MariaDB (row locks, transactions), nothing elsewhere.
+pub(crate) fn engine(backend: Backend) -> &'static str {
+    if backend == Backend::MySql {
+        " ENGINE=InnoDB"
+    } else {
+        ""
+    }
+}
+
+/// An expression that turns `SUM(...)` into a `BIGINT` on every backend (PostgreSQL sums
+/// `BIGINT` into `NUMERIC`, MariaDB into `DECIMAL`, which the Any driver cannot decode).
+pub(crate) fn sum_bigint(backend: Backend, expr: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)"),
+        Backend::MySql => format!("CAST(COALESCE(SUM({expr}), 0) AS SIGNED)"),
+        _ => format!("COALESCE(SUM({expr}), 0)"),
+    }
+}
+
+/// Runs `sql` (with `?` placeholders) and returns its rows as pairs of `BIGINT`s.
+pub(crate) async fn pairs(db: &Db, sql: &str) -> contend::Result<Vec<(i64, i64)>> {
+    let sql = db.backend().sql(sql).into_owned();
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_all(db.pool())
+        .await?)
+}
+
+/// `SELECT` one `BIGINT` (autocommit).
+pub(crate) async fn scalar(db: &Db, sql: &str) -> contend::Result<i64> {
+    Ok(db.query_scalar(sql).fetch_one(db.pool()).await?)
+}
+
+/// Drops `tables` if they exist.
+pub(crate) async fn drop_tables(db: &Db, tables: &[String]) -> anyhow::Result<()> {
+    for t in tables {
+        db.execute_script(&format!("DROP TABLE IF EXISTS {t}"))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Whether `strategy` can run on `backend` at all (the enum's own rule).
+pub(crate) fn base_support(strategy: Strategy, backend: Backend) -> Result<(), String> {
+    strategy.supported_on(backend).map_err(str::to_string)
+}
+
+/// An invariant that holds when `violations` is 0.
+pub(crate) fn invariant(name: &str, violations: u64, detail: String) -> Invariant {
+    Invariant {
+        name: name.to_string(),
+        ok: violations == 0,
+        detail,
+        violations,
+    }
+}
+
+/// The `redis`, `redis-spin` and `redlock` strategies: a distributed lock from [`Ctx::locks`]
+/// around the read-decide-write, whose fencing token every write carries. A row remembers the
+/// highest token that wrote it (`fence` column) and refuses writes with an older one, so a
+/// holder whose lock expired while it was paused cannot overwrite a newer holder's work.
+pub(crate) mod fenced {
+    use contend::{BoxFuture, Db, Error, Tx};
+
+    use super::{Ctx, OpReport, outcome_of};
+
+    /// The error of a write refused for its stale token.
+    pub(crate) fn stale(table: &str, token: u64) -> Error {
+        Error::StaleFencingToken {
+            resource: table.to_string(),
+            token,
+            highest: 0,
+        }
+    }
+
+    /// Takes the locks on `keys` one by one in sorted order (so that two operations needing the
+    /// same keys cannot deadlock), runs `body` with their fencing tokens (in the order of
+    /// `keys` as given), then releases them. Reports the body's outcome.
+    pub(crate) async fn run<'f, F>(ctx: &Ctx, keys: &[String], body: F) -> OpReport
+    where
+        F: FnOnce(Vec<u64>) -> BoxFuture<'f, contend::Result<()>>,
+    {
+        let result = locked(ctx, keys, body).await;
+        let mut report = OpReport::new(outcome_of(&result));
+        report.conflicts = result
+            .as_ref()
+            .err()
+            .and_then(Error::conflict)
+            .into_iter()
+            .collect();
+        report.fenced_rejections =
+            u32::from(matches!(result, Err(Error::StaleFencingToken { .. })));
+        report
+    }
+
+    /// Like [`run`], returning the body's result.
+    pub(crate) async fn locked<'f, T, F>(ctx: &Ctx, keys: &[String], body: F) -> contend::Result<T>
+    where
+        F: FnOnce(Vec<u64>) -> BoxFuture<'f, contend::Result<T>>,
+    {
+        let Some(locks) = ctx.locks.as_ref() else {
+            return Err(Error::aborted(format!(
+                "strategy {} needs a Redis lock service (--redis-url / --redlock-urls)",
+                ctx.strategy
+            )));
+        };
+        let mut order: Vec<&String> = keys.iter().collect();
+        order.sort();
+        order.dedup();
+        let mut held: Vec<(&String, Box<dyn super::HeldLock>)> = Vec::with_capacity(order.len());
+        let mut failed = None;
+        for key in order {
+            match locks.lock(key).await {
+                Ok(h) => held.push((key, h)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let result = match failed {
+            Some(e) => Err(e),
+            None => {
+                let tokens = keys
+                    .iter()
+                    .map(|k| {
+                        held.iter()
+                            .find(|(key, _)| *key == k)
+                            .map_or(0, |(_, h)| h.fencing_token())
+                    })
+                    .collect();
+                body(tokens).await
+            }
+        };
+        for (_, h) in held.into_iter().rev() {
+            if let Err(e) = h.release().await {
+                // A failed release only delays the next holder until the lock's TTL.
+                tracing::debug!(error = %e, "lock release failed");
+            }
+        }
+        result
+    }
+
+    fn sql(table: &str, set: &str) -> String {
+        format!("UPDATE {table} SET {set}, fence = ? WHERE id = ? AND fence <= ?")
+    }
+
+    /// Autocommit fenced write: `UPDATE table SET <set>, fence = token WHERE id = ? AND
+    /// fence <= token`, binding `values` for the `?` in `set`.
+    pub(crate) async fn write(
+        db: &Db,
+        table: &str,
+        id: i64,
+        token: u64,
+        set: &str,
+        values: Vec<i64>,
+    ) -> contend::Result<()> {
+        let token_i = i64::try_from(token).unwrap_or(i64::MAX);
+        let mut q = db.query(&sql(table, set));
+        for v in values {
+            q = q.bind(v);
+        }
+        let done = q
+            .bind(token_i)
+            .bind(id)
+            .bind(token_i)
+            .execute(db.pool())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(stale(table, token));
+        }
+        Ok(())
+    }
+
+    /// The same fenced write inside a transaction.
+    pub(crate) async fn write_tx(
+        tx: &mut Tx,
+        table: &str,
+        id: i64,
+        token: u64,
+        set: &str,
+        values: Vec<i64>,
+    ) -> contend::Result<()> {
+        let token_i = i64::try_from(token).unwrap_or(i64::MAX);
+        let mut q = tx.query(&sql(table, set));
+        for v in values {
+            q = q.bind(v);
+        }
+        let done = q
+            .bind(token_i)
+            .bind(id)
+            .bind(token_i)
+            .execute(tx.conn())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(stale(table, token));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -163,11 +163,20 @@ pub trait Dialect: Send + Sync + 'static {
 
 /// Classifies an error from any backend (used by `From<sqlx::Error> for Error`).
 pub(crate) fn classify(err: &dyn DatabaseError) -> Option<ConflictKind> {
-    if err.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+    if err
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
         postgres::Postgres.classify(err)
-    } else if err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().is_some() {
+    } else if err
+        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some()
+    {
         mysql::MySql.classify(err)
-    } else if err.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+    } else if err
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
         sqlite::Sqlite.classify(err)
     } else {
         None
@@ -241,13 +250,19 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(address_of("postgres://u:p@127.0.0.1:5432/app"), "127.0.0.1:5432");
+        assert_eq!(
+            address_of("postgres://u:p@127.0.0.1:5432/app"),
+            "127.0.0.1:5432"
+        );
         assert_eq!(address_of("mysql://root@localhost/app?x=1"), "localhost");
         assert_eq!(address_of("sqlite:/tmp/a.db?mode=rwc"), "/tmp/a.db");
     }
 
     #[test]
     fn placeholders_skip_quotes() {
-        assert_eq!(numbered_placeholders("a ? \"?\" ? '??' ?"), "a $1 \"?\" $2 '??' $3");
+        assert_eq!(
+            numbered_placeholders("a ? \"?\" ? '??' ?"),
+            "a $1 \"?\" $2 '??' $3"
+        );
     }
 }

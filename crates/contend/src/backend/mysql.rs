@@ -32,7 +32,12 @@ impl Dialect for MySql {
             restore.push("innodb_lock_wait_timeout = DEFAULT");
         }
         if let Some(t) = options.statement_timeout {
-            write!(sql, "SET SESSION max_statement_time = {:.3}; ", t.as_secs_f64()).unwrap();
+            write!(
+                sql,
+                "SET SESSION max_statement_time = {:.3}; ",
+                t.as_secs_f64()
+            )
+            .unwrap();
             restore.push("max_statement_time = DEFAULT");
         }
         if let Some(level) = options.isolation {

@@ -28,10 +28,20 @@ impl Dialect for Postgres {
             sql.push_str(" READ ONLY");
         }
         if let Some(t) = options.lock_timeout {
-            write!(sql, "; SET LOCAL lock_timeout = '{}ms'", t.as_millis().max(1)).unwrap();
+            write!(
+                sql,
+                "; SET LOCAL lock_timeout = '{}ms'",
+                t.as_millis().max(1)
+            )
+            .unwrap();
         }
         if let Some(t) = options.statement_timeout {
-            write!(sql, "; SET LOCAL statement_timeout = '{}ms'", t.as_millis().max(1)).unwrap();
+            write!(
+                sql,
+                "; SET LOCAL statement_timeout = '{}ms'",
+                t.as_millis().max(1)
+            )
+            .unwrap();
         }
         Ok((sql, None))
     }

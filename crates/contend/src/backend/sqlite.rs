@@ -39,7 +39,9 @@ impl Dialect for Sqlite {
             write!(sql, "PRAGMA busy_timeout = {}; ", t.as_millis()).unwrap();
             restore.push(format!(
                 "PRAGMA busy_timeout = {}",
-                options.session_busy_timeout_ms.unwrap_or(DEFAULT_BUSY_TIMEOUT_MS)
+                options
+                    .session_busy_timeout_ms
+                    .unwrap_or(DEFAULT_BUSY_TIMEOUT_MS)
             ));
         }
         if options.read_only {

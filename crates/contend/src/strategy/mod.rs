@@ -13,11 +13,136 @@
 //! | `redis` | a Redis lock with a fencing token | yes | yes | yes |
 //! | `redis-spin` | a Redis `SET NX` spin lock (slow baseline) | yes | yes | yes |
 //! | `redlock` | a Redis quorum lock with a fencing token | yes | yes | yes |
+//!
+//! # Building blocks
+//! - [`atomic`]: conditional `UPDATE` with in-database arithmetic ([`atomic::Counter`]).
+//! - [`pessimistic`]: row locks, and [`pessimistic::LockTarget::lock_many`], which locks several
+//!   rows in one canonical order so that opposite transfers cannot deadlock.
+//! - [`optimistic`]: a version column checked by the write ([`optimistic::Versioned`]).
+//! - [`serializable`]: SERIALIZABLE isolation with retry ([`serializable::options`]).
+//! - [`advisory`]: database advisory locks, transaction- and session-scoped.
+//! - [`mutex`]: an in-process async mutex per key ([`mutex::KeyedMutex`]).
+//! - [`get_or_create`]: create-or-find that neither raises on the race nor creates two rows.
+//!
+//! Table and column names are passed as [`Ident`]s, checked once, so that no building block
+//! splices unchecked text into SQL.
+
+pub mod advisory;
+pub mod atomic;
+pub mod get_or_create;
+pub mod mutex;
+pub mod optimistic;
+pub mod pessimistic;
+pub mod serializable;
 
 use std::fmt;
 use std::str::FromStr;
 
+use sqlx::Any;
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
+
 use crate::backend::Backend;
+
+/// A checked SQL identifier (a table or column name): ASCII letters, digits and `_`, not
+/// starting with a digit, 1 to 63 characters. Safe to splice into SQL unquoted.
+///
+/// ```
+/// use contend::strategy::Ident;
+/// assert_eq!(Ident::new("account_1").unwrap().as_str(), "account_1");
+/// assert!(Ident::new("account; DROP TABLE x").is_err());
+/// assert!(Ident::new("").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ident(String);
+
+/// The error of [`Ident::new`] for a name that is not a plain SQL identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid SQL identifier `{0}`: use 1 to 63 ASCII letters, digits or `_`, not starting with a digit"
+)]
+pub struct InvalidIdent(pub String);
+
+impl Ident {
+    /// Checks `name`.
+    ///
+    /// # Errors
+    /// [`InvalidIdent`] when `name` is empty, too long, starts with a digit or contains anything
+    /// but ASCII letters, digits and `_`.
+    pub fn new(name: &str) -> Result<Ident, InvalidIdent> {
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && !name.as_bytes()[0].is_ascii_digit()
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if ok {
+            Ok(Ident(name.to_string()))
+        } else {
+            Err(InvalidIdent(name.to_string()))
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Ident {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Ident {
+    type Err = InvalidIdent;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ident::new(s)
+    }
+}
+
+/// A value to bind to a statement built by a building block (a column default, a new value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// A `BIGINT`.
+    Int(i64),
+    /// A text value.
+    Text(String),
+    /// SQL `NULL`.
+    Null,
+}
+
+impl Value {
+    /// Binds this value as the next parameter of `query`.
+    pub fn bind_to(
+        &self,
+        query: Query<'static, Any, AnyArguments>,
+    ) -> Query<'static, Any, AnyArguments> {
+        match self {
+            Value::Int(v) => query.bind(*v),
+            Value::Text(v) => query.bind(v.clone()),
+            Value::Null => query.bind(Option::<i64>::None),
+        }
+    }
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_string())
+    }
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
 
 /// A concurrency-control strategy, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,7 +221,10 @@ impl Strategy {
 
     /// Whether the strategy needs Redis (`--redis-url` or `--redlock-urls`).
     pub fn needs_redis(self) -> bool {
-        matches!(self, Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock)
+        matches!(
+            self,
+            Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock
+        )
     }
 
     /// `Ok` when `backend` can run this strategy, or the reason it cannot.
@@ -124,7 +252,9 @@ impl fmt::Display for Strategy {
 
 /// The error of parsing an unknown strategy name.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown strategy `{0}` (expected one of: none, mutex, atomic, pessimistic, optimistic, serializable, advisory, redis, redis-spin, redlock)")]
+#[error(
+    "unknown strategy `{0}` (expected one of: none, mutex, atomic, pessimistic, optimistic, serializable, advisory, redis, redis-spin, redlock)"
+)]
 pub struct UnknownStrategy(pub String);
 
 impl FromStr for Strategy {

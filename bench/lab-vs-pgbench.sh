@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# bench/lab-vs-pgbench.sh: does the lab measure PostgreSQL, or itself?
+#
+# Runs the lab's `withdraw` hot-row runs for the `atomic` and `pessimistic` strategies at 32 workers
+# with the release binary, and pgbench running the same SQL with the same client count (custom
+# script files, -c 32 -j 2, -T N) against the same server in the same session, then prints both
+# throughputs and their ratio (target: lab >= 0.9 x pgbench).
+#
+# Usage: bench/lab-vs-pgbench.sh [POSTGRES_URL] [SECONDS]
+#   POSTGRES_URL  default $CONTEND_PG_URL, else postgres://postgres@127.0.0.1:55432/app
+#   SECONDS       per measurement, default 10
+#   ROUNDS=N      measure each pair N times, alternating lab and pgbench (default 2); the best
+#                 round of each side is compared
+#   PGBENCH_MODE  pgbench query protocol: prepared (default; sqlx prepares statements too),
+#                 simple or extended
+# Needs: cargo, pgbench and psql (postgresql-client), jq.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+URL=${1:-${CONTEND_PG_URL:-postgres://postgres@127.0.0.1:55432/app}}
+SECS=${2:-10}
+ROUNDS=${ROUNDS:-2}
+MODE=${PGBENCH_MODE:-prepared}
+CLIENTS=32
+THREADS=2
+
+for tool in cargo pgbench psql jq; do
+  command -v "$tool" >/dev/null || { echo "lab-vs-pgbench: $tool not found" >&2; exit 2; }
+done
+case "$URL" in postgres://*|postgresql://*) ;; *) echo "lab-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
+
+echo "building the release binary..." >&2
+cargo build --release -q -p contend-cli
+BIN=target/release/contend
+
+WORK=$(mktemp -d)
+TABLE=bench_withdraw_$$
+cleanup() {
+  psql -q "$URL" -c "DROP TABLE IF EXISTS $TABLE" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# The lab's withdraw table, with a balance that cannot run out during the measurement (the lab
+# gets the same: --operations sizes its starting balance to half of it, and --duration stops it).
+psql -q -v ON_ERROR_STOP=1 "$URL" >/dev/null <<SQL
+DROP TABLE IF EXISTS $TABLE;
+CREATE TABLE $TABLE (id BIGINT PRIMARY KEY, balance BIGINT NOT NULL, version BIGINT NOT NULL, fence BIGINT NOT NULL);
+INSERT INTO $TABLE VALUES (1, 1000000000000, 0, 0);
+SQL
+
+# The statements the lab's withdraw scenario sends (crates/contend-lab/src/scenario/withdraw.rs):
+# atomic: one autocommit conditional UPDATE (contend::strategy::atomic::Counter::try_sub_now).
+cat > "$WORK/atomic.sql" <<SQL
+UPDATE $TABLE SET balance = balance - 1 WHERE id = 1 AND balance >= 1;
+SQL
+# pessimistic: BEGIN; SELECT ... FOR UPDATE; decide; UPDATE with the new balance; COMMIT.
+cat > "$WORK/pessimistic.sql" <<SQL
+BEGIN;
+SELECT balance FROM $TABLE WHERE id = 1 FOR UPDATE \gset
+\if :balance >= 1
+UPDATE $TABLE SET balance = :balance - 1 WHERE id = 1;
+\endif
+COMMIT;
+SQL
+
+lab_tps() { # lab_tps STRATEGY: throughput of one lab run
+  local json
+  json=$("$BIN" lab --database-url "$URL" --scenario withdraw --strategy "$1" --workers $CLIENTS \
+    --duration "${SECS}s" --operations 100000000000 --json --no-progress)
+  local errors refused
+  errors=$(jq '.runs[0].errors' <<<"$json")
+  refused=$(jq '.runs[0].refused' <<<"$json")
+  if [ "$errors" != 0 ] || [ "$refused" != 0 ]; then
+    echo "lab-vs-pgbench: lab run had $errors errors, $refused refusals" >&2
+  fi
+  jq -r '.runs[0].throughput_ops_s' <<<"$json"
+}
+
+pgbench_tps() { # pgbench_tps STRATEGY
+  pgbench -n -M "$MODE" -c $CLIENTS -j $THREADS -T "$SECS" -f "$WORK/$1.sql" "$URL" 2>/dev/null \
+    | awk '/^tps = / { print $3; exit }'
+}
+
+best() { printf '%s\n' "$@" | sort -g | tail -1; }
+
+printf '%-12s %12s %12s %7s   (%s s per run, %s rounds, %d workers/clients, pgbench -M %s)\n' \
+  strategy "lab ops/s" "pgbench tps" ratio "$SECS" "$ROUNDS" $CLIENTS "$MODE"
+status=0
+for strategy in atomic pessimistic; do
+  labs=() pgs=()
+  for _ in $(seq "$ROUNDS"); do
+    labs+=("$(lab_tps $strategy)")
+    pgs+=("$(pgbench_tps $strategy)")
+  done
+  lab=$(best "${labs[@]}")
+  pg=$(best "${pgs[@]}")
+  ratio=$(awk -v a="$lab" -v b="$pg" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }')
+  printf '%-12s %12.0f %12.0f %7s   lab rounds: %s; pgbench rounds: %s\n' \
+    "$strategy" "$lab" "$pg" "$ratio" "${labs[*]}" "${pgs[*]}"
+  awk -v r="$ratio" 'BEGIN { exit !(r >= 0.9) }' || status=1
+done
+[ $status = 0 ] && echo "target met: lab >= 0.9 x pgbench" || echo "target missed: lab < 0.9 x pgbench"
+exit $status

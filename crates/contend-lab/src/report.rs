@@ -1,0 +1,423 @@
+//! The lab's results: one [`RunReport`] per run, the JSON document other tools read (schema of
+//! the strategies issue), the table people read, each run's verdict and the exit status.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table};
+use serde::Serialize;
+
+use crate::scenario::Invariant;
+
+/// Latency percentiles of a run, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest operation.
+    pub max: f64,
+}
+
+/// What a distributed-lock strategy cost (`redis`, `redis-spin`, `redlock`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LockStats {
+    /// Locks granted.
+    pub acquisitions: u64,
+    /// Commands the Redis servers executed during the run (from `INFO commandstats`, summed
+    /// over the nodes; `INFO` itself not counted). Other clients of the same servers count too.
+    pub redis_commands: u64,
+    /// `redis_commands / acquisitions`.
+    pub commands_per_acquisition: f64,
+    /// Median time from a release to the grant of a waiter that was already waiting.
+    pub handoff_p50_ms: f64,
+    /// Writes refused because they carried a stale fencing token.
+    pub fenced_rejections: u64,
+}
+
+/// The result of one run: one scenario, one strategy, one backend, one worker count.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Scenario name.
+    pub scenario: String,
+    /// Strategy name.
+    pub strategy: String,
+    /// Backend name (`sqlite`, `postgres`, `mysql`).
+    pub backend: String,
+    /// Concurrent workers.
+    pub workers: usize,
+    /// Operations completed.
+    pub operations: u64,
+    /// Operations that succeeded.
+    pub succeeded: u64,
+    /// Operations refused for a business reason.
+    pub refused: u64,
+    /// Transaction attempts beyond the first, over all operations.
+    pub retries: u64,
+    /// Conflicts met, by kind (`serialization`, `deadlock`, `lock_timeout`, `busy`, `version`).
+    pub conflicts: BTreeMap<String, u64>,
+    /// Operations that failed.
+    pub errors: u64,
+    /// Wall time of the load phase, in seconds.
+    pub duration_s: f64,
+    /// `operations / duration_s`.
+    pub throughput_ops_s: f64,
+    /// Per-operation latency.
+    pub latency_ms: Latency,
+    /// Invariant violations found after the run.
+    pub violations: u64,
+    /// Whether the strategy claims to keep the invariants.
+    pub expected_safe: bool,
+    /// Every invariant checked, with what was measured.
+    pub invariants: Vec<Invariant>,
+    /// Lock costs, for lock-based strategies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockStats>,
+    /// The run's verdict, as in the table.
+    pub verdict: String,
+    /// Which repetition this is (0-based; present with `--repeat` above 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<u32>,
+    /// A few distinct error messages, when there were errors.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub error_samples: Vec<String>,
+    /// Whether this run fails the lab (exit status 1).
+    #[serde(skip)]
+    pub failed: bool,
+}
+
+/// A combination the lab did not run, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedRun {
+    /// Scenario name.
+    pub scenario: String,
+    /// Strategy name.
+    pub strategy: String,
+    /// Backend name.
+    pub backend: String,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// Everything the lab found: the JSON document `{"runs": [...], "skipped": [...]}`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LabReport {
+    /// The runs, in the order they ran.
+    pub runs: Vec<RunReport>,
+    /// The combinations not run.
+    pub skipped: Vec<SkippedRun>,
+}
+
+/// The verdict of a run, and whether it fails the lab.
+///
+/// ```
+/// use contend_lab::report::verdict;
+/// assert_eq!(verdict(true, 0, 0, 8), ("SAFE".to_string(), false));
+/// assert_eq!(verdict(true, 3, 0, 8), ("VIOLATION (BUG)".to_string(), true));
+/// assert_eq!(verdict(false, 3, 0, 8).1, false);
+/// ```
+pub fn verdict(
+    expected_safe: bool,
+    violations: u64,
+    errors: u64,
+    workers: usize,
+) -> (String, bool) {
+    match (expected_safe, violations > 0, errors > 0) {
+        (true, false, false) => ("SAFE".into(), false),
+        (true, true, _) => ("VIOLATION (BUG)".into(), true),
+        (true, false, true) => ("ERRORS (BUG)".into(), true),
+        (false, true, _) => ("VIOLATION (unsafe baseline, expected)".into(), false),
+        (false, false, _) if workers <= 1 => {
+            ("no race at 1 worker (unsafe baseline)".into(), false)
+        }
+        (false, false, _) => ("no violation this time (unsafe baseline)".into(), false),
+    }
+}
+
+impl LabReport {
+    /// Whether any run failed: a strategy expected to be safe showed a violation or errors.
+    pub fn failed(&self) -> bool {
+        self.runs.iter().any(|r| r.failed)
+    }
+
+    /// The JSON document, pretty-printed.
+    ///
+    /// # Errors
+    /// Never in practice (every field serializes); kept fallible for the serializer's sake.
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(self)
+    }
+
+    /// The table, then the skipped combinations, then the legend and a one-paragraph summary.
+    pub fn render(&self) -> String {
+        let mut table = Table::new();
+        table
+            .load_preset(UTF8_FULL_CONDENSED)
+            .set_content_arrangement(ContentArrangement::Dynamic)
+            .set_header(vec![
+                "scenario",
+                "strategy",
+                "backend",
+                "workers",
+                "ops",
+                "succeeded",
+                "refused",
+                "retries",
+                "conflicts",
+                "errors",
+                "ops/s",
+                "p50 ms",
+                "p99 ms",
+                "violations",
+                "verdict",
+            ]);
+        for r in &self.runs {
+            let conflicts = if r.conflicts.is_empty() {
+                "-".to_string()
+            } else {
+                r.conflicts
+                    .iter()
+                    .map(|(k, n)| format!("{n} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let color = if r.failed {
+                Color::Red
+            } else if r.expected_safe {
+                Color::Green
+            } else if r.violations > 0 {
+                Color::Yellow
+            } else {
+                Color::Reset
+            };
+            let num = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
+            table.add_row(vec![
+                Cell::new(&r.scenario),
+                Cell::new(&r.strategy),
+                Cell::new(&r.backend),
+                num(r.workers.to_string()),
+                num(r.operations.to_string()),
+                num(r.succeeded.to_string()),
+                num(r.refused.to_string()),
+                num(r.retries.to_string()),
+                Cell::new(conflicts),
+                num(r.errors.to_string()),
+                num(format!("{:.0}", r.throughput_ops_s)),
+                num(format!("{:.2}", r.latency_ms.p50)),
+                num(format!("{:.2}", r.latency_ms.p99)),
+                num(r.violations.to_string()),
+                Cell::new(&r.verdict).fg(color),
+            ]);
+        }
+        let mut out = table.to_string();
+        out.push('\n');
+        self.render_locks(&mut out);
+        self.render_details(&mut out);
+        if !self.skipped.is_empty() {
+            out.push_str("\nSkipped:\n");
+            for s in &self.skipped {
+                let _ = writeln!(
+                    out,
+                    "  {}/{} on {}: {}",
+                    s.scenario, s.strategy, s.backend, s.reason
+                );
+            }
+        }
+        out.push_str(LEGEND);
+        out.push_str(&self.summary());
+        out
+    }
+
+    fn render_locks(&self, out: &mut String) {
+        let locked: Vec<&RunReport> = self.runs.iter().filter(|r| r.lock.is_some()).collect();
+        if locked.is_empty() {
+            return;
+        }
+        let mut table = Table::new();
+        table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+            "scenario",
+            "strategy",
+            "workers",
+            "acquisitions",
+            "redis cmds",
+            "cmds/acq",
+            "handoff p50 ms",
+            "fenced rejections",
+        ]);
+        for r in locked {
+            let l = r.lock.as_ref().expect("filtered on lock");
+            table.add_row(vec![
+                r.scenario.clone(),
+                r.strategy.clone(),
+                r.workers.to_string(),
+                l.acquisitions.to_string(),
+                l.redis_commands.to_string(),
+                format!("{:.2}", l.commands_per_acquisition),
+                format!("{:.3}", l.handoff_p50_ms),
+                l.fenced_rejections.to_string(),
+            ]);
+        }
+        out.push_str("\nDistributed locks:\n");
+        out.push_str(&table.to_string());
+        out.push('\n');
+    }
+
+    /// Failed invariants and error samples, so a red row can be understood without `--json`.
+    fn render_details(&self, out: &mut String) {
+        let mut lines = String::new();
+        for r in &self.runs {
+            let head = format!("  {}/{}/{}w:", r.scenario, r.strategy, r.workers);
+            for inv in r.invariants.iter().filter(|i| !i.ok) {
+                let _ = writeln!(lines, "{head} {} violated: {}", inv.name, inv.detail);
+            }
+            for e in &r.error_samples {
+                let _ = writeln!(lines, "{head} error: {e}");
+            }
+        }
+        if !lines.is_empty() {
+            out.push_str("\nDetails:\n");
+            out.push_str(&lines);
+        }
+    }
+
+    /// One paragraph: what broke, what held, what failed, and the fastest safe strategy of each
+    /// scenario.
+    pub fn summary(&self) -> String {
+        let unsafe_broken = self
+            .runs
+            .iter()
+            .filter(|r| !r.expected_safe && r.violations > 0)
+            .count();
+        let unsafe_runs = self.runs.iter().filter(|r| !r.expected_safe).count();
+        let safe_runs = self.runs.iter().filter(|r| r.expected_safe).count();
+        let failed = self.runs.iter().filter(|r| r.failed).count();
+        let mut out = format!(
+            "\nSummary: the unsafe baseline broke an invariant in {unsafe_broken} of {unsafe_runs} runs; \
+             {safe_runs} runs of safe strategies, {failed} of them failed."
+        );
+        let mut best: BTreeMap<&str, &RunReport> = BTreeMap::new();
+        for r in self.runs.iter().filter(|r| r.expected_safe && !r.failed) {
+            let e = best.entry(&r.scenario).or_insert(r);
+            if r.throughput_ops_s > e.throughput_ops_s {
+                *e = r;
+            }
+        }
+        if !best.is_empty() {
+            out.push_str("\nFastest safe strategy:");
+            for (scenario, r) in best {
+                let _ = write!(
+                    out,
+                    " {scenario}: {} ({:.0} ops/s at {} workers);",
+                    r.strategy, r.throughput_ops_s, r.workers
+                );
+            }
+            out.pop();
+            out.push('.');
+        }
+        if failed > 0 {
+            out.push_str("\nFAILED: a strategy expected to be safe broke an invariant or hit errors (see Details).");
+        }
+        out.push('\n');
+        out
+    }
+}
+
+const LEGEND: &str = "
+How to read this:
+  none         reads, decides in Rust, writes back: under concurrency two workers read the same
+               value and one write is lost (money appears or vanishes). It is the baseline.
+  every other  strategy must show 0 violations (SAFE); a violation or an error there is a bug
+               and makes the lab exit with status 1.
+  cost         ops/s and p99 show what safety costs; retries and conflicts are work thrown away
+               (optimistic, serializable re-run the transaction); lock-based strategies queue on
+               the hot row. succeeded + refused + errors = ops; refused is a business \"no\" (no money left).
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(strategy: &str, safe: bool, violations: u64, errors: u64) -> RunReport {
+        let (verdict, failed) = verdict(safe, violations, errors, 8);
+        RunReport {
+            scenario: "withdraw".into(),
+            strategy: strategy.into(),
+            backend: "sqlite".into(),
+            workers: 8,
+            operations: 100,
+            succeeded: 90,
+            refused: 10 - errors,
+            retries: 0,
+            conflicts: BTreeMap::new(),
+            errors,
+            duration_s: 1.0,
+            throughput_ops_s: 100.0,
+            latency_ms: Latency::default(),
+            violations,
+            expected_safe: safe,
+            invariants: vec![Invariant {
+                name: "balance".into(),
+                ok: violations == 0,
+                detail: "final 3, expected 0".into(),
+                violations,
+            }],
+            lock: None,
+            verdict,
+            repeat: None,
+            error_samples: vec![],
+            failed,
+        }
+    }
+
+    #[test]
+    fn failing_only_for_safe_strategies() {
+        let mut report = LabReport::default();
+        report.runs.push(run("none", false, 5, 0));
+        report.runs.push(run("atomic", true, 0, 0));
+        assert!(!report.failed());
+        report.runs.push(run("optimistic", true, 0, 2));
+        assert!(report.failed());
+        let text = report.render();
+        assert!(
+            text.contains("UNSAFE: balance (baseline, expected)"),
+            "{text}"
+        );
+        assert!(text.contains("ERRORS (BUG)"), "{text}");
+        assert!(text.contains("FAILED"), "{text}");
+    }
+
+    #[test]
+    fn json_has_schema_fields() {
+        let mut report = LabReport::default();
+        report.runs.push(run("none", false, 5, 0));
+        let v: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+        let r = &v["runs"][0];
+        for key in [
+            "scenario",
+            "strategy",
+            "backend",
+            "workers",
+            "operations",
+            "succeeded",
+            "refused",
+            "retries",
+            "conflicts",
+            "errors",
+            "duration_s",
+            "throughput_ops_s",
+            "latency_ms",
+            "violations",
+            "expected_safe",
+            "invariants",
+        ] {
+            assert!(r.get(key).is_some(), "missing {key}");
+        }
+        assert!(r.get("lock").is_none());
+        assert_eq!(r["invariants"][0]["ok"], false);
+        assert!(v["skipped"].is_array());
+    }
+}

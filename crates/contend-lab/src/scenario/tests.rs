@@ -1,0 +1,277 @@
+//! Scenario tests: for each scenario, the unsafe baseline breaks an invariant under concurrent
+//! load, and every safe strategy keeps all invariants over repeated runs, on SQLite always and on
+//! PostgreSQL/MariaDB when `CONTEND_PG_URL` / `CONTEND_MYSQL_URL` are set.
+//!
+//! A small driver stands in for the lab runner: W tasks take operation numbers from a shared
+//! counter, then the scenario checks its invariants.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use contend::strategy::Strategy;
+use contend::{Backend, Db};
+
+use super::{Ctx, Invariant, Outcome, Scenario, Totals};
+
+/// A database for `backend`, or `None` (after printing "skipped: ...") when its server is not
+/// configured. Panics when it is not configured and `CONTEND_REQUIRE_SERVERS=1`.
+pub(crate) async fn open(backend: Backend) -> Option<(Db, Option<tempfile::TempDir>)> {
+    let (url, dir) = match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temporary folder");
+            let url = format!("sqlite:{}", dir.path().join("lab.db").display());
+            (url, Some(dir))
+        }
+        _ => {
+            let var = if backend == Backend::Postgres {
+                "CONTEND_PG_URL"
+            } else {
+                "CONTEND_MYSQL_URL"
+            };
+            match std::env::var(var) {
+                Ok(url) if !url.trim().is_empty() => (url, None),
+                _ => {
+                    let required = std::env::var("CONTEND_REQUIRE_SERVERS")
+                        .is_ok_and(|v| v == "1" || v == "true");
+                    assert!(!required, "{var} not set but CONTEND_REQUIRE_SERVERS=1");
+                    println!("skipped: {var} not set");
+                    return None;
+                }
+            }
+        }
+    };
+    let db = Db::builder(&url)
+        .max_connections(24)
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {backend}: {e}"));
+    Some((db, dir))
+}
+
+/// The result of one driven run.
+pub(crate) struct Driven {
+    pub totals: Totals,
+    pub invariants: Vec<Invariant>,
+    pub errors: Vec<String>,
+    pub fenced_rejections: u64,
+}
+
+impl Driven {
+    pub fn violations(&self) -> u64 {
+        self.invariants
+            .iter()
+            .map(|i| if i.ok { 0 } else { i.violations.max(1) })
+            .sum()
+    }
+
+    pub fn describe(&self) -> String {
+        let inv: Vec<String> = self
+            .invariants
+            .iter()
+            .map(|i| format!("{}={} ({})", i.name, i.ok, i.detail))
+            .collect();
+        format!(
+            "succeeded {} refused {} errors {} [{}] first errors {:?}",
+            self.totals.succeeded,
+            self.totals.refused,
+            self.totals.errors,
+            inv.join("; "),
+            self.errors.iter().take(3).collect::<Vec<_>>()
+        )
+    }
+}
+
+/// Runs `operations` operations of `scenario` under `strategy` with `workers` tasks.
+pub(crate) async fn drive(
+    scenario: Arc<dyn Scenario>,
+    db: &Db,
+    strategy: Strategy,
+    workers: usize,
+    operations: u64,
+) -> Driven {
+    let ctx = Arc::new(Ctx {
+        db: db.clone(),
+        strategy,
+        workers,
+        operations,
+        locks: None,
+        run_id: format!("t{:08x}", rand::random::<u32>()),
+    });
+    scenario.setup(&ctx).await.expect("setup");
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..workers {
+        let (scenario, ctx, next) = (scenario.clone(), ctx.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut totals = Totals::default();
+            let mut errors = Vec::new();
+            let mut fenced = 0u64;
+            loop {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                if seq >= operations {
+                    break;
+                }
+                let report = scenario.op(&ctx, worker, seq).await;
+                fenced += u64::from(report.fenced_rejections);
+                match report.outcome {
+                    Outcome::Succeeded => totals.succeeded += 1,
+                    Outcome::Refused => totals.refused += 1,
+                    Outcome::Error(e) => {
+                        totals.errors += 1;
+                        errors.push(e);
+                    }
+                }
+            }
+            (totals, errors, fenced)
+        }));
+    }
+    let mut totals = Totals::default();
+    let mut errors = Vec::new();
+    let mut fenced_rejections = 0;
+    for t in tasks {
+        let (t, e, f) = t.await.expect("worker panicked");
+        totals.succeeded += t.succeeded;
+        totals.refused += t.refused;
+        totals.errors += t.errors;
+        errors.extend(e);
+        fenced_rejections += f;
+    }
+    let invariants = scenario.check(&ctx, &totals).await.expect("check");
+    scenario.teardown(&ctx).await.expect("teardown");
+    Driven {
+        totals,
+        invariants,
+        errors,
+        fenced_rejections,
+    }
+}
+
+/// The strategies of `scenario` that run on `backend` without Redis, baseline excluded.
+pub(crate) fn safe_strategies(scenario: &dyn Scenario, backend: Backend) -> Vec<Strategy> {
+    Strategy::ALL
+        .into_iter()
+        .filter(|s| s.expected_safe() && !s.needs_redis())
+        .filter(|s| scenario.supports(*s, backend).is_ok())
+        .collect()
+}
+
+/// The baseline breaks an invariant (at least once in `tries` runs: a race is a race), and
+/// every safe strategy keeps all invariants with no errors in each of `repeats` runs.
+pub(crate) async fn prove(
+    scenario: Arc<dyn Scenario>,
+    backend: Backend,
+    workers: usize,
+    operations: u64,
+    repeats: usize,
+) {
+    let Some((db, _dir)) = open(backend).await else {
+        return;
+    };
+    if scenario.supports(Strategy::None, backend).is_ok() {
+        let mut broke = false;
+        let mut last = String::new();
+        for _ in 0..3 {
+            let run = drive(scenario.clone(), &db, Strategy::None, workers, operations).await;
+            last = run.describe();
+            if run.violations() > 0 {
+                broke = true;
+                break;
+            }
+        }
+        assert!(
+            broke,
+            "{} on {backend}: the unsafe baseline kept every invariant in 3 runs: {last}",
+            scenario.name()
+        );
+    }
+    for strategy in safe_strategies(scenario.as_ref(), backend) {
+        for _ in 0..repeats {
+            let run = drive(scenario.clone(), &db, strategy, workers, operations).await;
+            assert_eq!(
+                run.violations(),
+                0,
+                "{} / {strategy} on {backend} broke an invariant: {}",
+                scenario.name(),
+                run.describe()
+            );
+            assert_eq!(
+                run.totals.errors,
+                0,
+                "{} / {strategy} on {backend} had errors: {}",
+                scenario.name(),
+                run.describe()
+            );
+        }
+    }
+    db.pool().close().await;
+}
+
+macro_rules! prove_on_backends {
+    ($name:ident, $scenario:expr, $workers:expr, $ops:expr, $repeats:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                prove(
+                    Arc::new($scenario),
+                    Backend::Sqlite,
+                    $workers,
+                    $ops,
+                    $repeats,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                prove(
+                    Arc::new($scenario),
+                    Backend::Postgres,
+                    $workers,
+                    $ops,
+                    $repeats,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                prove(
+                    Arc::new($scenario),
+                    Backend::MySql,
+                    $workers,
+                    $ops,
+                    $repeats,
+                )
+                .await;
+            }
+        }
+    };
+}
+
+use super::booking::Booking;
+use super::get_or_create::GetOrCreate;
+use super::order::Order;
+use super::queue::Queue;
+use super::transfer::Transfer;
+use super::withdraw::Withdraw;
+
+prove_on_backends!(withdraw, Withdraw::new(), 16, 400, 2);
+prove_on_backends!(transfer, Transfer::new(), 16, 400, 2);
+prove_on_backends!(order, Order::new(), 16, 400, 2);
+prove_on_backends!(booking, Booking::new(), 16, 300, 2);
+prove_on_backends!(get_or_create, GetOrCreate::new(), 16, 400, 2);
+prove_on_backends!(queue, Queue::new(), 16, 300, 2);
+
+#[test]
+fn registry_names_are_unique() {
+    let names: Vec<&str> = super::registry().iter().map(|s| s.name()).collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(names.len(), sorted.len());
+    assert_eq!(names[0], "withdraw");
+}

@@ -1,0 +1,455 @@
+//! `transfer`: K accounts, transfers between pairs in both directions (A→B and B→A), each
+//! recorded in a ledger. Lock order matters here: two transfers locking the same two rows in
+//! opposite orders deadlock, so every strategy takes its locks in one canonical order.
+//!
+//! Invariants: total money conserved; no negative balance; each account's ledger sum equals its
+//! balance.
+//!
+//! The module also holds the engine that moves amounts between rows under every strategy
+//! ([`Plan`], [`apply`]); the `order` scenario uses it too.
+
+use contend::strategy::Strategy;
+use contend::strategy::advisory;
+use contend::strategy::atomic::Counter;
+use contend::strategy::mutex::KeyedMutex;
+use contend::strategy::{optimistic, serializable};
+use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, Tx, TxOptions};
+
+use super::{
+    Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
+    invariant, pairs, refuse, report, report_plain, scalar, sum_bigint, table_name, think,
+};
+
+/// One change of one row: `column += delta` on row `id` of `table`. A negative delta is guarded:
+/// the column must not go below zero, or the whole plan is refused with `why`.
+#[derive(Debug, Clone)]
+pub(crate) struct Move {
+    pub table: String,
+    pub column: &'static str,
+    pub id: i64,
+    pub delta: i64,
+    pub why: &'static str,
+}
+
+impl Move {
+    fn key(&self) -> String {
+        format!("{}:{}", self.table, self.id)
+    }
+}
+
+/// Moves applied together or not at all, and an `INSERT` (with `BIGINT` parameters) recording
+/// them.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    moves: Vec<Move>,
+    record_sql: String,
+    record_values: Vec<i64>,
+}
+
+impl Plan {
+    /// The moves are kept in canonical order (table, then id), the order every strategy locks
+    /// and writes in.
+    pub(crate) fn new(mut moves: Vec<Move>, record_sql: String, record_values: Vec<i64>) -> Self {
+        moves.sort_by(|a, b| (&a.table, a.id).cmp(&(&b.table, b.id)));
+        Plan {
+            moves,
+            record_sql,
+            record_values,
+        }
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.moves.iter().map(Move::key).collect()
+    }
+
+    /// The new values, or the refusal, given the values read.
+    fn decide(&self, values: &[i64]) -> contend::Result<Vec<i64>> {
+        let mut out = Vec::with_capacity(values.len());
+        for (m, v) in self.moves.iter().zip(values) {
+            let new = v + m.delta;
+            if m.delta < 0 && new < 0 {
+                return Err(refuse(m.why));
+            }
+            out.push(new);
+        }
+        Ok(out)
+    }
+}
+
+/// Retry policy of the locking strategies (deadlocks, busy).
+fn lock_options() -> TxOptions {
+    TxOptions::new().retry(RetryPolicy::new().max_attempts(30))
+}
+
+async fn record_tx(tx: &mut Tx, plan: &Plan) -> contend::Result<()> {
+    let mut q = tx.query(&plan.record_sql);
+    for v in &plan.record_values {
+        q = q.bind(*v);
+    }
+    q.execute(tx.conn()).await?;
+    Ok(())
+}
+
+/// Read every row (autocommit), decide, write each row and the record in separate autocommit
+/// statements: the unsafe baseline.
+async fn unlocked(db: &Db, plan: &Plan) -> contend::Result<()> {
+    let mut values = Vec::new();
+    for m in &plan.moves {
+        let sql = format!("SELECT {} FROM {} WHERE id = ?", m.column, m.table);
+        values.push(
+            db.query_scalar(&sql)
+                .bind(m.id)
+                .fetch_one(db.pool())
+                .await?,
+        );
+    }
+    think().await;
+    let new = plan.decide(&values)?;
+    for (m, v) in plan.moves.iter().zip(new) {
+        let sql = format!("UPDATE {} SET {} = ? WHERE id = ?", m.table, m.column);
+        db.query(&sql).bind(v).bind(m.id).execute(db.pool()).await?;
+    }
+    let mut q = db.query(&plan.record_sql);
+    for v in &plan.record_values {
+        q = q.bind(*v);
+    }
+    q.execute(db.pool()).await?;
+    Ok(())
+}
+
+/// Read (with `lock` appended), decide, write, record: inside the caller's transaction.
+async fn read_decide_write(tx: &mut Tx, plan: &Plan, lock: &str) -> contend::Result<()> {
+    let mut values = Vec::new();
+    for m in &plan.moves {
+        let sql = format!("SELECT {} FROM {} WHERE id = ?{lock}", m.column, m.table);
+        values.push(
+            tx.query_scalar(&sql)
+                .bind(m.id)
+                .fetch_one(tx.conn())
+                .await?,
+        );
+    }
+    think().await;
+    let new = plan.decide(&values)?;
+    for (m, v) in plan.moves.iter().zip(new) {
+        let sql = format!("UPDATE {} SET {} = ? WHERE id = ?", m.table, m.column);
+        tx.query(&sql).bind(v).bind(m.id).execute(tx.conn()).await?;
+    }
+    record_tx(tx, plan).await
+}
+
+/// In-database arithmetic in canonical order; a guarded move that does not apply refuses (and
+/// rolls back the moves before it).
+async fn atomic_moves(tx: &mut Tx, plan: &Plan) -> contend::Result<()> {
+    for m in &plan.moves {
+        let counter = Counter::new(&m.table, "id", m.column).map_err(Error::aborted)?;
+        if m.delta < 0 {
+            if counter.try_sub(tx, m.id, -m.delta).await?.is_none() {
+                return Err(refuse(m.why));
+            }
+        } else {
+            counter.add(tx, m.id, m.delta).await?;
+        }
+    }
+    record_tx(tx, plan).await
+}
+
+/// Read values and versions, decide, write each row only if its version is unchanged.
+async fn versioned_moves(tx: &mut Tx, plan: &Plan) -> contend::Result<()> {
+    let mut read = Vec::new();
+    for m in &plan.moves {
+        let sql = format!("SELECT {}, version FROM {} WHERE id = ?", m.column, m.table);
+        let sql = tx.backend().sql(&sql).into_owned();
+        let row: (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(m.id)
+            .fetch_one(tx.conn())
+            .await?;
+        read.push(row);
+    }
+    think().await;
+    let values: Vec<i64> = read.iter().map(|r| r.0).collect();
+    let new = plan.decide(&values)?;
+    for ((m, v), (_, version)) in plan.moves.iter().zip(new).zip(&read) {
+        let sql = format!(
+            "UPDATE {} SET {} = ?, version = version + 1 WHERE id = ? AND version = ?",
+            m.table, m.column
+        );
+        let done = tx
+            .query(&sql)
+            .bind(v)
+            .bind(m.id)
+            .bind(*version)
+            .execute(tx.conn())
+            .await?;
+        optimistic::check(done.rows_affected())?;
+    }
+    record_tx(tx, plan).await
+}
+
+/// Applies `plan` under `ctx.strategy`.
+pub(crate) async fn apply(ctx: &Ctx, mutex: &KeyedMutex, plan: Plan) -> OpReport {
+    let db = &ctx.db;
+    match ctx.strategy {
+        Strategy::None => report_plain(unlocked(db, &plan).await),
+        Strategy::Mutex => {
+            let mut keys = plan.keys();
+            keys.sort();
+            keys.dedup();
+            let mut guards = Vec::with_capacity(keys.len());
+            for k in &keys {
+                guards.push(mutex.lock(k).await);
+            }
+            report_plain(unlocked(db, &plan).await)
+        }
+        Strategy::Atomic => report(
+            db.run(&lock_options(), |tx| {
+                let plan = plan.clone();
+                Box::pin(async move { atomic_moves(tx, &plan).await })
+            })
+            .await,
+        ),
+        Strategy::Pessimistic => {
+            let lock = match contend::strategy::pessimistic::lock_clause(
+                db.backend(),
+                contend::RowLock::Update,
+            ) {
+                Ok(lock) => lock,
+                Err(e) => return report_plain::<()>(Err(e)),
+            };
+            report(
+                db.run(&lock_options(), |tx| {
+                    let plan = plan.clone();
+                    Box::pin(async move { read_decide_write(tx, &plan, lock).await })
+                })
+                .await,
+            )
+        }
+        Strategy::Optimistic => report(
+            db.run(&optimistic::options(), |tx| {
+                let plan = plan.clone();
+                Box::pin(async move { versioned_moves(tx, &plan).await })
+            })
+            .await,
+        ),
+        Strategy::Serializable => report(
+            db.run(&serializable::options(), |tx| {
+                let plan = plan.clone();
+                Box::pin(async move { read_decide_write(tx, &plan, "").await })
+            })
+            .await,
+        ),
+        Strategy::Advisory => report(
+            db.run(&lock_options(), |tx| {
+                let plan = plan.clone();
+                Box::pin(async move {
+                    let mut keys = plan.keys();
+                    keys.sort();
+                    keys.dedup();
+                    for k in &keys {
+                        advisory::lock_xact(tx, k, None).await?;
+                    }
+                    read_decide_write(tx, &plan, "").await
+                })
+            })
+            .await,
+        ),
+        Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
+            let keys = plan.keys();
+            fenced::run(ctx, &keys, |tokens| {
+                Box::pin(async move {
+                    let mut values = Vec::new();
+                    for m in &plan.moves {
+                        let sql = format!("SELECT {} FROM {} WHERE id = ?", m.column, m.table);
+                        values.push(
+                            db.query_scalar(&sql)
+                                .bind(m.id)
+                                .fetch_one(db.pool())
+                                .await?,
+                        );
+                    }
+                    think().await;
+                    let new = plan.decide(&values)?;
+                    db.transaction(|tx| {
+                        let (plan, new, tokens) = (plan.clone(), new.clone(), tokens.clone());
+                        Box::pin(async move {
+                            for ((m, v), token) in plan.moves.iter().zip(new).zip(tokens) {
+                                let set = format!("{} = ?", m.column);
+                                fenced::write_tx(tx, &m.table, m.id, token, &set, vec![v]).await?;
+                            }
+                            record_tx(tx, &plan).await
+                        })
+                    })
+                    .await
+                })
+            })
+            .await
+        }
+        other => report_plain::<()>(Err(Error::aborted(format!(
+            "no implementation of strategy {other}"
+        )))),
+    }
+}
+
+/// The transfer scenario.
+#[derive(Debug, Default)]
+pub struct Transfer {
+    mutex: KeyedMutex,
+}
+
+/// Accounts.
+const ACCOUNTS: i64 = 4;
+/// Each account's opening balance.
+const OPENING: i64 = 20;
+
+impl Transfer {
+    /// The scenario.
+    pub fn new() -> Self {
+        Transfer::default()
+    }
+}
+
+fn tables(ctx: &Ctx) -> (String, String) {
+    (
+        table_name(ctx, "transfer"),
+        table_name(ctx, "transfer_ledger"),
+    )
+}
+
+/// Operation `seq`: from, to (different, both directions over time) and amount 1..=5.
+fn pick(seq: u64) -> (i64, i64, i64) {
+    let k = ACCOUNTS as u64;
+    let from = seq % k;
+    let to = (from + 1 + (seq / k) % (k - 1)) % k;
+    (from as i64 + 1, to as i64 + 1, (seq % 5) as i64 + 1)
+}
+
+impl Scenario for Transfer {
+    fn name(&self) -> &'static str {
+        "transfer"
+    }
+
+    fn supports(&self, strategy: Strategy, backend: Backend) -> Result<(), String> {
+        base_support(strategy, backend)
+    }
+
+    fn setup<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let (acc, ledger) = tables(ctx);
+            let db = &ctx.db;
+            let engine = engine(db.backend());
+            drop_tables(db, &[acc.clone(), ledger.clone()]).await?;
+            db.execute_script(&format!(
+                "CREATE TABLE {acc} (id BIGINT PRIMARY KEY, balance BIGINT NOT NULL, \
+                 version BIGINT NOT NULL, fence BIGINT NOT NULL){engine}"
+            ))
+            .await?;
+            db.execute_script(&format!(
+                "CREATE TABLE {ledger} (account BIGINT NOT NULL, delta BIGINT NOT NULL){engine}"
+            ))
+            .await?;
+            for id in 1..=ACCOUNTS {
+                db.query(&format!("INSERT INTO {acc} VALUES (?, ?, 0, 0)"))
+                    .bind(id)
+                    .bind(OPENING)
+                    .execute(db.pool())
+                    .await?;
+                db.query(&format!("INSERT INTO {ledger} VALUES (?, ?)"))
+                    .bind(id)
+                    .bind(OPENING)
+                    .execute(db.pool())
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn op<'a>(&'a self, ctx: &'a Ctx, _worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+        Box::pin(async move {
+            let (acc, ledger) = tables(ctx);
+            let (from, to, amount) = pick(seq);
+            let moves = vec![
+                Move {
+                    table: acc.clone(),
+                    column: "balance",
+                    id: from,
+                    delta: -amount,
+                    why: "insufficient funds",
+                },
+                Move {
+                    table: acc,
+                    column: "balance",
+                    id: to,
+                    delta: amount,
+                    why: "",
+                },
+            ];
+            let record = format!("INSERT INTO {ledger} (account, delta) VALUES (?, ?), (?, ?)");
+            let plan = Plan::new(moves, record, vec![from, -amount, to, amount]);
+            apply(ctx, &self.mutex, plan).await
+        })
+    }
+
+    fn check<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        _totals: &'a Totals,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<Invariant>>> {
+        Box::pin(async move {
+            let (acc, ledger) = tables(ctx);
+            let db = &ctx.db;
+            let b = db.backend();
+            let expected = ACCOUNTS * OPENING;
+            let total = scalar(
+                db,
+                &format!("SELECT {} FROM {acc}", sum_bigint(b, "balance")),
+            )
+            .await?;
+            let negative =
+                scalar(db, &format!("SELECT COUNT(*) FROM {acc} WHERE balance < 0")).await?;
+            let balances = pairs(db, &format!("SELECT id, balance FROM {acc} ORDER BY id")).await?;
+            let sums = pairs(
+                db,
+                &format!(
+                    "SELECT account, {} FROM {ledger} GROUP BY account ORDER BY account",
+                    sum_bigint(b, "delta")
+                ),
+            )
+            .await?;
+            let mismatched: Vec<String> = balances
+                .iter()
+                .filter_map(|(id, bal)| {
+                    let sum = sums.iter().find(|(a, _)| a == id).map_or(0, |(_, s)| *s);
+                    (sum != *bal).then(|| format!("account {id}: balance {bal}, ledger {sum}"))
+                })
+                .collect();
+            Ok(vec![
+                invariant(
+                    "total_conserved",
+                    total.abs_diff(expected),
+                    format!("total {total}, expected {expected}"),
+                ),
+                invariant(
+                    "no_negative_balance",
+                    negative as u64,
+                    format!("{negative} accounts below zero"),
+                ),
+                invariant(
+                    "ledger_matches_balances",
+                    mismatched.len() as u64,
+                    if mismatched.is_empty() {
+                        format!("{ACCOUNTS} accounts match their ledger")
+                    } else {
+                        mismatched.join("; ")
+                    },
+                ),
+            ])
+        })
+    }
+
+    fn teardown<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let (acc, ledger) = tables(ctx);
+            drop_tables(&ctx.db, &[acc, ledger]).await
+        })
+    }
+}

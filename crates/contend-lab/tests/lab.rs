@@ -1,0 +1,65 @@
+//! The lab end to end with its real scenarios (as `contend lab` runs them): on the `withdraw` hot
+//! row, `none` loses updates under 16 workers (the check can fail) and `atomic` and `pessimistic`
+//! lose none. SQLite always; PostgreSQL and MariaDB when CONTEND_PG_URL / CONTEND_MYSQL_URL are set.
+
+mod support;
+
+use contend_lab::cli::{LabArgs, run_config};
+use support::server_url;
+
+async fn withdraw(url: Option<String>) {
+    let args = LabArgs {
+        database_url: url,
+        scenario: Some("withdraw".into()),
+        strategy: Some("none,atomic,pessimistic".into()),
+        workers: Some("16".into()),
+        operations: Some(600),
+        no_progress: true,
+        ..LabArgs::default()
+    };
+    let registry = contend_lab::scenario::registry();
+    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
+    let config = args.into_config(&names).expect("valid flags");
+    let report = run_config(&config, &registry).await.expect("lab runs");
+    assert_eq!(report.runs.len(), 3, "{report:#?}");
+
+    let none = &report.runs[0];
+    assert_eq!(none.strategy, "none");
+    assert_eq!(none.operations, 600);
+    assert!(
+        none.violations > 0,
+        "16 workers withdrawing with read-decide-write must lose updates: {none:#?}"
+    );
+    assert!(!none.failed);
+
+    for safe in &report.runs[1..] {
+        assert_eq!(safe.violations, 0, "{safe:#?}");
+        assert_eq!(safe.errors, 0, "{safe:#?}");
+        assert_eq!(safe.operations, 600);
+        // The balance is half the operations: exactly that many succeed, the rest are refused.
+        assert_eq!(safe.succeeded, 300, "{safe:#?}");
+        assert_eq!(safe.refused, 300, "{safe:#?}");
+        assert_eq!(safe.verdict, "SAFE");
+        assert!(safe.invariants.iter().all(|i| i.ok));
+    }
+    assert!(!report.failed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_withdraw_none_loses_money_safe_strategies_do_not() {
+    withdraw(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_withdraw_none_loses_money_safe_strategies_do_not() {
+    if let Some(url) = server_url("CONTEND_PG_URL") {
+        withdraw(Some(url)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_withdraw_none_loses_money_safe_strategies_do_not() {
+    if let Some(url) = server_url("CONTEND_MYSQL_URL") {
+        withdraw(Some(url)).await;
+    }
+}

@@ -1,0 +1,178 @@
+//! Shared by the lab's tests: server URLs from the environment, and a tiny hot-counter scenario
+//! that lets the harness be tested apart from the real scenarios.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use contend::strategy::Strategy;
+use contend::{Backend, BoxFuture};
+use contend_lab::scenario::{
+    Ctx, HeldLock, Invariant, KeyLock, OpReport, Outcome, Scenario, Totals,
+};
+
+/// The URL in `var`, or `None` after printing why the test is skipped (panics instead when
+/// `CONTEND_REQUIRE_SERVERS=1`).
+pub fn server_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            if std::env::var("CONTEND_REQUIRE_SERVERS").as_deref() == Ok("1") {
+                panic!("{var} not set but CONTEND_REQUIRE_SERVERS=1");
+            }
+            eprintln!("skipped: {var} not set");
+            None
+        }
+    }
+}
+
+/// A hot counter row: every operation adds 1. `none` reads, yields, and writes back the value
+/// it read plus one (a lost update when another worker wrote in between); `atomic` runs
+/// `UPDATE ... SET v = v + 1`; lock strategies take the lab's distributed lock around the
+/// read-modify-write. Invariant: the final value equals the number of successes.
+///
+/// `buggy_atomic` makes `atomic` do what `none` does: a safe strategy with a bug, which the lab
+/// must catch and fail on.
+#[derive(Default)]
+pub struct Counter {
+    /// Run `atomic` as an unsafe read-modify-write.
+    pub buggy_atomic: bool,
+}
+
+fn table(ctx: &Ctx) -> String {
+    format!("{}_counter", ctx.run_id)
+}
+
+impl Scenario for Counter {
+    fn name(&self) -> &'static str {
+        "counter"
+    }
+
+    fn supports(&self, strategy: Strategy, _backend: Backend) -> Result<(), String> {
+        match strategy {
+            Strategy::None | Strategy::Atomic | Strategy::Redis | Strategy::Redlock => Ok(()),
+            other => Err(format!("the test counter has no `{other}` variant")),
+        }
+    }
+
+    fn setup<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let t = table(ctx);
+            ctx.db
+                .execute_script(&format!(
+                    "DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (id INTEGER PRIMARY KEY, v BIGINT NOT NULL); \
+                     INSERT INTO {t} (id, v) VALUES (1, 0)"
+                ))
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn op<'a>(&'a self, ctx: &'a Ctx, _worker: usize, _seq: u64) -> BoxFuture<'a, OpReport> {
+        Box::pin(async move {
+            let t = table(ctx);
+            let result: contend::Result<()> = async {
+                match ctx.strategy {
+                    Strategy::Atomic if !self.buggy_atomic => {
+                        ctx.db
+                            .query(&format!("UPDATE {t} SET v = v + 1 WHERE id = 1"))
+                            .execute(ctx.db.pool())
+                            .await?;
+                    }
+                    Strategy::Redis | Strategy::Redlock => {
+                        let locks = ctx.locks.as_ref().expect("lock service for redis");
+                        let held = locks.lock("counter").await?;
+                        read_modify_write(ctx, &t).await?;
+                        held.release().await?;
+                    }
+                    _ => read_modify_write(ctx, &t).await?,
+                }
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => OpReport::new(Outcome::Succeeded),
+                Err(e) => OpReport::new(Outcome::Error(e.to_string())),
+            }
+        })
+    }
+
+    fn check<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        totals: &'a Totals,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<Invariant>>> {
+        Box::pin(async move {
+            let t = table(ctx);
+            let v: i64 = ctx
+                .db
+                .query_scalar(&format!("SELECT v FROM {t} WHERE id = 1"))
+                .fetch_one(ctx.db.pool())
+                .await?;
+            ctx.db.execute_script(&format!("DROP TABLE {t}")).await?;
+            let expected = totals.succeeded as i64;
+            let lost = (expected - v).unsigned_abs();
+            Ok(vec![Invariant {
+                name: "counter_exact".into(),
+                ok: lost == 0,
+                detail: format!("counter {v}, successes {expected}"),
+                violations: lost,
+            }])
+        })
+    }
+}
+
+async fn read_modify_write(ctx: &Ctx, t: &str) -> contend::Result<()> {
+    let v: i64 = ctx
+        .db
+        .query_scalar(&format!("SELECT v FROM {t} WHERE id = 1"))
+        .fetch_one(ctx.db.pool())
+        .await?;
+    tokio::task::yield_now().await;
+    ctx.db
+        .query(&format!("UPDATE {t} SET v = ? WHERE id = 1"))
+        .bind(v + 1)
+        .execute(ctx.db.pool())
+        .await?;
+    Ok(())
+}
+
+/// An in-process stand-in for a distributed lock (one tokio mutex per process, a fencing counter),
+/// so the runner's lock accounting can be tested without Redis.
+#[derive(Default)]
+pub struct LocalLock {
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    tokens: AtomicU64,
+}
+
+struct LocalHeld {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    token: u64,
+}
+
+impl KeyLock for LocalLock {
+    fn lock<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
+        Box::pin(async move {
+            let guard = self.mutex.clone().lock_owned().await;
+            let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Box::new(LocalHeld {
+                _guard: guard,
+                token,
+            }) as Box<dyn HeldLock>)
+        })
+    }
+}
+
+impl HeldLock for LocalHeld {
+    fn fencing_token(&self) -> u64 {
+        self.token
+    }
+
+    fn release(self: Box<Self>) -> BoxFuture<'static, contend::Result<()>> {
+        Box::pin(async move {
+            drop(self);
+            Ok(())
+        })
+    }
+}

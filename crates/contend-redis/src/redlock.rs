@@ -1,0 +1,398 @@
+//! [`Redlock`]: the lock over N independent Redis nodes, granted when a majority agrees within
+//! the lease, with a fencing token drawn from the majority's counters.
+//!
+//! # Algorithm
+//! 1. Send the acquire script to every node at once, each bounded by the per-node timeout.
+//! 2. Granted when at least `N/2 + 1` nodes granted it and the validity
+//!    `lease - elapsed - drift` (drift = 1 % of the lease + 2 ms) is still positive.
+//! 3. Fencing: every granting node incremented its own counter for the key; the token is the
+//!    largest of them. A second round then raises the counter of every granting node to that
+//!    token, but only where the lock is still ours (the check and the raise are one script).
+//!    The grant stands only if a majority confirmed the raise in time.
+//! 4. Otherwise the lock is released on all nodes, and the attempt repeated after a random
+//!    delay, until the wait time passes. When too many nodes fail outright for a majority to be
+//!    possible, the attempt fails at once with [`Error::Redis`].
+//!
+//! # What the fencing token guarantees, and what it does not
+//! Martin Kleppmann's critique of Redlock ("How to do distributed locking", 2016) stands:
+//! Redlock's mutual exclusion rests on timing assumptions (bounded network delay, bounded
+//! process pauses, clocks that drift slowly and never jump). A holder paused past its validity,
+//! or a node whose clock jumps forward, can leave two clients believing they hold the lock.
+//! Redlock has no consensus on the counter either, so its token is weaker than one from
+//! ZooKeeper or etcd.
+//!
+//! What the token here does guarantee: any two majorities share a node. Because the raise
+//! (step 3) runs while the lock is still ours on a majority, and a later grant needs the lock
+//! free on a majority, that shared node's counter already holds our token when the later grant
+//! increments it: a later grant's token is strictly larger. This holds as long as no node
+//! forgets its counter. A node restarted without persistence (or with `appendfsync everysec`
+//! and a crash) comes back with lower counters; then tokens may repeat or go backwards, and the
+//! fenced database write refuses the *newer* holder rather than the older: safe (no write from
+//! a stale holder is applied over a newer one), but it stops progress until the counters
+//! overtake the stored token. Run nodes with persistence, or delay their restart by more than
+//! the longest lease, as the Redlock description advises.
+//!
+//! What it does not guarantee: that only one holder runs its critical section at a time. Two
+//! holders can overlap; the database write, checked by [`contend::fencing::fence`] in the same
+//! transaction, is the safety net that keeps the data right when they do. Side effects outside
+//! the fenced database (emails, payments) are not protected by any lock of this kind.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use contend::fencing::FencingToken;
+use contend::{BoxFuture, Error, Result};
+use futures_util::future::join_all;
+use rand::Rng;
+
+use crate::DEFAULT_NAMESPACE;
+use crate::client::{Attempt, attempt};
+use crate::guard::{GuardCore, Holder, LockGuard};
+use crate::node::{Node, Timeouts, other_failure, timeout_failure};
+use crate::options::{LockKeys, LockOptions, check_key, drift, new_token};
+use crate::scripts;
+
+/// Settings for a [`Redlock`], made by [`Redlock::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `connect` is called"]
+pub struct RedlockBuilder {
+    urls: Vec<String>,
+    namespace: String,
+    node_timeout: Duration,
+    retry_delay: Duration,
+}
+
+impl RedlockBuilder {
+    /// Prefix of the Redis keys (as [`crate::LockClientBuilder::namespace`]). Default `contend`.
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = namespace.to_string();
+        self
+    }
+
+    /// How long one node may take to connect or to answer one call, before it counts as
+    /// failed for this round. Keep it small against the lease. Default 50 ms.
+    pub fn node_timeout(mut self, timeout: Duration) -> Self {
+        self.node_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Mean delay between rounds when the lock is held; each delay is drawn at random between
+    /// half and one and a half times this. Default 20 ms.
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.retry_delay = delay.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets up the nodes. Nodes that are down do not fail this call (a minority may be down);
+    /// scripts are loaded on the nodes that answer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for a bad URL; [`Error::Aborted`] for an empty list or namespace.
+    ///
+    /// # Cancel safety
+    /// Safe.
+    pub async fn connect(self) -> Result<Redlock> {
+        if self.urls.is_empty() {
+            return Err(Error::aborted("Redlock needs at least one Redis URL"));
+        }
+        if self.namespace.is_empty() {
+            return Err(Error::aborted("the lock namespace must not be empty"));
+        }
+        let timeouts = Timeouts {
+            connect: self.node_timeout,
+            response: self.node_timeout,
+        };
+        let mut nodes = Vec::with_capacity(self.urls.len());
+        for url in &self.urls {
+            nodes.push(Node::connect(url.trim(), timeouts, true).await?);
+        }
+        let _ = join_all(nodes.iter().map(|n| n.load_scripts())).await;
+        let quorum = nodes.len() / 2 + 1;
+        Ok(Redlock {
+            inner: Arc::new(Inner {
+                nodes,
+                quorum,
+                namespace: self.namespace,
+                node_timeout: self.node_timeout,
+                retry_delay: self.retry_delay,
+            }),
+        })
+    }
+}
+
+/// A Redlock client over N independent Redis nodes (5 with `scripts/services`). Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> contend::Result<()> {
+/// use contend_redis::{LockOptions, Redlock};
+/// let urls = ["redis://127.0.0.1:56379", "redis://127.0.0.1:56380", "redis://127.0.0.1:56381"];
+/// let redlock = Redlock::connect(&urls).await?;
+/// let guard = redlock.acquire("job:7", &LockOptions::new()).await?;
+/// println!("token {}", guard.fencing_token());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Redlock {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    nodes: Vec<Node>,
+    quorum: usize,
+    namespace: String,
+    node_timeout: Duration,
+    retry_delay: Duration,
+}
+
+impl Redlock {
+    /// Connects with default settings. See [`RedlockBuilder::connect`].
+    ///
+    /// # Errors
+    /// As [`RedlockBuilder::connect`].
+    ///
+    /// # Cancel safety
+    /// Safe.
+    pub async fn connect<S: AsRef<str>>(urls: &[S]) -> Result<Redlock> {
+        Redlock::builder(urls).connect().await
+    }
+
+    /// Starts configuring a Redlock over the nodes at `urls`.
+    pub fn builder<S: AsRef<str>>(urls: &[S]) -> RedlockBuilder {
+        RedlockBuilder {
+            urls: urls.iter().map(|u| u.as_ref().to_string()).collect(),
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            node_timeout: Duration::from_millis(50),
+            retry_delay: Duration::from_millis(20),
+        }
+    }
+
+    /// Number of nodes.
+    pub fn nodes(&self) -> usize {
+        self.inner.nodes.len()
+    }
+
+    /// Nodes that must agree: `N/2 + 1`.
+    pub fn quorum(&self) -> usize {
+        self.inner.quorum
+    }
+
+    /// Takes the lock on a majority of the nodes, retrying after random delays while it is
+    /// held, up to the options' wait time.
+    ///
+    /// # Errors
+    /// [`Error::LockNotAcquired`] when the wait time passes; [`Error::Redis`] when so many nodes
+    /// fail (unreachable, timed out) that no majority is possible; [`Error::Aborted`] for an
+    /// invalid key or options.
+    ///
+    /// # Cancel safety
+    /// Safe while sleeping between rounds. Dropped during a round, partial grants stay until
+    /// their lease ends (nobody holds them).
+    pub async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
+        check_key(key)?;
+        options.validate()?;
+        let started = Instant::now();
+        let deadline = started + options.wait_time();
+        let keys = LockKeys::new(&self.inner.namespace, key);
+        let token = new_token();
+        loop {
+            if let Some(guard) = self.round(&keys, &token, options).await? {
+                return Ok(guard);
+            }
+            let delay = {
+                let mean = self.inner.retry_delay;
+                let mut rng = rand::rng();
+                mean / 2 + mean.mul_f64(rng.random::<f64>())
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(Error::LockNotAcquired {
+                    key: key.to_string(),
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One round over all nodes. `Ok(None)`: not granted (already released everywhere).
+    async fn round(
+        &self,
+        keys: &LockKeys,
+        token: &str,
+        options: &LockOptions,
+    ) -> Result<Option<LockGuard>> {
+        let inner = &self.inner;
+        let lease = options.lease_time();
+        let lease_ms = options.lease_ms();
+        let started = Instant::now();
+        let results = join_all(inner.nodes.iter().map(|node| async move {
+            match tokio::time::timeout(inner.node_timeout, attempt(node, keys, token, lease_ms))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(timeout_failure(
+                    node.address(),
+                    "acquire",
+                    inner.node_timeout,
+                )),
+            }
+        }))
+        .await;
+        let mut granted = Vec::new();
+        let mut failures = Vec::new();
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(Attempt::Granted(fence)) => granted.push((i, fence)),
+                Ok(Attempt::Held(_)) => {}
+                Err(e) => failures.push(e),
+            }
+        }
+        let valid_for = |now: Instant| lease.checked_sub(now - started + drift(lease));
+        if granted.len() >= inner.quorum && valid_for(Instant::now()).is_some() {
+            let fence = granted.iter().map(|(_, f)| *f).max().unwrap_or(0);
+            let raised = join_all(granted.iter().map(|(i, _)| {
+                let node = &inner.nodes[*i];
+                async move {
+                    let raise = tokio::time::timeout(
+                        inner.node_timeout,
+                        node.eval::<i64>(
+                            &scripts::RAISE,
+                            &[&keys.lock, &keys.fence],
+                            &[&token, &fence],
+                        ),
+                    )
+                    .await;
+                    matches!(raise, Ok(Ok(1)))
+                }
+            }))
+            .await;
+            let confirmed = raised.into_iter().filter(|ok| *ok).count();
+            if confirmed >= inner.quorum && valid_for(Instant::now()).is_some() {
+                let holder: Arc<dyn Holder> = self.inner.clone();
+                let core = GuardCore::new(
+                    keys.clone(),
+                    token.to_string(),
+                    lease,
+                    started + lease.saturating_sub(drift(lease)),
+                    holder,
+                    options.has_watchdog(),
+                );
+                return Ok(Some(LockGuard::new(core, FencingToken::new(fence))));
+            }
+        }
+        // Not granted: undo whatever was granted, on every node (a node that timed out may
+        // have granted it without us seeing the reply).
+        let _ = inner.release_all(keys, token).await;
+        let n = inner.nodes.len();
+        if failures.len() > n - inner.quorum {
+            let answered = n - failures.len();
+            let first = failures
+                .into_iter()
+                .next()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            return Err(other_failure(
+                "redlock",
+                format!(
+                    "only {answered} of {n} nodes answered, {} needed (first failure: {first})",
+                    inner.quorum
+                ),
+            ));
+        }
+        Ok(None)
+    }
+}
+
+impl Inner {
+    /// Releases on every node; returns how many released a lock that carried the token.
+    async fn release_all(&self, keys: &LockKeys, token: &str) -> Result<usize> {
+        let results = join_all(self.nodes.iter().map(|node| async move {
+            match tokio::time::timeout(
+                self.node_timeout,
+                node.eval::<i64>(&scripts::RELEASE, &[&keys.lock], &[&token, &keys.channel]),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(timeout_failure(
+                    node.address(),
+                    "release",
+                    self.node_timeout,
+                )),
+            }
+        }))
+        .await;
+        let mut released = 0;
+        let mut errors = 0;
+        let mut first_error = None;
+        for r in results {
+            match r {
+                Ok(1) => released += 1,
+                Ok(_) => {}
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if errors == self.nodes.len() => Err(e),
+            _ => Ok(released),
+        }
+    }
+}
+
+impl Holder for Inner {
+    fn extend<'a>(
+        &'a self,
+        keys: &'a LockKeys,
+        token: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Instant>>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let lease_ms = lease.as_millis() as u64;
+            let results = join_all(self.nodes.iter().map(|node| async move {
+                match tokio::time::timeout(
+                    self.node_timeout,
+                    node.eval::<i64>(&scripts::EXTEND, &[&keys.lock], &[&token, &lease_ms]),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(timeout_failure(node.address(), "extend", self.node_timeout)),
+                }
+            }))
+            .await;
+            let n = self.nodes.len();
+            let mut extended = 0;
+            let mut not_ours = 0;
+            let mut first_error = None;
+            for r in results {
+                match r {
+                    Ok(1) => extended += 1,
+                    Ok(_) => not_ours += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            let in_time = lease
+                .checked_sub(started.elapsed() + drift(lease))
+                .is_some();
+            if extended >= self.quorum && in_time {
+                return Ok(Some(started + lease.saturating_sub(drift(lease))));
+            }
+            match first_error {
+                // Too few answers to tell: the caller may try again while the lock is valid.
+                Some(e) if not_ours <= n - self.quorum => Err(e),
+                _ => Ok(None),
+            }
+        })
+    }
+
+    fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move { Ok(self.release_all(keys, token).await? >= self.quorum) })
+    }
+}

@@ -1,0 +1,194 @@
+//! Tests on redis-server processes of our own (the shared dev servers are never stopped, and
+//! their command statistics are polluted by other test runs): commands per acquisition under
+//! contention against the spin-lock baseline, and a server killed mid-run.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use contend_redis::{LockClient, LockOptions, SpinLock, command_count};
+
+enum Held {
+    Lock(contend_redis::LockGuard),
+    Spin(contend_redis::SpinGuard),
+}
+
+impl Held {
+    async fn release(self) -> contend::Result<bool> {
+        match self {
+            Held::Lock(g) => g.release().await,
+            Held::Spin(g) => g.release().await,
+        }
+    }
+}
+
+const CONTENDERS: usize = 24;
+const ROUNDS: usize = 6;
+
+/// Runs CONTENDERS tasks (spread over `clients`, as over several processes) that each take the
+/// lock ROUNDS times around a short critical section; returns the number of acquisitions.
+async fn contend(clients: &[LockClient], spin: bool) -> u64 {
+    let in_section = Arc::new(AtomicUsize::new(0));
+    let acquisitions = Arc::new(AtomicU64::new(0));
+    let options = LockOptions::new()
+        .lease(Duration::from_secs(5))
+        .wait(Duration::from_secs(30));
+    let mut tasks = Vec::new();
+    for i in 0..CONTENDERS {
+        let client = clients[i % clients.len()].clone();
+        let (in_section, acquisitions) = (in_section.clone(), acquisitions.clone());
+        tasks.push(tokio::spawn(async move {
+            let spinner = SpinLock::new(&client).retry_interval(Duration::from_millis(2));
+            for _ in 0..ROUNDS {
+                let guard = if spin {
+                    Held::Spin(
+                        spinner
+                            .acquire("hot", &options)
+                            .await
+                            .expect("spin acquire"),
+                    )
+                } else {
+                    Held::Lock(client.acquire("hot", &options).await.expect("acquire"))
+                };
+                assert_eq!(in_section.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                in_section.fetch_sub(1, Ordering::SeqCst);
+                acquisitions.fetch_add(1, Ordering::SeqCst);
+                assert!(guard.release().await.expect("release"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    acquisitions.load(Ordering::SeqCst)
+}
+
+/// Commands sent per acquisition for one contended run.
+async fn commands_per_acquisition(urls: &[String], clients: &[LockClient], spin: bool) -> f64 {
+    let before = command_count(urls).await.unwrap();
+    let n = contend(clients, spin).await;
+    let after = command_count(urls).await.unwrap();
+    assert_eq!(n, (CONTENDERS * ROUNDS) as u64);
+    let per = (after - before) as f64 / n as f64;
+    eprintln!(
+        "{} over {} client(s): {} commands for {n} acquisitions = {per:.2}",
+        if spin { "spin lock" } else { "pub/sub lock" },
+        clients.len(),
+        after - before
+    );
+    per
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_costs_few_commands_and_spinning_many() {
+    let Some(server) = common::OwnRedis::start() else {
+        return;
+    };
+    let urls = [server.url()];
+    let one = [LockClient::connect(&urls[0]).await.unwrap()];
+    let two = [one[0].clone(), LockClient::connect(&urls[0]).await.unwrap()];
+
+    // One process: one failed attempt at most, the winning attempt, the release.
+    let pubsub = commands_per_acquisition(&urls, &one, false).await;
+    assert!(pubsub <= 3.0, "{pubsub:.2} commands per acquisition");
+    // Two processes: each release wakes one waiter in each, so one more failed attempt.
+    let pubsub_two = commands_per_acquisition(&urls, &two, false).await;
+    assert!(
+        pubsub_two <= 4.0,
+        "{pubsub_two:.2} commands per acquisition"
+    );
+    // The spin baseline under the same load.
+    let spin = commands_per_acquisition(&urls, &one, true).await;
+    assert!(
+        spin > 2.0 * pubsub,
+        "spinning should cost far more: {spin:.2} vs {pubsub:.2}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_gives_errors_not_hangs_or_double_grants() {
+    let Some(mut server) = common::OwnRedis::start() else {
+        return;
+    };
+    let url = server.url();
+    let client = LockClient::builder(&url)
+        .connect_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let in_section = Arc::new(AtomicUsize::new(0));
+    let double_grants = Arc::new(AtomicUsize::new(0));
+    let granted = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let slowest_error_ms = Arc::new(AtomicU64::new(0));
+    let options = LockOptions::new()
+        .lease(Duration::from_secs(2))
+        .wait(Duration::from_secs(2));
+    let stop_at = Instant::now() + Duration::from_millis(1500);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        let (in_section, double_grants, granted, errors, slowest) = (
+            in_section.clone(),
+            double_grants.clone(),
+            granted.clone(),
+            errors.clone(),
+            slowest_error_ms.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < stop_at {
+                let started = Instant::now();
+                match client.acquire("shared", &options).await {
+                    Ok(guard) => {
+                        granted.fetch_add(1, Ordering::SeqCst);
+                        if in_section.fetch_add(1, Ordering::SeqCst) > 0 {
+                            double_grants.fetch_add(1, Ordering::SeqCst);
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        in_section.fetch_sub(1, Ordering::SeqCst);
+                        let _ = guard.release().await;
+                    }
+                    Err(e) => {
+                        assert!(e.is_unavailable(), "unexpected error kind: {e}");
+                        errors.fetch_add(1, Ordering::SeqCst);
+                        slowest.fetch_max(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let granted_before_kill = granted.load(Ordering::SeqCst);
+    server.kill();
+    // Every task must finish: no acquire may hang past its timeouts.
+    let all = futures_util::future::join_all(tasks);
+    tokio::time::timeout(Duration::from_secs(6), all)
+        .await
+        .expect("a task hung after the server died");
+    assert!(granted_before_kill > 0, "no grants before the kill");
+    assert!(
+        errors.load(Ordering::SeqCst) > 0,
+        "no errors after the kill"
+    );
+    assert_eq!(double_grants.load(Ordering::SeqCst), 0);
+    let slowest = slowest_error_ms.load(Ordering::SeqCst);
+    assert!(slowest < 1500, "an error took {slowest} ms");
+
+    // After a restart the same client recovers (it reconnects).
+    server.restart();
+    let mut recovered = false;
+    for _ in 0..50 {
+        if let Ok(g) = client.acquire("shared", &LockOptions::new()).await {
+            g.release().await.unwrap();
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "the client did not reconnect");
+}

@@ -1,0 +1,653 @@
+//! The bank: accounts, deposits, withdrawals and transfers, each balance change recorded in the
+//! double-entry `ledger` so that `/audit` can prove that no update was lost.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use contend::{Backend, BoxFuture, Tx};
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::engine::{self, Op};
+use crate::error::{ApiError, abort};
+use crate::extract::{Auth, JsonRequest, check_range, check_text, parse_id};
+use crate::idempotency::{self, Outcome};
+
+/// Largest amount, price, balance or stock: 10^15 minor units.
+pub const MAX_MONEY: i64 = 1_000_000_000_000_000;
+
+/// Body of `POST /accounts`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewAccount {
+    /// Owner name, 1..=64 characters.
+    pub owner: String,
+    /// Opening balance, 0..=10^15 (default 0).
+    #[serde(default)]
+    pub balance: i64,
+}
+
+/// An account.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Account {
+    /// Account id.
+    pub id: i64,
+    /// Owner name.
+    pub owner: String,
+    /// Balance in minor units.
+    pub balance: i64,
+    /// Starts at 0, +1 with every balance change.
+    pub version: i64,
+}
+
+/// The 201 of `POST /accounts`: the account and its token (shown only here).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreatedAccount {
+    /// Account id.
+    pub id: i64,
+    /// Owner name.
+    pub owner: String,
+    /// Balance in minor units.
+    pub balance: i64,
+    /// Version (0).
+    pub version: i64,
+    /// The account's bearer token; only its hash is stored.
+    pub token: String,
+}
+
+/// Body of deposit and withdraw.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AmountBody {
+    /// Amount in minor units, 1..=10^15.
+    pub amount: i64,
+}
+
+/// Body of `POST /transfers`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTransfer {
+    /// Paying account (the caller).
+    pub from: i64,
+    /// Receiving account.
+    pub to: i64,
+    /// Amount in minor units, 1..=10^15.
+    pub amount: i64,
+}
+
+/// A recorded transfer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Transfer {
+    /// Transfer id.
+    pub id: i64,
+    /// Paying account.
+    pub from: i64,
+    /// Receiving account.
+    pub to: i64,
+    /// Amount in minor units.
+    pub amount: i64,
+}
+
+/// A query with `?` placeholders for `backend`.
+pub(crate) fn q(
+    backend: Backend,
+    sql: &str,
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    sqlx::query(AssertSqlSafe(backend.sql(sql).into_owned()))
+}
+
+fn account_of(row: &AnyRow) -> Result<Account, sqlx::Error> {
+    Ok(Account {
+        id: row.try_get(0)?,
+        owner: row.try_get(1)?,
+        balance: row.try_get(2)?,
+        version: row.try_get(3)?,
+    })
+}
+
+fn account_missing(id: i64) -> ApiError {
+    ApiError::not_found("account_not_found", format!("account {id} does not exist"))
+}
+
+/// Reads an account (with an optional lock clause).
+pub(crate) async fn load_account(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    id: i64,
+    lock: &str,
+) -> contend::Result<Option<Account>> {
+    let sql = format!("SELECT id, owner, balance, version FROM accounts WHERE id = ?{lock}");
+    let row = q(backend, &sql).bind(id).fetch_optional(conn).await?;
+    Ok(row.as_ref().map(account_of).transpose()?)
+}
+
+async fn must_load(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    id: i64,
+    lock: &str,
+) -> contend::Result<Account> {
+    load_account(conn, backend, id, lock)
+        .await?
+        .ok_or_else(|| abort(account_missing(id)))
+}
+
+/// Writes an account's new balance and version (+1); with `checked`, only if its version is
+/// still `old.version`.
+pub(crate) async fn write_balance(
+    tx: &mut Tx,
+    old: &Account,
+    balance: i64,
+    checked: bool,
+) -> contend::Result<()> {
+    let sql = if checked {
+        "UPDATE accounts SET balance = ?, version = ? WHERE id = ? AND version = ?"
+    } else {
+        "UPDATE accounts SET balance = ?, version = ? WHERE id = ?"
+    };
+    let mut query = tx
+        .query(sql)
+        .bind(balance)
+        .bind(old.version + 1)
+        .bind(old.id);
+    if checked {
+        query = query.bind(old.version);
+    }
+    let done = query.execute(tx.conn()).await?;
+    if checked {
+        contend::strategy::optimistic::check(done.rows_affected())?;
+    }
+    Ok(())
+}
+
+/// Records one balance movement.
+pub(crate) async fn ledger(
+    tx: &mut Tx,
+    account: i64,
+    amount: i64,
+    kind: &str,
+    reference: Option<i64>,
+) -> contend::Result<()> {
+    tx.query("INSERT INTO ledger (account_id, amount, kind, ref_id) VALUES (?, ?, ?, ?)")
+        .bind(account)
+        .bind(amount)
+        .bind(kind.to_string())
+        .bind(reference)
+        .execute(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Reads an account inside a transaction, after the write.
+async fn reread(tx: &mut Tx, id: i64) -> contend::Result<Account> {
+    let backend = tx.backend();
+    must_load(tx.conn(), backend, id, "").await
+}
+
+/// `INSERT ... RETURNING id`.
+pub(crate) async fn insert_returning_id(
+    tx: &mut Tx,
+    sql: &str,
+    binds: &[BindValue],
+) -> contend::Result<i64> {
+    let sql = format!("{sql} RETURNING id");
+    let mut query = tx.query(&sql);
+    for b in binds {
+        query = match b {
+            BindValue::Int(v) => query.bind(*v),
+            BindValue::Text(v) => query.bind(v.clone()),
+        };
+    }
+    let row = query.fetch_one(tx.conn()).await?;
+    Ok(row.try_get::<i64, _>(0)?)
+}
+
+/// A value to bind in [`insert_returning_id`].
+pub(crate) enum BindValue {
+    Int(i64),
+    Text(String),
+}
+
+/// Deposit (positive) or withdrawal (negative) on one account.
+struct BalanceOp {
+    account: i64,
+    delta: i64,
+    kind: &'static str,
+}
+
+fn over_max(field: &str) -> ApiError {
+    ApiError::invalid_value(field, "would take the balance above 10^15")
+}
+
+fn insufficient(id: i64) -> ApiError {
+    ApiError::conflict(
+        "insufficient_funds",
+        format!("account {id} has insufficient funds"),
+    )
+}
+
+impl Op for BalanceOp {
+    type State = Account;
+    type Output = Account;
+
+    fn lock_keys(&self) -> Vec<String> {
+        vec![format!("account:{}", self.account)]
+    }
+
+    fn load<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        backend: Backend,
+        lock: &'static str,
+    ) -> BoxFuture<'c, contend::Result<Account>> {
+        Box::pin(must_load(conn, backend, self.account, lock))
+    }
+
+    fn apply<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        old: &'c Account,
+        checked: bool,
+    ) -> BoxFuture<'c, contend::Result<Account>> {
+        Box::pin(async move {
+            let balance = old.balance.checked_add(self.delta).unwrap_or(i64::MAX);
+            if balance > MAX_MONEY {
+                return Err(abort(over_max("amount")));
+            }
+            if balance < 0 {
+                return Err(abort(insufficient(old.id)));
+            }
+            write_balance(tx, old, balance, checked).await?;
+            ledger(tx, old.id, self.delta, self.kind, None).await?;
+            Ok(Account {
+                balance,
+                version: old.version + 1,
+                ..old.clone()
+            })
+        })
+    }
+
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> BoxFuture<'c, contend::Result<Account>> {
+        Box::pin(async move {
+            let done = if self.delta >= 0 {
+                tx.query("UPDATE accounts SET balance = balance + ?, version = version + 1 WHERE id = ? AND balance <= ?")
+                    .bind(self.delta)
+                    .bind(self.account)
+                    .bind(MAX_MONEY - self.delta)
+                    .execute(tx.conn())
+                    .await?
+            } else {
+                tx.query("UPDATE accounts SET balance = balance - ?, version = version + 1 WHERE id = ? AND balance >= ?")
+                    .bind(-self.delta)
+                    .bind(self.account)
+                    .bind(-self.delta)
+                    .execute(tx.conn())
+                    .await?
+            };
+            if done.rows_affected() == 0 {
+                let backend = tx.backend();
+                must_load(tx.conn(), backend, self.account, "").await?;
+                return Err(abort(if self.delta >= 0 {
+                    over_max("amount")
+                } else {
+                    insufficient(self.account)
+                }));
+            }
+            ledger(tx, self.account, self.delta, self.kind, None).await?;
+            reread(tx, self.account).await
+        })
+    }
+}
+
+/// A transfer between two accounts.
+struct TransferOp {
+    from: i64,
+    to: i64,
+    amount: i64,
+}
+
+impl TransferOp {
+    async fn record(&self, tx: &mut Tx) -> contend::Result<Transfer> {
+        let id = insert_returning_id(
+            tx,
+            "INSERT INTO transfers (from_id, to_id, amount) VALUES (?, ?, ?)",
+            &[
+                BindValue::Int(self.from),
+                BindValue::Int(self.to),
+                BindValue::Int(self.amount),
+            ],
+        )
+        .await?;
+        ledger(tx, self.from, -self.amount, "transfer", Some(id)).await?;
+        ledger(tx, self.to, self.amount, "transfer", Some(id)).await?;
+        Ok(Transfer {
+            id,
+            from: self.from,
+            to: self.to,
+            amount: self.amount,
+        })
+    }
+}
+
+impl Op for TransferOp {
+    type State = (Account, Account);
+    type Output = Transfer;
+
+    fn lock_keys(&self) -> Vec<String> {
+        let (a, b) = (self.from.min(self.to), self.from.max(self.to));
+        vec![format!("account:{a}"), format!("account:{b}")]
+    }
+
+    fn load<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        backend: Backend,
+        lock: &'static str,
+    ) -> BoxFuture<'c, contend::Result<(Account, Account)>> {
+        Box::pin(async move {
+            // Canonical order: the lower id first, so two opposite transfers cannot deadlock.
+            let (first, second) = (self.from.min(self.to), self.from.max(self.to));
+            let a = must_load(conn, backend, first, lock).await?;
+            let b = must_load(conn, backend, second, lock).await?;
+            Ok(if a.id == self.from { (a, b) } else { (b, a) })
+        })
+    }
+
+    fn apply<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        state: &'c (Account, Account),
+        checked: bool,
+    ) -> BoxFuture<'c, contend::Result<Transfer>> {
+        Box::pin(async move {
+            let (from, to) = state;
+            let credited = to.balance.checked_add(self.amount).unwrap_or(i64::MAX);
+            if credited > MAX_MONEY {
+                return Err(abort(ApiError::invalid_value(
+                    "amount",
+                    "would take the balance of `to` above 10^15",
+                )));
+            }
+            if from.balance < self.amount {
+                return Err(abort(insufficient(from.id)));
+            }
+            let (first, second) = if from.id < to.id {
+                ((from, from.balance - self.amount), (to, credited))
+            } else {
+                ((to, credited), (from, from.balance - self.amount))
+            };
+            write_balance(tx, first.0, first.1, checked).await?;
+            write_balance(tx, second.0, second.1, checked).await?;
+            self.record(tx).await
+        })
+    }
+
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> BoxFuture<'c, contend::Result<Transfer>> {
+        Box::pin(async move {
+            // Touch the rows in canonical order; each UPDATE checks its own condition.
+            let steps: [(bool, i64); 2] = if self.from < self.to {
+                [(true, self.from), (false, self.to)]
+            } else {
+                [(false, self.to), (true, self.from)]
+            };
+            for (debit, id) in steps {
+                let done = if debit {
+                    tx.query("UPDATE accounts SET balance = balance - ?, version = version + 1 WHERE id = ? AND balance >= ?")
+                        .bind(self.amount)
+                        .bind(id)
+                        .bind(self.amount)
+                        .execute(tx.conn())
+                        .await?
+                } else {
+                    tx.query("UPDATE accounts SET balance = balance + ?, version = version + 1 WHERE id = ? AND balance <= ?")
+                        .bind(self.amount)
+                        .bind(id)
+                        .bind(MAX_MONEY - self.amount)
+                        .execute(tx.conn())
+                        .await?
+                };
+                if done.rows_affected() == 0 {
+                    let backend = tx.backend();
+                    must_load(tx.conn(), backend, id, "").await?;
+                    return Err(abort(if debit {
+                        insufficient(id)
+                    } else {
+                        ApiError::invalid_value(
+                            "amount",
+                            "would take the balance of `to` above 10^15",
+                        )
+                    }));
+                }
+            }
+            self.record(tx).await
+        })
+    }
+}
+
+/// Fetches an account outside a transaction (existence checks, GET).
+async fn fetch_account(state: &AppState, id: i64) -> Result<Option<Account>, ApiError> {
+    let db = &state.inner.db;
+    let mut conn = db.acquire().await?;
+    Ok(load_account(&mut conn, db.backend(), id, "").await?)
+}
+
+/// `POST /accounts`
+#[utoipa::path(post, path = "/accounts", request_body = NewAccount, security(("bearer" = [])),
+    responses((status = 201, body = CreatedAccount), (status = 400, body = crate::error::ErrorBody),
+              (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
+              (status = 422, body = crate::error::ErrorBody)))]
+pub async fn create_account(
+    State(state): State<AppState>,
+    req: JsonRequest<NewAccount>,
+) -> Response {
+    let JsonRequest { auth, body, meta } = req;
+    let st = state.clone();
+    let strategy = st.strategy_for(&meta);
+    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
+        auth.require_admin()?;
+        check_text("owner", &body.owner, 1, 64)?;
+        check_range("balance", body.balance, 0, MAX_MONEY)?;
+        engine::check_supported(&st, strategy)?;
+        let token = crate::auth::new_token();
+        let hash = hex::encode(crate::auth::hash_token(&token));
+        let owner = body.owner.clone();
+        let balance = body.balance;
+        let run = st
+            .inner
+            .db
+            .run(&contend::TxOptions::new(), move |tx| {
+                let owner = owner.clone();
+                let hash = hash.clone();
+                Box::pin(async move {
+                    let id = insert_returning_id(
+                        tx,
+                        "INSERT INTO accounts (owner, balance, version, token_hash) VALUES (?, ?, 0, ?)",
+                        &[BindValue::Text(owner), BindValue::Int(balance), BindValue::Text(hash)],
+                    )
+                    .await?;
+                    ledger(tx, id, balance, "open", None).await?;
+                    Ok(id)
+                })
+            })
+            .await;
+        let id = run.result?;
+        Ok(Outcome::json(
+            StatusCode::CREATED,
+            &CreatedAccount {
+                id,
+                owner: body.owner,
+                balance: body.balance,
+                version: 0,
+                token,
+            },
+        ))
+    })
+    .await
+}
+
+/// `GET /accounts/{id}`
+#[utoipa::path(get, path = "/accounts/{id}", params(("id" = i64, Path, description = "account id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Account), (status = 400, body = crate::error::ErrorBody),
+              (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
+              (status = 404, body = crate::error::ErrorBody)))]
+pub async fn get_account(
+    State(state): State<AppState>,
+    Auth(auth): Auth,
+    Path(id): Path<String>,
+) -> Result<Outcome, ApiError> {
+    let id = parse_id(&id, "account id")?;
+    auth.require_admin_or(id)?;
+    let account = fetch_account(&state, id)
+        .await?
+        .ok_or_else(|| account_missing(id))?;
+    Ok(Outcome::json(StatusCode::OK, &account))
+}
+
+/// `POST /accounts/{id}/deposit`
+#[utoipa::path(post, path = "/accounts/{id}/deposit", params(("id" = i64, Path, description = "account id")),
+    request_body = AmountBody, security(("bearer" = [])),
+    responses((status = 200, body = Account), (status = 400, body = crate::error::ErrorBody),
+              (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
+              (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody),
+              (status = 503, body = crate::error::ErrorBody)))]
+pub async fn deposit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    req: JsonRequest<AmountBody>,
+) -> Response {
+    balance_change(state, id, req, true).await
+}
+
+/// `POST /accounts/{id}/withdraw`
+#[utoipa::path(post, path = "/accounts/{id}/withdraw", params(("id" = i64, Path, description = "account id")),
+    request_body = AmountBody, security(("bearer" = [])),
+    responses((status = 200, body = Account), (status = 400, body = crate::error::ErrorBody),
+              (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
+              (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody, description = "insufficient_funds"),
+              (status = 422, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn withdraw(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    req: JsonRequest<AmountBody>,
+) -> Response {
+    balance_change(state, id, req, false).await
+}
+
+async fn balance_change(
+    state: AppState,
+    raw_id: String,
+    req: JsonRequest<AmountBody>,
+    deposit: bool,
+) -> Response {
+    let JsonRequest { auth, body, meta } = req;
+    let id = match parse_id(&raw_id, "account id") {
+        Ok(id) => id,
+        Err(e) => return axum::response::IntoResponse::into_response(e),
+    };
+    let st = state.clone();
+    let strategy = st.strategy_for(&meta);
+    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
+        if deposit {
+            auth.require_admin()?;
+        } else {
+            auth.require_account(id)?;
+        }
+        if fetch_account(&st, id).await?.is_none() {
+            return Err(account_missing(id));
+        }
+        engine::check_supported(&st, strategy)?;
+        check_range("amount", body.amount, 1, MAX_MONEY)?;
+        let op = BalanceOp {
+            account: id,
+            delta: if deposit { body.amount } else { -body.amount },
+            kind: if deposit { "deposit" } else { "withdraw" },
+        };
+        let account = engine::execute(&st, strategy, op).await?;
+        Ok(Outcome::json(StatusCode::OK, &account))
+    })
+    .await
+}
+
+/// `POST /transfers`
+#[utoipa::path(post, path = "/transfers", request_body = NewTransfer, security(("bearer" = [])),
+    responses((status = 201, body = Transfer), (status = 400, body = crate::error::ErrorBody),
+              (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
+              (status = 404, body = crate::error::ErrorBody, description = "account_not_found"),
+              (status = 409, body = crate::error::ErrorBody, description = "insufficient_funds"),
+              (status = 422, body = crate::error::ErrorBody, description = "invalid_value, same_account"),
+              (status = 503, body = crate::error::ErrorBody)))]
+pub async fn create_transfer(
+    State(state): State<AppState>,
+    req: JsonRequest<NewTransfer>,
+) -> Response {
+    let JsonRequest { auth, body, meta } = req;
+    let st = state.clone();
+    let strategy = st.strategy_for(&meta);
+    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
+        // The caller must hold `from`'s token; an unknown `from` can have no token: also 403.
+        auth.require_account(body.from)?;
+        if body.to != body.from && fetch_account(&st, body.to).await?.is_none() {
+            return Err(account_missing(body.to));
+        }
+        engine::check_supported(&st, strategy)?;
+        check_range("amount", body.amount, 1, MAX_MONEY)?;
+        if body.from == body.to {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "same_account",
+                "`from` and `to` must be different accounts",
+            ));
+        }
+        let op = TransferOp {
+            from: body.from,
+            to: body.to,
+            amount: body.amount,
+        };
+        let transfer = engine::execute(&st, strategy, op).await?;
+        Ok(Outcome::json(StatusCode::CREATED, &transfer))
+    })
+    .await
+}
+
+/// `GET /accounts/{id}/transfers`
+#[utoipa::path(get, path = "/accounts/{id}/transfers", params(("id" = i64, Path, description = "account id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = Vec<Transfer>, description = "both directions, newest first"),
+              (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn list_transfers(
+    State(state): State<AppState>,
+    Auth(auth): Auth,
+    Path(id): Path<String>,
+) -> Result<Outcome, ApiError> {
+    let id = parse_id(&id, "account id")?;
+    auth.require_admin_or(id)?;
+    if fetch_account(&state, id).await?.is_none() {
+        return Err(account_missing(id));
+    }
+    let db = &state.inner.db;
+    let rows = db
+        .query(
+            "SELECT id, from_id, to_id, amount FROM transfers WHERE from_id = ? \
+             UNION ALL SELECT id, from_id, to_id, amount FROM transfers WHERE to_id = ? \
+             ORDER BY id DESC",
+        )
+        .bind(id)
+        .bind(id)
+        .fetch_all(db.pool())
+        .await?;
+    let mut transfers = Vec::with_capacity(rows.len());
+    for row in &rows {
+        transfers.push(Transfer {
+            id: row.try_get(0)?,
+            from: row.try_get(1)?,
+            to: row.try_get(2)?,
+            amount: row.try_get(3)?,
+        });
+    }
+    Ok(Outcome::json(StatusCode::OK, &transfers))
+}

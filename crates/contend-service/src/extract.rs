@@ -1,0 +1,253 @@
+//! Request extractors that enforce the contract's check order: body size and content type
+//! (413/415), then authentication (401), then the body and headers (400). Authorization, existence,
+//! value ranges and conflicts are the handlers' business, in that order.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use contend::strategy::Strategy;
+use serde::de::DeserializeOwned;
+
+use crate::AppState;
+use crate::auth::{Authed, authenticate};
+use crate::error::ApiError;
+
+/// Largest accepted request body: 64 KiB.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// The header that names an idempotency key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The header that picks a strategy for one request (with `--allow-strategy-header`).
+pub const STRATEGY_HEADER: &str = "x-concurrency-strategy";
+
+/// The strategy names of the contract, in its order.
+pub const STRATEGY_NAMES: [&str; 9] = [
+    "none",
+    "mutex",
+    "atomic",
+    "pessimistic",
+    "optimistic",
+    "serializable",
+    "advisory",
+    "redis",
+    "redlock",
+];
+
+/// What a POST carries besides its typed body: used for idempotency and strategy choice.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// Request method.
+    pub method: Method,
+    /// Request path (and query), as sent.
+    pub path: String,
+    /// The raw body bytes.
+    pub body: Bytes,
+    /// The `Idempotency-Key`, validated.
+    pub idempotency_key: Option<String>,
+    /// The strategy picked by the header, if any (already known and allowed).
+    pub strategy: Option<Strategy>,
+}
+
+/// An authenticated JSON request with a strictly typed body.
+#[derive(Debug)]
+pub struct JsonRequest<T> {
+    /// The caller.
+    pub auth: Authed,
+    /// The typed body.
+    pub body: T,
+    /// Everything else.
+    pub meta: Meta,
+}
+
+/// An authenticated request without a body (GETs).
+#[derive(Debug, Clone)]
+pub struct Auth(pub Authed);
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request bodies are limited to {BODY_LIMIT} bytes"),
+    )
+}
+
+/// Parses a JSON body strictly: no unknown fields (the types say `deny_unknown_fields`), no
+/// nulls, no floats for integers, no numbers beyond i64, nothing after the value.
+///
+/// # Errors
+/// 400 `invalid_body` naming what is wrong.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid_body(format!("invalid JSON body: {e}")))
+}
+
+/// Validates an `Idempotency-Key`: 1..=255 printable ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be one header of 1 to 255 printable ASCII characters",
+        )
+    };
+    if values.next().is_some() {
+        return Err(bad());
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
+        return Err(bad());
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// The strategy chosen by `X-Concurrency-Strategy`, if any.
+fn strategy_header(state: &AppState, headers: &HeaderMap) -> Result<Option<Strategy>, ApiError> {
+    let Some(value) = headers.get(STRATEGY_HEADER) else {
+        return Ok(None);
+    };
+    if !state.inner.allow_strategy_header {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "strategy_header_not_allowed",
+            "X-Concurrency-Strategy is only accepted when the server runs with --allow-strategy-header",
+        ));
+    }
+    let name = value.to_str().unwrap_or("").trim();
+    if !STRATEGY_NAMES.contains(&name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_strategy",
+            format!(
+                "unknown strategy `{}`; expected one of: {}",
+                name.escape_default(),
+                STRATEGY_NAMES.join(", ")
+            ),
+        ));
+    }
+    name.parse::<Strategy>()
+        .map(Some)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_strategy", e.to_string()))
+}
+
+impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonRequest<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        // 413 / 415.
+        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH)
+            && let Some(len) = len.to_str().ok().and_then(|s| s.parse::<u64>().ok())
+            && len > BODY_LIMIT as u64
+        {
+            return Err(too_large());
+        }
+        if !is_json(&parts.headers) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "request bodies must be sent with `Content-Type: application/json`",
+            ));
+        }
+        let bytes = axum::body::to_bytes(body, BODY_LIMIT)
+            .await
+            .map_err(|_| too_large())?;
+        // 401.
+        let auth = authenticate(state, &parts.headers).await?;
+        // 400.
+        let typed = parse_body::<T>(&bytes)?;
+        let idempotency_key = idempotency_key(&parts.headers)?;
+        let strategy = strategy_header(state, &parts.headers)?;
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| parts.uri.path().to_string());
+        Ok(JsonRequest {
+            auth,
+            body: typed,
+            meta: Meta {
+                method: parts.method,
+                path,
+                body: bytes,
+                idempotency_key,
+                strategy,
+            },
+        })
+    }
+}
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        authenticate(state, &parts.headers).await.map(Auth)
+    }
+}
+
+/// Parses a numeric path id.
+///
+/// # Errors
+/// 400 `invalid_path` when it is not an integer.
+pub fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>().map_err(|_| {
+        ApiError::invalid_path(format!(
+            "{what} must be an integer, got `{}`",
+            raw.escape_default()
+        ))
+    })
+}
+
+/// A text field must have `min..=max` characters and no NUL (databases cannot store it).
+///
+/// # Errors
+/// 422 `invalid_value` naming the field.
+pub fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
+    let n = value.chars().count();
+    if n < min || n > max {
+        return Err(ApiError::invalid_value(
+            field,
+            &format!("must have {min} to {max} characters, got {n}"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ApiError::invalid_value(
+            field,
+            "must not contain NUL characters",
+        ));
+    }
+    Ok(())
+}
+
+/// An integer field must lie in `min..=max`.
+///
+/// # Errors
+/// 422 `invalid_value` naming the field.
+pub fn check_range(field: &str, value: i64, min: i64, max: i64) -> Result<(), ApiError> {
+    if value < min || value > max {
+        return Err(ApiError::invalid_value(
+            field,
+            &format!("must be between {min} and {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}

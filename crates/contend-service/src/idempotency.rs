@@ -1,0 +1,325 @@
+//! Idempotency keys: a POST with `Idempotency-Key` executes at most once per key and caller;
+//! its stored outcome is replayed byte for byte afterwards.
+//!
+//! The key row is inserted *first*, with an in-flight marker (an owner nonce and a lease), so
+//! that concurrent duplicates are told apart by the database's primary key, never by
+//! check-then-insert. The request then runs in a task of its own, so a client that disconnects
+//! (or the request timeout) cannot stop it between its commit and the storing of its outcome;
+//! when it ends, the outcome is stored (2xx, 404, 409 business conflicts, 422) or the key is
+//! released (anything else, so the same key can be used again). If the process dies while a
+//! request is in flight, its lease expires and the key can be claimed again.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use rand::RngCore;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+use crate::AppState;
+use crate::error::{ApiError, RETRY_AFTER_SECS};
+use crate::extract::Meta;
+
+/// How long an in-flight marker protects its key: far longer than any request may run.
+pub const LEASE: Duration = Duration::from_secs(120);
+
+/// A finished response: status and exact body bytes.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// JSON body bytes.
+    pub body: Vec<u8>,
+    /// The error code, for error outcomes.
+    pub code: Option<&'static str>,
+    /// `Retry-After` seconds, if any.
+    pub retry_after: Option<u32>,
+}
+
+impl Outcome {
+    /// A success with a JSON body.
+    pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Outcome {
+        match serde_json::to_vec(value) {
+            Ok(body) => Outcome {
+                status,
+                body,
+                code: None,
+                retry_after: None,
+            },
+            Err(e) => ApiError::internal(e).into(),
+        }
+    }
+
+    /// Whether this outcome is stored for replay.
+    fn storable(&self) -> bool {
+        let s = self.status.as_u16();
+        self.status.is_success()
+            || s == 404
+            || s == 422
+            || (s == 409 && self.code != Some("request_in_progress"))
+    }
+
+    /// The HTTP response; `replayed` adds `Idempotent-Replayed: true`.
+    pub fn into_response_with(self, replayed: bool) -> Response {
+        let mut response = (self.status, self.body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if replayed {
+            headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+        }
+        response
+    }
+}
+
+impl From<ApiError> for Outcome {
+    fn from(err: ApiError) -> Self {
+        Outcome {
+            status: err.status,
+            body: err.body_bytes(),
+            code: Some(err.code),
+            retry_after: err.retry_after,
+        }
+    }
+}
+
+impl From<Result<Outcome, ApiError>> for Outcome {
+    fn from(result: Result<Outcome, ApiError>) -> Self {
+        result.unwrap_or_else(Outcome::from)
+    }
+}
+
+impl IntoResponse for Outcome {
+    fn into_response(self) -> Response {
+        self.into_response_with(false)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The fingerprint of a request: SHA-256 of method, path and body.
+pub fn fingerprint(meta: &Meta) -> String {
+    let mut h = Sha256::new();
+    h.update(meta.method.as_str().as_bytes());
+    h.update(b"\n");
+    h.update(meta.path.as_bytes());
+    h.update(b"\n");
+    h.update(&meta.body);
+    hex::encode(h.finalize())
+}
+
+enum Claim {
+    /// This request owns the key (nonce).
+    Owned(String),
+    /// Answer with this without executing.
+    Answer(Response),
+}
+
+/// Runs `work` at most once per `(scope, Idempotency-Key)` (the scope is the hash of the
+/// caller's token); without a key, just runs it.
+///
+/// # Cancel safety
+/// With a key, `work` runs in a task of its own: dropping this future does not stop it, and its
+/// outcome is stored (or its key released) when it ends.
+pub async fn run<F, Fut>(state: &AppState, scope: String, meta: &Meta, work: F) -> Response
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Outcome, ApiError>> + Send + 'static,
+{
+    let Some(key) = meta.idempotency_key.clone() else {
+        return Outcome::from(work().await).into_response();
+    };
+    let fp = fingerprint(meta);
+    let owner = match claim(state, &scope, &key, &fp).await {
+        Ok(Claim::Owned(owner)) => owner,
+        Ok(Claim::Answer(response)) => return response,
+        Err(e) => return e.into_response(),
+    };
+    let state2 = state.clone();
+    let scope2 = scope.clone();
+    let task = tokio::spawn(async move {
+        let outcome = Outcome::from(work().await);
+        finish(&state2, &scope2, &key, &owner, Some(&outcome)).await;
+        outcome
+    });
+    match task.await {
+        Ok(outcome) => outcome.into_response(),
+        Err(join) => {
+            // The work panicked (a bug): release the key so it does not stay in flight.
+            let key = meta.idempotency_key.clone().unwrap_or_default();
+            release_any(state, &scope, &key, &fp).await;
+            ApiError::internal(format!("request task failed: {join}")).into_response()
+        }
+    }
+}
+
+async fn claim(state: &AppState, scope: &str, key: &str, fp: &str) -> Result<Claim, ApiError> {
+    let db = &state.inner.db;
+    for _ in 0..5 {
+        let mut nonce = [0u8; 16];
+        rand::rng().fill_bytes(&mut nonce);
+        let owner = hex::encode(nonce);
+        let lease_until = now_ms() + LEASE.as_millis() as i64;
+        let inserted = db
+            .query(
+                "INSERT INTO idempotency_keys (scope, idem_key, fingerprint, owner, status_code, body, lease_until) \
+                 VALUES (?, ?, ?, ?, NULL, NULL, ?)",
+            )
+            .bind(scope.to_string())
+            .bind(key.to_string())
+            .bind(fp.to_string())
+            .bind(owner.clone())
+            .bind(lease_until)
+            .execute(db.pool())
+            .await;
+        match inserted {
+            Ok(_) => return Ok(Claim::Owned(owner)),
+            Err(e) => {
+                let e = contend::Error::from(e);
+                if !e.is_unique_violation() {
+                    return Err(e.into());
+                }
+            }
+        }
+        let row = db
+            .query(
+                "SELECT fingerprint, owner, status_code, body, lease_until FROM idempotency_keys \
+                 WHERE scope = ? AND idem_key = ?",
+            )
+            .bind(scope.to_string())
+            .bind(key.to_string())
+            .fetch_optional(db.pool())
+            .await?;
+        let Some(row) = row else {
+            continue; // released meanwhile: try to insert again
+        };
+        let stored_fp: String = row.try_get(0)?;
+        let stored_owner: String = row.try_get(1)?;
+        let status: Option<i64> = row.try_get(2)?;
+        let body: Option<String> = row.try_get(3)?;
+        let stored_lease: i64 = row.try_get(4)?;
+        if stored_fp != fp {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request (method, path or body)",
+            ));
+        }
+        if let Some(status) = status {
+            let status = u16::try_from(status)
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .ok_or_else(|| ApiError::internal(format!("stored status {status} is invalid")))?;
+            let outcome = Outcome {
+                status,
+                body: body.unwrap_or_default().into_bytes(),
+                code: None,
+                retry_after: None,
+            };
+            return Ok(Claim::Answer(outcome.into_response_with(true)));
+        }
+        if stored_lease > now_ms() {
+            let mut err = ApiError::conflict(
+                "request_in_progress",
+                "a request with this Idempotency-Key is still being processed; retry later",
+            );
+            err.retry_after = Some(RETRY_AFTER_SECS);
+            return Ok(Claim::Answer(err.into_response()));
+        }
+        // The lease expired (its process died): take the key over, atomically.
+        let mut nonce = [0u8; 16];
+        rand::rng().fill_bytes(&mut nonce);
+        let owner = hex::encode(nonce);
+        let taken = db
+            .query(
+                "UPDATE idempotency_keys SET owner = ?, lease_until = ? \
+                 WHERE scope = ? AND idem_key = ? AND owner = ? AND status_code IS NULL",
+            )
+            .bind(owner.clone())
+            .bind(now_ms() + LEASE.as_millis() as i64)
+            .bind(scope.to_string())
+            .bind(key.to_string())
+            .bind(stored_owner)
+            .execute(db.pool())
+            .await?;
+        if taken.rows_affected() == 1 {
+            return Ok(Claim::Owned(owner));
+        }
+    }
+    Err(ApiError::unavailable(
+        "contention",
+        "could not claim the Idempotency-Key under contention; try again",
+    ))
+}
+
+/// Stores a storable outcome, or releases the key. Retried briefly: a key left in flight
+/// blocks its retries until the lease expires.
+async fn finish(state: &AppState, scope: &str, key: &str, owner: &str, outcome: Option<&Outcome>) {
+    let db = &state.inner.db;
+    for attempt in 0..5u32 {
+        let result = match outcome {
+            Some(o) if o.storable() => {
+                db.query(
+                    "UPDATE idempotency_keys SET status_code = ?, body = ? \
+                     WHERE scope = ? AND idem_key = ? AND owner = ?",
+                )
+                .bind(i64::from(o.status.as_u16()))
+                .bind(String::from_utf8_lossy(&o.body).into_owned())
+                .bind(scope.to_string())
+                .bind(key.to_string())
+                .bind(owner.to_string())
+                .execute(db.pool())
+                .await
+            }
+            _ => {
+                db.query(
+                    "DELETE FROM idempotency_keys WHERE scope = ? AND idem_key = ? AND owner = ?",
+                )
+                .bind(scope.to_string())
+                .bind(key.to_string())
+                .bind(owner.to_string())
+                .execute(db.pool())
+                .await
+            }
+        };
+        match result {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "could not finish an idempotency key; retrying");
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+        }
+    }
+    tracing::error!(
+        key,
+        "idempotency key left in flight until its lease expires"
+    );
+}
+
+/// Releases an in-flight key whose owner is unknown here (the task that owned it panicked).
+async fn release_any(state: &AppState, scope: &str, key: &str, fp: &str) {
+    let db = &state.inner.db;
+    let _ = db
+        .query(
+            "DELETE FROM idempotency_keys WHERE scope = ? AND idem_key = ? AND fingerprint = ? \
+             AND status_code IS NULL",
+        )
+        .bind(scope.to_string())
+        .bind(key.to_string())
+        .bind(fp.to_string())
+        .execute(db.pool())
+        .await;
+}

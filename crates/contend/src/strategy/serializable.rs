@@ -1,0 +1,56 @@
+//! `serializable`: prevents every anomaly of concurrent read-decide-write (lost update, write
+//! skew, phantoms) by running the whole transaction at SERIALIZABLE and letting the database
+//! abort one of two transactions that could not have run one after the other. The aborted one
+//! is run again from the start by the retry policy.
+//!
+//! What the database does to keep its promise differs, and so does the cost:
+//! - PostgreSQL (SSI): no extra blocking; a dangerous pattern fails with `40001`
+//!   ([`ConflictKind::Serialization`]).
+//! - MariaDB/InnoDB: plain reads take shared locks, so two transactions that read a hot row and
+//!   then write it deadlock (`1213`, [`ConflictKind::Deadlock`]); InnoDB rolls one back.
+//! - SQLite: write transactions are serial already (`BEGIN IMMEDIATE`); a conflict shows up only
+//!   as [`ConflictKind::Busy`] when the busy timeout expires.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+//! use contend::{Db, IsolationLevel, strategy::serializable};
+//! let db = Db::connect("sqlite::memory:").await?;
+//! let options = serializable::options();
+//! assert_eq!(options.isolation_level(), Some(IsolationLevel::Serializable));
+//! let n = db.transaction_with(&options, |tx| Box::pin(async move {
+//!     Ok(tx.query_scalar::<i64>("SELECT 1").fetch_one(tx.conn()).await?)
+//! })).await?;
+//! assert_eq!(n, 1);
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use crate::error::ConflictKind;
+use crate::isolation::IsolationLevel;
+use crate::retry::RetryPolicy;
+use crate::tx::TxOptions;
+
+/// The retry policy of [`options`]: serialization failures, deadlocks and busy errors, up to 100
+/// attempts with jittered backoff from 0.5 ms to 50 ms, at most 15 s in all.
+pub fn retry_policy() -> RetryPolicy {
+    RetryPolicy::new()
+        .max_attempts(100)
+        .base_delay(Duration::from_micros(500))
+        .max_delay(Duration::from_millis(50))
+        .max_elapsed(Duration::from_secs(15))
+        .only(&[
+            ConflictKind::Serialization,
+            ConflictKind::Deadlock,
+            ConflictKind::Busy,
+            ConflictKind::LockTimeout,
+        ])
+}
+
+/// Transaction options: SERIALIZABLE with [`retry_policy`]. Pass them to
+/// [`crate::Db::transaction_with`] or [`crate::Db::run`].
+pub fn options() -> TxOptions {
+    TxOptions::new()
+        .isolation(IsolationLevel::Serializable)
+        .retry(retry_policy())
+}
