@@ -57,6 +57,10 @@ pub struct Variant {
     /// The transactions whose waits and aborts count as the database preventing the anomaly
     /// (others may wait as part of the set-up).
     pub key_txs: Vec<TxId>,
+    /// Whether the verdict depends on which transactions commit. When it does not (the
+    /// observation is in the values read), a failed `COMMIT` after the reads did not prevent
+    /// anything and is not credited as an abort.
+    pub judged_on_commit: bool,
     /// The observation that means the anomaly occurred.
     pub occurred_when: &'static str,
     /// Reads the trace.
@@ -128,6 +132,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                 commit(T2),
             ],
             key_txs: vec![T1, T2],
+            judged_on_commit: true,
             occurred_when: "T1 writes rows 1 and 2 (11, 21), T2 writes them in the other order (12, 22), \
                 both commit, and the final table matches no serial order of the committed \
                 transactions (T1 then T2 leaves 12, 22; T2 then T1 leaves 11, 21): their writes \
@@ -149,6 +154,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                 commit(T2),
             ],
             key_txs: vec![T2],
+            judged_on_commit: false,
             occurred_when: "T2 reads row 1 as 101, a value T1 wrote and then rolled back.",
             evaluate: eval_g1_dirty,
         }],
@@ -168,6 +174,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                 commit(T2),
             ],
             key_txs: vec![T2],
+            judged_on_commit: false,
             occurred_when: "T2 reads row 1 as 101, a value T1 overwrote (with 11) before it committed.",
             evaluate: eval_g1_dirty,
         }],
@@ -187,6 +194,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                 commit(T2),
             ],
             key_txs: vec![T1, T2],
+            judged_on_commit: false,
             occurred_when: "T1 reads T2's uncommitted row 2 = 22 and T2 reads T1's uncommitted row 1 = 11: \
                 each transaction saw the other's write, a cycle of read dependencies.",
             evaluate: eval_g1c,
@@ -212,6 +220,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                 commit(T3),
             ],
             key_txs: vec![T3],
+            judged_on_commit: false,
             occurred_when: "Versions: row 1 goes 10 -> 11 (T1) -> 12 (T2), row 2 goes 20 -> 19 (T1) -> 18 \
                 (T2). Once T3 has seen a write of T1 or T2 on one row, a read of the other row \
                 (in the same statement or later) returns a version older than that \
@@ -234,6 +243,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                     commit(T1),
                 ],
                 key_txs: vec![T1, T2],
+                judged_on_commit: false,
                 occurred_when: "T1's two predicate reads (value = 30, then value % 3 = 0) cannot both be \
                     answered from one committed state of the table (before or after T2 inserted \
                     (3, 30)): the first misses the row the second returns.",
@@ -267,6 +277,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                     commit(T2),
                 ],
                 key_txs: vec![T2],
+                judged_on_commit: true,
                 occurred_when: "T2 commits, and no single committed state (before or after T1 added 10 to \
                     every row) explains together what T2 read for value = 20, which rows its \
                     DELETE ... WHERE value = 20 removed (seen in the final table), and what it read \
@@ -302,6 +313,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                 commit(T2),
             ],
             key_txs: vec![T1, T2],
+            judged_on_commit: true,
             occurred_when: "T1 adds 1 and T2 adds 2 to row 1 by read-modify-write in the application \
                 (each writes what it read plus its amount); the final row 1 differs from 10 plus \
                 the amounts of the transactions that committed: an increment was lost.",
@@ -326,6 +338,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                     commit(T1),
                 ],
                 key_txs: vec![T1, T2],
+                judged_on_commit: false,
                 occurred_when: "T2 moves 2 from row 2 to row 1 (10, 20 -> 12, 18). T1's reads of row 1 and \
                     row 2 cannot both come from one committed state (10, 20 or 12, 18), e.g. 10 and 18.",
                 evaluate: eval_gsingle_read,
@@ -351,6 +364,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                     commit(T1),
                 ],
                 key_txs: vec![T1, T2],
+                judged_on_commit: false,
                 occurred_when: "T2 changes 10 to 12. T1's predicate reads (value % 5 = 0, then value % 3 = 0) \
                     cannot both be answered from one committed state: the first saw 10, the second \
                     sees 12.",
@@ -380,6 +394,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                     commit(T1),
                 ],
                 key_txs: vec![T1, T2],
+                judged_on_commit: true,
                 occurred_when: "T1 commits, and no single committed state (10, 20 or T2's 12, 18) explains \
                     together T1's read of row 1, which rows its DELETE ... WHERE value = 20 removed \
                     (seen in the final table), and its read of row 2 after the delete.",
@@ -402,6 +417,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                 commit(T2),
             ],
             key_txs: vec![T1, T2],
+            judged_on_commit: true,
             occurred_when: "Both commit, T1 read row 2 without T2's write (21) and T2 read row 1 without \
                 T1's write (11): each read what the other then overwrote, a cycle of two \
                 anti-dependencies.",
@@ -424,6 +440,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                     commit(T2),
                 ],
                 key_txs: vec![T1, T2],
+                judged_on_commit: true,
                 occurred_when: "Both commit, T1's read of value % 3 = 0 does not contain T2's insert (4, 42) \
                     and T2's does not contain T1's insert (3, 30): each predicate read missed the \
                     other's insert.",
@@ -453,6 +470,7 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
                     commit(T1),
                 ],
                 key_txs: vec![T1, T2, T3],
+                judged_on_commit: true,
                 occurred_when: "All three commit; T1 read row 2 as 20 (not T2's 25), T3 read row 2 as 25 \
                     (T2's) and row 1 as 10 (not T1's 0): T1 must precede T2, T2 precede T3 and T3 \
                     precede T1, a cycle.",

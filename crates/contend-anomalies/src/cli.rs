@@ -137,7 +137,7 @@ pub async fn run(args: AnomaliesArgs) -> anyhow::Result<ExitCode> {
         .explain
         .and_then(|(anomaly, level)| report.cell(level, anomaly));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report::json(&report, explained))?);
+        println!("{}", report::json(&report, explained)?);
     } else if let Some(cell) = explained {
         print!("{}", report::explain(&report, cell));
     } else {

@@ -9,7 +9,8 @@
 //! `LOCK WAIT` transaction of that connection in `SHOW ENGINE INNODB STATUS` on MariaDB/MySQL
 //! (not `information_schema.innodb_trx`, which InnoDB caches for 100 ms while it is being read),
 //! and the session's own `SQLITE_BUSY` retry loop on SQLite. A statement that neither answers nor
-//! is reported waiting within [`FALLBACK`] is taken as blocked too (detected by timeout). Settling
+//! is reported waiting within [`FALLBACK_MONITORED`] ([`FALLBACK`] when the server cannot be
+//! asked) is taken as blocked too (detected by timeout). Settling
 //! makes the interleaving deterministic: a statement released by a commit finishes before the
 //! next step runs.
 //!
@@ -38,8 +39,12 @@ use crate::trace::{Blocked, Detection, StepRecord, StepResult, Trace};
 pub const POLL: Duration = Duration::from_millis(3);
 /// Consecutive "waiting" answers needed to call a statement blocked.
 const CONFIRMATIONS: u32 = 2;
-/// A statement with no answer and no server report after this long is taken as blocked.
+/// A statement with no answer after this long is taken as blocked when the server cannot be
+/// asked.
 pub const FALLBACK: Duration = Duration::from_millis(300);
+/// The same when the server can be asked but has not reported a wait: the statement is probably
+/// just slow (a loaded machine), so wait longer before calling it blocked.
+pub const FALLBACK_MONITORED: Duration = Duration::from_secs(1);
 /// Sessions' lock timeout: no statement waits for a lock longer than this.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Sessions' statement timeout on the servers.
@@ -135,6 +140,13 @@ impl Monitor {
             Monitor::None => {}
         }
         Ok(out)
+    }
+
+    fn fallback(&self) -> Duration {
+        match self {
+            Monitor::None => FALLBACK,
+            _ => FALLBACK_MONITORED,
+        }
     }
 
     fn detection(&self) -> Detection {
@@ -419,7 +431,7 @@ impl Run<'_> {
                 }
                 let detection = if lane.confirmations >= CONFIRMATIONS {
                     Some(self.monitor.detection())
-                } else if lane.head_since.elapsed() >= FALLBACK {
+                } else if lane.head_since.elapsed() >= self.monitor.fallback() {
                     Some(Detection::Timeout)
                 } else {
                     None

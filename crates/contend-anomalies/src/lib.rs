@@ -92,6 +92,9 @@ pub enum Error {
     /// table, opening a session.
     #[error(transparent)]
     Database(#[from] contend::Error),
+    /// A custom interleaving that cannot run.
+    #[error("invalid interleaving: {0}")]
+    InvalidScript(String),
 }
 
 /// What to run.
@@ -145,21 +148,8 @@ impl Default for SuiteOptions {
 pub async fn run_suite(db: &Db, options: &SuiteOptions) -> Result<SuiteReport, Error> {
     let backend = db.backend();
     let server_version = server_version(db).await?;
-    let table = unique_table_name();
-    let engine = if backend == Backend::MySql {
-        " ENGINE=InnoDB"
-    } else {
-        ""
-    };
-    db.execute_script(&format!(
-        "CREATE TABLE {table} (id INT PRIMARY KEY, value INT){engine}"
-    ))
-    .await?;
-    let mut guard = TableGuard {
-        db: Some(db.clone()),
-        table: table.clone(),
-    };
-    let result = run_cells(db, &table, options).await;
+    let mut guard = TableGuard::create(db).await?;
+    let result = run_cells(db, &guard.table, options).await;
     guard.drop_now().await;
     let (results, mut notes) = result?;
     notes.extend(level_notes(backend, options));
@@ -169,6 +159,64 @@ pub async fn run_suite(db: &Db, options: &SuiteOptions) -> Result<SuiteReport, E
         notes,
         results,
     })
+}
+
+/// Runs one interleaving of your own at `level`, on the suite's table (`(1, 10), (2, 20)`,
+/// created for this call and dropped after it), and returns what it observed.
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use contend::IsolationLevel;
+/// use contend_anomalies::script::{Assign, Op, Pred, Step};
+/// use contend_anomalies::{SqliteBegin, run_interleaving};
+/// let db = contend::Db::connect("postgres://postgres@127.0.0.1:55432/app").await?;
+/// let step = |tx, op| Step { tx, op, label: None };
+/// let steps = [
+///     step(0, Op::Begin { read_only: false }),
+///     step(1, Op::Begin { read_only: false }),
+///     step(0, Op::Update { pred: Pred::Id(1), set: Assign::Const(11) }),
+///     step(1, Op::Update { pred: Pred::Id(1), set: Assign::Const(12) }), // waits for T1
+///     step(0, Op::Commit),
+///     step(1, Op::Commit),
+/// ];
+/// let trace = run_interleaving(&db, IsolationLevel::ReadCommitted, SqliteBegin::Immediate, 2, &steps).await?;
+/// assert!(trace.steps[3].blocked.is_some());
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidScript`] when a step names a transaction beyond `txs`; [`Error::Database`]
+/// as [`run_suite`].
+///
+/// # Cancel safety
+/// As [`run_suite`].
+pub async fn run_interleaving(
+    db: &Db,
+    level: IsolationLevel,
+    sqlite_begin: SqliteBegin,
+    txs: usize,
+    steps: &[script::Step],
+) -> Result<trace::Trace, Error> {
+    if let Some(bad) = steps.iter().find(|s| s.tx >= txs) {
+        return Err(Error::InvalidScript(format!(
+            "a step of {} in a script of {txs} transaction(s)",
+            script::tx_name(bad.tx)
+        )));
+    }
+    let mut guard = TableGuard::create(db).await?;
+    let result = async {
+        let (mut monitor, _) = driver::Monitor::open(db).await?;
+        let ctx = driver::RunContext {
+            db,
+            table: &guard.table,
+            level,
+            sqlite_begin,
+        };
+        driver::run_interleaving(&ctx, &mut monitor, txs, steps).await
+    }
+    .await;
+    guard.drop_now().await;
+    result
 }
 
 async fn run_cells(
@@ -258,14 +306,31 @@ fn unique_table_name() -> String {
     )
 }
 
-/// Drops the run's table: at the end of the run, or from a background task if the run's future
-/// is dropped first.
+/// The run's table: created with a unique name, dropped at the end of the run, or from a
+/// background task if the run's future is dropped first.
 struct TableGuard {
     db: Option<Db>,
     table: String,
 }
 
 impl TableGuard {
+    async fn create(db: &Db) -> Result<TableGuard, Error> {
+        let table = unique_table_name();
+        let engine = if db.backend() == Backend::MySql {
+            " ENGINE=InnoDB"
+        } else {
+            ""
+        };
+        db.execute_script(&format!(
+            "CREATE TABLE {table} (id INT PRIMARY KEY, value INT){engine}"
+        ))
+        .await?;
+        Ok(TableGuard {
+            db: Some(db.clone()),
+            table,
+        })
+    }
+
     async fn drop_now(&mut self) {
         if let Some(db) = self.db.take()
             && let Err(e) = db

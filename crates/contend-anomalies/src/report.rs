@@ -39,9 +39,10 @@ pub fn matrix(report: &SuiteReport) -> String {
         }
     }
     let mut table = Table::new();
-    table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic);
+    table.load_preset(UTF8_FULL_CONDENSED);
+    if table.is_tty() {
+        table.set_content_arrangement(ContentArrangement::Dynamic);
+    }
     let mut header = vec![Cell::new("level")];
     header.extend(anomalies.iter().map(|a| Cell::new(a.name())));
     table.set_header(header);
@@ -66,10 +67,20 @@ pub fn matrix(report: &SuiteReport) -> String {
          prevented only for read-only: the read-only variants were prevented, a writing variant \
          was not\n",
     );
+    // One line per note text, naming every level it applies to.
+    let mut grouped: Vec<(Vec<String>, &str)> = Vec::new();
     for note in &report.notes {
-        match note.level {
-            Some(level) => out.push_str(&format!("note ({level}): {}\n", note.note)),
-            None => out.push_str(&format!("note: {}\n", note.note)),
+        let level = note.level.map(|l| l.as_str().to_string());
+        match grouped.iter_mut().find(|(_, text)| *text == note.note) {
+            Some((levels, _)) => levels.extend(level),
+            None => grouped.push((level.into_iter().collect(), &note.note)),
+        }
+    }
+    for (levels, text) in grouped {
+        if levels.is_empty() {
+            out.push_str(&format!("note: {text}\n"));
+        } else {
+            out.push_str(&format!("note ({}): {text}\n", levels.join(", ")));
         }
     }
     for cell in report.results.iter().filter(|c| c.outcome == Outcome::Error) {
@@ -172,10 +183,7 @@ pub fn explain(report: &SuiteReport, cell: &CellResult) -> String {
             ));
         }
         let trace = &variant.trace;
-        let mut table = Table::new();
-        table
-            .load_preset(UTF8_FULL_CONDENSED)
-            .set_content_arrangement(ContentArrangement::Dynamic);
+        let mut table = new_table();
         let mut header = vec![Cell::new("#")];
         header.extend((0..trace.txs).map(|t| Cell::new(tx_name(t))));
         table.set_header(header);
@@ -216,21 +224,38 @@ fn how_text(how: How) -> &'static str {
 
 /// The JSON document: `{"backend", "server_version", "notes", "results": [...]}`, plus
 /// `"explain"` with the variants and traces of `explain` when given.
-pub fn json(report: &SuiteReport, explain: Option<&CellResult>) -> serde_json::Value {
-    let mut value = serde_json::to_value(report).unwrap_or_else(|e| {
-        serde_json::json!({ "error": format!("could not serialize the report: {e}") })
-    });
-    if let Some(cell) = explain
-        && let Some(object) = value.as_object_mut()
-    {
-        object.insert(
-            "explain".into(),
-            serde_json::json!({
-                "level": cell.level.as_str(),
-                "anomaly": cell.anomaly.name(),
-                "variants": cell.variants,
-            }),
-        );
+pub fn json(report: &SuiteReport, explain: Option<&CellResult>) -> serde_json::Result<String> {
+    #[derive(serde::Serialize)]
+    struct Explained<'a> {
+        level: &'static str,
+        anomaly: &'static str,
+        variants: &'a [crate::model::VariantResult],
     }
-    value
+    #[derive(serde::Serialize)]
+    struct Document<'a> {
+        #[serde(flatten)]
+        report: &'a SuiteReport,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        explain: Option<Explained<'a>>,
+    }
+    serde_json::to_string_pretty(&Document {
+        report,
+        explain: explain.map(|cell| Explained {
+            level: cell.level.as_str(),
+            anomaly: cell.anomaly.name(),
+            variants: &cell.variants,
+        }),
+    })
+}
+
+/// A table that wraps to the terminal, or to 160 columns when the output is not a terminal.
+fn new_table() -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic);
+    if !table.is_tty() {
+        table.set_width(160);
+    }
+    table
 }

@@ -193,7 +193,9 @@ async fn run(
             Err(failure) => {
                 // Roll back before answering, so that the locks are gone by the time the driver
                 // issues the next step.
-                if in_tx || matches!(cmd.op, Op::Begin { .. }) {
+                // (A failed PostgreSQL COMMIT has already ended the transaction.)
+                let ended = cmd.op == Op::Commit && config.backend == Backend::Postgres;
+                if (in_tx || matches!(cmd.op, Op::Begin { .. })) && !ended {
                     rollback(&mut conn).await;
                 }
                 in_tx = false;
@@ -301,7 +303,13 @@ fn sqlite_busy(err: &sqlx::Error) -> bool {
 /// Classifies an error with contend's classification, and SQLite's stale-snapshot error as the
 /// serialization failure it is.
 fn classify(err: sqlx::Error) -> Failure {
-    let message = err.to_string();
+    let message = match &err {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{} (code {code})", db.message()),
+            None => db.message().to_string(),
+        },
+        other => other.to_string(),
+    };
     if sqlite_code(&err) == Some(517) {
         return Failure {
             kind: FailureKind::Serialization,

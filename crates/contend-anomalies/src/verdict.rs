@@ -3,7 +3,7 @@
 
 use crate::catalog::Variant;
 use crate::model::{CellResult, How, Outcome, VariantResult};
-use crate::script::tx_name;
+use crate::script::{Op, tx_name};
 use crate::trace::{StepResult, Trace};
 
 /// Judges one variant's trace.
@@ -11,8 +11,9 @@ use crate::trace::{StepResult, Trace};
 /// A trace with an unexpected error or an unfinished statement cannot be judged (`occurred` is
 /// `None`). Otherwise the variant's verdict function decides whether the anomaly occurred, and a
 /// prevention is attributed, among the variant's key transactions, to an abort (serialization
-/// failure or deadlock) first, then to blocking (a statement that waited, even if the suite's
-/// lock timeout ended the wait), and otherwise to the values read.
+/// failure or deadlock; a failed `COMMIT` only when the verdict depends on commits) first, then
+/// to blocking (a statement that waited, even if the suite's lock timeout ended the wait), and
+/// otherwise to the values read.
 pub fn judge(variant: &Variant, trace: Trace) -> VariantResult {
     let broken = trace.broken_steps();
     if !broken.is_empty() {
@@ -41,7 +42,7 @@ pub fn judge(variant: &Variant, trace: Trace) -> VariantResult {
         };
     }
     let evaluation = (variant.evaluate)(&trace);
-    let how = (!evaluation.occurred).then(|| prevention(&trace, &variant.key_txs));
+    let how = (!evaluation.occurred).then(|| prevention(&trace, variant));
     VariantResult {
         variant: variant.name,
         read_only: variant.read_only,
@@ -52,10 +53,13 @@ pub fn judge(variant: &Variant, trace: Trace) -> VariantResult {
     }
 }
 
-fn prevention(trace: &Trace, key_txs: &[usize]) -> How {
-    let aborted = key_txs
-        .iter()
-        .any(|t| trace.failure(*t).is_some_and(|f| f.kind.is_abort()));
+fn prevention(trace: &Trace, variant: &Variant) -> How {
+    let key_txs = &variant.key_txs;
+    let aborted = trace.steps.iter().any(|s| {
+        key_txs.contains(&s.step.tx)
+            && (variant.judged_on_commit || s.step.op != Op::Commit)
+            && matches!(&s.result, StepResult::Failed(f) if f.kind.is_abort())
+    });
     let waited = key_txs.iter().any(|t| {
         trace.blocked(*t) || trace.failure(*t).is_some_and(|f| f.kind.is_wait_timeout())
     });

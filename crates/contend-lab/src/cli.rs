@@ -66,6 +66,16 @@ pub struct LabArgs {
     /// Do not show the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+
+    /// Drive running service instances over HTTP instead of a database, round robin: base URLs,
+    /// comma separated, e.g. http://127.0.0.1:8081,http://127.0.0.1:8082 (scenarios transfer,
+    /// order, withdraw; --database-url and the Redis flags are then the servers' business).
+    #[arg(long, env = "CONTEND_TARGETS", value_name = "URLS")]
+    pub target: Option<String>,
+
+    /// The servers' admin token, for --target.
+    #[arg(long, env = "CONTEND_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 impl LabArgs {
@@ -180,6 +190,9 @@ pub fn select_scenarios(
 /// # Cancel safety
 /// As [`runner::run_lab`]: dropping it stops the current run's workers.
 pub async fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
+    if args.target.as_deref().is_some_and(|t| !t.trim().is_empty()) {
+        return crate::http_target::run(args).await;
+    }
     run_with(args, crate::scenario::registry()).await
 }
 

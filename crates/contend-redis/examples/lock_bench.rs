@@ -36,7 +36,11 @@ fn parse() -> Result<Args, String> {
             "--ops" => args.ops = number()?.max(1),
             "--waiters" => args.waiters = number()?.max(2),
             "--handoffs" => args.handoffs = number()?.max(1),
-            _ => return Err(format!("unknown flag {flag} (--url --concurrency --ops --waiters --handoffs)")),
+            _ => {
+                return Err(format!(
+                    "unknown flag {flag} (--url --concurrency --ops --waiters --handoffs)"
+                ));
+            }
         }
     }
     Ok(args)
@@ -46,7 +50,10 @@ fn parse() -> Result<Args, String> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse()?;
     let ns = format!("bench-{:08x}", rand::random::<u32>());
-    let client = LockClient::builder(&args.url).namespace(&ns).connect().await?;
+    let client = LockClient::builder(&args.url)
+        .namespace(&ns)
+        .connect()
+        .await?;
     let options = LockOptions::new()
         .lease(Duration::from_secs(10))
         .wait(Duration::from_secs(30));
@@ -72,7 +79,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = started.elapsed();
     let pairs = (per_task * args.concurrency) as f64;
     println!("uncontended_pairs={}", pairs as u64);
-    println!("uncontended_pairs_per_sec={:.0}", pairs / elapsed.as_secs_f64());
+    println!(
+        "uncontended_pairs_per_sec={:.0}",
+        pairs / elapsed.as_secs_f64()
+    );
 
     // Contended handoff: waiters on one key; latency from release call to the next grant.
     let released_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));

@@ -109,12 +109,6 @@ impl Waiters {
             entry,
         }
     }
-
-    /// Number of channels with an entry (for tests).
-    #[cfg(test)]
-    pub fn entries(&self) -> usize {
-        lock(&self.map).len()
-    }
 }
 
 /// A registered interest in one channel.

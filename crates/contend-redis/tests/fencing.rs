@@ -17,7 +17,11 @@ use rand::seq::SliceRandom;
 async fn databases(dir: &tempfile::TempDir) -> Vec<Db> {
     let mut dbs = Vec::new();
     let path = dir.path().join("fence.db");
-    dbs.push(Db::connect(&format!("sqlite:{}", path.display())).await.unwrap());
+    dbs.push(
+        Db::connect(&format!("sqlite:{}", path.display()))
+            .await
+            .unwrap(),
+    );
     for var in ["CONTEND_PG_URL", "CONTEND_MYSQL_URL"] {
         if let Some(url) = common::env_url(var) {
             dbs.push(Db::connect(&url).await.unwrap());
@@ -46,7 +50,14 @@ async fn fence_semantics_on_every_backend() {
         fencing::ensure_schema(&db).await.unwrap(); // idempotent
         let resource = format!("sem-{:016x}", rand::random::<u64>());
         assert_eq!(fencing::highest(&db, &resource).await.unwrap(), None);
-        for (token, ok) in [(5, true), (5, true), (9, true), (7, false), (9, true), (10, true)] {
+        for (token, ok) in [
+            (5, true),
+            (5, true),
+            (9, true),
+            (7, false),
+            (9, true),
+            (10, true),
+        ] {
             let r = resource.clone();
             let result = db
                 .transaction(move |tx| {
@@ -56,10 +67,18 @@ async fn fence_semantics_on_every_backend() {
                 .await;
             match (ok, result) {
                 (true, Ok(())) => {}
-                (false, Err(Error::StaleFencingToken { token: t, highest, .. })) => {
+                (
+                    false,
+                    Err(Error::StaleFencingToken {
+                        token: t, highest, ..
+                    }),
+                ) => {
                     assert_eq!((t, highest), (token, 9), "{}", db.backend());
                 }
-                (ok, other) => panic!("{}: token {token} expected ok={ok}, got {other:?}", db.backend()),
+                (ok, other) => panic!(
+                    "{}: token {token} expected ok={ok}, got {other:?}",
+                    db.backend()
+                ),
             }
         }
         assert_eq!(
@@ -79,7 +98,13 @@ async fn fence_semantics_on_every_backend() {
 }
 
 /// Writes `body` to the document, fenced by `token` or not.
-async fn write_doc(db: &Db, t: &str, resource: &str, token: Option<FencingToken>, body: &str) -> contend::Result<()> {
+async fn write_doc(
+    db: &Db,
+    t: &str,
+    resource: &str,
+    token: Option<FencingToken>,
+    body: &str,
+) -> contend::Result<()> {
     let (t, resource, body) = (t.to_string(), resource.to_string(), body.to_string());
     db.transaction_with(&retry(), move |tx| {
         let (t, resource, body) = (t.clone(), resource.clone(), body.clone());
@@ -87,7 +112,9 @@ async fn write_doc(db: &Db, t: &str, resource: &str, token: Option<FencingToken>
             if let Some(token) = token {
                 fencing::fence(tx, &resource, token).await?;
             }
-            let q = tx.query(&format!("UPDATE {t} SET body = ? WHERE id = 1")).bind(body);
+            let q = tx
+                .query(&format!("UPDATE {t} SET body = ? WHERE id = 1"))
+                .bind(body);
             q.execute(tx.conn()).await?;
             Ok(())
         })
@@ -104,9 +131,15 @@ async fn read_doc(db: &Db, t: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_paused_past_its_lease_is_rejected_every_time() {
-    let Some(url) = common::redis_url() else { return };
+    let Some(url) = common::redis_url() else {
+        return;
+    };
     let ns = common::unique_namespace("pause");
-    let locks = LockClient::builder(&url).namespace(&ns).connect().await.unwrap();
+    let locks = LockClient::builder(&url)
+        .namespace(&ns)
+        .connect()
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lease = Duration::from_millis(100);
     for db in databases(&dir).await {
@@ -138,7 +171,9 @@ async fn a_holder_paused_past_its_lease_is_rejected_every_time() {
                 assert!(b.fencing_token() > a.fencing_token());
                 let (ta, tb) = (Some(a.fencing_token()), Some(b.fencing_token()));
                 let (ta, tb) = if fenced { (ta, tb) } else { (None, None) };
-                write_doc(&db, &t, &resource, tb, &format!("B{round}")).await.unwrap();
+                write_doc(&db, &t, &resource, tb, &format!("B{round}"))
+                    .await
+                    .unwrap();
                 b.release().await.unwrap();
                 // A wakes up, still believing it holds the lock, and writes.
                 let stale = write_doc(&db, &t, &resource, ta, &format!("A{round}")).await;
@@ -155,7 +190,10 @@ async fn a_holder_paused_past_its_lease_is_rejected_every_time() {
                     stale.unwrap();
                     assert_eq!(body, format!("A{round}"), "{}", db.backend());
                 }
-                assert!(!a.release().await.unwrap(), "the stale holder released B's lock");
+                assert!(
+                    !a.release().await.unwrap(),
+                    "the stale holder released B's lock"
+                );
             }
         }
         db.execute_script(&format!("DROP TABLE {t}")).await.unwrap();
@@ -179,9 +217,11 @@ async fn concurrent_fenced_writers_apply_in_token_order_without_lost_updates() {
             .await
             .unwrap();
         for fenced in [true, false] {
-            db.execute_script(&format!("UPDATE {t} SET n = 0 WHERE id = 1; DELETE FROM {log}"))
-                .await
-                .unwrap();
+            db.execute_script(&format!(
+                "UPDATE {t} SET n = 0 WHERE id = 1; DELETE FROM {log}"
+            ))
+            .await
+            .unwrap();
             let resource = format!("{t}:{fenced}");
             let mut tokens: Vec<u64> = (1..=16).collect();
             tokens.shuffle(&mut rand::rng());
@@ -197,7 +237,8 @@ async fn concurrent_fenced_writers_apply_in_token_order_without_lost_updates() {
                                 fencing::fence(tx, &resource, FencingToken::new(token)).await?;
                             }
                             // Read, decide, write: safe only if fenced writers are serialized.
-                            let q = tx.query_scalar::<i64>(&format!("SELECT n FROM {t} WHERE id = 1"));
+                            let q =
+                                tx.query_scalar::<i64>(&format!("SELECT n FROM {t} WHERE id = 1"));
                             let n = q.fetch_one(tx.conn()).await?;
                             tokio::time::sleep(Duration::from_millis(3)).await;
                             let q = tx
@@ -232,7 +273,12 @@ async fn concurrent_fenced_writers_apply_in_token_order_without_lost_updates() {
                 .unwrap();
             if fenced {
                 assert!(applied >= 1);
-                assert_eq!(n, applied, "{}: lost updates among fenced writers", db.backend());
+                assert_eq!(
+                    n,
+                    applied,
+                    "{}: lost updates among fenced writers",
+                    db.backend()
+                );
                 let order: Vec<i64> = db
                     .query_scalar(&format!("SELECT token FROM {log} ORDER BY seq"))
                     .fetch_all(db.pool())
@@ -250,7 +296,11 @@ async fn concurrent_fenced_writers_apply_in_token_order_without_lost_updates() {
                 // Baseline: the same read-decide-write without the fence loses updates on the
                 // servers (SQLite's BEGIN IMMEDIATE already runs writers one at a time).
                 assert_eq!(applied, 16);
-                assert!(n < 16, "{}: the unfenced baseline should lose updates", db.backend());
+                assert!(
+                    n < 16,
+                    "{}: the unfenced baseline should lose updates",
+                    db.backend()
+                );
             }
         }
         db.execute_script(&format!("DROP TABLE {t}; DROP TABLE {log}"))

@@ -19,7 +19,13 @@ fn closed_url() -> String {
 fn with_down(urls: &[String], down: &[usize]) -> Vec<String> {
     urls.iter()
         .enumerate()
-        .map(|(i, u)| if down.contains(&i) { closed_url() } else { u.clone() })
+        .map(|(i, u)| {
+            if down.contains(&i) {
+                closed_url()
+            } else {
+                u.clone()
+            }
+        })
         .collect()
 }
 
@@ -34,7 +40,9 @@ async fn redlock(urls: &[String], ns: &str) -> Redlock {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn works_with_two_of_five_down_and_keeps_mutual_exclusion() {
-    let Some(urls) = common::redlock_urls() else { return };
+    let Some(urls) = common::redlock_urls() else {
+        return;
+    };
     assert_eq!(urls.len(), 5, "CONTEND_REDLOCK_URLS should name 5 nodes");
     let ns = common::unique_namespace("redlock-2down");
     let nodes = with_down(&urls, &[1, 3]);
@@ -59,7 +67,10 @@ async fn works_with_two_of_five_down_and_keeps_mutual_exclusion() {
         );
         tasks.push(tokio::spawn(async move {
             for _ in 0..5 {
-                let g = lock.acquire("hot", &options).await.expect("acquire with 3 of 5 up");
+                let g = lock
+                    .acquire("hot", &options)
+                    .await
+                    .expect("acquire with 3 of 5 up");
                 tokens.lock().unwrap().push(g.fencing_token().get());
                 if in_section.fetch_add(1, Ordering::SeqCst) > 0 {
                     overlaps.fetch_add(1, Ordering::SeqCst);
@@ -75,15 +86,24 @@ async fn works_with_two_of_five_down_and_keeps_mutual_exclusion() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(counter.load(Ordering::SeqCst), 40, "lost updates under Redlock");
+    assert_eq!(
+        counter.load(Ordering::SeqCst),
+        40,
+        "lost updates under Redlock"
+    );
     assert_eq!(overlaps.load(Ordering::SeqCst), 0);
     let tokens = tokens.lock().unwrap().clone();
-    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens not increasing: {tokens:?}");
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens not increasing: {tokens:?}"
+    );
 }
 
 #[tokio::test]
 async fn refuses_with_three_of_five_down_quickly_and_clearly() {
-    let Some(urls) = common::redlock_urls() else { return };
+    let Some(urls) = common::redlock_urls() else {
+        return;
+    };
     let ns = common::unique_namespace("redlock-3down");
     let lock = redlock(&with_down(&urls, &[0, 2, 4]), &ns).await;
     let started = Instant::now();
@@ -93,7 +113,11 @@ async fn refuses_with_three_of_five_down_quickly_and_clearly() {
         .expect_err("no majority possible");
     assert!(err.is_unavailable(), "{err}");
     assert!(err.to_string().contains("2 of 5"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     // Nothing is left behind on the nodes that answered: a full cluster gets the lock at once.
     let full = redlock(&urls, &ns).await;
     let g = full
@@ -105,7 +129,9 @@ async fn refuses_with_three_of_five_down_quickly_and_clearly() {
 
 #[tokio::test]
 async fn a_held_lock_is_not_granted_and_the_wait_times_out() {
-    let Some(urls) = common::redlock_urls() else { return };
+    let Some(urls) = common::redlock_urls() else {
+        return;
+    };
     let ns = common::unique_namespace("redlock-held");
     let lock = redlock(&urls, &ns).await;
     let g = lock.acquire("k", &LockOptions::new()).await.unwrap();
@@ -121,7 +147,9 @@ async fn a_held_lock_is_not_granted_and_the_wait_times_out() {
 
 #[tokio::test]
 async fn tokens_increase_across_grants_by_different_majorities() {
-    let Some(urls) = common::redlock_urls() else { return };
+    let Some(urls) = common::redlock_urls() else {
+        return;
+    };
     let ns = common::unique_namespace("redlock-fence");
     // Node 0's counter runs far ahead of the others (it served other majorities before).
     let raw = redis::Client::open(urls[0].as_str()).unwrap();
@@ -142,13 +170,19 @@ async fn tokens_increase_across_grants_by_different_majorities() {
     // the first token while the first grant held it, so the new token is larger.
     let east = redlock(&with_down(&urls, &[0, 1]), &ns).await;
     let g = east.acquire("k", &LockOptions::new()).await.unwrap();
-    assert!(g.fencing_token() > first, "{} after {first}", g.fencing_token());
+    assert!(
+        g.fencing_token() > first,
+        "{} after {first}",
+        g.fencing_token()
+    );
     g.release().await.unwrap();
 }
 
 #[tokio::test]
 async fn watchdog_renews_on_a_majority() {
-    let Some(urls) = common::redlock_urls() else { return };
+    let Some(urls) = common::redlock_urls() else {
+        return;
+    };
     let ns = common::unique_namespace("redlock-renew");
     let lock = redlock(&with_down(&urls, &[4]), &ns).await;
     let lease = Duration::from_millis(300);

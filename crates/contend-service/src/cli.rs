@@ -26,6 +26,13 @@ pub struct ServeArgs {
     /// Comma-separated Redis URLs for the `redlock` strategy.
     #[arg(long, env = "REDLOCK_URLS", value_delimiter = ',')]
     pub redlock_urls: Vec<String>,
+    /// Prefix of this service's Redis keys (instances that share a database must share it).
+    #[arg(
+        long,
+        env = "CONTEND_REDIS_NAMESPACE",
+        default_value = "contend-service"
+    )]
+    pub redis_namespace: String,
     /// Address to listen on.
     #[arg(long, env = "CONTEND_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -84,10 +91,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.allow_strategy_header = args.allow_strategy_header;
     config.request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
     config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
-    config.redis = args.redis_url.map(|url| RedisLocks { urls: vec![url] });
-    config.redlock = (!args.redlock_urls.is_empty()).then(|| RedisLocks {
-        urls: args.redlock_urls.clone(),
-    });
+    if let Some(url) = &args.redis_url {
+        config.redis = Some(
+            RedisLocks::single(url, &args.redis_namespace)
+                .await
+                .with_context(|| format!("--redis-url {}", contend::backend::redact_url(url)))?,
+        );
+    }
+    if !args.redlock_urls.is_empty() {
+        config.redlock = Some(
+            RedisLocks::redlock(&args.redlock_urls, &args.redis_namespace)
+                .await
+                .context("--redlock-urls")?,
+        );
+    }
     let state = AppState::new(config);
     crate::engine::check_supported(&state, strategy)
         .map_err(|e| anyhow::anyhow!("--strategy {strategy}: {}", e.message))?;

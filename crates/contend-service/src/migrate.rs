@@ -57,5 +57,9 @@ pub async fn run(db: &Db) -> anyhow::Result<()> {
     migrator
         .run(db.pool())
         .await
-        .map_err(|e| anyhow::anyhow!("migrations failed on {}: {e}", db.url()))
+        .map_err(|e| anyhow::anyhow!("migrations failed on {}: {e}", db.url()))?;
+    // The fencing table of the `redis` and `redlock` strategies (owned by `contend::fencing`).
+    contend::fencing::ensure_schema(db)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the fencing table failed on {}: {e}", db.url()))
 }

@@ -35,9 +35,18 @@ async fn round(apis: &[Api]) -> Round {
         accounts.push(api.account(&format!("acct{i}"), OPENING).await);
     }
     let sku = format!("hot-{}", rand::rng().random::<u32>());
-    let r = api.post("/products", ADMIN, json!({"sku": sku, "stock": STOCK, "price": 1})).await;
+    let r = api
+        .post(
+            "/products",
+            ADMIN,
+            json!({"sku": sku, "stock": STOCK, "price": 1}),
+        )
+        .await;
     assert_eq!(r.status, 201);
-    let event = api.post("/events", ADMIN, json!({"name": "gig", "seats": SEATS})).await.id();
+    let event = api
+        .post("/events", ADMIN, json!({"name": "gig", "seats": SEATS}))
+        .await
+        .id();
     let mut tasks = Vec::new();
     for t in 0..TASKS {
         let api = apis[t % apis.len()];
@@ -56,15 +65,28 @@ async fn round(apis: &[Api]) -> Round {
                 let seat = rand::rng().random_range(1..=SEATS);
                 let r = if kind == 0 {
                     let (id, token) = &accounts[from];
-                    api.post("/orders", token, json!({"account": id, "sku": sku, "quantity": 1})).await
+                    api.post(
+                        "/orders",
+                        token,
+                        json!({"account": id, "sku": sku, "quantity": 1}),
+                    )
+                    .await
                 } else if kind == 1 {
                     let (id, token) = &accounts[from];
-                    api.post(&format!("/events/{event}/bookings"), token, json!({"account": id, "seat": seat}))
-                        .await
+                    api.post(
+                        &format!("/events/{event}/bookings"),
+                        token,
+                        json!({"account": id, "seat": seat}),
+                    )
+                    .await
                 } else {
                     let (id, token) = &accounts[from];
-                    api.post("/transfers", token, json!({"from": id, "to": accounts[to].0, "amount": amount}))
-                        .await
+                    api.post(
+                        "/transfers",
+                        token,
+                        json!({"from": id, "to": accounts[to].0, "amount": amount}),
+                    )
+                    .await
                 };
                 out.push((r.status, r.code_or_empty(), kind == 0));
             }
@@ -92,7 +114,9 @@ async fn round(apis: &[Api]) -> Round {
             *statuses.entry(status).or_insert(0) += 1;
         }
     }
-    let stock_left = api.get(&format!("/products/{sku}"), None).await.json()["stock"].as_i64().unwrap();
+    let stock_left = api.get(&format!("/products/{sku}"), None).await.json()["stock"]
+        .as_i64()
+        .unwrap();
     Round {
         audit: api.audit().await,
         statuses,
@@ -107,17 +131,26 @@ trait CodeOrEmpty {
 
 impl CodeOrEmpty for common::Resp {
     fn code_or_empty(&self) -> String {
-        if self.status >= 400 { self.code() } else { String::new() }
+        if self.status >= 400 {
+            self.code()
+        } else {
+            String::new()
+        }
     }
 }
 
 async fn cluster(kind: Kind, strategy: Strategy, instances: usize) -> (TestDb, Vec<Server>) {
     let db = TestDb::new(kind).await;
+    let namespace = format!("svc-test-{:x}", rand::rng().random::<u64>());
     let mut servers = Vec::new();
     for _ in 0..instances {
-        servers.push(
-            Server::start(&db.url, Options { strategy, allow_header: false, max_connections: 12 }).await,
-        );
+        let options = Options {
+            strategy,
+            allow_header: false,
+            max_connections: 12,
+            redis_namespace: strategy.needs_redis().then(|| namespace.clone()),
+        };
+        servers.push(Server::start(&db.url, options).await);
     }
     (db, servers)
 }
@@ -134,10 +167,25 @@ async fn safe(kind: Kind, strategy: Strategy, instances: usize) {
     let (db, servers) = cluster(kind, strategy, instances).await;
     let apis: Vec<Api> = servers.iter().map(|s| s.api()).collect();
     let r = round(&apis).await;
-    eprintln!("{kind:?} {strategy} x{instances}: {:?} audit {}", r.statuses, r.audit);
-    assert_eq!(r.audit["consistent"], true, "{kind:?} {strategy}: {}", r.audit);
-    assert_eq!(r.stock_left, STOCK - r.orders_ok, "{kind:?} {strategy}: stock vs orders");
-    assert!(r.statuses.get(&201).copied().unwrap_or(0) >= TASKS * PER_TASK / 4, "{kind:?} {strategy}: too little succeeded: {:?}", r.statuses);
+    eprintln!(
+        "{kind:?} {strategy} x{instances}: {:?} audit {}",
+        r.statuses, r.audit
+    );
+    assert_eq!(
+        r.audit["consistent"], true,
+        "{kind:?} {strategy}: {}",
+        r.audit
+    );
+    assert_eq!(
+        r.stock_left,
+        STOCK - r.orders_ok,
+        "{kind:?} {strategy}: stock vs orders"
+    );
+    assert!(
+        r.statuses.get(&201).copied().unwrap_or(0) >= TASKS * PER_TASK / 4,
+        "{kind:?} {strategy}: too little succeeded: {:?}",
+        r.statuses
+    );
     teardown(db, servers).await;
 }
 
@@ -148,13 +196,17 @@ async fn unsafe_(kind: Kind, strategy: Strategy, instances: usize) {
     let mut broken = None;
     for attempt in 0..5 {
         let r = round(&apis).await;
-        eprintln!("{kind:?} {strategy} x{instances} round {attempt}: {:?} audit {}", r.statuses, r.audit);
+        eprintln!(
+            "{kind:?} {strategy} x{instances} round {attempt}: {:?} audit {}",
+            r.statuses, r.audit
+        );
         if r.audit["consistent"] == false {
             broken = Some(r.audit);
             break;
         }
     }
-    let audit = broken.unwrap_or_else(|| panic!("{kind:?} {strategy} x{instances}: no violation in 5 rounds"));
+    let audit = broken
+        .unwrap_or_else(|| panic!("{kind:?} {strategy} x{instances}: no violation in 5 rounds"));
     let counters = [
         "negative_balances",
         "ledger_mismatches",
@@ -178,6 +230,12 @@ async fn all(kind: Kind) {
     ];
     if kind != Kind::Sqlite {
         strategies.push(Strategy::Advisory);
+    }
+    if common::redis_url().is_some() {
+        strategies.push(Strategy::Redis);
+    }
+    if common::redlock_urls().is_some() {
+        strategies.push(Strategy::Redlock);
     }
     for s in strategies {
         safe(kind, s, 2).await;
@@ -229,8 +287,12 @@ async fn shutdown_during_load(kind: Kind) {
             for i in 0..40 {
                 let (from, token) = &accounts[(t + i) % 4];
                 let to = accounts[(t + i + 1) % 4].0;
-                let body = serde_json::to_vec(&json!({"from": from, "to": to, "amount": 1})).unwrap();
-                match api.send("POST", "/transfers", Some(token), &[], Some(&body)).await {
+                let body =
+                    serde_json::to_vec(&json!({"from": from, "to": to, "amount": 1})).unwrap();
+                match api
+                    .send("POST", "/transfers", Some(token), &[], Some(&body))
+                    .await
+                {
                     Ok(r) if r.status == 201 => acked.lock().unwrap().push(r.id()),
                     Ok(r) => assert!(r.status != 500, "500 during shutdown"),
                     Err(_) => {
@@ -251,13 +313,22 @@ async fn shutdown_during_load(kind: Kind) {
     server.join().await;
     let acked = acked.lock().unwrap().clone();
     assert!(!acked.is_empty());
-    assert!(failed.load(std::sync::atomic::Ordering::Relaxed) > 0, "the shutdown happened mid-load");
+    assert!(
+        failed.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the shutdown happened mid-load"
+    );
     // Restart on the same database and check every acknowledged transfer.
     let server = Server::start(&db.url, Options::default()).await;
     let api = server.api();
     let mut stored = std::collections::BTreeSet::new();
     for (id, _) in &accounts {
-        for t in api.get(&format!("/accounts/{id}/transfers"), Some(ADMIN)).await.json().as_array().unwrap() {
+        for t in api
+            .get(&format!("/accounts/{id}/transfers"), Some(ADMIN))
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+        {
             stored.insert(t["id"].as_i64().unwrap());
         }
     }

@@ -1099,7 +1099,13 @@ async fn contract(kind: Kind) {
     expect(&r, 422, "invalid_value");
 
     // --- strategies by header ------------------------------------------------------------
-    let r = api.post("/products", ADMIN, json!({"sku": "gadget", "stock": 100, "price": 1})).await;
+    let r = api
+        .post(
+            "/products",
+            ADMIN,
+            json!({"sku": "gadget", "stock": 100, "price": 1}),
+        )
+        .await;
     assert_eq!(r.status, 201);
     for s in [
         "none",

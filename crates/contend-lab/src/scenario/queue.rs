@@ -48,12 +48,20 @@ fn lock_options() -> TxOptions {
 }
 
 /// Marks `job` done by `worker` and records its processing.
-async fn process_tx(tx: &mut Tx, jobs: &str, done: &str, job: i64, worker: i64) -> contend::Result<()> {
-    tx.query(&format!("UPDATE {jobs} SET status = 1, worker = ? WHERE id = ?"))
-        .bind(worker)
-        .bind(job)
-        .execute(tx.conn())
-        .await?;
+async fn process_tx(
+    tx: &mut Tx,
+    jobs: &str,
+    done: &str,
+    job: i64,
+    worker: i64,
+) -> contend::Result<()> {
+    tx.query(&format!(
+        "UPDATE {jobs} SET status = 1, worker = ? WHERE id = ?"
+    ))
+    .bind(worker)
+    .bind(job)
+    .execute(tx.conn())
+    .await?;
     tx.query(&format!("INSERT INTO {done} (job, worker) VALUES (?, ?)"))
         .bind(job)
         .bind(worker)
@@ -79,11 +87,13 @@ async fn unlocked(db: &Db, jobs: &str, done: &str, worker: i64) -> contend::Resu
     let Some(job) = job else {
         return Err(refuse(EMPTY));
     };
-    db.query(&format!("UPDATE {jobs} SET status = 1, worker = ? WHERE id = ?"))
-        .bind(worker)
-        .bind(job)
-        .execute(db.pool())
-        .await?;
+    db.query(&format!(
+        "UPDATE {jobs} SET status = 1, worker = ? WHERE id = ?"
+    ))
+    .bind(worker)
+    .bind(job)
+    .execute(db.pool())
+    .await?;
     db.query(&format!("INSERT INTO {done} (job, worker) VALUES (?, ?)"))
         .bind(job)
         .bind(worker)
@@ -92,7 +102,13 @@ async fn unlocked(db: &Db, jobs: &str, done: &str, worker: i64) -> contend::Resu
     Ok(())
 }
 
-async fn read_decide_write(tx: &mut Tx, jobs: &str, done: &str, worker: i64, lock: &str) -> contend::Result<()> {
+async fn read_decide_write(
+    tx: &mut Tx,
+    jobs: &str,
+    done: &str,
+    worker: i64,
+    lock: &str,
+) -> contend::Result<()> {
     let job = next_job(tx, jobs, lock).await?;
     think().await;
     let Some((job, _)) = job else {
@@ -106,13 +122,19 @@ async fn atomic_claim(tx: &mut Tx, jobs: &str, done: &str, worker: i64) -> conte
     let mut after = 0_i64;
     loop {
         let sql = format!("SELECT id FROM {jobs} WHERE status = 0 AND id > ? ORDER BY id LIMIT 1");
-        let job: Option<i64> = tx.query_scalar(&sql).bind(after).fetch_optional(tx.conn()).await?;
+        let job: Option<i64> = tx
+            .query_scalar(&sql)
+            .bind(after)
+            .fetch_optional(tx.conn())
+            .await?;
         think().await;
         let Some(job) = job else {
             return Err(refuse(EMPTY));
         };
         let claimed = tx
-            .query(&format!("UPDATE {jobs} SET status = 1, worker = ? WHERE id = ? AND status = 0"))
+            .query(&format!(
+                "UPDATE {jobs} SET status = 1, worker = ? WHERE id = ? AND status = 0"
+            ))
             .bind(worker)
             .bind(job)
             .execute(tx.conn())
@@ -214,8 +236,10 @@ impl Queue {
                 let keys = [jobs.clone()];
                 fenced::run(ctx, &keys, |tokens| {
                     Box::pin(async move {
-                        let sql = format!("SELECT id FROM {jobs} WHERE status = 0 ORDER BY id LIMIT 1");
-                        let job: Option<i64> = db.query_scalar(&sql).fetch_optional(db.pool()).await?;
+                        let sql =
+                            format!("SELECT id FROM {jobs} WHERE status = 0 ORDER BY id LIMIT 1");
+                        let job: Option<i64> =
+                            db.query_scalar(&sql).fetch_optional(db.pool()).await?;
                         think().await;
                         let Some(job) = job else {
                             return Err(refuse(EMPTY));
@@ -223,8 +247,15 @@ impl Queue {
                         db.transaction(|tx| {
                             let (j, d, token) = (jobs.clone(), done.clone(), tokens[0]);
                             Box::pin(async move {
-                                fenced::write_tx(tx, &j, job, token, "status = 1, worker = ?", vec![worker])
-                                    .await?;
+                                fenced::write_tx(
+                                    tx,
+                                    &j,
+                                    job,
+                                    token,
+                                    "status = 1, worker = ?",
+                                    vec![worker],
+                                )
+                                .await?;
                                 tx.query(&format!("INSERT INTO {d} (job, worker) VALUES (?, ?)"))
                                     .bind(job)
                                     .bind(worker)
@@ -266,8 +297,10 @@ impl Scenario for Queue {
                  worker BIGINT NOT NULL, version BIGINT NOT NULL, fence BIGINT NOT NULL){engine}"
             ))
             .await?;
-            db.execute_script(&format!("CREATE INDEX {jobs}_pending ON {jobs} (status, id)"))
-                .await?;
+            db.execute_script(&format!(
+                "CREATE INDEX {jobs}_pending ON {jobs} (status, id)"
+            ))
+            .await?;
             db.execute_script(&format!(
                 "CREATE TABLE {done} (job BIGINT NOT NULL, worker BIGINT NOT NULL){engine}"
             ))
@@ -276,7 +309,8 @@ impl Scenario for Queue {
             let mut id = 1;
             while id <= n {
                 let end = (id + 499).min(n);
-                let values: Vec<String> = (id..=end).map(|i| format!("({i}, 0, 0, 0, 0)")).collect();
+                let values: Vec<String> =
+                    (id..=end).map(|i| format!("({i}, 0, 0, 0, 0)")).collect();
                 db.execute_script(&format!("INSERT INTO {jobs} VALUES {}", values.join(", ")))
                     .await?;
                 id = end + 1;
@@ -299,9 +333,14 @@ impl Scenario for Queue {
             let (jobs, done) = tables(ctx);
             let db = &ctx.db;
             let n = Queue::jobs(ctx.operations);
-            let twice = scalar(db, &format!("SELECT COUNT(*) - COUNT(DISTINCT job) FROM {done}")).await?;
+            let twice = scalar(
+                db,
+                &format!("SELECT COUNT(*) - COUNT(DISTINCT job) FROM {done}"),
+            )
+            .await?;
             let processed = scalar(db, &format!("SELECT COUNT(DISTINCT job) FROM {done}")).await?;
-            let marked = scalar(db, &format!("SELECT COUNT(*) FROM {jobs} WHERE status = 1")).await?;
+            let marked =
+                scalar(db, &format!("SELECT COUNT(*) FROM {jobs} WHERE status = 1")).await?;
             let mismatched = scalar(
                 db,
                 &format!(

@@ -73,10 +73,11 @@ impl Driven {
             .map(|i| format!("{}={} ({})", i.name, i.ok, i.detail))
             .collect();
         format!(
-            "succeeded {} refused {} errors {} [{}] first errors {:?}",
+            "succeeded {} refused {} errors {} fenced {} [{}] first errors {:?}",
             self.totals.succeeded,
             self.totals.refused,
             self.totals.errors,
+            self.fenced_rejections,
             inv.join("; "),
             self.errors.iter().take(3).collect::<Vec<_>>()
         )

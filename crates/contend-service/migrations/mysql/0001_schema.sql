@@ -68,7 +68,3 @@ CREATE TABLE idempotency_keys (
     lease_until BIGINT NOT NULL,
     PRIMARY KEY (scope, idem_key)
 ) ENGINE = InnoDB;
-CREATE TABLE fences (
-    resource VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin NOT NULL PRIMARY KEY,
-    token BIGINT NOT NULL
-) ENGINE = InnoDB;

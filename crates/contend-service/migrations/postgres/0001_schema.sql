@@ -65,7 +65,3 @@ CREATE TABLE idempotency_keys (
     lease_until BIGINT NOT NULL,
     PRIMARY KEY (scope, idem_key)
 );
-CREATE TABLE fences (
-    resource TEXT PRIMARY KEY,
-    token BIGINT NOT NULL
-);

@@ -135,6 +135,32 @@ pub struct Options {
     pub strategy: Strategy,
     pub allow_header: bool,
     pub max_connections: u32,
+    /// Redis namespace; `Some` connects the Redis locks named by `CONTEND_REDIS_URL` and
+    /// `CONTEND_REDLOCK_URLS` (when set).
+    pub redis_namespace: Option<String>,
+}
+
+/// `CONTEND_REDIS_URL`, when set (panics under `CONTEND_REQUIRE_SERVERS=1` when not).
+pub fn redis_url() -> Option<String> {
+    env_or_skip("CONTEND_REDIS_URL")
+}
+
+/// `CONTEND_REDLOCK_URLS`, when set.
+pub fn redlock_urls() -> Option<Vec<String>> {
+    env_or_skip("CONTEND_REDLOCK_URLS").map(|s| s.split(',').map(str::to_string).collect())
+}
+
+fn env_or_skip(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ if std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1") => {
+            panic!("{var} not set and CONTEND_REQUIRE_SERVERS=1")
+        }
+        _ => {
+            eprintln!("skipped: {var} not set");
+            None
+        }
+    }
 }
 
 impl Default for Options {
@@ -143,6 +169,7 @@ impl Default for Options {
             strategy: Strategy::Atomic,
             allow_header: true,
             max_connections: 16,
+            redis_namespace: None,
         }
     }
 }
@@ -160,6 +187,16 @@ impl Server {
         config.strategy = options.strategy;
         config.allow_strategy_header = options.allow_header;
         config.shutdown_grace = Duration::from_secs(10);
+        if let Some(ns) = &options.redis_namespace {
+            if let Some(url) = redis_url() {
+                let locks = contend_service::redis_locks::RedisLocks::single(&url, ns).await;
+                config.redis = Some(locks.expect("connect redis"));
+            }
+            if let Some(urls) = redlock_urls() {
+                let locks = contend_service::redis_locks::RedisLocks::redlock(&urls, ns).await;
+                config.redlock = Some(locks.expect("connect redlock"));
+            }
+        }
         let state = AppState::new(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -18,7 +18,12 @@
 //! let balance = Counter::new("account", "id", "balance")?;
 //! assert!(balance.try_sub_now(&db, 1, 3).await?);   // 5 -> 2
 //! assert!(!balance.try_sub_now(&db, 1, 3).await?);  // refused: only 2 left
-//! let left = db.transaction(|tx| Box::pin(async move { balance.try_sub(tx, 1, 2).await })).await?;
+//! let left = db
+//!     .transaction(|tx| {
+//!         let balance = balance.clone();
+//!         Box::pin(async move { balance.try_sub(tx, 1, 2).await })
+//!     })
+//!     .await?;
 //! assert_eq!(left, Some(0));
 //! # Ok(()) }
 //! ```
