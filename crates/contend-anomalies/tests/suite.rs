@@ -109,7 +109,7 @@ fn assert_row(
     }
 }
 
-/// The step of `anomaly`'s first variant at `level` whose SQL starts with `prefix` and that
+/// The step of `anomaly`'s first variant at `level` whose SQL contains `prefix` and that
 /// belongs to `tx`.
 fn step<'a>(
     report: &'a SuiteReport,
@@ -123,7 +123,7 @@ fn step<'a>(
         .trace
         .steps
         .iter()
-        .find(|s| s.step.tx == tx && s.sql.as_deref().is_some_and(|q| q.starts_with(prefix)))
+        .find(|s| s.step.tx == tx && s.sql.as_deref().is_some_and(|q| q.contains(prefix)))
         .unwrap_or_else(|| panic!("no {prefix} step of T{} in {anomaly} at {level}", tx + 1))
 }
 
