@@ -74,7 +74,12 @@ pub struct LabArgs {
     pub target: Option<String>,
 
     /// The servers' admin token, for --target.
-    #[arg(long, env = "CONTEND_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CONTEND_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub admin_token: Option<String>,
 }
 
@@ -142,7 +147,7 @@ impl LabArgs {
             for url in &urls {
                 config::check_redis_url("--redlock-urls", url)?;
             }
-            if urls.len() % 2 == 0 {
+            if urls.len().is_multiple_of(2) {
                 return Err(ConfigError(format!(
                     "--redlock-urls: {} servers given; Redlock needs an odd number (e.g. 3 or 5)",
                     urls.len()

@@ -81,8 +81,11 @@ pub fn parse_targets(s: &str) -> Result<Vec<String>, ConfigError> {
     let mut out: Vec<String> = Vec::new();
     for item in items {
         let bad = |why: &str| ConfigError(format!("--target: `{item}` {why}"));
-        let url = reqwest::Url::parse(item)
-            .map_err(|e| bad(&format!("is not a URL ({e}); expected e.g. http://127.0.0.1:8081")))?;
+        let url = reqwest::Url::parse(item).map_err(|e| {
+            bad(&format!(
+                "is not a URL ({e}); expected e.g. http://127.0.0.1:8081"
+            ))
+        })?;
         if url.scheme() != "http" {
             return Err(bad(
                 "is not an http:// URL (this build of the lab speaks plain HTTP/1.1 only)",
@@ -155,7 +158,10 @@ pub async fn run_targets(
     let client = Client::new(targets, admin_token, max_workers)?;
     let backend = client.backend().await?;
     let scenarios: Vec<HttpScenario> = if config.scenarios.is_empty() {
-        SCENARIOS.iter().filter_map(|s| HttpScenario::from_name(s)).collect()
+        SCENARIOS
+            .iter()
+            .filter_map(|s| HttpScenario::from_name(s))
+            .collect()
     } else {
         config
             .scenarios
@@ -474,7 +480,10 @@ impl Audit {
         if parts.is_empty() {
             (0, "no audit counter grew during the run".into())
         } else {
-            (violations, format!("GET /audit after the run: {}", parts.join(", ")))
+            (
+                violations,
+                format!("GET /audit after the run: {}", parts.join(", ")),
+            )
         }
     }
 }
@@ -590,7 +599,8 @@ async fn setup(
             )
             .await
             .map_err(|e| SetupError::Fail(anyhow::anyhow!(e)))?;
-        if reply.status == StatusCode::BAD_REQUEST && reply.error().0 == "strategy_header_not_allowed"
+        if reply.status == StatusCode::BAD_REQUEST
+            && reply.error().0 == "strategy_header_not_allowed"
         {
             return Err(SetupError::Fail(anyhow::anyhow!(
                 "target {} was not started with --allow-strategy-header, so the lab cannot pick \
@@ -863,8 +873,8 @@ async fn check(
             ));
         }
         HttpScenario::Withdraw => {
-            let expected = i128::from(plan.accounts[0].opening)
-                - succeeded_i * i128::from(WITHDRAW_AMOUNT);
+            let expected =
+                i128::from(plan.accounts[0].opening) - succeeded_i * i128::from(WITHDRAW_AMOUNT);
             let balance = i128::from(balances[0]);
             out.push(invariant(
                 "balance_matches_withdrawals",

@@ -1,6 +1,5 @@
 //! Counting what a distributed lock costs: a [`KeyLock`] wrapper that counts grants and measures
-//! handoff (release to the next waiter's grant) for one run, and the `INFO commandstats` reader
-//! that counts the Redis commands a run sent.
+//! handoff (release to the next waiter's grant) for one run.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,27 +142,6 @@ impl HeldLock for CountedHeld {
         counters.releasing(&key);
         inner.release()
     }
-}
-
-/// Sums the `calls` of every command in an `INFO commandstats` reply, except `INFO` itself.
-///
-/// ```
-/// let info = "# Commandstats\r\ncmdstat_set:calls=5,usec=10,usec_per_call=2.00\r\n\
-///             cmdstat_info:calls=7,usec=1\r\ncmdstat_evalsha:calls=3,usec=9\r\n";
-/// assert_eq!(contend_lab::lockstats::commandstats_calls(info), 8);
-/// ```
-pub fn commandstats_calls(info: &str) -> u64 {
-    info.lines()
-        .filter_map(|line| line.trim().strip_prefix("cmdstat_"))
-        .filter_map(|rest| rest.split_once(':'))
-        .filter(|(name, _)| *name != "info")
-        .filter_map(|(_, fields)| {
-            fields
-                .split(',')
-                .find_map(|f| f.strip_prefix("calls="))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-        })
-        .sum()
 }
 
 #[cfg(test)]

@@ -383,7 +383,11 @@ mod tests {
         assert!(report.failed());
         let text = report.render();
         assert!(
-            text.contains("UNSAFE: balance (baseline, expected)"),
+            text.contains("VIOLATION (unsafe baseline, expected)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("balance violated: final 3, expected 0"),
             "{text}"
         );
         assert!(text.contains("ERRORS (BUG)"), "{text}");

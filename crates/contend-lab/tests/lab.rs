@@ -63,3 +63,39 @@ async fn mysql_withdraw_none_loses_money_safe_strategies_do_not() {
         withdraw(Some(url)).await;
     }
 }
+
+/// `redis`, `redis-spin` and `redlock` guard the withdraw hot row under 32 workers: no violation,
+/// one grant per operation that took the lock, and the Redis commands counted per grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lock_strategies_are_safe_and_counted() {
+    let (Some(redis), Some(redlock)) = (
+        server_url("CONTEND_REDIS_URL"),
+        server_url("CONTEND_REDLOCK_URLS"),
+    ) else {
+        return;
+    };
+    let args = LabArgs {
+        scenario: Some("withdraw".into()),
+        strategy: Some("redis,redis-spin,redlock".into()),
+        workers: Some("32".into()),
+        operations: Some(300),
+        redis_url: Some(redis),
+        redlock_urls: Some(redlock),
+        no_progress: true,
+        ..LabArgs::default()
+    };
+    let registry = contend_lab::scenario::registry();
+    let config = args.into_config(&["withdraw"]).expect("valid flags");
+    let report = run_config(&config, &registry).await.expect("lab runs");
+    assert_eq!(report.runs.len(), 3, "{report:#?}");
+    for run in &report.runs {
+        assert_eq!(run.violations, 0, "{run:#?}");
+        assert_eq!(run.errors, 0, "{run:#?}");
+        assert_eq!(run.verdict, "SAFE");
+        let lock = run.lock.as_ref().expect("lock statistics");
+        assert_eq!(lock.acquisitions, run.operations, "{run:#?}");
+        assert!(lock.redis_commands >= lock.acquisitions, "{lock:?}");
+        assert!(lock.commands_per_acquisition >= 1.0, "{lock:?}");
+        assert_eq!(lock.fenced_rejections, 0, "{lock:?}");
+    }
+}

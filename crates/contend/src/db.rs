@@ -13,6 +13,7 @@ use sqlx::{Any, AnyPool, AssertSqlSafe, ConnectOptions, Connection, Executor};
 
 use crate::backend::{Backend, address_of, redact_url, sqlite::DEFAULT_BUSY_TIMEOUT_MS};
 use crate::error::{Error, Result};
+use crate::session::Session;
 use crate::tx::{self, Attempted, Tx, TxOptions};
 
 /// A pooled database handle. Cheap to clone; clones share the pool.
@@ -47,6 +48,7 @@ pub struct DbBuilder {
     acquire_timeout: Duration,
     connect_timeout: Duration,
     busy_timeout: Duration,
+    test_before_acquire: bool,
 }
 
 impl DbBuilder {
@@ -77,6 +79,15 @@ impl DbBuilder {
         self
     }
 
+    /// Whether the pool checks an idle connection with a round trip (a ping) before handing it
+    /// out. Default `true`: a connection the server closed is noticed before it is used. `false`
+    /// saves one round trip per transaction or statement, which benchmarks (the lab) want; a
+    /// dead connection then surfaces as the statement's error.
+    pub fn test_before_acquire(mut self, test: bool) -> Self {
+        self.test_before_acquire = test;
+        self
+    }
+
     /// Opens the pool and one connection, so that a bad address fails here, clearly.
     ///
     /// SQLite files are created if missing, and every SQLite connection gets WAL journaling,
@@ -97,7 +108,8 @@ impl DbBuilder {
         let busy_ms = self.busy_timeout.as_millis() as u64;
         let mut pool = AnyPoolOptions::new()
             .max_connections(if memory { 1 } else { self.max_connections })
-            .acquire_timeout(self.acquire_timeout);
+            .acquire_timeout(self.acquire_timeout)
+            .test_before_acquire(self.test_before_acquire);
         if memory {
             pool = pool
                 .idle_timeout(None)
@@ -196,6 +208,7 @@ impl Db {
             acquire_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             busy_timeout: Duration::from_millis(DEFAULT_BUSY_TIMEOUT_MS),
+            test_before_acquire: true,
         }
     }
 
@@ -297,6 +310,18 @@ impl Db {
         self.run(options, body).await.result
     }
 
+    /// A [`Session`]: one connection held for a worker's sequence of operations, as a pgbench
+    /// client holds its connection. Saves the round trip that sqlx's pool spends testing every
+    /// connection returned to it; the lab's workers use one each.
+    pub fn session(&self) -> Session {
+        Session::new(self.clone())
+    }
+
+    /// The busy timeout configured for SQLite connections, in milliseconds.
+    pub(crate) fn busy_timeout_ms(&self) -> u64 {
+        self.inner.busy_timeout_ms
+    }
+
     /// Like [`Db::transaction_with`], and reports how many attempts it took and which conflicts
     /// made it retry (the lab and metrics read these).
     ///
@@ -321,6 +346,6 @@ impl Db {
     {
         let mut options = options.clone();
         options.session_busy_timeout_ms = Some(self.inner.busy_timeout_ms);
-        tx::run(&self.inner.pool, self.inner.backend, &options, body).await
+        tx::run(&self.inner.pool, None, self.inner.backend, &options, body).await
     }
 }

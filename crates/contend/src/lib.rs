@@ -36,6 +36,7 @@ pub mod error;
 pub mod fencing;
 pub mod isolation;
 pub mod retry;
+pub mod session;
 pub mod strategy;
 pub mod tx;
 
@@ -45,4 +46,5 @@ pub use error::{BoxError, ConflictKind, Error, Result};
 pub use futures_util::future::BoxFuture;
 pub use isolation::IsolationLevel;
 pub use retry::RetryPolicy;
+pub use session::Session;
 pub use tx::{Attempted, Tx, TxOptions};

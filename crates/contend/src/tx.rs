@@ -463,6 +463,7 @@ fn has_sqlstate(err: &Error, code: &str) -> bool {
 /// The retry loop behind [`crate::Db::run`].
 pub(crate) async fn run<T, F>(
     pool: &AnyPool,
+    mut held: Option<&mut Option<PoolConnection<Any>>>,
     backend: Backend,
     options: &TxOptions,
     mut body: F,
@@ -482,7 +483,8 @@ where
     let started = Instant::now();
     loop {
         report.attempts += 1;
-        let attempt = IN_TRANSACTION.scope((), attempt(pool, backend, options, &mut body));
+        let slot = held.as_deref_mut();
+        let attempt = IN_TRANSACTION.scope((), attempt(pool, slot, backend, options, &mut body));
         match attempt.await {
             Ok((value, hooks)) => {
                 run_hooks(hooks).await;
@@ -507,8 +509,12 @@ where
     }
 }
 
+/// One attempt. With `held` (a [`crate::Session`]'s slot), the connection is taken from it and
+/// put back only when the transaction finished cleanly; otherwise it is closed (by `Tx`'s drop)
+/// and the session acquires a fresh one next time.
 async fn attempt<T, F>(
     pool: &AnyPool,
+    held: Option<&mut Option<PoolConnection<Any>>>,
     backend: Backend,
     options: &TxOptions,
     body: &mut F,
@@ -516,15 +522,20 @@ async fn attempt<T, F>(
 where
     F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
 {
-    let conn = pool.acquire().await?;
+    let mut held = held;
+    let conn = match held.as_mut().and_then(|slot| slot.take()) {
+        Some(conn) => conn,
+        None => pool.acquire().await?,
+    };
     let mut tx = Tx::begin(conn, backend, options).await?;
-    match body(&mut tx).await {
-        Ok(value) if tx.depth == 0 => {
-            tx.finish("COMMIT").await?;
-            let hooks = std::mem::take(&mut tx.hooks);
-            drop(tx);
-            Ok((value, hooks.into_iter().map(|(_, h)| h).collect()))
-        }
+    let result = match body(&mut tx).await {
+        Ok(value) if tx.depth == 0 => match tx.finish("COMMIT").await {
+            Ok(()) => {
+                let hooks = std::mem::take(&mut tx.hooks);
+                Ok((value, hooks.into_iter().map(|(_, h)| h).collect()))
+            }
+            Err(err) => Err(err),
+        },
         Ok(_) => {
             let _ = tx.finish("ROLLBACK").await;
             Err(Error::TransactionBroken(
@@ -537,7 +548,15 @@ where
             }
             Err(err)
         }
+    };
+    // A cleanly finished connection goes back to the session that lent it; any other is closed
+    // when `tx` drops.
+    if tx.finished
+        && let Some(slot) = held
+    {
+        *slot = tx.conn.take();
     }
+    result
 }
 
 async fn run_hooks(hooks: Vec<Hook>) {

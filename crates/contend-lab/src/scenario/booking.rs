@@ -256,44 +256,15 @@ impl Booking {
                 .await,
             ),
             Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
+                // One lock for the whole seat map: every worker wants the best free seat.
                 let keys = [seats.clone()];
-                fenced::run(ctx, &keys, |tokens| {
-                    Box::pin(async move {
-                        let sql = format!(
-                            "SELECT id FROM {seats} WHERE booked_by = 0 ORDER BY id LIMIT 1"
-                        );
-                        let seat: Option<i64> =
-                            db.query_scalar(&sql).fetch_optional(db.pool()).await?;
-                        think().await;
-                        let Some(seat) = seat else {
-                            return Err(refuse(SOLD_OUT));
-                        };
-                        db.transaction(|tx| {
-                            let (s, b, token) = (seats.clone(), bookings.clone(), tokens[0]);
-                            Box::pin(async move {
-                                fenced::write_tx(
-                                    tx,
-                                    &s,
-                                    seat,
-                                    token,
-                                    "booked_by = ?",
-                                    vec![customer],
-                                )
-                                .await?;
-                                tx.query(&format!(
-                                    "INSERT INTO {b} (seat, customer) VALUES (?, ?)"
-                                ))
-                                .bind(seat)
-                                .bind(customer)
-                                .execute(tx.conn())
-                                .await?;
-                                Ok(())
-                            })
-                        })
-                        .await
+                fenced::report_of(
+                    fenced::run(ctx, &keys, &lock_options(), move |tx| {
+                        let (s, b) = (seats.clone(), bookings.clone());
+                        Box::pin(async move { read_decide_write(tx, &s, &b, customer, "").await })
                     })
-                })
-                .await
+                    .await,
+                )
             }
             other => report_plain::<()>(Err(Error::aborted(format!(
                 "no implementation of strategy {other}"
@@ -320,7 +291,7 @@ impl Scenario for Booking {
             // booked_by: 0 while free, else the customer.
             db.execute_script(&format!(
                 "CREATE TABLE {seats} (id BIGINT PRIMARY KEY, booked_by BIGINT NOT NULL, \
-                 version BIGINT NOT NULL, fence BIGINT NOT NULL){engine}"
+                 version BIGINT NOT NULL){engine}"
             ))
             .await?;
             db.execute_script(&format!(
@@ -342,12 +313,12 @@ impl Scenario for Booking {
             let mut id = 1;
             while id <= n {
                 let end = (id + 499).min(n);
-                let values: Vec<String> = (id..=end).map(|i| format!("({i}, 0, 0, 0)")).collect();
+                let values: Vec<String> = (id..=end).map(|i| format!("({i}, 0, 0)")).collect();
                 db.execute_script(&format!("INSERT INTO {seats} VALUES {}", values.join(", ")))
                     .await?;
                 id = end + 1;
             }
-            Ok(())
+            fenced::setup(ctx).await
         })
     }
 
@@ -402,6 +373,7 @@ impl Scenario for Booking {
     fn teardown<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let (seats, bookings) = tables(ctx);
+            fenced::teardown(ctx, std::slice::from_ref(&seats)).await?;
             drop_tables(&ctx.db, &[seats, bookings]).await
         })
     }

@@ -9,7 +9,8 @@
 //! - `pessimistic`: create-or-find inside a transaction (insert in a savepoint, catch the unique
 //!   violation, read the winner with a locking read).
 //! - `serializable`, `advisory`, `mutex`, `redis*`: select-then-insert made safe by the
-//!   isolation level or the lock, without any unique constraint.
+//!   isolation level or the lock, without any unique constraint (`redis*` fence the key's
+//!   resource first, in the same transaction).
 //! - `optimistic` does not apply: there is no row to carry a version before it exists.
 //!
 //! Every caller's id goes to a second table, so the check can see who got what.
@@ -52,7 +53,17 @@ fn tables(ctx: &Ctx) -> (String, String) {
 /// The key operation `seq` asks for: consecutive operations ask for the same key, so the
 /// callers of one key run at the same time.
 fn key_of(seq: u64, operations: u64) -> String {
-    format!("key-{}", (seq / CALLERS) % GetOrCreate::keys(operations))
+    key_name((seq / CALLERS) % GetOrCreate::keys(operations))
+}
+
+/// The name of key number `k`.
+fn key_name(k: u64) -> String {
+    format!("key-{k}")
+}
+
+/// The lock key (and fence resource) of `key` in `table`, for the lock-based strategies.
+fn lock_key(table: &str, key: &str) -> String {
+    format!("{table}:{key}")
 }
 
 fn options() -> TxOptions {
@@ -168,14 +179,19 @@ impl GetOrCreate {
                 split(run)
             }
             Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
-                // The row does not exist before it is created, so there is nothing to fence:
-                // the lock alone decides (a paused holder could still create a duplicate).
-                plain(
-                    fenced::locked(ctx, &[format!("{table}:{key}")], |_tokens| {
-                        Box::pin(unlocked(db, table, key))
-                    })
-                    .await,
-                )
+                // The row does not exist yet, but its key's fence row does (the fence table
+                // holds one row per resource): a paused holder whose lock expired cannot
+                // create a second row after the next holder created the first.
+                let (owned_table, owned_key) = (table.to_string(), key.to_string());
+                let run = fenced::run(ctx, &[lock_key(table, key)], &options(), move |tx| {
+                    let (table, key) = (owned_table.clone(), owned_key.clone());
+                    Box::pin(async move { select_then_insert(tx, &table, &key).await })
+                })
+                .await;
+                let stale = u32::from(matches!(run.result, Err(Error::StaleFencingToken { .. })));
+                let (result, mut rep) = split(run);
+                rep.fenced_rejections = stale;
+                (result, rep)
             }
             other => plain(Err(Error::aborted(format!(
                 "no implementation of strategy {other}"
@@ -251,7 +267,7 @@ impl Scenario for GetOrCreate {
                 "CREATE TABLE {seen} (name VARCHAR(64) NOT NULL, got BIGINT NOT NULL){engine}"
             ))
             .await?;
-            Ok(())
+            fenced::setup(ctx).await
         })
     }
 
@@ -330,6 +346,10 @@ impl Scenario for GetOrCreate {
     fn teardown<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let (table, seen) = tables(ctx);
+            let keys: Vec<String> = (0..GetOrCreate::keys(ctx.operations))
+                .map(|k| lock_key(&table, &key_name(k)))
+                .collect();
+            fenced::teardown(ctx, &keys).await?;
             drop_tables(&ctx.db, &[table, seen]).await
         })
     }

@@ -285,61 +285,91 @@ pub(crate) fn invariant(name: &str, violations: u64, detail: String) -> Invarian
 }
 
 /// The `redis`, `redis-spin` and `redlock` strategies: a distributed lock from [`Ctx::locks`]
-/// around the read-decide-write, whose fencing token every write carries. A row remembers the
-/// highest token that wrote it (`fence` column) and refuses writes with an older one, so a
-/// holder whose lock expired while it was paused cannot overwrite a newer holder's work.
+/// around the read-decide-write, and [`contend::fencing`] as the safety net in the database.
+///
+/// Every operation takes the locks on its keys in sorted order, then runs one transaction that
+/// first calls [`contend::fencing::fence`] for each key (the key is the fence resource, the
+/// grant's token the fencing token), and only then reads, decides and writes. A holder whose lock
+/// expired while it was paused carries an older token than the next holder: its fence fails with
+/// [`Error::StaleFencingToken`], the transaction rolls back, and the operation counts one fenced
+/// rejection (and an error). Fencing first also means the reads happen under the fence row's
+/// lock, so they see every earlier holder's committed writes.
+///
+/// The spin baseline (`redis-spin`) has no fencing token: its grants carry 0, which the fence
+/// accepts on a resource no real token has written (every run has resources of its own), so it
+/// goes through the same transaction but a stale spin holder is not caught.
 pub(crate) mod fenced {
-    use contend::{BoxFuture, Db, Error, Tx};
+    use contend::fencing::{self, FencingToken};
+    use contend::{Attempted, BoxFuture, Error, Tx, TxOptions};
 
-    use super::{Ctx, OpReport, outcome_of};
+    use super::{Ctx, HeldLock, OpReport, report};
 
-    /// The error of a write refused for its stale token.
-    pub(crate) fn stale(table: &str, token: u64) -> Error {
-        Error::StaleFencingToken {
-            resource: table.to_string(),
-            token,
-            highest: 0,
+    /// Creates the fence table when `ctx.strategy` is a lock-based one (call from setup).
+    pub(crate) async fn setup(ctx: &Ctx) -> anyhow::Result<()> {
+        if ctx.strategy.needs_redis() {
+            fencing::ensure_schema(&ctx.db).await?;
         }
+        Ok(())
+    }
+
+    /// Deletes this run's fence rows (`resources`, the run's lock keys) when `ctx.strategy` is
+    /// a lock-based one (call from teardown). The fence table itself stays: other runs and
+    /// other programs share it.
+    pub(crate) async fn teardown(ctx: &Ctx, resources: &[String]) -> anyhow::Result<()> {
+        if !ctx.strategy.needs_redis() {
+            return Ok(());
+        }
+        for chunk in resources.chunks(100) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "DELETE FROM {} WHERE resource IN ({marks})",
+                fencing::FENCE_TABLE
+            );
+            let mut q = ctx.db.query(&sql);
+            for r in chunk {
+                q = q.bind(r.clone());
+            }
+            q.execute(ctx.db.pool()).await?;
+        }
+        Ok(())
+    }
+
+    /// The report of a fenced operation: as [`report`], plus one fenced rejection when the
+    /// transaction was refused for a stale token.
+    pub(crate) fn report_of<T>(run: Attempted<T>) -> OpReport {
+        let stale = matches!(run.result, Err(Error::StaleFencingToken { .. }));
+        let mut rep = report(run);
+        rep.fenced_rejections = u32::from(stale);
+        rep
     }
 
     /// Takes the locks on `keys` one by one in sorted order (so that two operations needing the
-    /// same keys cannot deadlock), runs `body` with their fencing tokens (in the order of
-    /// `keys` as given), then releases them. Reports the body's outcome.
-    pub(crate) async fn run<'f, F>(ctx: &Ctx, keys: &[String], body: F) -> OpReport
+    /// same keys cannot deadlock), then runs `body` in a transaction (with `options`, retried as
+    /// they say) that fences every key with its grant's token first; releases the locks after
+    /// the transaction ended. When a lock is not acquired, no transaction runs (0 attempts).
+    pub(crate) async fn run<T, F>(
+        ctx: &Ctx,
+        keys: &[String],
+        options: &TxOptions,
+        body: F,
+    ) -> Attempted<T>
     where
-        F: FnOnce(Vec<u64>) -> BoxFuture<'f, contend::Result<()>>,
-    {
-        let result = locked(ctx, keys, body).await;
-        let mut report = OpReport::new(outcome_of(&result));
-        report.conflicts = result
-            .as_ref()
-            .err()
-            .and_then(Error::conflict)
-            .into_iter()
-            .collect();
-        report.fenced_rejections =
-            u32::from(matches!(result, Err(Error::StaleFencingToken { .. })));
-        report
-    }
-
-    /// Like [`run`], returning the body's result.
-    pub(crate) async fn locked<'f, T, F>(ctx: &Ctx, keys: &[String], body: F) -> contend::Result<T>
-    where
-        F: FnOnce(Vec<u64>) -> BoxFuture<'f, contend::Result<T>>,
+        T: Send,
+        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, contend::Result<T>> + Clone + Send + 'static,
     {
         let Some(locks) = ctx.locks.as_ref() else {
-            return Err(Error::aborted(format!(
+            return not_run(Error::aborted(format!(
                 "strategy {} needs a Redis lock service (--redis-url / --redlock-urls)",
                 ctx.strategy
             )));
         };
-        let mut order: Vec<&String> = keys.iter().collect();
+        let mut order: Vec<String> = keys.to_vec();
         order.sort();
         order.dedup();
-        let mut held: Vec<(&String, Box<dyn super::HeldLock>)> = Vec::with_capacity(order.len());
+        let mut held: Vec<(String, Box<dyn HeldLock>)> = Vec::with_capacity(order.len());
         let mut failed = None;
         for key in order {
-            match locks.lock(key).await {
+            match locks.lock(&key).await {
                 Ok(h) => held.push((key, h)),
                 Err(e) => {
                     failed = Some(e);
@@ -347,84 +377,42 @@ pub(crate) mod fenced {
                 }
             }
         }
-        let result = match failed {
-            Some(e) => Err(e),
+        let run = match failed {
+            Some(e) => not_run(e),
             None => {
-                let tokens = keys
+                let fences: Vec<(String, FencingToken)> = held
                     .iter()
-                    .map(|k| {
-                        held.iter()
-                            .find(|(key, _)| *key == k)
-                            .map_or(0, |(_, h)| h.fencing_token())
-                    })
+                    .map(|(key, h)| (key.clone(), FencingToken::new(h.fencing_token())))
                     .collect();
-                body(tokens).await
+                ctx.db
+                    .run(options, move |tx| {
+                        let fences = fences.clone();
+                        let mut body = body.clone();
+                        Box::pin(async move {
+                            for (resource, token) in &fences {
+                                fencing::fence(tx, resource, *token).await?;
+                            }
+                            body(tx).await
+                        })
+                    })
+                    .await
             }
         };
         for (_, h) in held.into_iter().rev() {
             if let Err(e) = h.release().await {
-                // A failed release only delays the next holder until the lock's TTL.
+                // A failed release only delays the next holder until the lock's lease ends.
                 tracing::debug!(error = %e, "lock release failed");
             }
         }
-        result
+        run
     }
 
-    fn sql(table: &str, set: &str) -> String {
-        format!("UPDATE {table} SET {set}, fence = ? WHERE id = ? AND fence <= ?")
-    }
-
-    /// Autocommit fenced write: `UPDATE table SET <set>, fence = token WHERE id = ? AND
-    /// fence <= token`, binding `values` for the `?` in `set`.
-    pub(crate) async fn write(
-        db: &Db,
-        table: &str,
-        id: i64,
-        token: u64,
-        set: &str,
-        values: Vec<i64>,
-    ) -> contend::Result<()> {
-        let token_i = i64::try_from(token).unwrap_or(i64::MAX);
-        let mut q = db.query(&sql(table, set));
-        for v in values {
-            q = q.bind(v);
+    fn not_run<T>(error: Error) -> Attempted<T> {
+        Attempted {
+            result: Err(error),
+            attempts: 0,
+            conflicts: Vec::new(),
         }
-        let done = q
-            .bind(token_i)
-            .bind(id)
-            .bind(token_i)
-            .execute(db.pool())
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(stale(table, token));
-        }
-        Ok(())
-    }
-
-    /// The same fenced write inside a transaction.
-    pub(crate) async fn write_tx(
-        tx: &mut Tx,
-        table: &str,
-        id: i64,
-        token: u64,
-        set: &str,
-        values: Vec<i64>,
-    ) -> contend::Result<()> {
-        let token_i = i64::try_from(token).unwrap_or(i64::MAX);
-        let mut q = tx.query(&sql(table, set));
-        for v in values {
-            q = q.bind(v);
-        }
-        let done = q
-            .bind(token_i)
-            .bind(id)
-            .bind(token_i)
-            .execute(tx.conn())
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(stale(table, token));
-        }
-        Ok(())
     }
 }
 

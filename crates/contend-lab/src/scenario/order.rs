@@ -10,10 +10,10 @@ use contend::strategy::Strategy;
 use contend::strategy::mutex::KeyedMutex;
 use contend::{Backend, BoxFuture};
 
-use super::transfer::{Move, Plan, apply};
+use super::transfer::{Move, Plan, apply, row_key};
 use super::{
-    Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, invariant,
-    scalar, sum_bigint, table_name,
+    Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
+    invariant, scalar, sum_bigint, table_name,
 };
 
 /// The product's id.
@@ -83,7 +83,7 @@ impl Scenario for Order {
             for (name, column) in [(&t.product, "stock"), (&t.account, "balance")] {
                 db.execute_script(&format!(
                     "CREATE TABLE {name} (id BIGINT PRIMARY KEY, {column} BIGINT NOT NULL, \
-                     version BIGINT NOT NULL, fence BIGINT NOT NULL){engine}"
+                     version BIGINT NOT NULL){engine}"
                 ))
                 .await?;
             }
@@ -93,19 +93,19 @@ impl Scenario for Order {
                 t.orders
             ))
             .await?;
-            db.query(&format!("INSERT INTO {} VALUES (?, ?, 0, 0)", t.product))
+            db.query(&format!("INSERT INTO {} VALUES (?, ?, 0)", t.product))
                 .bind(PRODUCT)
                 .bind(Order::stock(ctx.operations))
                 .execute(db.pool())
                 .await?;
             for id in 1..=ACCOUNTS {
-                db.query(&format!("INSERT INTO {} VALUES (?, ?, 0, 0)", t.account))
+                db.query(&format!("INSERT INTO {} VALUES (?, ?, 0)", t.account))
                     .bind(id)
                     .bind(Order::money(ctx.operations))
                     .execute(db.pool())
                     .await?;
             }
-            Ok(())
+            fenced::setup(ctx).await
         })
     }
 
@@ -201,6 +201,9 @@ impl Scenario for Order {
     fn teardown<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let t = tables(ctx);
+            let mut keys = vec![row_key(&t.product, PRODUCT)];
+            keys.extend((1..=ACCOUNTS).map(|id| row_key(&t.account, id)));
+            fenced::teardown(ctx, &keys).await?;
             drop_tables(&ctx.db, &[t.product, t.account, t.orders]).await
         })
     }

@@ -233,41 +233,15 @@ impl Queue {
                 .await,
             ),
             Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
+                // One lock for the whole queue: every worker wants the oldest pending job.
                 let keys = [jobs.clone()];
-                fenced::run(ctx, &keys, |tokens| {
-                    Box::pin(async move {
-                        let sql =
-                            format!("SELECT id FROM {jobs} WHERE status = 0 ORDER BY id LIMIT 1");
-                        let job: Option<i64> =
-                            db.query_scalar(&sql).fetch_optional(db.pool()).await?;
-                        think().await;
-                        let Some(job) = job else {
-                            return Err(refuse(EMPTY));
-                        };
-                        db.transaction(|tx| {
-                            let (j, d, token) = (jobs.clone(), done.clone(), tokens[0]);
-                            Box::pin(async move {
-                                fenced::write_tx(
-                                    tx,
-                                    &j,
-                                    job,
-                                    token,
-                                    "status = 1, worker = ?",
-                                    vec![worker],
-                                )
-                                .await?;
-                                tx.query(&format!("INSERT INTO {d} (job, worker) VALUES (?, ?)"))
-                                    .bind(job)
-                                    .bind(worker)
-                                    .execute(tx.conn())
-                                    .await?;
-                                Ok(())
-                            })
-                        })
-                        .await
+                fenced::report_of(
+                    fenced::run(ctx, &keys, &lock_options(), move |tx| {
+                        let (j, d) = (jobs.clone(), done.clone());
+                        Box::pin(async move { read_decide_write(tx, &j, &d, worker, "").await })
                     })
-                })
-                .await
+                    .await,
+                )
             }
             other => report_plain::<()>(Err(Error::aborted(format!(
                 "no implementation of strategy {other}"
@@ -294,7 +268,7 @@ impl Scenario for Queue {
             // status: 0 pending, 1 done.
             db.execute_script(&format!(
                 "CREATE TABLE {jobs} (id BIGINT PRIMARY KEY, status BIGINT NOT NULL, \
-                 worker BIGINT NOT NULL, version BIGINT NOT NULL, fence BIGINT NOT NULL){engine}"
+                 worker BIGINT NOT NULL, version BIGINT NOT NULL){engine}"
             ))
             .await?;
             db.execute_script(&format!(
@@ -310,12 +284,12 @@ impl Scenario for Queue {
             while id <= n {
                 let end = (id + 499).min(n);
                 let values: Vec<String> =
-                    (id..=end).map(|i| format!("({i}, 0, 0, 0, 0)")).collect();
+                    (id..=end).map(|i| format!("({i}, 0, 0, 0)")).collect();
                 db.execute_script(&format!("INSERT INTO {jobs} VALUES {}", values.join(", ")))
                     .await?;
                 id = end + 1;
             }
-            Ok(())
+            fenced::setup(ctx).await
         })
     }
 
@@ -377,6 +351,7 @@ impl Scenario for Queue {
     fn teardown<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let (jobs, done) = tables(ctx);
+            fenced::teardown(ctx, std::slice::from_ref(&jobs)).await?;
             drop_tables(&ctx.db, &[jobs, done]).await
         })
     }

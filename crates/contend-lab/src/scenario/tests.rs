@@ -12,7 +12,7 @@ use std::time::Duration;
 use contend::strategy::Strategy;
 use contend::{Backend, Db};
 
-use super::{Ctx, Invariant, Outcome, Scenario, Totals};
+use super::{Ctx, Invariant, KeyLock, Outcome, Scenario, Totals};
 
 /// A database for `backend`, or `None` (after printing "skipped: ...") when its server is not
 /// configured. Panics when it is not configured and `CONTEND_REQUIRE_SERVERS=1`.
@@ -92,12 +92,24 @@ pub(crate) async fn drive(
     workers: usize,
     operations: u64,
 ) -> Driven {
+    drive_with(scenario, db, strategy, None, workers, operations).await
+}
+
+/// [`drive`] with a lock service for the lock-based strategies.
+pub(crate) async fn drive_with(
+    scenario: Arc<dyn Scenario>,
+    db: &Db,
+    strategy: Strategy,
+    locks: Option<Arc<dyn KeyLock>>,
+    workers: usize,
+    operations: u64,
+) -> Driven {
     let ctx = Arc::new(Ctx {
         db: db.clone(),
         strategy,
         workers,
         operations,
-        locks: None,
+        locks,
         run_id: format!("t{:08x}", rand::random::<u32>()),
     });
     scenario.setup(&ctx).await.expect("setup");

@@ -32,9 +32,15 @@ pub(crate) struct Move {
 }
 
 impl Move {
-    fn key(&self) -> String {
-        format!("{}:{}", self.table, self.id)
+    /// The row's lock key (mutex, advisory and Redis locks; also its fence resource).
+    pub(crate) fn key(&self) -> String {
+        row_key(&self.table, self.id)
     }
+}
+
+/// The lock key (and fence resource) of row `id` of `table`.
+pub(crate) fn row_key(table: &str, id: i64) -> String {
+    format!("{table}:{id}")
 }
 
 /// Moves applied together or not at all, and an `INSERT` (with `BIGINT` parameters) recording
@@ -255,34 +261,13 @@ pub(crate) async fn apply(ctx: &Ctx, mutex: &KeyedMutex, plan: Plan) -> OpReport
         ),
         Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
             let keys = plan.keys();
-            fenced::run(ctx, &keys, |tokens| {
-                Box::pin(async move {
-                    let mut values = Vec::new();
-                    for m in &plan.moves {
-                        let sql = format!("SELECT {} FROM {} WHERE id = ?", m.column, m.table);
-                        values.push(
-                            db.query_scalar(&sql)
-                                .bind(m.id)
-                                .fetch_one(db.pool())
-                                .await?,
-                        );
-                    }
-                    think().await;
-                    let new = plan.decide(&values)?;
-                    db.transaction(|tx| {
-                        let (plan, new, tokens) = (plan.clone(), new.clone(), tokens.clone());
-                        Box::pin(async move {
-                            for ((m, v), token) in plan.moves.iter().zip(new).zip(tokens) {
-                                let set = format!("{} = ?", m.column);
-                                fenced::write_tx(tx, &m.table, m.id, token, &set, vec![v]).await?;
-                            }
-                            record_tx(tx, &plan).await
-                        })
-                    })
-                    .await
+            fenced::report_of(
+                fenced::run(ctx, &keys, &lock_options(), move |tx| {
+                    let plan = plan.clone();
+                    Box::pin(async move { read_decide_write(tx, &plan, "").await })
                 })
-            })
-            .await
+                .await,
+            )
         }
         other => report_plain::<()>(Err(Error::aborted(format!(
             "no implementation of strategy {other}"
@@ -340,7 +325,7 @@ impl Scenario for Transfer {
             drop_tables(db, &[acc.clone(), ledger.clone()]).await?;
             db.execute_script(&format!(
                 "CREATE TABLE {acc} (id BIGINT PRIMARY KEY, balance BIGINT NOT NULL, \
-                 version BIGINT NOT NULL, fence BIGINT NOT NULL){engine}"
+                 version BIGINT NOT NULL){engine}"
             ))
             .await?;
             db.execute_script(&format!(
@@ -348,7 +333,7 @@ impl Scenario for Transfer {
             ))
             .await?;
             for id in 1..=ACCOUNTS {
-                db.query(&format!("INSERT INTO {acc} VALUES (?, ?, 0, 0)"))
+                db.query(&format!("INSERT INTO {acc} VALUES (?, ?, 0)"))
                     .bind(id)
                     .bind(OPENING)
                     .execute(db.pool())
@@ -359,7 +344,7 @@ impl Scenario for Transfer {
                     .execute(db.pool())
                     .await?;
             }
-            Ok(())
+            fenced::setup(ctx).await
         })
     }
 
@@ -449,6 +434,8 @@ impl Scenario for Transfer {
     fn teardown<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let (acc, ledger) = tables(ctx);
+            let keys: Vec<String> = (1..=ACCOUNTS).map(|id| row_key(&acc, id)).collect();
+            fenced::teardown(ctx, &keys).await?;
             drop_tables(&ctx.db, &[acc, ledger]).await
         })
     }

@@ -43,6 +43,11 @@ fn table(ctx: &Ctx) -> String {
     table_name(ctx, "withdraw")
 }
 
+/// The account's lock key (and fence resource) for the lock-based strategies.
+fn lock_key(t: &str) -> String {
+    format!("{t}:{ACCOUNT}")
+}
+
 /// The retry policy of the locking strategies: deadlocks and busy errors only happen under
 /// pathological load here, but are retried like any conflict.
 fn lock_options() -> TxOptions {
@@ -189,24 +194,12 @@ impl Withdraw {
                 report(run)
             }
             Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
-                fenced::run(ctx, &[format!("{t}:{ACCOUNT}")], |tokens| {
+                let run = fenced::run(ctx, &[lock_key(&t)], &lock_options(), move |tx| {
                     let t = t.clone();
-                    Box::pin(async move {
-                        let sql = format!("SELECT balance FROM {t} WHERE id = ?");
-                        let balance: i64 = db
-                            .query_scalar(&sql)
-                            .bind(ACCOUNT)
-                            .fetch_one(db.pool())
-                            .await?;
-                        think().await;
-                        if balance < 1 {
-                            return Err(refuse("insufficient funds"));
-                        }
-                        fenced::write(db, &t, ACCOUNT, tokens[0], "balance = ?", vec![balance - 1])
-                            .await
-                    })
+                    Box::pin(async move { in_tx(tx, &t, "").await })
                 })
-                .await
+                .await;
+                fenced::report_of(run)
             }
             other => report_plain::<()>(Err(Error::aborted(format!(
                 "withdraw does not know strategy {other}"
@@ -231,19 +224,19 @@ impl Scenario for Withdraw {
             drop_tables(db, std::slice::from_ref(&t)).await?;
             db.execute_script(&format!(
                 "CREATE TABLE {t} (id BIGINT PRIMARY KEY, balance BIGINT NOT NULL, \
-                 version BIGINT NOT NULL, fence BIGINT NOT NULL){}",
+                 version BIGINT NOT NULL){}",
                 engine(db.backend())
             ))
             .await?;
             let b = Withdraw::starting_balance(ctx.operations);
             db.query(&format!(
-                "INSERT INTO {t} (id, balance, version, fence) VALUES (?, ?, 0, 0)"
+                "INSERT INTO {t} (id, balance, version) VALUES (?, ?, 0)"
             ))
             .bind(ACCOUNT)
             .bind(b)
             .execute(db.pool())
             .await?;
-            Ok(())
+            fenced::setup(ctx).await
         })
     }
 
@@ -287,6 +280,10 @@ impl Scenario for Withdraw {
     }
 
     fn teardown<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async move { drop_tables(&ctx.db, &[table(ctx)]).await })
+        Box::pin(async move {
+            let t = table(ctx);
+            fenced::teardown(ctx, &[lock_key(&t)]).await?;
+            drop_tables(&ctx.db, &[t]).await
+        })
     }
 }
