@@ -485,7 +485,11 @@ pub fn variants(anomaly: Anomaly) -> Vec<Variant> {
 /// The final states the committed transactions among `txs` give when run one after another,
 /// each with the order that gives it.
 fn serial_outcomes(trace: &Trace, txs: &[TxId]) -> Vec<(String, State)> {
-    let committed: Vec<TxId> = txs.iter().copied().filter(|t| trace.committed(*t)).collect();
+    let committed: Vec<TxId> = txs
+        .iter()
+        .copied()
+        .filter(|t| trace.committed(*t))
+        .collect();
     let ops: Vec<Vec<Op>> = (0..trace.txs).map(|t| trace.applied_ops(t)).collect();
     permutations(&committed)
         .into_iter()
@@ -493,7 +497,11 @@ fn serial_outcomes(trace: &Trace, txs: &[TxId]) -> Vec<(String, State)> {
             let name = if order.is_empty() {
                 "no transaction".to_string()
             } else {
-                order.iter().map(|t| tx_name(*t)).collect::<Vec<_>>().join(" then ")
+                order
+                    .iter()
+                    .map(|t| tx_name(*t))
+                    .collect::<Vec<_>>()
+                    .join(" then ")
             };
             (name, serial_state(&initial_state(), &ops, &order))
         })
@@ -566,11 +574,7 @@ fn eval_g1c(trace: &Trace) -> Evaluation {
     let r1 = trace.value("r1", 2);
     let r2 = trace.value("r2", 1);
     let show = |v: Option<i64>| v.map_or("nothing".to_string(), |v| v.to_string());
-    let detail = format!(
-        "T1 read row 2 = {}, T2 read row 1 = {}",
-        show(r1),
-        show(r2)
-    );
+    let detail = format!("T1 read row 2 = {}, T2 read row 1 = {}", show(r1), show(r2));
     if r1 == Some(22) && r2 == Some(11) {
         Evaluation::occurred(format!("{detail}: each saw the other's uncommitted write"))
     } else {
@@ -580,9 +584,7 @@ fn eval_g1c(trace: &Trace) -> Evaluation {
 
 fn eval_otv(trace: &Trace) -> Evaluation {
     // Version order of each row; index 1 is T1's write, index 2 is T2's.
-    let versions = |id: i64| -> [i64; 3] {
-        if id == 1 { [10, 11, 12] } else { [20, 19, 18] }
-    };
+    let versions = |id: i64| -> [i64; 3] { if id == 1 { [10, 11, 12] } else { [20, 19, 18] } };
     let version_of = |id: i64, value: i64| versions(id).iter().position(|v| *v == value);
     let mut observed: BTreeSet<(usize, i64)> = BTreeSet::new(); // (writer version, row)
     let mut seen = Vec::new();
@@ -632,7 +634,7 @@ fn one_state_for_reads(
 ) -> Option<(Option<String>, String)> {
     let mut shown = Vec::new();
     for (label, _) in reads {
-        shown.push(format!("{}", show_rows(trace.rows(label)?)));
+        shown.push(show_rows(trace.rows(label)?));
     }
     let found = candidates.iter().find(|(_, state)| {
         reads
@@ -775,7 +777,10 @@ fn eval_p4(trace: &Trace) -> Evaluation {
         committed_list(trace),
         show(fin)
     );
-    let expected: BTreeSet<i64> = outcomes.iter().filter_map(|(_, s)| s.get(&1).copied()).collect();
+    let expected: BTreeSet<i64> = outcomes
+        .iter()
+        .filter_map(|(_, s)| s.get(&1).copied())
+        .collect();
     let expected_text = expected
         .iter()
         .map(i64::to_string)
@@ -899,18 +904,34 @@ mod tests {
     #[test]
     fn lost_update_is_seen_in_the_final_value() {
         let v = &variants(Anomaly::P4)[0];
-        let lost = fake(v, &[("r1", vec![(1, 10)]), ("r2", vec![(1, 10)])], state(&[(1, 12), (2, 20)]));
+        let lost = fake(
+            v,
+            &[("r1", vec![(1, 10)]), ("r2", vec![(1, 10)])],
+            state(&[(1, 12), (2, 20)]),
+        );
         assert!((v.evaluate)(&lost).occurred);
-        let kept = fake(v, &[("r1", vec![(1, 10)]), ("r2", vec![(1, 11)])], state(&[(1, 13), (2, 20)]));
+        let kept = fake(
+            v,
+            &[("r1", vec![(1, 10)]), ("r2", vec![(1, 11)])],
+            state(&[(1, 13), (2, 20)]),
+        );
         assert!(!(v.evaluate)(&kept).occurred);
     }
 
     #[test]
     fn read_skew_needs_two_states() {
         let v = &variants(Anomaly::GSingle)[0];
-        let skew = fake(v, &[("r1", vec![(1, 10)]), ("r2", vec![(2, 18)])], state(&[(1, 12), (2, 18)]));
+        let skew = fake(
+            v,
+            &[("r1", vec![(1, 10)]), ("r2", vec![(2, 18)])],
+            state(&[(1, 12), (2, 18)]),
+        );
         assert!((v.evaluate)(&skew).occurred);
-        let snapshot = fake(v, &[("r1", vec![(1, 10)]), ("r2", vec![(2, 20)])], state(&[(1, 12), (2, 18)]));
+        let snapshot = fake(
+            v,
+            &[("r1", vec![(1, 10)]), ("r2", vec![(2, 20)])],
+            state(&[(1, 12), (2, 18)]),
+        );
         assert!(!(v.evaluate)(&snapshot).occurred);
     }
 
@@ -920,13 +941,21 @@ mod tests {
         let fin = state(&[(1, 12), (2, 18)]);
         let vanish = fake(
             v,
-            &[("r1", vec![(1, 12), (2, 19)]), ("r2", vec![(1, 12), (2, 18)]), ("r3", vec![(1, 12), (2, 18)])],
+            &[
+                ("r1", vec![(1, 12), (2, 19)]),
+                ("r2", vec![(1, 12), (2, 18)]),
+                ("r3", vec![(1, 12), (2, 18)]),
+            ],
             fin.clone(),
         );
         assert!((v.evaluate)(&vanish).occurred);
         let read_committed = fake(
             v,
-            &[("r1", vec![(1, 11), (2, 19)]), ("r2", vec![(1, 11), (2, 19)]), ("r3", vec![(1, 12), (2, 18)])],
+            &[
+                ("r1", vec![(1, 11), (2, 19)]),
+                ("r2", vec![(1, 11), (2, 19)]),
+                ("r3", vec![(1, 12), (2, 18)]),
+            ],
             fin,
         );
         assert!(!(v.evaluate)(&read_committed).occurred);
@@ -936,10 +965,18 @@ mod tests {
     fn write_predicate_pmp_as_in_postgres_read_committed() {
         let v = &variants(Anomaly::Pmp)[1];
         // T2 saw 2=>20, deleted nothing, then saw 1=>20.
-        let pg = fake(v, &[("r1", vec![(2, 20)]), ("r2", vec![(1, 20)])], state(&[(1, 20), (2, 30)]));
+        let pg = fake(
+            v,
+            &[("r1", vec![(2, 20)]), ("r2", vec![(1, 20)])],
+            state(&[(1, 20), (2, 30)]),
+        );
         assert!((v.evaluate)(&pg).occurred);
         // T2 ran after T1: saw 1=>20, deleted row 1, then saw nothing.
-        let serial = fake(v, &[("r1", vec![(1, 20)]), ("r2", vec![])], state(&[(2, 30)]));
+        let serial = fake(
+            v,
+            &[("r1", vec![(1, 20)]), ("r2", vec![])],
+            state(&[(2, 30)]),
+        );
         assert!(!(v.evaluate)(&serial).occurred);
     }
 

@@ -72,7 +72,10 @@ fn plan(args: &AnomaliesArgs) -> anyhow::Result<Plan> {
         }
     }
     let explain = match args.explain.as_deref() {
-        Some([anomaly, level]) => Some((anomaly.parse::<Anomaly>()?, level.parse::<IsolationLevel>()?)),
+        Some([anomaly, level]) => Some((
+            anomaly.parse::<Anomaly>()?,
+            level.parse::<IsolationLevel>()?,
+        )),
         Some(_) => anyhow::bail!("--explain takes two values: ANOMALY LEVEL"),
         None => None,
     };
@@ -115,7 +118,8 @@ pub async fn run(args: AnomaliesArgs) -> anyhow::Result<ExitCode> {
     let (url, _tempdir) = match &args.database_url {
         Some(url) if !url.trim().is_empty() => (url.clone(), None),
         _ => {
-            let dir = tempfile::tempdir().context("cannot create a temporary directory for SQLite")?;
+            let dir =
+                tempfile::tempdir().context("cannot create a temporary directory for SQLite")?;
             let path = dir.path().join("anomalies.db");
             (format!("sqlite:{}", path.display()), Some(dir))
         }
@@ -169,14 +173,23 @@ mod tests {
 
     #[test]
     fn lists_and_explain() {
-        let p = parse(&["--level", "read_committed,serializable", "--anomaly", "p4,G2-item"]).unwrap();
+        let p = parse(&[
+            "--level",
+            "read_committed,serializable",
+            "--anomaly",
+            "p4,G2-item",
+        ])
+        .unwrap();
         assert_eq!(
             p.options.levels,
             vec![IsolationLevel::ReadCommitted, IsolationLevel::Serializable]
         );
         assert_eq!(p.options.anomalies, vec![Anomaly::P4, Anomaly::G2Item]);
         let p = parse(&["--explain", "G-single", "repeatable_read"]).unwrap();
-        assert_eq!(p.explain, Some((Anomaly::GSingle, IsolationLevel::RepeatableRead)));
+        assert_eq!(
+            p.explain,
+            Some((Anomaly::GSingle, IsolationLevel::RepeatableRead))
+        );
         assert_eq!(p.options.anomalies, vec![Anomaly::GSingle]);
         let p = parse(&[]).unwrap();
         assert_eq!(p.options.levels.len(), 4);

@@ -112,9 +112,8 @@ impl Monitor {
                         continue;
                     }
                     let blockers = blockers.split(',').filter_map(|b| b.parse().ok()).collect();
-                    for (session, _) in heads.iter().filter(|(_, id)| *id == pid) {
+                    if let Some((session, _)) = heads.iter().find(|(_, id)| *id == pid) {
                         out.insert(*session, blockers);
-                        break;
                     }
                 }
             }
@@ -165,7 +164,10 @@ pub(crate) fn innodb_waiting_threads(status: &str) -> HashSet<i64> {
     let mut out = HashSet::new();
     for block in status.split("---TRANSACTION").skip(1) {
         let block = block.split("\n--------\n").next().unwrap_or(block);
-        if !block.lines().any(|l| l.trim_start().starts_with("LOCK WAIT")) {
+        if !block
+            .lines()
+            .any(|l| l.trim_start().starts_with("LOCK WAIT"))
+        {
             continue;
         }
         if let Some(pos) = block.find("thread id ") {

@@ -97,7 +97,9 @@ impl Serialize for Anomaly {
 
 /// The error of parsing an unknown anomaly name.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown anomaly `{0}` (expected G0, G1a, G1b, G1c, OTV, PMP, P4, G-single, G2-item or G2)")]
+#[error(
+    "unknown anomaly `{0}` (expected G0, G1a, G1b, G1c, OTV, PMP, P4, G-single, G2-item or G2)"
+)]
 pub struct UnknownAnomaly(pub String);
 
 impl FromStr for Anomaly {

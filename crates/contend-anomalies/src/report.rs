@@ -83,7 +83,11 @@ pub fn matrix(report: &SuiteReport) -> String {
             out.push_str(&format!("note ({}): {text}\n", levels.join(", ")));
         }
     }
-    for cell in report.results.iter().filter(|c| c.outcome == Outcome::Error) {
+    for cell in report
+        .results
+        .iter()
+        .filter(|c| c.outcome == Outcome::Error)
+    {
         out.push_str(&format!(
             "error: {} at {}: {}\n",
             cell.anomaly, cell.level, cell.detail

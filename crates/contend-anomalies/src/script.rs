@@ -136,7 +136,10 @@ pub enum Op {
 impl Op {
     /// Whether the operation changes the table.
     pub fn is_write(&self) -> bool {
-        matches!(self, Op::Update { .. } | Op::Insert { .. } | Op::Delete { .. })
+        matches!(
+            self,
+            Op::Update { .. } | Op::Insert { .. } | Op::Delete { .. }
+        )
     }
 
     /// The SQL of this operation on `table`, except `BEGIN` (which depends on the backend and
@@ -151,7 +154,10 @@ impl Op {
         Ok(match self {
             Op::Begin { .. } => "BEGIN".to_string(),
             Op::Read { pred } => {
-                format!("SELECT id, value FROM {table}{} ORDER BY id", pred.where_sql())
+                format!(
+                    "SELECT id, value FROM {table}{} ORDER BY id",
+                    pred.where_sql()
+                )
             }
             Op::Update { pred, set } => {
                 let value = match set {
@@ -304,11 +310,17 @@ mod tests {
         };
         assert!(inc.sql("t", &last).is_err());
         last.insert(1, 10);
-        assert_eq!(inc.sql("t", &last).unwrap(), "UPDATE t SET value = 12 WHERE id = 1");
+        assert_eq!(
+            inc.sql("t", &last).unwrap(),
+            "UPDATE t SET value = 12 WHERE id = 1"
+        );
         let del = Op::Delete {
             pred: Pred::ValueMod(3),
         };
-        assert_eq!(del.sql("t", &last).unwrap(), "DELETE FROM t WHERE value % 3 = 0");
+        assert_eq!(
+            del.sql("t", &last).unwrap(),
+            "DELETE FROM t WHERE value % 3 = 0"
+        );
     }
 
     #[test]

@@ -286,7 +286,9 @@ async fn execute(
 /// The SQLite extended result code of an error, if it is one.
 fn sqlite_code(err: &sqlx::Error) -> Option<i64> {
     match err {
-        sqlx::Error::Database(db) if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+        sqlx::Error::Database(db)
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+        {
             db.code()?.parse().ok()
         }
         _ => None,

@@ -60,9 +60,9 @@ fn prevention(trace: &Trace, variant: &Variant) -> How {
             && (variant.judged_on_commit || s.step.op != Op::Commit)
             && matches!(&s.result, StepResult::Failed(f) if f.kind.is_abort())
     });
-    let waited = key_txs.iter().any(|t| {
-        trace.blocked(*t) || trace.failure(*t).is_some_and(|f| f.kind.is_wait_timeout())
-    });
+    let waited = key_txs
+        .iter()
+        .any(|t| trace.blocked(*t) || trace.failure(*t).is_some_and(|f| f.kind.is_wait_timeout()));
     if aborted {
         How::Abort
     } else if waited {
@@ -158,15 +158,24 @@ mod tests {
     fn combining_variants() {
         use How::*;
         assert_eq!(
-            outcome(vec![variant(true, Some(false), Some(Values)), variant(false, Some(false), Some(Abort))]),
+            outcome(vec![
+                variant(true, Some(false), Some(Values)),
+                variant(false, Some(false), Some(Abort))
+            ]),
             (Outcome::Prevented, Some(Abort))
         );
         assert_eq!(
-            outcome(vec![variant(true, Some(false), Some(Values)), variant(false, Some(true), None)]),
+            outcome(vec![
+                variant(true, Some(false), Some(Values)),
+                variant(false, Some(true), None)
+            ]),
             (Outcome::PreventedReadOnly, Some(Values))
         );
         assert_eq!(
-            outcome(vec![variant(true, Some(true), None), variant(false, Some(true), None)]),
+            outcome(vec![
+                variant(true, Some(true), None),
+                variant(false, Some(true), None)
+            ]),
             (Outcome::Occurred, None)
         );
         assert_eq!(
@@ -174,7 +183,10 @@ mod tests {
             (Outcome::Occurred, None)
         );
         assert_eq!(
-            outcome(vec![variant(true, None, None), variant(false, Some(false), Some(Values))]),
+            outcome(vec![
+                variant(true, None, None),
+                variant(false, Some(false), Some(Values))
+            ]),
             (Outcome::Error, None)
         );
     }

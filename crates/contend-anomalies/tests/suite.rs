@@ -79,7 +79,11 @@ async fn suite(db: &Db, sqlite_begin: SqliteBegin) -> SuiteReport {
     report
 }
 
-fn outcome(report: &SuiteReport, level: IsolationLevel, anomaly: Anomaly) -> (Outcome, Option<How>) {
+fn outcome(
+    report: &SuiteReport,
+    level: IsolationLevel,
+    anomaly: Anomaly,
+) -> (Outcome, Option<How>) {
     let cell = report.cell(level, anomaly).expect("cell was run");
     (cell.outcome, cell.how)
 }
@@ -144,17 +148,33 @@ async fn sqlite_immediate_serializes_writers_and_snapshots_readers() {
         assert_row(&report, level, &[], &[]);
         // Two writers never overlap: the second one's BEGIN IMMEDIATE waits.
         for anomaly in [Anomaly::G0, Anomaly::P4, Anomaly::G2Item, Anomaly::G2] {
-            assert_eq!(outcome(&report, level, anomaly).1, Some(How::Blocking), "{anomaly}");
+            assert_eq!(
+                outcome(&report, level, anomaly).1,
+                Some(How::Blocking),
+                "{anomaly}"
+            );
         }
         // Read-only transactions read a snapshot and never wait.
         for anomaly in [Anomaly::G1a, Anomaly::G1b, Anomaly::Otv] {
-            assert_eq!(outcome(&report, level, anomaly).1, Some(How::Values), "{anomaly}");
+            assert_eq!(
+                outcome(&report, level, anomaly).1,
+                Some(How::Values),
+                "{anomaly}"
+            );
         }
     }
     let begin = step(&report, Serializable, Anomaly::P4, 1, "BEGIN IMMEDIATE");
-    let blocked = begin.blocked.as_ref().expect("T2's BEGIN IMMEDIATE waits for T1");
+    let blocked = begin
+        .blocked
+        .as_ref()
+        .expect("T2's BEGIN IMMEDIATE waits for T1");
     assert_eq!(blocked.detected_by, Detection::SqliteBusy);
-    assert!(report.notes.iter().any(|n| n.note.contains("no isolation levels")));
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.note.contains("no isolation levels"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +185,11 @@ async fn sqlite_deferred_aborts_stale_writers() {
         assert_row(&report, level, &[], &[]);
         // A transaction that read before the other committed cannot write: SQLITE_BUSY_SNAPSHOT.
         for anomaly in [Anomaly::P4, Anomaly::G2Item] {
-            assert_eq!(outcome(&report, level, anomaly).1, Some(How::Abort), "{anomaly}");
+            assert_eq!(
+                outcome(&report, level, anomaly).1,
+                Some(How::Abort),
+                "{anomaly}"
+            );
         }
         // T2's first write waits for T1's write lock, then goes ahead (it had read nothing).
         assert_eq!(outcome(&report, level, Anomaly::G0).1, Some(How::Blocking));
@@ -183,11 +207,19 @@ async fn postgres_matches_hermitage() {
     // READ UNCOMMITTED runs as READ COMMITTED.
     assert_row(&report, ReadUncommitted, &WEAK_ANOMALIES, &[]);
     assert_row(&report, ReadCommitted, &WEAK_ANOMALIES, &[]);
-    assert_row(&report, RepeatableRead, &[Anomaly::G2Item, Anomaly::G2], &[]);
+    assert_row(
+        &report,
+        RepeatableRead,
+        &[Anomaly::G2Item, Anomaly::G2],
+        &[],
+    );
     assert_row(&report, Serializable, &[], &[]);
     // The facts the issue names: RC lets P4 through, RR stops it by aborting T2; SERIALIZABLE
     // stops write skew.
-    assert_eq!(outcome(&report, ReadCommitted, Anomaly::P4), (Outcome::Occurred, None));
+    assert_eq!(
+        outcome(&report, ReadCommitted, Anomaly::P4),
+        (Outcome::Occurred, None)
+    );
     assert_eq!(
         outcome(&report, RepeatableRead, Anomaly::P4),
         (Outcome::Prevented, Some(How::Abort))
@@ -198,11 +230,19 @@ async fn postgres_matches_hermitage() {
     );
     // T2's UPDATE waited for T1, as pg_blocking_pids reported, and then overwrote T1's write.
     let update = step(&report, ReadCommitted, Anomaly::P4, 1, "UPDATE");
-    let blocked = update.blocked.as_ref().expect("T2's UPDATE waits for T1's row lock");
+    let blocked = update
+        .blocked
+        .as_ref()
+        .expect("T2's UPDATE waits for T1's row lock");
     assert_eq!(blocked.detected_by, Detection::Server);
     assert_eq!(blocked.waiting_for, vec![0]);
     assert!(update.finished_during.is_some());
-    assert!(report.notes.iter().any(|n| n.level == Some(ReadUncommitted)));
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.level == Some(ReadUncommitted))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +253,10 @@ async fn mariadb_matches_hermitage() {
     let db = connect(&url).await;
     let report = suite(&db, SqliteBegin::default()).await;
     assert_eq!(report.backend, "mysql");
-    let all_but_g0: Vec<Anomaly> = Anomaly::ALL.into_iter().filter(|a| *a != Anomaly::G0).collect();
+    let all_but_g0: Vec<Anomaly> = Anomaly::ALL
+        .into_iter()
+        .filter(|a| *a != Anomaly::G0)
+        .collect();
     assert_row(&report, ReadUncommitted, &all_but_g0, &[]);
     assert_row(&report, ReadCommitted, &WEAK_ANOMALIES, &[]);
     assert_row(
@@ -224,11 +267,20 @@ async fn mariadb_matches_hermitage() {
     );
     assert_row(&report, Serializable, &[], &[]);
     // The facts the issue names: REPEATABLE READ allows P4, SERIALIZABLE prevents write skew.
-    assert_eq!(outcome(&report, RepeatableRead, Anomaly::P4), (Outcome::Occurred, None));
-    assert_eq!(outcome(&report, Serializable, Anomaly::G2Item).0, Outcome::Prevented);
+    assert_eq!(
+        outcome(&report, RepeatableRead, Anomaly::P4),
+        (Outcome::Occurred, None)
+    );
+    assert_eq!(
+        outcome(&report, Serializable, Anomaly::G2Item).0,
+        Outcome::Prevented
+    );
     // T2's UPDATE waited (InnoDB reported LOCK WAIT) and then overwrote T1's increment.
     let update = step(&report, RepeatableRead, Anomaly::P4, 1, "UPDATE");
-    let blocked = update.blocked.as_ref().expect("T2's UPDATE waits for T1's row lock");
+    let blocked = update
+        .blocked
+        .as_ref()
+        .expect("T2's UPDATE waits for T1's row lock");
     assert_eq!(blocked.detected_by, Detection::Server);
     assert_eq!(report.results.len(), 40);
 }
@@ -236,7 +288,11 @@ async fn mariadb_matches_hermitage() {
 /// A statement blocked by a transaction that never ends is not waited for forever: it fails
 /// with the session's lock timeout, and the trace says so.
 async fn blocked_forever_times_out(db: &Db, level: IsolationLevel) {
-    let step = |tx, op| Step { tx, op, label: None };
+    let step = |tx, op| Step {
+        tx,
+        op,
+        label: None,
+    };
     let steps = [
         step(0, Op::Begin { read_only: false }),
         step(

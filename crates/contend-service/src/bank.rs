@@ -412,6 +412,10 @@ impl Op for TransferOp {
                 if done.rows_affected() == 0 {
                     let backend = tx.backend();
                     must_load(tx.conn(), backend, id, "").await?;
+                    if debit {
+                        // A missing `to` is a 404, which comes before the 409.
+                        must_load(tx.conn(), backend, self.to, "").await?;
+                    }
                     return Err(abort(if debit {
                         insufficient(id)
                     } else {
@@ -590,17 +594,27 @@ pub async fn create_transfer(
     idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
         // The caller must hold `from`'s token; an unknown `from` can have no token: also 403.
         auth.require_account(body.from)?;
-        if body.to != body.from && fetch_account(&st, body.to).await?.is_none() {
-            return Err(account_missing(body.to));
-        }
-        engine::check_supported(&st, strategy)?;
-        check_range("amount", body.amount, 1, MAX_MONEY)?;
-        if body.from == body.to {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "same_account",
-                "`from` and `to` must be different accounts",
-            ));
+        let invalid = engine::check_supported(&st, strategy)
+            .and_then(|()| check_range("amount", body.amount, 1, MAX_MONEY))
+            .and_then(|()| {
+                if body.from == body.to {
+                    Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "same_account",
+                        "`from` and `to` must be different accounts",
+                    ))
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(invalid) = invalid {
+            // 404 comes before 422: look `to` up only when a 422 is due. On the way that
+            // succeeds, every strategy's write finds out itself that `to` is missing (and
+            // says 404 before 409), which saves a round trip per transfer.
+            if body.to != body.from && fetch_account(&st, body.to).await?.is_none() {
+                return Err(account_missing(body.to));
+            }
+            return Err(invalid);
         }
         let op = TransferOp {
             from: body.from,

@@ -73,6 +73,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let db = contend::Db::builder(&args.database_url)
         .max_connections(args.max_connections)
         .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(false)
         .connect()
         .await?;
     crate::migrate::run(&db).await?;

@@ -115,6 +115,13 @@ impl Session {
         let mut options = options.clone();
         options.session_busy_timeout_ms = Some(self.db.busy_timeout_ms());
         let backend = self.db.backend();
-        tx::run(self.db.pool(), Some(&mut self.conn), backend, &options, body).await
+        tx::run(
+            self.db.pool(),
+            Some(&mut self.conn),
+            backend,
+            &options,
+            body,
+        )
+        .await
     }
 }

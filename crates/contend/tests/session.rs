@@ -33,13 +33,21 @@ async fn session_reuses_and_replaces_its_connection(t: TestDb) {
             .transaction(|_tx| Box::pin(async { Ok(()) }))
             .await
             .unwrap();
-        assert_eq!(connection_id(&mut session).await, first, "kept after commit");
+        assert_eq!(
+            connection_id(&mut session).await,
+            first,
+            "kept after commit"
+        );
     }
     let failed: contend::Result<()> = session
         .transaction(|_tx| Box::pin(async { Err(Error::aborted("no")) }))
         .await;
     assert!(failed.is_err());
-    assert_eq!(connection_id(&mut session).await, first, "kept after a clean rollback");
+    assert_eq!(
+        connection_id(&mut session).await,
+        first,
+        "kept after a clean rollback"
+    );
 
     // Cancelled inside the body: the connection is closed, the next operation gets another.
     let cancelled = tokio::time::timeout(
@@ -54,7 +62,10 @@ async fn session_reuses_and_replaces_its_connection(t: TestDb) {
     .await;
     assert!(cancelled.is_err(), "the body sleeps past the timeout");
     let second = connection_id(&mut session).await;
-    assert_ne!(second, first, "a connection left inside a transaction must not be reused");
+    assert_ne!(
+        second, first,
+        "a connection left inside a transaction must not be reused"
+    );
 
     // Cancelled autocommit statement: replaced as well.
     let sleep = match t.backend() {
@@ -69,6 +80,7 @@ async fn session_reuses_and_replaces_its_connection(t: TestDb) {
     .await;
     assert!(cancelled.is_err());
     assert_ne!(connection_id(&mut session).await, second);
+    drop(session); // gives its connection back, so that the pool can close
     t.cleanup().await;
 }
 
@@ -96,7 +108,14 @@ async fn session_cancelled_transaction_leaves_nothing_behind(mut t: TestDb) {
         let _ = tokio::time::timeout(Duration::from_millis(200), body).await;
     }
     let ids = t.ids(&table).await;
-    let expected: Vec<i64> = (0..20).filter(|r| r % 2 == 0).flat_map(|r| [2 * r, 2 * r + 1]).collect();
-    assert_eq!(ids, expected, "only whole pairs of completed transactions are visible");
+    let expected: Vec<i64> = (0..20)
+        .filter(|r| r % 2 == 0)
+        .flat_map(|r| [2 * r, 2 * r + 1])
+        .collect();
+    assert_eq!(
+        ids, expected,
+        "only whole pairs of completed transactions are visible"
+    );
+    drop(session); // gives its connection back, so that the pool can close
     t.cleanup().await;
 }

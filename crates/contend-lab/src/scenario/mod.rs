@@ -417,4 +417,6 @@ pub(crate) mod fenced {
 }
 
 #[cfg(test)]
+mod lock_tests;
+#[cfg(test)]
 mod tests;

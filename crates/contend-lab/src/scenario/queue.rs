@@ -283,8 +283,7 @@ impl Scenario for Queue {
             let mut id = 1;
             while id <= n {
                 let end = (id + 499).min(n);
-                let values: Vec<String> =
-                    (id..=end).map(|i| format!("({i}, 0, 0, 0)")).collect();
+                let values: Vec<String> = (id..=end).map(|i| format!("({i}, 0, 0, 0)")).collect();
                 db.execute_script(&format!("INSERT INTO {jobs} VALUES {}", values.join(", ")))
                     .await?;
                 id = end + 1;
