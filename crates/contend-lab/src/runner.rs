@@ -277,6 +277,7 @@ async fn worker(
     deadline: Option<Instant>,
 ) -> WorkerStats {
     let mut stats = WorkerStats::new();
+    let mut session = ctx.db.session();
     loop {
         let seq = next.fetch_add(1, Ordering::Relaxed);
         if seq >= limit {
@@ -286,7 +287,7 @@ async fn worker(
         if deadline.is_some_and(|d| started >= d) {
             break;
         }
-        let op = scenario.op(&ctx, index, seq).await;
+        let op = scenario.op_in_session(&ctx, &mut session, index, seq).await;
         stats.record(started.elapsed(), op);
     }
     stats

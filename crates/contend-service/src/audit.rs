@@ -19,10 +19,10 @@ use crate::idempotency::Outcome;
 pub struct Audit {
     /// Number of accounts.
     pub accounts: i64,
-    /// Sum of all balances.
-    pub total_balance: i64,
-    /// Opening balances + deposits - withdrawals - order totals (from the ledger).
-    pub expected_total_balance: i64,
+    /// Sum of all balances (exact: it may exceed the range of i64 with many large balances).
+    pub total_balance: i128,
+    /// Opening balances + deposits - withdrawals - order totals (from the ledger; exact).
+    pub expected_total_balance: i128,
     /// Accounts with a negative balance.
     pub negative_balances: i64,
     /// Accounts whose balance differs from the sum of their ledger movements.
@@ -46,6 +46,32 @@ pub struct Health {
     pub strategy: String,
 }
 
+/// Rows summed per group by [`exact_sum_sql`]: every summed value is at most 10^15 in
+/// magnitude (amounts, balances and opening balances are bounded by the contract), so a group's
+/// sum stays below 4.2 * 10^18, inside i64 on every backend (SQLite's `SUM` fails on overflow,
+/// PostgreSQL's and MariaDB's would overflow the cast to BIGINT).
+const SUM_GROUP: i64 = 4096;
+
+/// A query returning partial sums of `expr` over `table`, one row per group of at most
+/// [`SUM_GROUP`] consecutive ids; their exact total is summed in i128 by [`exact_sum`].
+fn exact_sum_sql(backend: Backend, expr: &str, table: &str) -> String {
+    let group = match backend {
+        Backend::MySql => format!("id DIV {SUM_GROUP}"),
+        _ => format!("id / {SUM_GROUP}"),
+    };
+    format!("SELECT {} FROM {table} GROUP BY {group}", sum(backend, expr))
+}
+
+/// Runs an [`exact_sum_sql`] query in `tx` and adds its partial sums without overflow.
+async fn exact_sum(tx: &mut contend::Tx, sql: &str) -> contend::Result<i128> {
+    let rows = tx.query(sql).fetch_all(tx.conn()).await?;
+    let mut total = 0i128;
+    for row in &rows {
+        total += i128::from(row.try_get::<i64, _>(0)?);
+    }
+    Ok(total)
+}
+
 fn sum(backend: Backend, expr: &str) -> String {
     match backend {
         Backend::Postgres => format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)"),
@@ -65,11 +91,11 @@ pub async fn compute(state: &AppState) -> Result<Audit, ApiError> {
     let db = &state.inner.db;
     let backend = db.backend();
     let totals = format!(
-        "SELECT COUNT(*), {}, {} FROM accounts",
-        sum(backend, "balance"),
+        "SELECT COUNT(*), {} FROM accounts",
         sum(backend, "CASE WHEN balance < 0 THEN 1 ELSE 0 END")
     );
-    let expected = format!("SELECT {} FROM ledger", sum(backend, "amount"));
+    let balances = exact_sum_sql(backend, "balance", "accounts");
+    let expected = exact_sum_sql(backend, "amount", "ledger");
     let mismatches = "SELECT COUNT(*) FROM accounts a LEFT JOIN \
         (SELECT account_id, SUM(amount) AS s FROM ledger GROUP BY account_id) l ON l.account_id = a.id \
         WHERE l.s IS NULL OR a.balance <> l.s";
@@ -83,13 +109,12 @@ pub async fn compute(state: &AppState) -> Result<Audit, ApiError> {
         .read_only(true);
     let audit = db
         .transaction_with(&options, move |tx| {
-            let (totals, expected) = (totals.clone(), expected.clone());
+            let (totals, balances, expected) = (totals.clone(), balances.clone(), expected.clone());
             Box::pin(async move {
                 let row = tx.query(&totals).fetch_one(tx.conn()).await?;
-                let (accounts, total_balance, negative_balances): (i64, i64, i64) =
-                    (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-                let expected_total_balance: i64 =
-                    tx.query(&expected).fetch_one(tx.conn()).await?.try_get(0)?;
+                let (accounts, negative_balances): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+                let total_balance = exact_sum(tx, &balances).await?;
+                let expected_total_balance = exact_sum(tx, &expected).await?;
                 let ledger_mismatches: i64 = tx
                     .query(mismatches)
                     .fetch_one(tx.conn())

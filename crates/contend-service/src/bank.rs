@@ -233,6 +233,10 @@ impl Op for BalanceOp {
     type State = Account;
     type Output = Account;
 
+    fn status(&self) -> StatusCode {
+        StatusCode::OK
+    }
+
     fn lock_keys(&self) -> Vec<String> {
         vec![format!("account:{}", self.account)]
     }
@@ -465,29 +469,29 @@ pub async fn create_account(
             .run(&contend::TxOptions::new(), move |tx| {
                 let owner = owner.clone();
                 let hash = hash.clone();
+                let token = token.clone();
                 Box::pin(async move {
                     let id = insert_returning_id(
                         tx,
                         "INSERT INTO accounts (owner, balance, version, token_hash) VALUES (?, ?, 0, ?)",
-                        &[BindValue::Text(owner), BindValue::Int(balance), BindValue::Text(hash)],
+                        &[BindValue::Text(owner.clone()), BindValue::Int(balance), BindValue::Text(hash)],
                     )
                     .await?;
                     ledger(tx, id, balance, "open", None).await?;
-                    Ok(id)
+                    let created = CreatedAccount {
+                        id,
+                        owner,
+                        balance,
+                        version: 0,
+                        token,
+                    };
+                    let outcome = Outcome::json(StatusCode::CREATED, &created);
+                    idempotency::store_in_tx(tx, &outcome).await?;
+                    Ok(outcome)
                 })
             })
             .await;
-        let id = run.result?;
-        Ok(Outcome::json(
-            StatusCode::CREATED,
-            &CreatedAccount {
-                id,
-                owner: body.owner,
-                balance: body.balance,
-                version: 0,
-                token,
-            },
-        ))
+        Ok(run.result?)
     })
     .await
 }
@@ -570,8 +574,7 @@ async fn balance_change(
             delta: if deposit { body.amount } else { -body.amount },
             kind: if deposit { "deposit" } else { "withdraw" },
         };
-        let account = engine::execute(&st, strategy, op).await?;
-        Ok(Outcome::json(StatusCode::OK, &account))
+        engine::execute(&st, strategy, op).await
     })
     .await
 }
@@ -621,8 +624,7 @@ pub async fn create_transfer(
             to: body.to,
             amount: body.amount,
         };
-        let transfer = engine::execute(&st, strategy, op).await?;
-        Ok(Outcome::json(StatusCode::CREATED, &transfer))
+        engine::execute(&st, strategy, op).await
     })
     .await
 }

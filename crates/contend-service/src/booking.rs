@@ -211,24 +211,19 @@ pub async fn create_event(State(state): State<AppState>, req: JsonRequest<NewEve
             .run(&contend::TxOptions::new(), move |tx| {
                 let name = name.clone();
                 Box::pin(async move {
-                    insert_returning_id(
+                    let id = insert_returning_id(
                         tx,
                         "INSERT INTO events (name, seats, version) VALUES (?, ?, 0)",
-                        &[BindValue::Text(name), BindValue::Int(seats)],
+                        &[BindValue::Text(name.clone()), BindValue::Int(seats)],
                     )
-                    .await
+                    .await?;
+                    let outcome = Outcome::json(StatusCode::CREATED, &Event { id, name, seats });
+                    idempotency::store_in_tx(tx, &outcome).await?;
+                    Ok(outcome)
                 })
             })
             .await;
-        let id = run.result?;
-        Ok(Outcome::json(
-            StatusCode::CREATED,
-            &Event {
-                id,
-                name: body.name,
-                seats: body.seats,
-            },
-        ))
+        Ok(run.result?)
     })
     .await
 }
@@ -270,8 +265,7 @@ pub async fn create_booking(
             seat: body.seat,
             account: body.account,
         };
-        let booking = engine::execute(&st, strategy, op).await?;
-        Ok(Outcome::json(StatusCode::CREATED, &booking))
+        engine::execute(&st, strategy, op).await
     })
     .await
 }

@@ -25,6 +25,7 @@ use sqlx::AnyConnection;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::idempotency::{self, Outcome};
 
 /// How long a request waits for a row, advisory, in-process or Redis lock before 503.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -33,8 +34,13 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 pub(crate) trait Op: Send + Sync + 'static {
     /// What `load` reads.
     type State: Send + Sync + 'static;
-    /// What the write returns.
-    type Output: Send + 'static;
+    /// What the write returns (the response body).
+    type Output: serde::Serialize + Send + 'static;
+
+    /// The status of a success.
+    fn status(&self) -> axum::http::StatusCode {
+        axum::http::StatusCode::CREATED
+    }
 
     /// Lock keys (`account:1`, `product:sku`, ...) in canonical (sorted) order.
     fn lock_keys(&self) -> Vec<String>;
@@ -102,7 +108,20 @@ pub(crate) fn check_supported(state: &AppState, strategy: Strategy) -> Result<()
     }
 }
 
-/// Runs `op` under `strategy`.
+/// The response of a successful write, stored as the outcome of the request's idempotency key
+/// (if any) in `tx`, before it commits. See [`idempotency::store_in_tx`].
+pub(crate) async fn conclude<O: Op>(
+    op: &O,
+    tx: &mut Tx,
+    output: O::Output,
+) -> contend::Result<Outcome> {
+    let outcome = Outcome::json(op.status(), &output);
+    idempotency::store_in_tx(tx, &outcome).await?;
+    Ok(outcome)
+}
+
+/// Runs `op` under `strategy`; the success response is stored with the request's idempotency
+/// key in the same transaction.
 ///
 /// # Errors
 /// The op's business errors; 503 for unavailable dependencies, lock timeouts and conflicts that
@@ -115,7 +134,7 @@ pub(crate) async fn execute<O: Op>(
     state: &AppState,
     strategy: Strategy,
     op: O,
-) -> Result<O::Output, ApiError> {
+) -> Result<Outcome, ApiError> {
     let db = state.inner.db.clone();
     let backend = db.backend();
     let op = Arc::new(op);
@@ -149,7 +168,10 @@ pub(crate) async fn execute<O: Op>(
                 .run(&base, move |tx| {
                     let op = op.clone();
                     let loaded = loaded.clone();
-                    Box::pin(async move { op.apply(tx, &loaded, false).await })
+                    Box::pin(async move {
+                        let out = op.apply(tx, &loaded, false).await?;
+                        conclude(&*op, tx, out).await
+                    })
                 })
                 .await;
             drop(guards);
@@ -158,7 +180,10 @@ pub(crate) async fn execute<O: Op>(
         Strategy::Atomic => {
             db.run(&base, move |tx| {
                 let op = op.clone();
-                Box::pin(async move { op.atomic(tx).await })
+                Box::pin(async move {
+                    let out = op.atomic(tx).await?;
+                    conclude(&*op, tx, out).await
+                })
             })
             .await
         }
@@ -172,7 +197,8 @@ pub(crate) async fn execute<O: Op>(
                     let started = Instant::now();
                     let loaded = op.load(tx.conn(), backend, lock).await?;
                     metrics.lock_wait(strategy, started.elapsed());
-                    op.apply(tx, &loaded, false).await
+                    let out = op.apply(tx, &loaded, false).await?;
+                    conclude(&*op, tx, out).await
                 })
             })
             .await
@@ -189,7 +215,8 @@ pub(crate) async fn execute<O: Op>(
                 let op = op.clone();
                 Box::pin(async move {
                     let loaded = op.load(tx.conn(), backend, "").await?;
-                    op.apply(tx, &loaded, checked).await
+                    let out = op.apply(tx, &loaded, checked).await?;
+                    conclude(&*op, tx, out).await
                 })
             })
             .await
@@ -206,7 +233,8 @@ pub(crate) async fn execute<O: Op>(
                     }
                     metrics.lock_wait(strategy, started.elapsed());
                     let loaded = op.load(tx.conn(), backend, "").await?;
-                    op.apply(tx, &loaded, false).await
+                    let out = op.apply(tx, &loaded, false).await?;
+                    conclude(&*op, tx, out).await
                 })
             })
             .await

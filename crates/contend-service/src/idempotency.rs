@@ -4,10 +4,19 @@
 //! The key row is inserted *first*, with an in-flight marker (an owner nonce and a lease), so
 //! that concurrent duplicates are told apart by the database's primary key, never by
 //! check-then-insert. The request then runs in a task of its own, so a client that disconnects
-//! (or the request timeout) cannot stop it between its commit and the storing of its outcome;
-//! when it ends, the outcome is stored (2xx, 404, 409 business conflicts, 422) or the key is
-//! released (anything else, so the same key can be used again). If the process dies while a
-//! request is in flight, its lease expires and the key can be claimed again.
+//! (or the request timeout) cannot stop it halfway.
+//!
+//! A request that writes stores its success outcome *inside its business transaction*
+//! ([`store_in_tx`], called by every write path just before `COMMIT`): the key row is updated
+//! only while this request still owns it, so either the business change and its stored outcome
+//! commit together or neither does. A crash after the commit therefore leaves a completed key
+//! (replayed afterwards), never an in-flight one whose lease would expire and let the request
+//! run twice; and a request whose lease expired and whose key was taken over by a retry cannot
+//! commit its business change any more. Outcomes decided without a committed write (404, 409
+//! business conflicts, 422: the transaction rolled back) are stored after it ends, and anything
+//! else releases the key (so the same key can be used again). If the process dies while a
+//! request is in flight, its lease expires and the key can be claimed again: nothing of the
+//! dead request committed.
 
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,7 +29,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use crate::AppState;
-use crate::error::{ApiError, RETRY_AFTER_SECS};
+use crate::error::{ApiError, RETRY_AFTER_SECS, abort};
 use crate::extract::Meta;
 
 /// How long an in-flight marker protects its key: far longer than any request may run.
@@ -54,7 +63,7 @@ impl Outcome {
     }
 
     /// Whether this outcome is stored for replay.
-    fn storable(&self) -> bool {
+    pub(crate) fn storable(&self) -> bool {
         let s = self.status.as_u16();
         self.status.is_success()
             || s == 404
@@ -121,6 +130,60 @@ pub fn fingerprint(meta: &Meta) -> String {
     hex::encode(h.finalize())
 }
 
+/// The key the current request task owns.
+#[derive(Debug, Clone)]
+struct Claimed {
+    scope: String,
+    key: String,
+    owner: String,
+}
+
+tokio::task_local! {
+    /// Set in the task that runs a keyed request, for [`store_in_tx`].
+    static CLAIMED: Claimed;
+}
+
+/// Stores `outcome` as the outcome of the current request's idempotency key, in `tx` (the
+/// request's business transaction, before it commits), when the request carries a key and the
+/// outcome is one that is stored. Without a key (or outside a keyed request's task) it does
+/// nothing.
+///
+/// # Errors
+/// Database errors; an abort with 503 `idempotency_key_lost` when this request no longer owns
+/// its key (its lease expired and a retry took the key over): the transaction must then roll
+/// back, since the retry is the one that executes.
+///
+/// # Cancel safety
+/// One statement inside `tx`: dropping the future drops the transaction, which rolls back.
+pub(crate) async fn store_in_tx(tx: &mut contend::Tx, outcome: &Outcome) -> contend::Result<()> {
+    let Ok(claimed) = CLAIMED.try_with(Claimed::clone) else {
+        return Ok(());
+    };
+    if !outcome.storable() {
+        return Ok(());
+    }
+    let done = tx
+        .query(
+            "UPDATE idempotency_keys SET status_code = ?, body = ? \
+             WHERE scope = ? AND idem_key = ? AND owner = ? AND status_code IS NULL",
+        )
+        .bind(i64::from(outcome.status.as_u16()))
+        .bind(String::from_utf8_lossy(&outcome.body).into_owned())
+        .bind(claimed.scope)
+        .bind(claimed.key)
+        .bind(claimed.owner)
+        .execute(tx.conn())
+        .await?;
+    if done.rows_affected() != 1 {
+        return Err(abort(ApiError::unavailable(
+            "idempotency_key_lost",
+            "this request's claim on its Idempotency-Key expired and another request took it \
+             over; nothing was done here",
+        )));
+    }
+    Ok(())
+}
+
 enum Claim {
     /// This request owns the key (nonce).
     Owned(String),
@@ -149,12 +212,16 @@ where
         Err(e) => return e.into_response(),
     };
     let state2 = state.clone();
-    let scope2 = scope.clone();
-    let task = tokio::spawn(async move {
+    let claimed = Claimed {
+        scope: scope.clone(),
+        key,
+        owner,
+    };
+    let task = tokio::spawn(CLAIMED.scope(claimed.clone(), async move {
         let outcome = Outcome::from(work().await);
-        finish(&state2, &scope2, &key, &owner, Some(&outcome)).await;
+        finish(&state2, &claimed, &outcome).await;
         outcome
-    });
+    }));
     match task.await {
         Ok(outcome) => outcome.into_response(),
         Err(join) => {
@@ -265,35 +332,38 @@ async fn claim(state: &AppState, scope: &str, key: &str, fp: &str) -> Result<Cla
     ))
 }
 
-/// Stores a storable outcome, or releases the key. Retried briefly: a key left in flight
-/// blocks its retries until the lease expires.
-async fn finish(state: &AppState, scope: &str, key: &str, owner: &str, outcome: Option<&Outcome>) {
+/// After the request: stores a storable outcome that its transaction did not store already
+/// (404, 409 and 422 decided by a transaction that rolled back), or releases the key. Both
+/// touch the key only while it is still in flight and owned by this request, so an outcome
+/// stored by a committed transaction is never overwritten or released, even when the response
+/// turned into an error afterwards (a commit whose answer was lost): a retry replays it.
+/// Retried briefly: a key left in flight blocks its retries until the lease expires.
+async fn finish(state: &AppState, claimed: &Claimed, outcome: &Outcome) {
     let db = &state.inner.db;
+    let Claimed { scope, key, owner } = claimed;
     for attempt in 0..5u32 {
-        let result = match outcome {
-            Some(o) if o.storable() => {
-                db.query(
-                    "UPDATE idempotency_keys SET status_code = ?, body = ? \
-                     WHERE scope = ? AND idem_key = ? AND owner = ?",
-                )
-                .bind(i64::from(o.status.as_u16()))
-                .bind(String::from_utf8_lossy(&o.body).into_owned())
-                .bind(scope.to_string())
-                .bind(key.to_string())
-                .bind(owner.to_string())
-                .execute(db.pool())
-                .await
-            }
-            _ => {
-                db.query(
-                    "DELETE FROM idempotency_keys WHERE scope = ? AND idem_key = ? AND owner = ?",
-                )
-                .bind(scope.to_string())
-                .bind(key.to_string())
-                .bind(owner.to_string())
-                .execute(db.pool())
-                .await
-            }
+        let result = if outcome.storable() {
+            db.query(
+                "UPDATE idempotency_keys SET status_code = ?, body = ? \
+                 WHERE scope = ? AND idem_key = ? AND owner = ? AND status_code IS NULL",
+            )
+            .bind(i64::from(outcome.status.as_u16()))
+            .bind(String::from_utf8_lossy(&outcome.body).into_owned())
+            .bind(scope.clone())
+            .bind(key.clone())
+            .bind(owner.clone())
+            .execute(db.pool())
+            .await
+        } else {
+            db.query(
+                "DELETE FROM idempotency_keys WHERE scope = ? AND idem_key = ? AND owner = ? \
+                 AND status_code IS NULL",
+            )
+            .bind(scope.clone())
+            .bind(key.clone())
+            .bind(owner.clone())
+            .execute(db.pool())
+            .await
         };
         match result {
             Ok(_) => return,

@@ -12,8 +12,9 @@ use contend::{ConflictKind, RetryPolicy, TxOptions};
 use contend_redis::{LockClient, LockGuard, LockOptions, Redlock};
 
 use crate::AppState;
-use crate::engine::{LOCK_WAIT, Op};
+use crate::engine::{LOCK_WAIT, Op, conclude};
 use crate::error::ApiError;
+use crate::idempotency::Outcome;
 
 /// How long a Redis lock lives if its holder dies without releasing it.
 pub const LEASE: Duration = Duration::from_secs(15);
@@ -95,7 +96,7 @@ pub(crate) async fn execute<O: Op>(
     state: &AppState,
     strategy: Strategy,
     op: Arc<O>,
-) -> Result<O::Output, ApiError> {
+) -> Result<Outcome, ApiError> {
     let locks = match strategy {
         Strategy::Redis => state.inner.redis.as_ref(),
         Strategy::Redlock => state.inner.redlock.as_ref(),
@@ -137,7 +138,8 @@ pub(crate) async fn execute<O: Op>(
                     fencing::fence(tx, resource, *token).await?;
                 }
                 let loaded = op.load(tx.conn(), backend, "").await?;
-                op.apply(tx, &loaded, false).await
+                let out = op.apply(tx, &loaded, false).await?;
+                conclude(&*op, tx, out).await
             })
         })
         .await;

@@ -305,35 +305,32 @@ pub async fn create_product(
                 let sku = sku.clone();
                 Box::pin(async move {
                     tx.query("INSERT INTO products (sku, stock, price, version, initial_stock) VALUES (?, ?, ?, 0, ?)")
-                        .bind(sku)
+                        .bind(sku.clone())
                         .bind(stock)
                         .bind(price)
                         .bind(stock)
                         .execute(tx.conn())
                         .await?;
-                    Ok(())
+                    let product = Product {
+                        sku,
+                        stock,
+                        price,
+                        version: 0,
+                    };
+                    let outcome = Outcome::json(StatusCode::CREATED, &product);
+                    idempotency::store_in_tx(tx, &outcome).await?;
+                    Ok(outcome)
                 })
             })
             .await;
         match run.result {
-            Ok(()) => {}
-            Err(e) if e.is_unique_violation() => {
-                return Err(ApiError::conflict(
-                    "sku_exists",
-                    format!("a product with sku `{}` already exists", body.sku.escape_default()),
-                ));
-            }
-            Err(e) => return Err(e.into()),
+            Ok(outcome) => Ok(outcome),
+            Err(e) if e.is_unique_violation() => Err(ApiError::conflict(
+                "sku_exists",
+                format!("a product with sku `{}` already exists", body.sku.escape_default()),
+            )),
+            Err(e) => Err(e.into()),
         }
-        Ok(Outcome::json(
-            StatusCode::CREATED,
-            &Product {
-                sku: body.sku,
-                stock: body.stock,
-                price: body.price,
-                version: 0,
-            },
-        ))
     })
     .await
 }
@@ -375,8 +372,7 @@ pub async fn create_order(State(state): State<AppState>, req: JsonRequest<NewOrd
             sku: body.sku,
             quantity: body.quantity,
         };
-        let order = engine::execute(&st, strategy, op).await?;
-        Ok(Outcome::json(StatusCode::CREATED, &order))
+        engine::execute(&st, strategy, op).await
     })
     .await
 }

@@ -14,11 +14,18 @@ pub mod withdraw;
 use std::sync::Arc;
 
 use contend::strategy::Strategy;
-use contend::{Attempted, Backend, BoxFuture, ConflictKind, Db, Error};
+use contend::{Attempted, Backend, BoxFuture, ConflictKind, Db, Error, Session};
 
 /// Every scenario, in the order the lab runs them (`withdraw` first: it tells the story).
 pub fn registry() -> Vec<Arc<dyn Scenario>> {
-    vec![Arc::new(withdraw::Withdraw::new())]
+    vec![
+        Arc::new(withdraw::Withdraw::new()),
+        Arc::new(transfer::Transfer::new()),
+        Arc::new(order::Order::new()),
+        Arc::new(booking::Booking::new()),
+        Arc::new(get_or_create::GetOrCreate::new()),
+        Arc::new(queue::Queue::new()),
+    ]
 }
 
 /// The scenario called `name`, if there is one.
@@ -131,6 +138,22 @@ pub trait Scenario: Send + Sync + 'static {
 
     /// Runs operation number `seq` (0-based, over all workers) from worker `worker`.
     fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport>;
+
+    /// Like [`Scenario::op`], on the worker's own held connection (`session`), as a pgbench
+    /// client keeps its connection: the runner calls this one. sqlx's pool spends a round trip
+    /// testing every connection given back to it, which would otherwise be measured as part of
+    /// each operation. The default ignores the session and calls [`Scenario::op`]; scenarios
+    /// override it where the saved round trip matters.
+    fn op_in_session<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        session: &'a mut Session,
+        worker: usize,
+        seq: u64,
+    ) -> BoxFuture<'a, OpReport> {
+        let _ = session;
+        self.op(ctx, worker, seq)
+    }
 
     /// Checks the invariants after the run.
     fn check<'a>(

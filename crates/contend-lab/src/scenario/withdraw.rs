@@ -10,7 +10,7 @@ use contend::strategy::advisory;
 use contend::strategy::atomic::Counter;
 use contend::strategy::mutex::KeyedMutex;
 use contend::strategy::{optimistic, serializable};
-use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, RowLock, Tx, TxOptions};
+use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, RowLock, Session, Tx, TxOptions};
 
 use super::fenced;
 use super::{
@@ -64,19 +64,26 @@ async fn read_balance(db: &Db, t: &str) -> contend::Result<i64> {
 }
 
 /// Read, decide in Rust, write in a separate autocommit statement: the lost update.
-async fn unlocked(db: &Db, t: &str) -> contend::Result<()> {
-    let balance = read_balance(db, t).await?;
+async fn unlocked(session: &mut Session, t: &str) -> contend::Result<()> {
+    let read = session
+        .db()
+        .query_scalar::<i64>(&format!("SELECT balance FROM {t} WHERE id = ?"))
+        .bind(ACCOUNT);
+    let balance = session
+        .autocommit(|conn| Box::pin(async move { Ok(read.fetch_one(conn).await?) }))
+        .await?;
     think().await;
     if balance < 1 {
         return Err(refuse("insufficient funds"));
     }
-    let sql = format!("UPDATE {t} SET balance = ? WHERE id = ?");
-    db.query(&sql)
+    let write = session
+        .db()
+        .query(&format!("UPDATE {t} SET balance = ? WHERE id = ?"))
         .bind(balance - 1)
-        .bind(ACCOUNT)
-        .execute(db.pool())
-        .await?;
-    Ok(())
+        .bind(ACCOUNT);
+    session
+        .autocommit(|conn| Box::pin(async move { Ok(write.execute(conn).await.map(drop)?) }))
+        .await
 }
 
 /// The read-decide-write inside a transaction, reading with `lock` appended (`""` for none).
@@ -125,18 +132,18 @@ async fn versioned(tx: &mut Tx, t: &str) -> contend::Result<()> {
 }
 
 impl Withdraw {
-    async fn run_op(&self, ctx: &Ctx) -> OpReport {
+    async fn run_op(&self, ctx: &Ctx, session: &mut Session) -> OpReport {
         let db = &ctx.db;
         let t = table(ctx);
         match ctx.strategy {
-            Strategy::None => report_plain(unlocked(db, &t).await),
+            Strategy::None => report_plain(unlocked(session, &t).await),
             Strategy::Mutex => {
                 let _guard = self.mutex.lock(&t).await;
-                report_plain(unlocked(db, &t).await)
+                report_plain(unlocked(session, &t).await)
             }
             Strategy::Atomic => {
                 let result = match Counter::new(&t, "id", "balance") {
-                    Ok(counter) => counter.try_sub_now(db, ACCOUNT, 1).await,
+                    Ok(counter) => counter.try_sub_in(session, ACCOUNT, 1).await,
                     Err(e) => Err(Error::aborted(e)),
                 };
                 report_plain(result.and_then(|applied| {
@@ -155,7 +162,7 @@ impl Withdraw {
                     Ok(lock) => lock,
                     Err(e) => return report_plain::<()>(Err(e)),
                 };
-                let run = db
+                let run = session
                     .run(&lock_options(), |tx| {
                         let t = t.clone();
                         Box::pin(async move { in_tx(tx, &t, lock).await })
@@ -164,7 +171,7 @@ impl Withdraw {
                 report(run)
             }
             Strategy::Optimistic => {
-                let run = db
+                let run = session
                     .run(&optimistic::options(), |tx| {
                         let t = t.clone();
                         Box::pin(async move { versioned(tx, &t).await })
@@ -173,7 +180,7 @@ impl Withdraw {
                 report(run)
             }
             Strategy::Serializable => {
-                let run = db
+                let run = session
                     .run(&serializable::options(), |tx| {
                         let t = t.clone();
                         Box::pin(async move { in_tx(tx, &t, "").await })
@@ -182,7 +189,7 @@ impl Withdraw {
                 report(run)
             }
             Strategy::Advisory => {
-                let run = db
+                let run = session
                     .run(&lock_options(), |tx| {
                         let t = t.clone();
                         Box::pin(async move {
@@ -241,7 +248,20 @@ impl Scenario for Withdraw {
     }
 
     fn op<'a>(&'a self, ctx: &'a Ctx, _worker: usize, _seq: u64) -> BoxFuture<'a, OpReport> {
-        Box::pin(self.run_op(ctx))
+        Box::pin(async move {
+            let mut session = ctx.db.session();
+            self.run_op(ctx, &mut session).await
+        })
+    }
+
+    fn op_in_session<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        session: &'a mut Session,
+        _worker: usize,
+        _seq: u64,
+    ) -> BoxFuture<'a, OpReport> {
+        Box::pin(self.run_op(ctx, session))
     }
 
     fn check<'a>(

@@ -36,6 +36,7 @@ use super::{Ident, InvalidIdent};
 use crate::backend::Backend;
 use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::session::Session;
 use crate::tx::Tx;
 
 /// Runs a conditional write and says whether it applied (changed at least one row).
@@ -112,6 +113,29 @@ impl Counter {
             .bind(key)
             .bind(amount);
         Ok(q.execute(db.pool()).await?.rows_affected() > 0)
+    }
+
+    /// Like [`Counter::try_sub_now`], on a [`Session`]'s held connection (one autocommit
+    /// statement).
+    ///
+    /// # Errors
+    /// [`Error::Aborted`] for an `amount` that is not positive; database errors, classified.
+    ///
+    /// # Cancel safety
+    /// As [`Session::autocommit`]: an interrupted statement's connection is closed, not kept.
+    pub async fn try_sub_in(&self, session: &mut Session, key: i64, amount: i64) -> Result<bool> {
+        Self::check_amount(amount)?;
+        let q = session
+            .db()
+            .query(&self.sub_sql())
+            .bind(amount)
+            .bind(key)
+            .bind(amount);
+        session
+            .autocommit(|conn| {
+                Box::pin(async move { Ok(q.execute(conn).await?.rows_affected() > 0) })
+            })
+            .await
     }
 
     /// Subtracts `amount` inside the caller's transaction if the value is at least `amount`, and
