@@ -16,10 +16,10 @@
 # Needs: cargo, pgbench and psql (postgresql-client), jq.
 # Exit status: 0 when both ratios reach 0.9, 1 when one does not, 2 when a tool or run fails.
 #
-# Known gap (measured on the dev machine, 2 shared cores): sqlx's pool pings every connection
-# when it is returned (`return_to_pool` in sqlx-core 0.9, unconditional), so each lab operation
-# costs one more round trip than pgbench's; the lab's own load loop is not the bottleneck
-# (a connection held per worker instead of the pool reaches ~0.95 of pgbench).
+# Why the lab's workers hold a connection each (contend::Session): sqlx's pool tests every
+# connection given back to it with a round trip (`return_to_pool` in sqlx-core 0.9, unconditional),
+# which made each pooled operation cost one round trip more than pgbench's (0.68x before sessions,
+# ~1.0x after, measured on the dev machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
