@@ -13,7 +13,7 @@
 //! and it fails the run whatever the strategy. A `422 strategy_unsupported` or
 //! `400 unknown_strategy` at setup skips the combination with the server's reason.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1000,29 +1000,14 @@ async fn run_one(
     backend: &str,
 ) -> anyhow::Result<Result<RunReport, String>> {
     let safe = expected_safe(strategy, client.targets.len());
-    let mut report = RunReport {
-        scenario: scenario.name().to_string(),
-        strategy: strategy.to_string(),
-        backend: backend.to_string(),
+    let mut report = RunReport::empty(
+        scenario.name(),
+        &strategy.to_string(),
+        backend,
         workers,
-        operations: 0,
-        succeeded: 0,
-        refused: 0,
-        retries: 0,
-        conflicts: BTreeMap::new(),
-        errors: 0,
-        duration_s: 0.0,
-        throughput_ops_s: 0.0,
-        latency_ms: Latency::default(),
-        violations: 0,
-        expected_safe: safe,
-        invariants: Vec::new(),
-        lock: None,
-        verdict: String::new(),
-        repeat: None,
-        error_samples: Vec::new(),
-        failed: false,
-    };
+        safe,
+        None,
+    );
     let run_id = format!("lab{:08x}", rand::random::<u32>());
     let plan = match setup(client, scenario, strategy, config.load.sizing(), &run_id).await {
         Ok(plan) => Arc::new(plan),

@@ -90,6 +90,43 @@ pub struct RunReport {
     pub failed: bool,
 }
 
+impl RunReport {
+    /// The report of a run that has not started yet: no operations, no verdict, with the
+    /// expected safety and (for the lock-based strategies) empty lock statistics as given.
+    pub(crate) fn empty(
+        scenario: &str,
+        strategy: &str,
+        backend: &str,
+        workers: usize,
+        expected_safe: bool,
+        lock: Option<LockStats>,
+    ) -> RunReport {
+        RunReport {
+            scenario: scenario.to_string(),
+            strategy: strategy.to_string(),
+            backend: backend.to_string(),
+            workers,
+            operations: 0,
+            succeeded: 0,
+            refused: 0,
+            retries: 0,
+            conflicts: BTreeMap::new(),
+            errors: 0,
+            duration_s: 0.0,
+            throughput_ops_s: 0.0,
+            latency_ms: Latency::default(),
+            violations: 0,
+            expected_safe,
+            invariants: Vec::new(),
+            lock,
+            verdict: String::new(),
+            repeat: None,
+            error_samples: Vec::new(),
+            failed: false,
+        }
+    }
+}
+
 /// A combination the lab did not run, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SkippedRun {

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use crate::config::LabConfig;
 use crate::lockstats::{CountingLock, LockCounters};
 use crate::report::{LabReport, Latency, LockStats, RunReport, SkippedRun, verdict};
-use crate::scenario::{Ctx, Invariant, KeyLock, OpReport, Outcome, Scenario, Totals};
+use crate::scenario::{Ctx, KeyLock, OpReport, Outcome, Scenario, Totals};
 
 /// Counts the commands a set of Redis servers has executed (`INFO commandstats`).
 pub trait CommandCounter: Send + Sync {
@@ -311,12 +311,13 @@ async fn run_one(
         locks: counting.clone().map(|c| c as Arc<dyn KeyLock>),
         run_id: format!("lab{:08x}", rand::random::<u32>()),
     });
-    let mut report = empty_report(
+    let mut report = RunReport::empty(
         scenario.name(),
-        strategy,
+        &strategy.to_string(),
         db.backend().name(),
         workers,
-        counting.is_some(),
+        strategy.expected_safe(),
+        counting.is_some().then(LockStats::default),
     );
 
     if let Err(e) = scenario.setup(&ctx).await {
@@ -451,38 +452,6 @@ fn latency(h: &Histogram<u64>) -> Latency {
         p90: ms(h.value_at_quantile(0.90)),
         p99: ms(h.value_at_quantile(0.99)),
         max: ms(h.max()),
-    }
-}
-
-fn empty_report(
-    scenario: &str,
-    strategy: Strategy,
-    backend: &str,
-    workers: usize,
-    locked: bool,
-) -> RunReport {
-    RunReport {
-        scenario: scenario.to_string(),
-        strategy: strategy.to_string(),
-        backend: backend.to_string(),
-        workers,
-        operations: 0,
-        succeeded: 0,
-        refused: 0,
-        retries: 0,
-        conflicts: BTreeMap::new(),
-        errors: 0,
-        duration_s: 0.0,
-        throughput_ops_s: 0.0,
-        latency_ms: Latency::default(),
-        violations: 0,
-        expected_safe: strategy.expected_safe(),
-        invariants: Vec::<Invariant>::new(),
-        lock: locked.then(LockStats::default),
-        verdict: String::new(),
-        repeat: None,
-        error_samples: Vec::new(),
-        failed: false,
     }
 }
 

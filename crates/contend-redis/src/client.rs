@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use contend::fencing::FencingToken;
-use contend::{BoxFuture, Error, Result};
+use contend::{Error, Result};
 
-use crate::guard::{GuardCore, Holder, LockGuard};
+use crate::guard::{GuardCore, Holder, LockGuard, SingleNode};
 use crate::node::{Node, Timeouts};
 use crate::options::{LockKeys, LockOptions, check_key, drift, new_token};
 use crate::scripts;
@@ -67,6 +67,7 @@ impl LockClientBuilder {
         let waiters = Waiters::start(node.client().clone(), node.address().to_string(), timeouts);
         Ok(LockClient {
             inner: Arc::new(Inner {
+                holder: Arc::new(SingleNode::new(node.clone(), true)),
                 node,
                 namespace: self.namespace,
                 waiters,
@@ -99,6 +100,8 @@ pub struct LockClient {
 #[derive(Debug)]
 struct Inner {
     node: Node,
+    /// Extends and releases this client's locks (on `node`).
+    holder: Arc<SingleNode>,
     namespace: String,
     waiters: Waiters,
 }
@@ -135,9 +138,7 @@ pub(crate) async fn attempt(
             let keys = keys.clone();
             let token = token.to_string();
             tokio::spawn(async move {
-                let _ = node
-                    .eval::<i64>(&scripts::RELEASE, &[&keys.lock], &[&token, &keys.channel])
-                    .await;
+                let _ = node.release_script(&keys, &token, true).await;
             });
             Err(e)
         }
@@ -281,7 +282,7 @@ impl LockClient {
     ) -> LockGuard {
         let lease = options.lease_time();
         let valid_until = sent + lease.saturating_sub(drift(lease));
-        let holder: Arc<dyn Holder> = self.inner.clone();
+        let holder: Arc<dyn Holder> = self.inner.holder.clone();
         let core = GuardCore::new(
             keys,
             token,
@@ -291,34 +292,5 @@ impl LockClient {
             options.has_watchdog(),
         );
         LockGuard::new(core, FencingToken::new(fence))
-    }
-}
-
-impl Holder for Inner {
-    fn extend<'a>(
-        &'a self,
-        keys: &'a LockKeys,
-        token: &'a str,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Instant>>> {
-        Box::pin(async move {
-            let sent = Instant::now();
-            let lease_ms = lease.as_millis() as u64;
-            let extended: i64 = self
-                .node
-                .eval(&scripts::EXTEND, &[&keys.lock], &[&token, &lease_ms])
-                .await?;
-            Ok((extended == 1).then(|| sent + lease.saturating_sub(drift(lease))))
-        })
-    }
-
-    fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move {
-            let released: i64 = self
-                .node
-                .eval(&scripts::RELEASE, &[&keys.lock], &[&token, &keys.channel])
-                .await?;
-            Ok(released == 1)
-        })
     }
 }

@@ -10,7 +10,8 @@ use contend::{BoxFuture, Result};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::options::LockKeys;
+use crate::node::Node;
+use crate::options::{LockKeys, drift};
 
 /// What a lock implementation does for a guard (single node, Redlock, spin lock).
 pub(crate) trait Holder: Send + Sync + 'static {
@@ -25,6 +26,41 @@ pub(crate) trait Holder: Send + Sync + 'static {
 
     /// Releases the lock if it still carries `token`. `Ok(true)` when it did.
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>>;
+}
+
+/// The [`Holder`] of a lock on one node (the lock client and the spin lock): extend and
+/// release run their script on that node.
+#[derive(Debug)]
+pub(crate) struct SingleNode {
+    node: Node,
+    /// Whether a release publishes on the key's channel (waiters subscribe there).
+    notify: bool,
+}
+
+impl SingleNode {
+    /// The holder for locks on `node`; `notify` as [`Node::release_script`] takes it.
+    pub fn new(node: Node, notify: bool) -> SingleNode {
+        SingleNode { node, notify }
+    }
+}
+
+impl Holder for SingleNode {
+    fn extend<'a>(
+        &'a self,
+        keys: &'a LockKeys,
+        token: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Option<Instant>>> {
+        Box::pin(async move {
+            let sent = Instant::now();
+            let extended = self.node.extend_script(keys, token, lease).await?;
+            Ok((extended == 1).then(|| sent + lease.saturating_sub(drift(lease))))
+        })
+    }
+
+    fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move { Ok(self.node.release_script(keys, token, self.notify).await? == 1) })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

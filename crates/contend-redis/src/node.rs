@@ -8,6 +8,7 @@ use contend::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, ToRedisArgs};
 
+use crate::options::LockKeys;
 use crate::scripts;
 
 /// Time limits for talking to Redis.
@@ -224,6 +225,32 @@ impl Node {
         let mut conn = self.conn.clone();
         self.bounded(async move { cmd.query_async(&mut conn).await })
             .await
+    }
+
+    /// Runs the extend script: resets the lease of `keys` to `lease` if the lock still carries
+    /// `token`. Returns the script's reply: 1 extended, 0 not ours.
+    pub async fn extend_script(
+        &self,
+        keys: &LockKeys,
+        token: &str,
+        lease: Duration,
+    ) -> Result<i64> {
+        let lease_ms = lease.as_millis() as u64;
+        self.eval(&scripts::EXTEND, &[&keys.lock], &[&token, &lease_ms])
+            .await
+    }
+
+    /// Runs the release script: deletes the lock of `keys` if it still carries `token`, and
+    /// with `notify` publishes on the release channel so that waiters wake. Returns the
+    /// script's reply: 1 released, 0 not ours.
+    pub async fn release_script(&self, keys: &LockKeys, token: &str, notify: bool) -> Result<i64> {
+        if notify {
+            self.eval(&scripts::RELEASE, &[&keys.lock], &[&token, &keys.channel])
+                .await
+        } else {
+            self.eval(&scripts::RELEASE_QUIET, &[&keys.lock], &[&token])
+                .await
+        }
     }
 
     /// Bounds `op` by the connect + response timeouts and maps its errors.

@@ -308,11 +308,8 @@ impl Inner {
     /// Releases on every node; returns how many released a lock that carried the token.
     async fn release_all(&self, keys: &LockKeys, token: &str) -> Result<usize> {
         let results = join_all(self.nodes.iter().map(|node| async move {
-            match tokio::time::timeout(
-                self.node_timeout,
-                node.eval::<i64>(&scripts::RELEASE, &[&keys.lock], &[&token, &keys.channel]),
-            )
-            .await
+            match tokio::time::timeout(self.node_timeout, node.release_script(keys, token, true))
+                .await
             {
                 Ok(r) => r,
                 Err(_) => Err(timeout_failure(
@@ -352,11 +349,10 @@ impl Holder for Inner {
     ) -> BoxFuture<'a, Result<Option<Instant>>> {
         Box::pin(async move {
             let started = Instant::now();
-            let lease_ms = lease.as_millis() as u64;
             let results = join_all(self.nodes.iter().map(|node| async move {
                 match tokio::time::timeout(
                     self.node_timeout,
-                    node.eval::<i64>(&scripts::EXTEND, &[&keys.lock], &[&token, &lease_ms]),
+                    node.extend_script(keys, token, lease),
                 )
                 .await
                 {

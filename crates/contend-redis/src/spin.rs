@@ -5,13 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use contend::{BoxFuture, Error, Result};
+use contend::{Error, Result};
 
 use crate::LockClient;
-use crate::guard::{GuardCore, Holder, SpinGuard};
+use crate::guard::{GuardCore, Holder, SingleNode, SpinGuard};
 use crate::node::Node;
 use crate::options::{LockKeys, LockOptions, check_key, drift, new_token};
-use crate::scripts;
 
 /// A polling Redis lock (the `redis-spin` strategy of the lab).
 ///
@@ -33,6 +32,8 @@ pub struct SpinLock {
 #[derive(Debug)]
 struct Inner {
     node: Node,
+    /// Extends and releases this client's locks (on `node`).
+    holder: Arc<SingleNode>,
     namespace: String,
     interval: Duration,
 }
@@ -43,6 +44,7 @@ impl SpinLock {
         SpinLock {
             inner: Arc::new(Inner {
                 node: client.node().clone(),
+                holder: Arc::new(SingleNode::new(client.node().clone(), false)),
                 namespace: client.namespace().to_string(),
                 interval: Duration::from_millis(10),
             }),
@@ -55,6 +57,7 @@ impl SpinLock {
         SpinLock {
             inner: Arc::new(Inner {
                 node: self.inner.node.clone(),
+                holder: self.inner.holder.clone(),
                 namespace: self.inner.namespace.clone(),
                 interval: interval.max(Duration::from_millis(1)),
             }),
@@ -95,7 +98,7 @@ impl SpinLock {
                 .await?;
             if set.is_some() {
                 let lease = options.lease_time();
-                let holder: Arc<dyn Holder> = self.inner.clone();
+                let holder: Arc<dyn Holder> = self.inner.holder.clone();
                 let core = GuardCore::new(
                     keys,
                     token,
@@ -114,34 +117,5 @@ impl SpinLock {
             }
             tokio::time::sleep(self.inner.interval).await;
         }
-    }
-}
-
-impl Holder for Inner {
-    fn extend<'a>(
-        &'a self,
-        keys: &'a LockKeys,
-        token: &'a str,
-        lease: Duration,
-    ) -> BoxFuture<'a, Result<Option<Instant>>> {
-        Box::pin(async move {
-            let sent = Instant::now();
-            let lease_ms = lease.as_millis() as u64;
-            let extended: i64 = self
-                .node
-                .eval(&scripts::EXTEND, &[&keys.lock], &[&token, &lease_ms])
-                .await?;
-            Ok((extended == 1).then(|| sent + lease.saturating_sub(drift(lease))))
-        })
-    }
-
-    fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move {
-            let released: i64 = self
-                .node
-                .eval(&scripts::RELEASE_QUIET, &[&keys.lock], &[&token])
-                .await?;
-            Ok(released == 1)
-        })
     }
 }

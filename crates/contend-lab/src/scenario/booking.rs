@@ -14,12 +14,12 @@
 
 use contend::strategy::Strategy;
 use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::{advisory, optimistic, serializable};
-use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, RowLock, Tx, TxOptions};
+use contend::strategy::optimistic;
+use contend::{Backend, BoxFuture, Db, RetryPolicy, RowLock, Tx, TxOptions};
 
 use super::{
-    Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    invariant, refuse, report, report_plain, scalar, table_name, think,
+    Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
+    guarded, invariant, refuse, report, report_plain, scalar, table_name, think,
 };
 
 /// The booking scenario.
@@ -215,22 +215,6 @@ impl Booking {
                 })
                 .await,
             ),
-            Strategy::Pessimistic => {
-                let lock = match contend::strategy::pessimistic::lock_clause(
-                    db.backend(),
-                    RowLock::UpdateSkipLocked,
-                ) {
-                    Ok(lock) => lock,
-                    Err(e) => return report_plain::<()>(Err(e)),
-                };
-                report(
-                    db.run(&lock_options(), |tx| {
-                        let (s, b) = (seats.clone(), bookings.clone());
-                        Box::pin(async move { read_decide_write(tx, &s, &b, customer, lock).await })
-                    })
-                    .await,
-                )
-            }
             Strategy::Optimistic => report(
                 db.run(&optimistic::options(), |tx| {
                     let (s, b) = (seats.clone(), bookings.clone());
@@ -238,37 +222,20 @@ impl Booking {
                 })
                 .await,
             ),
-            Strategy::Serializable => report(
-                db.run(&serializable::options(), |tx| {
-                    let (s, b) = (seats.clone(), bookings.clone());
-                    Box::pin(async move { read_decide_write(tx, &s, &b, customer, "").await })
-                })
-                .await,
-            ),
-            Strategy::Advisory => report(
-                db.run(&lock_options(), |tx| {
-                    let (s, b) = (seats.clone(), bookings.clone());
-                    Box::pin(async move {
-                        advisory::lock_xact(tx, &s, None).await?;
-                        read_decide_write(tx, &s, &b, customer, "").await
-                    })
-                })
-                .await,
-            ),
-            Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
+            _ => {
                 // One lock for the whole seat map: every worker wants the best free seat.
                 let keys = [seats.clone()];
-                fenced::report_of(
-                    fenced::run(ctx, &keys, &lock_options(), move |tx| {
-                        let (s, b) = (seats.clone(), bookings.clone());
-                        Box::pin(async move { read_decide_write(tx, &s, &b, customer, "").await })
-                    })
-                    .await,
-                )
+                let guard = Guard {
+                    keys: &keys,
+                    row_lock: RowLock::UpdateSkipLocked,
+                    lock_options: lock_options(),
+                };
+                guarded(ctx, &mut db.session(), &guard, move |tx, lock| {
+                    let (s, b) = (seats.clone(), bookings.clone());
+                    Box::pin(async move { read_decide_write(tx, &s, &b, customer, lock).await })
+                })
+                .await
             }
-            other => report_plain::<()>(Err(Error::aborted(format!(
-                "no implementation of strategy {other}"
-            )))),
         }
     }
 }

@@ -14,7 +14,10 @@ pub mod withdraw;
 use std::sync::Arc;
 
 use contend::strategy::Strategy;
-use contend::{Attempted, Backend, BoxFuture, ConflictKind, Db, Error, Session};
+use contend::strategy::{advisory, pessimistic, serializable};
+use contend::{
+    Attempted, Backend, BoxFuture, ConflictKind, Db, Error, RowLock, Session, Tx, TxOptions,
+};
 
 /// Every scenario, in the order the lab runs them (`withdraw` first: it tells the story).
 pub fn registry() -> Vec<Arc<dyn Scenario>> {
@@ -304,6 +307,76 @@ pub(crate) fn invariant(name: &str, violations: u64, detail: String) -> Invarian
         ok: violations == 0,
         detail,
         violations,
+    }
+}
+
+/// How a scenario's read-decide-write is guarded by the strategies [`guarded`] runs.
+pub(crate) struct Guard<'a> {
+    /// The keys the operation touches: advisory locks (taken in sorted order) and the Redis
+    /// locks with their fences (see [`fenced::run`]).
+    pub keys: &'a [String],
+    /// The row lock the read takes under `pessimistic`.
+    pub row_lock: RowLock,
+    /// Transaction options (retries) of the lock-taking strategies.
+    pub lock_options: TxOptions,
+}
+
+/// Runs a read-decide-write `body` under `ctx.strategy`, for the strategies that share its shape:
+/// `pessimistic` (the read appends the row-lock clause `body` is given), `serializable`,
+/// `advisory` (transaction-scoped advisory locks on `guard.keys` first) and the Redis ones
+/// ([`fenced::run`]). The other strategies differ per scenario, which runs them itself; handed
+/// one of those, this reports an error. Every transaction but the fenced one runs on `session`.
+pub(crate) async fn guarded<T, F>(
+    ctx: &Ctx,
+    session: &mut Session,
+    guard: &Guard<'_>,
+    body: F,
+) -> OpReport
+where
+    T: Send + 'static,
+    F: for<'c> Fn(&'c mut Tx, &'static str) -> BoxFuture<'c, contend::Result<T>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    match ctx.strategy {
+        Strategy::Pessimistic => {
+            let lock = match pessimistic::lock_clause(ctx.db.backend(), guard.row_lock) {
+                Ok(lock) => lock,
+                Err(e) => return report_plain::<()>(Err(e)),
+            };
+            report(session.run(&guard.lock_options, |tx| body(tx, lock)).await)
+        }
+        Strategy::Serializable => report(
+            session
+                .run(&serializable::options(), |tx| body(tx, ""))
+                .await,
+        ),
+        Strategy::Advisory => {
+            let mut keys = guard.keys.to_vec();
+            keys.sort();
+            keys.dedup();
+            let run = session
+                .run(&guard.lock_options, |tx| {
+                    let keys = keys.clone();
+                    let body = body.clone();
+                    Box::pin(async move {
+                        for k in &keys {
+                            advisory::lock_xact(tx, k, None).await?;
+                        }
+                        body(tx, "").await
+                    })
+                })
+                .await;
+            report(run)
+        }
+        Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => fenced::report_of(
+            fenced::run(ctx, guard.keys, &guard.lock_options, move |tx| body(tx, "")).await,
+        ),
+        other => report_plain::<()>(Err(Error::aborted(format!(
+            "no implementation of strategy {other}"
+        )))),
     }
 }
 

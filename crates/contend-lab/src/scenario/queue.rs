@@ -12,12 +12,12 @@
 
 use contend::strategy::Strategy;
 use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::{advisory, optimistic, serializable};
-use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, RowLock, Tx, TxOptions};
+use contend::strategy::optimistic;
+use contend::{Backend, BoxFuture, Db, RetryPolicy, RowLock, Tx, TxOptions};
 
 use super::{
-    Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    invariant, refuse, report, report_plain, scalar, table_name, think,
+    Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
+    guarded, invariant, refuse, report, report_plain, scalar, table_name, think,
 };
 
 const EMPTY: &str = "no job left";
@@ -192,22 +192,6 @@ impl Queue {
                 })
                 .await,
             ),
-            Strategy::Pessimistic => {
-                let lock = match contend::strategy::pessimistic::lock_clause(
-                    db.backend(),
-                    RowLock::UpdateSkipLocked,
-                ) {
-                    Ok(lock) => lock,
-                    Err(e) => return report_plain::<()>(Err(e)),
-                };
-                report(
-                    db.run(&lock_options(), |tx| {
-                        let (j, d) = (jobs.clone(), done.clone());
-                        Box::pin(async move { read_decide_write(tx, &j, &d, worker, lock).await })
-                    })
-                    .await,
-                )
-            }
             Strategy::Optimistic => report(
                 db.run(&optimistic::options(), |tx| {
                     let (j, d) = (jobs.clone(), done.clone());
@@ -215,37 +199,20 @@ impl Queue {
                 })
                 .await,
             ),
-            Strategy::Serializable => report(
-                db.run(&serializable::options(), |tx| {
-                    let (j, d) = (jobs.clone(), done.clone());
-                    Box::pin(async move { read_decide_write(tx, &j, &d, worker, "").await })
-                })
-                .await,
-            ),
-            Strategy::Advisory => report(
-                db.run(&lock_options(), |tx| {
-                    let (j, d) = (jobs.clone(), done.clone());
-                    Box::pin(async move {
-                        advisory::lock_xact(tx, &j, None).await?;
-                        read_decide_write(tx, &j, &d, worker, "").await
-                    })
-                })
-                .await,
-            ),
-            Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
+            _ => {
                 // One lock for the whole queue: every worker wants the oldest pending job.
                 let keys = [jobs.clone()];
-                fenced::report_of(
-                    fenced::run(ctx, &keys, &lock_options(), move |tx| {
-                        let (j, d) = (jobs.clone(), done.clone());
-                        Box::pin(async move { read_decide_write(tx, &j, &d, worker, "").await })
-                    })
-                    .await,
-                )
+                let guard = Guard {
+                    keys: &keys,
+                    row_lock: RowLock::UpdateSkipLocked,
+                    lock_options: lock_options(),
+                };
+                guarded(ctx, &mut db.session(), &guard, move |tx, lock| {
+                    let (j, d) = (jobs.clone(), done.clone());
+                    Box::pin(async move { read_decide_write(tx, &j, &d, worker, lock).await })
+                })
+                .await
             }
-            other => report_plain::<()>(Err(Error::aborted(format!(
-                "no implementation of strategy {other}"
-            )))),
         }
     }
 }

@@ -9,15 +9,14 @@
 //! ([`Plan`], [`apply`]); the `order` scenario uses it too.
 
 use contend::strategy::Strategy;
-use contend::strategy::advisory;
 use contend::strategy::atomic::Counter;
 use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::{optimistic, serializable};
+use contend::strategy::optimistic;
 use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, Tx, TxOptions};
 
 use super::{
-    Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    invariant, pairs, refuse, report, report_plain, scalar, sum_bigint, table_name, think,
+    Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
+    guarded, invariant, pairs, refuse, report, report_plain, scalar, sum_bigint, table_name, think,
 };
 
 /// One change of one row: `column += delta` on row `id` of `table`. A negative delta is guarded:
@@ -214,22 +213,6 @@ pub(crate) async fn apply(ctx: &Ctx, mutex: &KeyedMutex, plan: Plan) -> OpReport
             })
             .await,
         ),
-        Strategy::Pessimistic => {
-            let lock = match contend::strategy::pessimistic::lock_clause(
-                db.backend(),
-                contend::RowLock::Update,
-            ) {
-                Ok(lock) => lock,
-                Err(e) => return report_plain::<()>(Err(e)),
-            };
-            report(
-                db.run(&lock_options(), |tx| {
-                    let plan = plan.clone();
-                    Box::pin(async move { read_decide_write(tx, &plan, lock).await })
-                })
-                .await,
-            )
-        }
         Strategy::Optimistic => report(
             db.run(&optimistic::options(), |tx| {
                 let plan = plan.clone();
@@ -237,41 +220,19 @@ pub(crate) async fn apply(ctx: &Ctx, mutex: &KeyedMutex, plan: Plan) -> OpReport
             })
             .await,
         ),
-        Strategy::Serializable => report(
-            db.run(&serializable::options(), |tx| {
-                let plan = plan.clone();
-                Box::pin(async move { read_decide_write(tx, &plan, "").await })
-            })
-            .await,
-        ),
-        Strategy::Advisory => report(
-            db.run(&lock_options(), |tx| {
-                let plan = plan.clone();
-                Box::pin(async move {
-                    let mut keys = plan.keys();
-                    keys.sort();
-                    keys.dedup();
-                    for k in &keys {
-                        advisory::lock_xact(tx, k, None).await?;
-                    }
-                    read_decide_write(tx, &plan, "").await
-                })
-            })
-            .await,
-        ),
-        Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
+        _ => {
             let keys = plan.keys();
-            fenced::report_of(
-                fenced::run(ctx, &keys, &lock_options(), move |tx| {
-                    let plan = plan.clone();
-                    Box::pin(async move { read_decide_write(tx, &plan, "").await })
-                })
-                .await,
-            )
+            let guard = Guard {
+                keys: &keys,
+                row_lock: contend::RowLock::Update,
+                lock_options: lock_options(),
+            };
+            guarded(ctx, &mut db.session(), &guard, move |tx, lock| {
+                let plan = plan.clone();
+                Box::pin(async move { read_decide_write(tx, &plan, lock).await })
+            })
+            .await
         }
-        other => report_plain::<()>(Err(Error::aborted(format!(
-            "no implementation of strategy {other}"
-        )))),
     }
 }
 

@@ -6,16 +6,15 @@
 //! successful withdrawals never exceed B.
 
 use contend::strategy::Strategy;
-use contend::strategy::advisory;
 use contend::strategy::atomic::Counter;
 use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::{optimistic, serializable};
+use contend::strategy::optimistic;
 use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, RowLock, Session, Tx, TxOptions};
 
 use super::fenced;
 use super::{
-    Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, invariant,
-    refuse, report, report_plain, table_name, think,
+    Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, guarded,
+    invariant, refuse, report, report_plain, table_name, think,
 };
 
 /// The account's id.
@@ -133,7 +132,6 @@ async fn versioned(tx: &mut Tx, t: &str) -> contend::Result<()> {
 
 impl Withdraw {
     async fn run_op(&self, ctx: &Ctx, session: &mut Session) -> OpReport {
-        let db = &ctx.db;
         let t = table(ctx);
         match ctx.strategy {
             Strategy::None => report_plain(unlocked(session, &t).await),
@@ -154,22 +152,6 @@ impl Withdraw {
                     }
                 }))
             }
-            Strategy::Pessimistic => {
-                let lock = match contend::strategy::pessimistic::lock_clause(
-                    db.backend(),
-                    RowLock::Update,
-                ) {
-                    Ok(lock) => lock,
-                    Err(e) => return report_plain::<()>(Err(e)),
-                };
-                let run = session
-                    .run(&lock_options(), |tx| {
-                        let t = t.clone();
-                        Box::pin(async move { in_tx(tx, &t, lock).await })
-                    })
-                    .await;
-                report(run)
-            }
             Strategy::Optimistic => {
                 let run = session
                     .run(&optimistic::options(), |tx| {
@@ -179,38 +161,19 @@ impl Withdraw {
                     .await;
                 report(run)
             }
-            Strategy::Serializable => {
-                let run = session
-                    .run(&serializable::options(), |tx| {
-                        let t = t.clone();
-                        Box::pin(async move { in_tx(tx, &t, "").await })
-                    })
-                    .await;
-                report(run)
-            }
-            Strategy::Advisory => {
-                let run = session
-                    .run(&lock_options(), |tx| {
-                        let t = t.clone();
-                        Box::pin(async move {
-                            advisory::lock_xact(tx, &format!("{t}:{ACCOUNT}"), None).await?;
-                            in_tx(tx, &t, "").await
-                        })
-                    })
-                    .await;
-                report(run)
-            }
-            Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
-                let run = fenced::run(ctx, &[lock_key(&t)], &lock_options(), move |tx| {
+            _ => {
+                let keys = [lock_key(&t)];
+                let guard = Guard {
+                    keys: &keys,
+                    row_lock: RowLock::Update,
+                    lock_options: lock_options(),
+                };
+                guarded(ctx, session, &guard, move |tx, lock| {
                     let t = t.clone();
-                    Box::pin(async move { in_tx(tx, &t, "").await })
+                    Box::pin(async move { in_tx(tx, &t, lock).await })
                 })
-                .await;
-                fenced::report_of(run)
+                .await
             }
-            other => report_plain::<()>(Err(Error::aborted(format!(
-                "withdraw does not know strategy {other}"
-            )))),
         }
     }
 }
