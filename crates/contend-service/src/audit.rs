@@ -59,7 +59,10 @@ fn exact_sum_sql(backend: Backend, expr: &str, table: &str) -> String {
         Backend::MySql => format!("id DIV {SUM_GROUP}"),
         _ => format!("id / {SUM_GROUP}"),
     };
-    format!("SELECT {} FROM {table} GROUP BY {group}", sum(backend, expr))
+    format!(
+        "SELECT {} FROM {table} GROUP BY {group}",
+        sum(backend, expr)
+    )
 }
 
 /// Runs an [`exact_sum_sql`] query in `tx` and adds its partial sums without overflow.

@@ -5,8 +5,8 @@ use axum::http::{HeaderMap, header};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::{AppState, ReqSession};
 
 /// Who sent a request, once its bearer token checked out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,24 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
 /// # Cancel safety
 /// Read-only: safe to drop.
 pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Authed, ApiError> {
+    authenticate_on(state, headers, &mut state.session()).await
+}
+
+/// [`authenticate`] on `session`'s connection, which the session keeps afterwards: a request
+/// that goes on to write reuses it, instead of returning it to the pool (a round trip: sqlx
+/// tests every returned connection) and taking another. The token is looked up on every
+/// request, never cached, so a token whose account row is gone stops working at once.
+///
+/// # Errors
+/// As [`authenticate`].
+///
+/// # Cancel safety
+/// Read-only; an interrupted lookup closes the session's connection rather than keeping it.
+pub(crate) async fn authenticate_on(
+    state: &AppState,
+    headers: &HeaderMap,
+    session: &mut ReqSession,
+) -> Result<Authed, ApiError> {
     let token = bearer(headers)?;
     let hash = hash_token(token);
     let scope = hex::encode(hash);
@@ -119,15 +137,17 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Authe
             scope,
         });
     }
-    let db = &state.inner.db;
-    let row: Option<(i64, String)> = db
+    let query = state
+        .inner
+        .db
         .query("SELECT id, token_hash FROM accounts WHERE token_hash = ?")
         .bind(scope.clone())
         .try_map(|row: sqlx::any::AnyRow| {
             use sqlx::Row;
             Ok((row.try_get::<i64, _>(0)?, row.try_get::<String, _>(1)?))
-        })
-        .fetch_optional(db.pool())
+        });
+    let row: Option<(i64, String)> = session
+        .autocommit(move |conn| Box::pin(async move { Ok(query.fetch_optional(conn).await?) }))
         .await?;
     match row {
         Some((id, stored)) if constant_time_eq(stored.as_bytes(), scope.as_bytes()) => Ok(Authed {

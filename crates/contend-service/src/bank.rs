@@ -325,8 +325,19 @@ impl TransferOp {
             ],
         )
         .await?;
-        ledger(tx, self.from, -self.amount, "transfer", Some(id)).await?;
-        ledger(tx, self.to, self.amount, "transfer", Some(id)).await?;
+        // Both movements in one statement (one round trip).
+        tx.query(
+            "INSERT INTO ledger (account_id, amount, kind, ref_id) \
+             VALUES (?, ?, 'transfer', ?), (?, ?, 'transfer', ?)",
+        )
+        .bind(self.from)
+        .bind(-self.amount)
+        .bind(id)
+        .bind(self.to)
+        .bind(self.amount)
+        .bind(id)
+        .execute(tx.conn())
+        .await?;
         Ok(Transfer {
             id,
             from: self.from,
@@ -435,6 +446,17 @@ impl Op for TransferOp {
     }
 }
 
+/// Fetches an account on a request's session, outside a transaction (existence checks).
+async fn fetch_account_on(
+    session: &mut crate::ReqSession,
+    id: i64,
+) -> Result<Option<Account>, ApiError> {
+    let backend = session.db().backend();
+    Ok(session
+        .autocommit(move |conn| Box::pin(load_account(conn, backend, id, "")))
+        .await?)
+}
+
 /// Fetches an account outside a transaction (existence checks, GET).
 async fn fetch_account(state: &AppState, id: i64) -> Result<Option<Account>, ApiError> {
     let db = &state.inner.db;
@@ -451,10 +473,15 @@ pub async fn create_account(
     State(state): State<AppState>,
     req: JsonRequest<NewAccount>,
 ) -> Response {
-    let JsonRequest { auth, body, meta } = req;
+    let JsonRequest {
+        auth,
+        body,
+        meta,
+        session,
+    } = req;
     let st = state.clone();
     let strategy = st.strategy_for(&meta);
-    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
+    idempotency::run(&state, auth.scope.clone(), &meta, session, move |mut session| async move {
         auth.require_admin()?;
         check_text("owner", &body.owner, 1, 64)?;
         check_range("balance", body.balance, 0, MAX_MONEY)?;
@@ -463,9 +490,7 @@ pub async fn create_account(
         let hash = hex::encode(crate::auth::hash_token(&token));
         let owner = body.owner.clone();
         let balance = body.balance;
-        let run = st
-            .inner
-            .db
+        let run = session
             .run(&contend::TxOptions::new(), move |tx| {
                 let owner = owner.clone();
                 let hash = hash.clone();
@@ -551,31 +576,42 @@ async fn balance_change(
     req: JsonRequest<AmountBody>,
     deposit: bool,
 ) -> Response {
-    let JsonRequest { auth, body, meta } = req;
+    let JsonRequest {
+        auth,
+        body,
+        meta,
+        session,
+    } = req;
     let id = match parse_id(&raw_id, "account id") {
         Ok(id) => id,
         Err(e) => return axum::response::IntoResponse::into_response(e),
     };
     let st = state.clone();
     let strategy = st.strategy_for(&meta);
-    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
-        if deposit {
-            auth.require_admin()?;
-        } else {
-            auth.require_account(id)?;
-        }
-        if fetch_account(&st, id).await?.is_none() {
-            return Err(account_missing(id));
-        }
-        engine::check_supported(&st, strategy)?;
-        check_range("amount", body.amount, 1, MAX_MONEY)?;
-        let op = BalanceOp {
-            account: id,
-            delta: if deposit { body.amount } else { -body.amount },
-            kind: if deposit { "deposit" } else { "withdraw" },
-        };
-        engine::execute(&st, strategy, op).await
-    })
+    idempotency::run(
+        &state,
+        auth.scope.clone(),
+        &meta,
+        session,
+        move |mut session| async move {
+            if deposit {
+                auth.require_admin()?;
+            } else {
+                auth.require_account(id)?;
+            }
+            if fetch_account_on(&mut session, id).await?.is_none() {
+                return Err(account_missing(id));
+            }
+            engine::check_supported(&st, strategy)?;
+            check_range("amount", body.amount, 1, MAX_MONEY)?;
+            let op = BalanceOp {
+                account: id,
+                delta: if deposit { body.amount } else { -body.amount },
+                kind: if deposit { "deposit" } else { "withdraw" },
+            };
+            engine::execute(&st, strategy, op, &mut session).await
+        },
+    )
     .await
 }
 
@@ -591,41 +627,53 @@ pub async fn create_transfer(
     State(state): State<AppState>,
     req: JsonRequest<NewTransfer>,
 ) -> Response {
-    let JsonRequest { auth, body, meta } = req;
+    let JsonRequest {
+        auth,
+        body,
+        meta,
+        session,
+    } = req;
     let st = state.clone();
     let strategy = st.strategy_for(&meta);
-    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
-        // The caller must hold `from`'s token; an unknown `from` can have no token: also 403.
-        auth.require_account(body.from)?;
-        let invalid = engine::check_supported(&st, strategy)
-            .and_then(|()| check_range("amount", body.amount, 1, MAX_MONEY))
-            .and_then(|()| {
-                if body.from == body.to {
-                    Err(ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "same_account",
-                        "`from` and `to` must be different accounts",
-                    ))
-                } else {
-                    Ok(())
+    idempotency::run(
+        &state,
+        auth.scope.clone(),
+        &meta,
+        session,
+        move |mut session| async move {
+            // The caller must hold `from`'s token; an unknown `from` can have no token: also 403.
+            auth.require_account(body.from)?;
+            let invalid = engine::check_supported(&st, strategy)
+                .and_then(|()| check_range("amount", body.amount, 1, MAX_MONEY))
+                .and_then(|()| {
+                    if body.from == body.to {
+                        Err(ApiError::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "same_account",
+                            "`from` and `to` must be different accounts",
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                });
+            if let Err(invalid) = invalid {
+                // 404 comes before 422: look `to` up only when a 422 is due. On the way that
+                // succeeds, every strategy's write finds out itself that `to` is missing (and
+                // says 404 before 409), which saves a round trip per transfer.
+                if body.to != body.from && fetch_account_on(&mut session, body.to).await?.is_none()
+                {
+                    return Err(account_missing(body.to));
                 }
-            });
-        if let Err(invalid) = invalid {
-            // 404 comes before 422: look `to` up only when a 422 is due. On the way that
-            // succeeds, every strategy's write finds out itself that `to` is missing (and
-            // says 404 before 409), which saves a round trip per transfer.
-            if body.to != body.from && fetch_account(&st, body.to).await?.is_none() {
-                return Err(account_missing(body.to));
+                return Err(invalid);
             }
-            return Err(invalid);
-        }
-        let op = TransferOp {
-            from: body.from,
-            to: body.to,
-            amount: body.amount,
-        };
-        engine::execute(&st, strategy, op).await
-    })
+            let op = TransferOp {
+                from: body.from,
+                to: body.to,
+                amount: body.amount,
+            };
+            engine::execute(&st, strategy, op, &mut session).await
+        },
+    )
     .await
 }
 

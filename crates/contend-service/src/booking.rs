@@ -196,35 +196,45 @@ impl Op for BookOp {
               (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
               (status = 422, body = crate::error::ErrorBody)))]
 pub async fn create_event(State(state): State<AppState>, req: JsonRequest<NewEvent>) -> Response {
-    let JsonRequest { auth, body, meta } = req;
+    let JsonRequest {
+        auth,
+        body,
+        meta,
+        session,
+    } = req;
     let st = state.clone();
     let strategy = st.strategy_for(&meta);
-    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
-        auth.require_admin()?;
-        engine::check_supported(&st, strategy)?;
-        check_text("name", &body.name, 1, 128)?;
-        check_range("seats", body.seats, 1, MAX_SEATS)?;
-        let (name, seats) = (body.name.clone(), body.seats);
-        let run = st
-            .inner
-            .db
-            .run(&contend::TxOptions::new(), move |tx| {
-                let name = name.clone();
-                Box::pin(async move {
-                    let id = insert_returning_id(
-                        tx,
-                        "INSERT INTO events (name, seats, version) VALUES (?, ?, 0)",
-                        &[BindValue::Text(name.clone()), BindValue::Int(seats)],
-                    )
-                    .await?;
-                    let outcome = Outcome::json(StatusCode::CREATED, &Event { id, name, seats });
-                    idempotency::store_in_tx(tx, &outcome).await?;
-                    Ok(outcome)
+    idempotency::run(
+        &state,
+        auth.scope.clone(),
+        &meta,
+        session,
+        move |mut session| async move {
+            auth.require_admin()?;
+            engine::check_supported(&st, strategy)?;
+            check_text("name", &body.name, 1, 128)?;
+            check_range("seats", body.seats, 1, MAX_SEATS)?;
+            let (name, seats) = (body.name.clone(), body.seats);
+            let run = session
+                .run(&contend::TxOptions::new(), move |tx| {
+                    let name = name.clone();
+                    Box::pin(async move {
+                        let id = insert_returning_id(
+                            tx,
+                            "INSERT INTO events (name, seats, version) VALUES (?, ?, 0)",
+                            &[BindValue::Text(name.clone()), BindValue::Int(seats)],
+                        )
+                        .await?;
+                        let outcome =
+                            Outcome::json(StatusCode::CREATED, &Event { id, name, seats });
+                        idempotency::store_in_tx(tx, &outcome).await?;
+                        Ok(outcome)
+                    })
                 })
-            })
-            .await;
-        Ok(run.result?)
-    })
+                .await;
+            Ok(run.result?)
+        },
+    )
     .await
 }
 
@@ -241,31 +251,44 @@ pub async fn create_booking(
     Path(id): Path<String>,
     req: JsonRequest<NewBooking>,
 ) -> Response {
-    let JsonRequest { auth, body, meta } = req;
+    let JsonRequest {
+        auth,
+        body,
+        meta,
+        session,
+    } = req;
     let event = match parse_id(&id, "event id") {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
     let st = state.clone();
     let strategy = st.strategy_for(&meta);
-    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
-        auth.require_account(body.account)?;
-        let seats: Option<i64> = st
-            .inner
-            .db
-            .query_scalar("SELECT seats FROM events WHERE id = ?")
-            .bind(event)
-            .fetch_optional(st.inner.db.pool())
-            .await?;
-        let seats = seats.ok_or_else(|| event_missing(event))?;
-        engine::check_supported(&st, strategy)?;
-        check_range("seat", body.seat, 1, seats)?;
-        let op = BookOp {
-            event,
-            seat: body.seat,
-            account: body.account,
-        };
-        engine::execute(&st, strategy, op).await
-    })
+    idempotency::run(
+        &state,
+        auth.scope.clone(),
+        &meta,
+        session,
+        move |session| async move {
+            // This path reads through the pool first: let the request's connection go.
+            drop(session);
+            auth.require_account(body.account)?;
+            let seats: Option<i64> = st
+                .inner
+                .db
+                .query_scalar("SELECT seats FROM events WHERE id = ?")
+                .bind(event)
+                .fetch_optional(st.inner.db.pool())
+                .await?;
+            let seats = seats.ok_or_else(|| event_missing(event))?;
+            engine::check_supported(&st, strategy)?;
+            check_range("seat", body.seat, 1, seats)?;
+            let op = BookOp {
+                event,
+                seat: body.seat,
+                account: body.account,
+            };
+            engine::execute(&st, strategy, op, &mut st.session()).await
+        },
+    )
     .await
 }

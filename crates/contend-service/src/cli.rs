@@ -55,6 +55,12 @@ pub struct ServeArgs {
     /// Largest number of pooled database connections.
     #[arg(long, default_value_t = 16)]
     pub max_connections: u32,
+    /// Test every pooled connection with a round trip when it is taken from the pool, not only
+    /// when it is returned (sqlx always tests returned connections). Off by default: the test
+    /// costs a round trip per request and only catches a connection the server dropped while it
+    /// sat idle, which otherwise fails that one request with 503 and is replaced.
+    #[arg(long, env = "CONTEND_TEST_BEFORE_ACQUIRE")]
+    pub test_before_acquire: bool,
 }
 
 /// Runs the service until SIGTERM or Ctrl-C, then finishes in-flight requests and exits 0.
@@ -73,7 +79,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let db = contend::Db::builder(&args.database_url)
         .max_connections(args.max_connections)
         .acquire_timeout(Duration::from_secs(3))
-        .test_before_acquire(false)
+        .test_before_acquire(args.test_before_acquire)
         .connect()
         .await?;
     crate::migrate::run(&db).await?;

@@ -23,9 +23,9 @@ use contend::strategy::{Strategy, advisory, optimistic, pessimistic, serializabl
 use contend::{Backend, BoxFuture, ConflictKind, RetryPolicy, RowLock, Tx, TxOptions};
 use sqlx::AnyConnection;
 
-use crate::AppState;
 use crate::error::ApiError;
 use crate::idempotency::{self, Outcome};
+use crate::{AppState, ReqSession};
 
 /// How long a request waits for a row, advisory, in-process or Redis lock before 503.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -120,8 +120,10 @@ pub(crate) async fn conclude<O: Op>(
     Ok(outcome)
 }
 
-/// Runs `op` under `strategy`; the success response is stored with the request's idempotency
-/// key in the same transaction.
+/// Runs `op` under `strategy` on `session` (the request's connection); the success response is
+/// stored with the request's idempotency key in the same transaction. Before waiting for an
+/// in-process or Redis lock, the session lets its connection go, so that waiters do not hold
+/// pooled connections that the lock's holder may need.
 ///
 /// # Errors
 /// The op's business errors; 503 for unavailable dependencies, lock timeouts and conflicts that
@@ -134,6 +136,7 @@ pub(crate) async fn execute<O: Op>(
     state: &AppState,
     strategy: Strategy,
     op: O,
+    session: &mut ReqSession,
 ) -> Result<Outcome, ApiError> {
     let db = state.inner.db.clone();
     let backend = db.backend();
@@ -145,6 +148,7 @@ pub(crate) async fn execute<O: Op>(
             let started = Instant::now();
             let mut guards = Vec::new();
             if strategy == Strategy::Mutex {
+                session.discard();
                 for key in op.lock_keys() {
                     match tokio::time::timeout(LOCK_WAIT, state.inner.mutexes.lock(&key)).await {
                         Ok(guard) => guards.push(guard),
@@ -159,12 +163,14 @@ pub(crate) async fn execute<O: Op>(
                 }
                 metrics.lock_wait(strategy, started.elapsed());
             }
-            let loaded = {
-                let mut conn = db.acquire().await?;
-                op.load(&mut conn, backend, "").await?
-            };
+            let loader = op.clone();
+            let loaded = session
+                .autocommit(move |conn| {
+                    Box::pin(async move { loader.load(conn, backend, "").await })
+                })
+                .await?;
             let loaded = Arc::new(loaded);
-            let run = db
+            let run = session
                 .run(&base, move |tx| {
                     let op = op.clone();
                     let loaded = loaded.clone();
@@ -178,30 +184,32 @@ pub(crate) async fn execute<O: Op>(
             run
         }
         Strategy::Atomic => {
-            db.run(&base, move |tx| {
-                let op = op.clone();
-                Box::pin(async move {
-                    let out = op.atomic(tx).await?;
-                    conclude(&*op, tx, out).await
+            session
+                .run(&base, move |tx| {
+                    let op = op.clone();
+                    Box::pin(async move {
+                        let out = op.atomic(tx).await?;
+                        conclude(&*op, tx, out).await
+                    })
                 })
-            })
-            .await
+                .await
         }
         Strategy::Pessimistic => {
             let lock = pessimistic::lock_clause(backend, RowLock::Update)?;
             let metrics = state.inner.metrics.clone();
-            db.run(&base, move |tx| {
-                let op = op.clone();
-                let metrics = metrics.clone();
-                Box::pin(async move {
-                    let started = Instant::now();
-                    let loaded = op.load(tx.conn(), backend, lock).await?;
-                    metrics.lock_wait(strategy, started.elapsed());
-                    let out = op.apply(tx, &loaded, false).await?;
-                    conclude(&*op, tx, out).await
+            session
+                .run(&base, move |tx| {
+                    let op = op.clone();
+                    let metrics = metrics.clone();
+                    Box::pin(async move {
+                        let started = Instant::now();
+                        let loaded = op.load(tx.conn(), backend, lock).await?;
+                        metrics.lock_wait(strategy, started.elapsed());
+                        let out = op.apply(tx, &loaded, false).await?;
+                        conclude(&*op, tx, out).await
+                    })
                 })
-            })
-            .await
+                .await
         }
         Strategy::Optimistic | Strategy::Serializable => {
             let checked = strategy == Strategy::Optimistic;
@@ -211,36 +219,39 @@ pub(crate) async fn execute<O: Op>(
                 serializable::options()
             }
             .lock_timeout(LOCK_WAIT);
-            db.run(&options, move |tx| {
-                let op = op.clone();
-                Box::pin(async move {
-                    let loaded = op.load(tx.conn(), backend, "").await?;
-                    let out = op.apply(tx, &loaded, checked).await?;
-                    conclude(&*op, tx, out).await
+            session
+                .run(&options, move |tx| {
+                    let op = op.clone();
+                    Box::pin(async move {
+                        let loaded = op.load(tx.conn(), backend, "").await?;
+                        let out = op.apply(tx, &loaded, checked).await?;
+                        conclude(&*op, tx, out).await
+                    })
                 })
-            })
-            .await
+                .await
         }
         Strategy::Advisory => {
             let metrics = state.inner.metrics.clone();
-            db.run(&base, move |tx| {
-                let op = op.clone();
-                let metrics = metrics.clone();
-                Box::pin(async move {
-                    let started = Instant::now();
-                    for key in op.lock_keys() {
-                        advisory::lock_xact(tx, &key, None).await?;
-                    }
-                    metrics.lock_wait(strategy, started.elapsed());
-                    let loaded = op.load(tx.conn(), backend, "").await?;
-                    let out = op.apply(tx, &loaded, false).await?;
-                    conclude(&*op, tx, out).await
+            session
+                .run(&base, move |tx| {
+                    let op = op.clone();
+                    let metrics = metrics.clone();
+                    Box::pin(async move {
+                        let started = Instant::now();
+                        for key in op.lock_keys() {
+                            advisory::lock_xact(tx, &key, None).await?;
+                        }
+                        metrics.lock_wait(strategy, started.elapsed());
+                        let loaded = op.load(tx.conn(), backend, "").await?;
+                        let out = op.apply(tx, &loaded, false).await?;
+                        conclude(&*op, tx, out).await
+                    })
                 })
-            })
-            .await
+                .await
         }
         Strategy::Redis | Strategy::Redlock | Strategy::RedisSpin => {
-            return crate::redis_locks::execute(state, strategy, op).await;
+            session.discard();
+            return crate::redis_locks::execute(state, strategy, op, session).await;
         }
         _ => {
             return Err(ApiError::new(

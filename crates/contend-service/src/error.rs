@@ -129,7 +129,7 @@ impl From<contend::Error> for ApiError {
                 Ok(api) => *api,
                 Err(other) => ApiError::internal(other),
             },
-            e if e.is_unavailable() => {
+            e if e.is_unavailable() || connection_lost(&e) => {
                 tracing::warn!(error = %e, "dependency unavailable");
                 ApiError::unavailable(
                     "unavailable",
@@ -180,6 +180,18 @@ impl IntoResponse for ApiError {
 }
 
 /// Wraps a business error so that a transaction body can return it (rolled back, not retried).
+/// Whether the server ended the connection (PostgreSQL SQLSTATE class 08, connection
+/// exception, or 57P01..57P03, shut down or terminated by an administrator): the database is
+/// (or was) unavailable, not a bug.
+fn connection_lost(err: &contend::Error) -> bool {
+    match err {
+        contend::Error::Database(sqlx::Error::Database(db)) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
 pub(crate) fn abort(err: ApiError) -> contend::Error {
     contend::Error::aborted(err)
 }

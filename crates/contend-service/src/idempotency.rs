@@ -7,7 +7,7 @@
 //! (or the request timeout) cannot stop it halfway.
 //!
 //! A request that writes stores its success outcome *inside its business transaction*
-//! ([`store_in_tx`], called by every write path just before `COMMIT`): the key row is updated
+//! (`store_in_tx`, called by every write path just before `COMMIT`): the key row is updated
 //! only while this request still owns it, so either the business change and its stored outcome
 //! commit together or neither does. A crash after the commit therefore leaves a completed key
 //! (replayed afterwards), never an in-flight one whose lease would expire and let the request
@@ -28,9 +28,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use crate::AppState;
 use crate::error::{ApiError, RETRY_AFTER_SECS, abort};
 use crate::extract::Meta;
+use crate::{AppState, ReqSession};
 
 /// How long an in-flight marker protects its key: far longer than any request may run.
 pub const LEASE: Duration = Duration::from_secs(120);
@@ -194,17 +194,30 @@ enum Claim {
 /// Runs `work` at most once per `(scope, Idempotency-Key)` (the scope is the hash of the
 /// caller's token); without a key, just runs it.
 ///
+/// `session` is the request's connection (the one its token was looked up on). Without a key,
+/// `work` gets it, so that a write reuses it; with a key, it is let go before the key is
+/// claimed (a request never holds two pooled connections at once, which could starve the pool)
+/// and `work` gets a fresh session that connects on first use. `work` must do all its database
+/// work through the session it gets, or drop it first.
+///
 /// # Cancel safety
 /// With a key, `work` runs in a task of its own: dropping this future does not stop it, and its
 /// outcome is stored (or its key released) when it ends.
-pub async fn run<F, Fut>(state: &AppState, scope: String, meta: &Meta, work: F) -> Response
+pub(crate) async fn run<F, Fut>(
+    state: &AppState,
+    scope: String,
+    meta: &Meta,
+    session: ReqSession,
+    work: F,
+) -> Response
 where
-    F: FnOnce() -> Fut + Send + 'static,
+    F: FnOnce(ReqSession) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Outcome, ApiError>> + Send + 'static,
 {
     let Some(key) = meta.idempotency_key.clone() else {
-        return Outcome::from(work().await).into_response();
+        return Outcome::from(work(session).await).into_response();
     };
+    drop(session);
     let fp = fingerprint(meta);
     let owner = match claim(state, &scope, &key, &fp).await {
         Ok(Claim::Owned(owner)) => owner,
@@ -218,7 +231,7 @@ where
         owner,
     };
     let task = tokio::spawn(CLAIMED.scope(claimed.clone(), async move {
-        let outcome = Outcome::from(work().await);
+        let outcome = Outcome::from(work(state2.session()).await);
         finish(&state2, &claimed, &outcome).await;
         outcome
     }));

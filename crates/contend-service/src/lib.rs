@@ -120,6 +120,115 @@ pub(crate) struct Inner {
     pub(crate) mutexes: KeyedMutex,
     pub(crate) redis: Option<RedisLocks>,
     pub(crate) redlock: Option<RedisLocks>,
+    /// Sessions (held connections) of finished requests, for the next ones: see
+    /// [`AppState::session`].
+    pub(crate) warm: std::sync::Mutex<Vec<(Instant, contend::Session)>>,
+    /// At most this many are kept: half the pool, so that the pool's other users (reads,
+    /// idempotency keys) always find connections.
+    pub(crate) warm_cap: usize,
+}
+
+/// How long a request's connection is kept for the next request without the pool's test.
+pub(crate) const WARM_FOR: Duration = Duration::from_secs(1);
+
+/// A request's database session; given back to its instance's warm set when dropped.
+///
+/// sqlx's pool tests every connection returned to it with a round trip; a request that takes a
+/// warm session and gives it back skips that. A session keeps its connection only when its last
+/// operation finished (an interrupted one closes it), so what is kept is always in a clean
+/// state. Only sessions given back within [`WARM_FOR`] are reused (under load they come back
+/// within milliseconds); older ones go back to the pool, which tests them. A kept connection
+/// that the server dropped within that window (a restart) fails the one request that uses it
+/// with 503, and is then replaced.
+pub(crate) struct ReqSession {
+    session: Option<contend::Session>,
+    state: AppState,
+}
+
+impl ReqSession {
+    /// Lets the connection go back to the pool (which tests it and drops it if it is dead);
+    /// the request goes on with a new session that connects on first use.
+    pub(crate) fn discard(&mut self) {
+        self.session = Some(self.state.inner.db.session());
+    }
+
+    /// Whether an error says nothing about the connection (a business error carried through
+    /// the transaction); after any other, the connection is not kept for the next request.
+    fn keeps_connection(err: &contend::Error) -> bool {
+        matches!(err, contend::Error::Aborted(_))
+    }
+
+    /// [`contend::Session::run`]; after an error other than a business one, the connection
+    /// goes back to the pool rather than to the next request.
+    ///
+    /// # Cancel safety
+    /// As [`contend::Session::run`].
+    pub(crate) async fn run<T, F>(
+        &mut self,
+        options: &contend::TxOptions,
+        body: F,
+    ) -> contend::Attempted<T>
+    where
+        T: Send,
+        F: for<'c> FnMut(&'c mut contend::Tx) -> contend::BoxFuture<'c, contend::Result<T>> + Send,
+    {
+        let run = std::ops::DerefMut::deref_mut(self).run(options, body).await;
+        if let Err(e) = &run.result
+            && !Self::keeps_connection(e)
+        {
+            self.discard();
+        }
+        run
+    }
+
+    /// [`contend::Session::autocommit`], with [`ReqSession::run`]'s rule for errors.
+    ///
+    /// # Cancel safety
+    /// As [`contend::Session::autocommit`].
+    pub(crate) async fn autocommit<T, F>(&mut self, body: F) -> contend::Result<T>
+    where
+        F: for<'c> FnOnce(
+            &'c mut sqlx::AnyConnection,
+        ) -> contend::BoxFuture<'c, contend::Result<T>>,
+    {
+        let result = std::ops::DerefMut::deref_mut(self).autocommit(body).await;
+        if let Err(e) = &result
+            && !Self::keeps_connection(e)
+        {
+            self.discard();
+        }
+        result
+    }
+}
+
+impl std::ops::Deref for ReqSession {
+    type Target = contend::Session;
+    fn deref(&self) -> &contend::Session {
+        self.session.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for ReqSession {
+    fn deref_mut(&mut self) -> &mut contend::Session {
+        self.session.as_mut().expect("present until dropped")
+    }
+}
+
+impl std::fmt::Debug for ReqSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReqSession").finish_non_exhaustive()
+    }
+}
+
+impl Drop for ReqSession {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take()
+            && let Ok(mut warm) = self.state.inner.warm.lock()
+            && warm.len() < self.state.inner.warm_cap
+        {
+            warm.push((Instant::now(), session));
+        }
+    }
 }
 
 impl std::fmt::Debug for AppState {
@@ -134,6 +243,7 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// The state of an instance with `config`.
     pub fn new(config: Config) -> AppState {
+        let pool_size = config.db.pool().options().get_max_connections() as usize;
         AppState {
             inner: Arc::new(Inner {
                 admin_hash: auth::hash_token(&config.admin_token),
@@ -146,6 +256,8 @@ impl AppState {
                 mutexes: KeyedMutex::new(),
                 redis: config.redis,
                 redlock: config.redlock,
+                warm: std::sync::Mutex::new(Vec::new()),
+                warm_cap: (pool_size / 2).max(1),
             }),
         }
     }
@@ -153,6 +265,26 @@ impl AppState {
     /// The database.
     pub fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// A session for one request: a warm one (holding a tested connection) if there is one,
+    /// else a new one that connects on first use.
+    pub(crate) fn session(&self) -> ReqSession {
+        let mut stale = Vec::new();
+        let warm = self.inner.warm.lock().ok().and_then(|mut w| {
+            // The newest is at the end; anything older than WARM_FOR goes back to the pool.
+            let fresh = w.partition_point(|(since, _)| since.elapsed() > WARM_FOR);
+            stale.extend(w.drain(..fresh));
+            w.pop()
+        });
+        drop(stale);
+        ReqSession {
+            session: Some(
+                warm.map(|(_, s)| s)
+                    .unwrap_or_else(|| self.inner.db.session()),
+            ),
+            state: self.clone(),
+        }
     }
 
     /// The strategy of one request: the header's (already validated) or the default.
@@ -222,8 +354,9 @@ fn request_id(req: &Request) -> String {
     {
         return id.to_string();
     }
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:08x}-{n}", std::process::id())
+    format!("{:08x}-{n}", PID.get_or_init(std::process::id))
 }
 
 /// The outer layer of every request: request id, tracing span, timeout, panic guard, metrics.

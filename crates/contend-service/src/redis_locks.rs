@@ -96,6 +96,7 @@ pub(crate) async fn execute<O: Op>(
     state: &AppState,
     strategy: Strategy,
     op: Arc<O>,
+    session: &mut crate::ReqSession,
 ) -> Result<Outcome, ApiError> {
     let locks = match strategy {
         Strategy::Redis => state.inner.redis.as_ref(),
@@ -127,9 +128,7 @@ pub(crate) async fn execute<O: Op>(
             .max_elapsed(Duration::from_secs(10))
             .only(&[ConflictKind::Deadlock, ConflictKind::Busy]),
     );
-    let run = state
-        .inner
-        .db
+    let run = session
         .run(&options, move |tx| {
             let op = op.clone();
             let fences = fences.clone();

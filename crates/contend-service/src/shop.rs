@@ -288,19 +288,22 @@ pub async fn create_product(
     State(state): State<AppState>,
     req: JsonRequest<NewProduct>,
 ) -> Response {
-    let JsonRequest { auth, body, meta } = req;
+    let JsonRequest {
+        auth,
+        body,
+        meta,
+        session,
+    } = req;
     let st = state.clone();
     let strategy = st.strategy_for(&meta);
-    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
+    idempotency::run(&state, auth.scope.clone(), &meta, session, move |mut session| async move {
         auth.require_admin()?;
         engine::check_supported(&st, strategy)?;
         check_text("sku", &body.sku, 1, 64)?;
         check_range("stock", body.stock, 0, MAX_MONEY)?;
         check_range("price", body.price, 1, MAX_MONEY)?;
         let (sku, stock, price) = (body.sku.clone(), body.stock, body.price);
-        let run = st
-            .inner
-            .db
+        let run = session
             .run(&contend::TxOptions::new(), move |tx| {
                 let sku = sku.clone();
                 Box::pin(async move {
@@ -356,23 +359,36 @@ pub async fn get_product(
               (status = 409, body = crate::error::ErrorBody, description = "out_of_stock, insufficient_funds"),
               (status = 422, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn create_order(State(state): State<AppState>, req: JsonRequest<NewOrder>) -> Response {
-    let JsonRequest { auth, body, meta } = req;
+    let JsonRequest {
+        auth,
+        body,
+        meta,
+        session,
+    } = req;
     let st = state.clone();
     let strategy = st.strategy_for(&meta);
-    idempotency::run(&state, auth.scope.clone(), &meta, move || async move {
-        auth.require_account(body.account)?;
-        let product = fetch_product(&st, &body.sku)
-            .await?
-            .ok_or_else(|| product_missing(&body.sku))?;
-        engine::check_supported(&st, strategy)?;
-        check_range("quantity", body.quantity, 1, MAX_QUANTITY)?;
-        total_of(product.price, body.quantity)?;
-        let op = OrderOp {
-            account: body.account,
-            sku: body.sku,
-            quantity: body.quantity,
-        };
-        engine::execute(&st, strategy, op).await
-    })
+    idempotency::run(
+        &state,
+        auth.scope.clone(),
+        &meta,
+        session,
+        move |session| async move {
+            // This path reads through the pool first: let the request's connection go.
+            drop(session);
+            auth.require_account(body.account)?;
+            let product = fetch_product(&st, &body.sku)
+                .await?
+                .ok_or_else(|| product_missing(&body.sku))?;
+            engine::check_supported(&st, strategy)?;
+            check_range("quantity", body.quantity, 1, MAX_QUANTITY)?;
+            total_of(product.price, body.quantity)?;
+            let op = OrderOp {
+                account: body.account,
+                sku: body.sku,
+                quantity: body.quantity,
+            };
+            engine::execute(&st, strategy, op, &mut st.session()).await
+        },
+    )
     .await
 }

@@ -44,10 +44,10 @@ async fn audit_beyond_i64(kind: Kind) {
         .await
         .expect("insert accounts");
     direct
-        .execute_script(&format!(
+        .execute_script(
             "INSERT INTO ledger (account_id, amount, kind, ref_id) \
-             SELECT id, balance, 'open', NULL FROM accounts WHERE owner = 'big'"
-        ))
+             SELECT id, balance, 'open', NULL FROM accounts WHERE owner = 'big'",
+        )
         .await
         .expect("insert ledger");
     direct.pool().close().await;
@@ -58,8 +58,16 @@ async fn audit_beyond_i64(kind: Kind) {
     let want = u64::try_from(BIG_ACCOUNTS * (BIG_BALANCE / 1000)).unwrap() * 1000 + 5;
     assert!(want > i64::MAX as u64, "the test must exceed i64");
     assert_eq!(audit["total_balance"].as_u64(), Some(want), "{audit}");
-    assert_eq!(audit["expected_total_balance"].as_u64(), Some(want), "{audit}");
-    assert_eq!(audit["accounts"].as_i64(), Some(BIG_ACCOUNTS + 1), "{audit}");
+    assert_eq!(
+        audit["expected_total_balance"].as_u64(),
+        Some(want),
+        "{audit}"
+    );
+    assert_eq!(
+        audit["accounts"].as_i64(),
+        Some(BIG_ACCOUNTS + 1),
+        "{audit}"
+    );
     assert_eq!(audit["consistent"], true, "{audit}");
 
     // And it still notices a difference: a withdrawal written around the ledger.
@@ -119,7 +127,13 @@ async fn idempotent_outcome_commits_with_the_write_postgres() {
         )
         .await
         .expect("triggers");
-    for strategy in ["atomic", "pessimistic", "optimistic", "serializable", "advisory"] {
+    for strategy in [
+        "atomic",
+        "pessimistic",
+        "optimistic",
+        "serializable",
+        "advisory",
+    ] {
         direct
             .execute_script("DELETE FROM xid_log")
             .await
@@ -129,7 +143,10 @@ async fn idempotent_outcome_commits_with_the_write_postgres() {
             .post_with(
                 "/transfers",
                 &ta,
-                &[("Idempotency-Key", &key), ("X-Concurrency-Strategy", strategy)],
+                &[
+                    ("Idempotency-Key", &key),
+                    ("X-Concurrency-Strategy", strategy),
+                ],
                 json!({"from": a, "to": b, "amount": 1}),
             )
             .await;
@@ -155,7 +172,10 @@ async fn idempotent_outcome_commits_with_the_write_postgres() {
             .post_with(
                 "/transfers",
                 &ta,
-                &[("Idempotency-Key", &key), ("X-Concurrency-Strategy", strategy)],
+                &[
+                    ("Idempotency-Key", &key),
+                    ("X-Concurrency-Strategy", strategy),
+                ],
                 json!({"from": a, "to": b, "amount": 1}),
             )
             .await;
@@ -184,7 +204,10 @@ async fn lost_key_cannot_commit(kind: Kind) {
     } else {
         "START TRANSACTION"
     };
-    sqlx::query(begin).execute(&mut *holder).await.expect("begin");
+    sqlx::query(begin)
+        .execute(&mut *holder)
+        .await
+        .expect("begin");
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT balance FROM accounts WHERE id = {a} FOR UPDATE"
     )))
@@ -241,7 +264,11 @@ async fn lost_key_cannot_commit(kind: Kind) {
         .await
         .expect("key row");
     assert_eq!(row.get::<String, _>(0), "taken-over-by-a-retry");
-    assert_eq!(row.get::<Option<i64>, _>(1), None, "the new owner's key stays in flight");
+    assert_eq!(
+        row.get::<Option<i64>, _>(1),
+        None,
+        "the new owner's key stays in flight"
+    );
     assert_eq!(api.audit().await["consistent"], true);
     direct.pool().close().await;
     server.stop().await;
@@ -260,4 +287,74 @@ async fn lost_key_cannot_commit_mysql() {
     if run_if(Kind::MySql) {
         lost_key_cannot_commit(Kind::MySql).await;
     }
+}
+
+/// Requests keep their connection between requests (warm sessions, see `ReqSession`). When the
+/// server drops every connection (a restart, an idle kill), a request that meets a dead one
+/// gets 503 with `Retry-After` (never a 500), and the instance recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_after_connections_are_killed_postgres() {
+    if !run_if(Kind::Postgres) {
+        return;
+    }
+    let db = TestDb::new(Kind::Postgres).await;
+    let server = Server::start(&db.url, common::Options::default()).await;
+    let api = server.api();
+    let (a, ta) = api.account("a", 1_000).await;
+    let (b, _) = api.account("b", 0).await;
+    let transfer = || async {
+        api.post("/transfers", &ta, json!({"from": a, "to": b, "amount": 1}))
+            .await
+    };
+    let name = db.url.rsplit('/').next().unwrap().to_string();
+    let kill = || async {
+        let admin = contend::Db::connect(&std::env::var("CONTEND_PG_URL").unwrap())
+            .await
+            .expect("connect");
+        admin
+            .execute_script(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            ))
+            .await
+            .expect("terminate");
+        admin.pool().close().await;
+    };
+    let warm_up = || async {
+        let warm: Vec<_> = (0..8).map(|_| transfer()).collect();
+        for r in futures_util::future::join_all(warm).await {
+            assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        }
+    };
+    // Connections killed while idle for longer than the warm window: nobody notices.
+    warm_up().await;
+    kill().await;
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    for _ in 0..10 {
+        let r = transfer().await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    }
+    // Killed right away: a request may meet a dead warm connection (503), never a 500.
+    warm_up().await;
+    kill().await;
+    let (mut ok, mut unavailable) = (0, 0);
+    for _ in 0..40 {
+        let r = transfer().await;
+        match r.status {
+            201 => ok += 1,
+            503 => {
+                assert!(r.header("retry-after").is_some());
+                unavailable += 1;
+            }
+            s => panic!("unexpected {s}: {}", String::from_utf8_lossy(&r.body)),
+        }
+    }
+    assert!(
+        ok >= 30,
+        "did not recover: {ok} ok, {unavailable} unavailable"
+    );
+    assert_eq!(api.balance(b).await, 8 + 10 + 8 + ok);
+    assert_eq!(api.audit().await["consistent"], true);
+    server.stop().await;
+    db.drop_db().await;
 }

@@ -33,8 +33,16 @@ async fn missing_to(kind: Kind) {
             (missing, 10, "funds suffice"),
             (missing, 1_000, "insufficient funds: 404 before 409"),
             (missing, 0, "amount out of range: 404 before 422"),
-            (below, 10, "missing `to` below `from` (the other lock order)"),
-            (below, 1_000, "missing `to` below `from`, insufficient funds"),
+            (
+                below,
+                10,
+                "missing `to` below `from` (the other lock order)",
+            ),
+            (
+                below,
+                1_000,
+                "missing `to` below `from`, insufficient funds",
+            ),
         ] {
             let r = api
                 .post_with(
@@ -53,19 +61,50 @@ async fn missing_to(kind: Kind) {
         }
         // The existing pair still works, and 409 / 422 stay what they were.
         let r = api
-            .post_with("/transfers", &ta, &headers, json!({"from": a, "to": b, "amount": 1_000}))
+            .post_with(
+                "/transfers",
+                &ta,
+                &headers,
+                json!({"from": a, "to": b, "amount": 1_000}),
+            )
             .await;
-        assert_eq!((r.status, r.code()), (409, "insufficient_funds".to_string()), "{strategy}");
+        assert_eq!(
+            (r.status, r.code()),
+            (409, "insufficient_funds".to_string()),
+            "{strategy}"
+        );
         let r = api
-            .post_with("/transfers", &ta, &headers, json!({"from": a, "to": a, "amount": 1}))
+            .post_with(
+                "/transfers",
+                &ta,
+                &headers,
+                json!({"from": a, "to": a, "amount": 1}),
+            )
             .await;
-        assert_eq!((r.status, r.code()), (422, "same_account".to_string()), "{strategy}");
+        assert_eq!(
+            (r.status, r.code()),
+            (422, "same_account".to_string()),
+            "{strategy}"
+        );
         let r = api
-            .post_with("/transfers", &ta, &headers, json!({"from": a, "to": b, "amount": 1}))
+            .post_with(
+                "/transfers",
+                &ta,
+                &headers,
+                json!({"from": a, "to": b, "amount": 1}),
+            )
             .await;
-        assert_eq!(r.status, 201, "{strategy}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            201,
+            "{strategy}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
-    assert_eq!(api.balance(b).await, if kind == Kind::Sqlite { 6 } else { 7 });
+    assert_eq!(
+        api.balance(b).await,
+        if kind == Kind::Sqlite { 6 } else { 7 }
+    );
     let audit = api.audit().await;
     assert_eq!(audit["consistent"], true, "{audit}");
     server.stop().await;
