@@ -15,7 +15,7 @@
 use contend::strategy::Strategy;
 use contend::strategy::mutex::KeyedMutex;
 use contend::strategy::optimistic;
-use contend::{Backend, BoxFuture, Db, RetryPolicy, RowLock, Tx, TxOptions};
+use contend::{Backend, BoxFuture, Db, RetryPolicy, RowLock, Session, Tx, TxOptions};
 
 use super::{
     Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
@@ -199,7 +199,7 @@ async fn versioned(tx: &mut Tx, seats: &str, bookings: &str, customer: i64) -> c
 }
 
 impl Booking {
-    async fn run_op(&self, ctx: &Ctx, customer: i64) -> OpReport {
+    async fn run_op(&self, ctx: &Ctx, session: &mut Session, customer: i64) -> OpReport {
         let db = &ctx.db;
         let (seats, bookings) = tables(ctx);
         match ctx.strategy {
@@ -209,18 +209,20 @@ impl Booking {
                 report_plain(unlocked(db, &seats, &bookings, customer).await)
             }
             Strategy::Atomic => report(
-                db.run(&lock_options(), |tx| {
-                    let (s, b) = (seats.clone(), bookings.clone());
-                    Box::pin(async move { unique_claim(tx, &s, &b, customer).await })
-                })
-                .await,
+                session
+                    .run(&lock_options(), |tx| {
+                        let (s, b) = (seats.clone(), bookings.clone());
+                        Box::pin(async move { unique_claim(tx, &s, &b, customer).await })
+                    })
+                    .await,
             ),
             Strategy::Optimistic => report(
-                db.run(&optimistic::options(), |tx| {
-                    let (s, b) = (seats.clone(), bookings.clone());
-                    Box::pin(async move { versioned(tx, &s, &b, customer).await })
-                })
-                .await,
+                session
+                    .run(&optimistic::options(), |tx| {
+                        let (s, b) = (seats.clone(), bookings.clone());
+                        Box::pin(async move { versioned(tx, &s, &b, customer).await })
+                    })
+                    .await,
             ),
             _ => {
                 // One lock for the whole seat map: every worker wants the best free seat.
@@ -230,7 +232,7 @@ impl Booking {
                     row_lock: RowLock::UpdateSkipLocked,
                     lock_options: lock_options(),
                 };
-                guarded(ctx, &mut db.session(), &guard, move |tx, lock| {
+                guarded(ctx, session, &guard, move |tx, lock| {
                     let (s, b) = (seats.clone(), bookings.clone());
                     Box::pin(async move { read_decide_write(tx, &s, &b, customer, lock).await })
                 })
@@ -289,9 +291,23 @@ impl Scenario for Booking {
         })
     }
 
-    fn op<'a>(&'a self, ctx: &'a Ctx, _worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+        Box::pin(async move {
+            let mut session = ctx.db.session();
+            self.op_in_session(ctx, &mut session, worker, seq).await
+        })
+    }
+
+    fn op_in_session<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        session: &'a mut Session,
+        worker: usize,
+        seq: u64,
+    ) -> BoxFuture<'a, OpReport> {
+        let _ = worker;
         let customer = i64::try_from(seq).unwrap_or(i64::MAX - 1) + 1;
-        Box::pin(self.run_op(ctx, customer))
+        Box::pin(self.run_op(ctx, session, customer))
     }
 
     fn check<'a>(

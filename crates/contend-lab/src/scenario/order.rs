@@ -8,7 +8,7 @@
 
 use contend::strategy::Strategy;
 use contend::strategy::mutex::KeyedMutex;
-use contend::{Backend, BoxFuture};
+use contend::{Backend, BoxFuture, Session};
 
 use super::transfer::{Move, Plan, apply, row_key};
 use super::{
@@ -109,7 +109,20 @@ impl Scenario for Order {
         })
     }
 
-    fn op<'a>(&'a self, ctx: &'a Ctx, _worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+        Box::pin(async move {
+            let mut session = ctx.db.session();
+            self.op_in_session(ctx, &mut session, worker, seq).await
+        })
+    }
+
+    fn op_in_session<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        session: &'a mut Session,
+        _worker: usize,
+        seq: u64,
+    ) -> BoxFuture<'a, OpReport> {
         Box::pin(async move {
             let t = tables(ctx);
             let account = (seq % ACCOUNTS as u64) as i64 + 1;
@@ -134,7 +147,7 @@ impl Scenario for Order {
                 t.orders
             );
             let plan = Plan::new(moves, record, vec![account, PRODUCT, 1, PRICE]);
-            apply(ctx, &self.mutex, plan).await
+            apply(ctx, session, &self.mutex, plan).await
         })
     }
 

@@ -13,7 +13,7 @@
 use contend::strategy::Strategy;
 use contend::strategy::mutex::KeyedMutex;
 use contend::strategy::optimistic;
-use contend::{Backend, BoxFuture, Db, RetryPolicy, RowLock, Tx, TxOptions};
+use contend::{Backend, BoxFuture, Db, RetryPolicy, RowLock, Session, Tx, TxOptions};
 
 use super::{
     Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
@@ -176,7 +176,7 @@ async fn versioned(tx: &mut Tx, jobs: &str, done: &str, worker: i64) -> contend:
 }
 
 impl Queue {
-    async fn run_op(&self, ctx: &Ctx, worker: i64) -> OpReport {
+    async fn run_op(&self, ctx: &Ctx, session: &mut Session, worker: i64) -> OpReport {
         let db = &ctx.db;
         let (jobs, done) = tables(ctx);
         match ctx.strategy {
@@ -186,18 +186,20 @@ impl Queue {
                 report_plain(unlocked(db, &jobs, &done, worker).await)
             }
             Strategy::Atomic => report(
-                db.run(&lock_options(), |tx| {
-                    let (j, d) = (jobs.clone(), done.clone());
-                    Box::pin(async move { atomic_claim(tx, &j, &d, worker).await })
-                })
-                .await,
+                session
+                    .run(&lock_options(), |tx| {
+                        let (j, d) = (jobs.clone(), done.clone());
+                        Box::pin(async move { atomic_claim(tx, &j, &d, worker).await })
+                    })
+                    .await,
             ),
             Strategy::Optimistic => report(
-                db.run(&optimistic::options(), |tx| {
-                    let (j, d) = (jobs.clone(), done.clone());
-                    Box::pin(async move { versioned(tx, &j, &d, worker).await })
-                })
-                .await,
+                session
+                    .run(&optimistic::options(), |tx| {
+                        let (j, d) = (jobs.clone(), done.clone());
+                        Box::pin(async move { versioned(tx, &j, &d, worker).await })
+                    })
+                    .await,
             ),
             _ => {
                 // One lock for the whole queue: every worker wants the oldest pending job.
@@ -207,7 +209,7 @@ impl Queue {
                     row_lock: RowLock::UpdateSkipLocked,
                     lock_options: lock_options(),
                 };
-                guarded(ctx, &mut db.session(), &guard, move |tx, lock| {
+                guarded(ctx, session, &guard, move |tx, lock| {
                     let (j, d) = (jobs.clone(), done.clone());
                     Box::pin(async move { read_decide_write(tx, &j, &d, worker, lock).await })
                 })
@@ -259,9 +261,23 @@ impl Scenario for Queue {
         })
     }
 
-    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, _seq: u64) -> BoxFuture<'a, OpReport> {
+    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+        Box::pin(async move {
+            let mut session = ctx.db.session();
+            self.op_in_session(ctx, &mut session, worker, seq).await
+        })
+    }
+
+    fn op_in_session<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        session: &'a mut Session,
+        worker: usize,
+        seq: u64,
+    ) -> BoxFuture<'a, OpReport> {
+        let _ = seq;
         let worker = i64::try_from(worker).unwrap_or(i64::MAX - 1) + 1;
-        Box::pin(self.run_op(ctx, worker))
+        Box::pin(self.run_op(ctx, session, worker))
     }
 
     fn check<'a>(

@@ -12,7 +12,7 @@ use contend::strategy::Strategy;
 use contend::strategy::atomic::Counter;
 use contend::strategy::mutex::KeyedMutex;
 use contend::strategy::optimistic;
-use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, Tx, TxOptions};
+use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, Session, Tx, TxOptions};
 
 use super::{
     Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
@@ -192,7 +192,12 @@ async fn versioned_moves(tx: &mut Tx, plan: &Plan) -> contend::Result<()> {
 }
 
 /// Applies `plan` under `ctx.strategy`.
-pub(crate) async fn apply(ctx: &Ctx, mutex: &KeyedMutex, plan: Plan) -> OpReport {
+pub(crate) async fn apply(
+    ctx: &Ctx,
+    session: &mut Session,
+    mutex: &KeyedMutex,
+    plan: Plan,
+) -> OpReport {
     let db = &ctx.db;
     match ctx.strategy {
         Strategy::None => report_plain(unlocked(db, &plan).await),
@@ -207,18 +212,20 @@ pub(crate) async fn apply(ctx: &Ctx, mutex: &KeyedMutex, plan: Plan) -> OpReport
             report_plain(unlocked(db, &plan).await)
         }
         Strategy::Atomic => report(
-            db.run(&lock_options(), |tx| {
-                let plan = plan.clone();
-                Box::pin(async move { atomic_moves(tx, &plan).await })
-            })
-            .await,
+            session
+                .run(&lock_options(), |tx| {
+                    let plan = plan.clone();
+                    Box::pin(async move { atomic_moves(tx, &plan).await })
+                })
+                .await,
         ),
         Strategy::Optimistic => report(
-            db.run(&optimistic::options(), |tx| {
-                let plan = plan.clone();
-                Box::pin(async move { versioned_moves(tx, &plan).await })
-            })
-            .await,
+            session
+                .run(&optimistic::options(), |tx| {
+                    let plan = plan.clone();
+                    Box::pin(async move { versioned_moves(tx, &plan).await })
+                })
+                .await,
         ),
         _ => {
             let keys = plan.keys();
@@ -227,7 +234,7 @@ pub(crate) async fn apply(ctx: &Ctx, mutex: &KeyedMutex, plan: Plan) -> OpReport
                 row_lock: contend::RowLock::Update,
                 lock_options: lock_options(),
             };
-            guarded(ctx, &mut db.session(), &guard, move |tx, lock| {
+            guarded(ctx, session, &guard, move |tx, lock| {
                 let plan = plan.clone();
                 Box::pin(async move { read_decide_write(tx, &plan, lock).await })
             })
@@ -309,7 +316,20 @@ impl Scenario for Transfer {
         })
     }
 
-    fn op<'a>(&'a self, ctx: &'a Ctx, _worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+        Box::pin(async move {
+            let mut session = ctx.db.session();
+            self.op_in_session(ctx, &mut session, worker, seq).await
+        })
+    }
+
+    fn op_in_session<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        session: &'a mut Session,
+        _worker: usize,
+        seq: u64,
+    ) -> BoxFuture<'a, OpReport> {
         Box::pin(async move {
             let (acc, ledger) = tables(ctx);
             let (from, to, amount) = pick(seq);
@@ -331,7 +351,7 @@ impl Scenario for Transfer {
             ];
             let record = format!("INSERT INTO {ledger} (account, delta) VALUES (?, ?), (?, ?)");
             let plan = Plan::new(moves, record, vec![from, -amount, to, amount]);
-            apply(ctx, &self.mutex, plan).await
+            apply(ctx, session, &self.mutex, plan).await
         })
     }
 
