@@ -19,7 +19,7 @@ use contend::{Backend, BoxFuture, Db, RetryPolicy, RowLock, Session, Tx, TxOptio
 
 use super::{
     Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    guarded, invariant, refuse, report, report_plain, scalar, table_name, think,
+    guarded, invariant, op_on_own_session, refuse, report, report_plain, scalar, table_name, think,
 };
 
 /// The booking scenario.
@@ -292,10 +292,7 @@ impl Scenario for Booking {
     }
 
     fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
-        Box::pin(async move {
-            let mut session = ctx.db.session();
-            self.op_in_session(ctx, &mut session, worker, seq).await
-        })
+        op_on_own_session(self, ctx, worker, seq)
     }
 
     fn op_in_session<'a>(

@@ -128,6 +128,21 @@ pub struct Invariant {
     pub violations: u64,
 }
 
+/// The body of [`Scenario::op`] for scenarios that work on a [`Session`]: runs
+/// [`Scenario::op_in_session`] on a session of its own (used once, so its connection goes back to
+/// the pool afterwards).
+pub fn op_on_own_session<'a, S: Scenario + ?Sized>(
+    scenario: &'a S,
+    ctx: &'a Ctx,
+    worker: usize,
+    seq: u64,
+) -> BoxFuture<'a, OpReport> {
+    Box::pin(async move {
+        let mut session = ctx.db.session();
+        scenario.op_in_session(ctx, &mut session, worker, seq).await
+    })
+}
+
 /// A lab scenario.
 pub trait Scenario: Send + Sync + 'static {
     /// Its name on the command line and in reports (`withdraw`, `transfer`, ...).

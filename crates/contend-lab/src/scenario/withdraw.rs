@@ -14,7 +14,7 @@ use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, RowLock, Session, Tx, 
 use super::fenced;
 use super::{
     Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, guarded,
-    invariant, refuse, report, report_plain, table_name, think,
+    invariant, op_on_own_session, refuse, report, report_plain, table_name, think,
 };
 
 /// The account's id.
@@ -210,11 +210,8 @@ impl Scenario for Withdraw {
         })
     }
 
-    fn op<'a>(&'a self, ctx: &'a Ctx, _worker: usize, _seq: u64) -> BoxFuture<'a, OpReport> {
-        Box::pin(async move {
-            let mut session = ctx.db.session();
-            self.run_op(ctx, &mut session).await
-        })
+    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+        op_on_own_session(self, ctx, worker, seq)
     }
 
     fn op_in_session<'a>(
