@@ -473,15 +473,7 @@ pub async fn create_account(
     State(state): State<AppState>,
     req: JsonRequest<NewAccount>,
 ) -> Response {
-    let JsonRequest {
-        auth,
-        body,
-        meta,
-        session,
-    } = req;
-    let st = state.clone();
-    let strategy = st.strategy_for(&meta);
-    idempotency::run(&state, auth.scope.clone(), &meta, session, move |mut session| async move {
+    req.run_keyed(&state, move |st, auth, body, strategy, mut session| async move {
         auth.require_admin()?;
         check_text("owner", &body.owner, 1, 64)?;
         check_range("balance", body.balance, 0, MAX_MONEY)?;
@@ -576,24 +568,13 @@ async fn balance_change(
     req: JsonRequest<AmountBody>,
     deposit: bool,
 ) -> Response {
-    let JsonRequest {
-        auth,
-        body,
-        meta,
-        session,
-    } = req;
     let id = match parse_id(&raw_id, "account id") {
         Ok(id) => id,
         Err(e) => return axum::response::IntoResponse::into_response(e),
     };
-    let st = state.clone();
-    let strategy = st.strategy_for(&meta);
-    idempotency::run(
+    req.run_keyed(
         &state,
-        auth.scope.clone(),
-        &meta,
-        session,
-        move |mut session| async move {
+        move |st, auth, body, strategy, mut session| async move {
             if deposit {
                 auth.require_admin()?;
             } else {
@@ -627,20 +608,9 @@ pub async fn create_transfer(
     State(state): State<AppState>,
     req: JsonRequest<NewTransfer>,
 ) -> Response {
-    let JsonRequest {
-        auth,
-        body,
-        meta,
-        session,
-    } = req;
-    let st = state.clone();
-    let strategy = st.strategy_for(&meta);
-    idempotency::run(
+    req.run_keyed(
         &state,
-        auth.scope.clone(),
-        &meta,
-        session,
-        move |mut session| async move {
+        move |st, auth, body, strategy, mut session| async move {
             // The caller must hold `from`'s token; an unknown `from` can have no token: also 403.
             auth.require_account(body.from)?;
             let invalid = engine::check_supported(&st, strategy)

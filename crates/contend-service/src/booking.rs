@@ -196,20 +196,9 @@ impl Op for BookOp {
               (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
               (status = 422, body = crate::error::ErrorBody)))]
 pub async fn create_event(State(state): State<AppState>, req: JsonRequest<NewEvent>) -> Response {
-    let JsonRequest {
-        auth,
-        body,
-        meta,
-        session,
-    } = req;
-    let st = state.clone();
-    let strategy = st.strategy_for(&meta);
-    idempotency::run(
+    req.run_keyed(
         &state,
-        auth.scope.clone(),
-        &meta,
-        session,
-        move |mut session| async move {
+        move |st, auth, body, strategy, mut session| async move {
             auth.require_admin()?;
             engine::check_supported(&st, strategy)?;
             check_text("name", &body.name, 1, 128)?;
@@ -251,24 +240,13 @@ pub async fn create_booking(
     Path(id): Path<String>,
     req: JsonRequest<NewBooking>,
 ) -> Response {
-    let JsonRequest {
-        auth,
-        body,
-        meta,
-        session,
-    } = req;
     let event = match parse_id(&id, "event id") {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    let st = state.clone();
-    let strategy = st.strategy_for(&meta);
-    idempotency::run(
+    req.run_keyed(
         &state,
-        auth.scope.clone(),
-        &meta,
-        session,
-        move |session| async move {
+        move |st, auth, body, strategy, session| async move {
             // This path reads through the pool first: let the request's connection go.
             drop(session);
             auth.require_account(body.account)?;

@@ -191,6 +191,33 @@ enum Claim {
     Answer(Response),
 }
 
+impl<T: Send + 'static> crate::extract::JsonRequest<T> {
+    /// Runs a write endpoint's `work` through [`run`] (under the request's idempotency key, if
+    /// any), handing it the state, the caller, the body, the strategy chosen for this request and
+    /// the request's connection: the prologue every write handler shares.
+    pub(crate) async fn run_keyed<F, Fut>(self, state: &AppState, work: F) -> Response
+    where
+        F: FnOnce(AppState, crate::auth::Authed, T, contend::strategy::Strategy, ReqSession) -> Fut
+            + Send
+            + 'static,
+        Fut: Future<Output = Result<Outcome, ApiError>> + Send + 'static,
+    {
+        let crate::extract::JsonRequest {
+            auth,
+            body,
+            meta,
+            session,
+        } = self;
+        let strategy = state.strategy_for(&meta);
+        let scope = auth.scope.clone();
+        let st = state.clone();
+        run(state, scope, &meta, session, move |session| {
+            work(st, auth, body, strategy, session)
+        })
+        .await
+    }
+}
+
 /// Runs `work` at most once per `(scope, Idempotency-Key)` (the scope is the hash of the
 /// caller's token); without a key, just runs it.
 ///

@@ -288,15 +288,7 @@ pub async fn create_product(
     State(state): State<AppState>,
     req: JsonRequest<NewProduct>,
 ) -> Response {
-    let JsonRequest {
-        auth,
-        body,
-        meta,
-        session,
-    } = req;
-    let st = state.clone();
-    let strategy = st.strategy_for(&meta);
-    idempotency::run(&state, auth.scope.clone(), &meta, session, move |mut session| async move {
+    req.run_keyed(&state, move |st, auth, body, strategy, mut session| async move {
         auth.require_admin()?;
         engine::check_supported(&st, strategy)?;
         check_text("sku", &body.sku, 1, 64)?;
@@ -359,20 +351,9 @@ pub async fn get_product(
               (status = 409, body = crate::error::ErrorBody, description = "out_of_stock, insufficient_funds"),
               (status = 422, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn create_order(State(state): State<AppState>, req: JsonRequest<NewOrder>) -> Response {
-    let JsonRequest {
-        auth,
-        body,
-        meta,
-        session,
-    } = req;
-    let st = state.clone();
-    let strategy = st.strategy_for(&meta);
-    idempotency::run(
+    req.run_keyed(
         &state,
-        auth.scope.clone(),
-        &meta,
-        session,
-        move |session| async move {
+        move |st, auth, body, strategy, session| async move {
             // This path reads through the pool first: let the request's connection go.
             drop(session);
             auth.require_account(body.account)?;
