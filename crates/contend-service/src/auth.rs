@@ -1,12 +1,22 @@
 //! Authentication: the admin token and per-account tokens (random, 256 bits, stored only as
 //! SHA-256 hashes), compared in constant time; and who the caller is ([`Caller`]).
+//!
+//! Account tokens are looked up by hash in the database, and a successful lookup is remembered
+//! for a short while ([`TokenCache`]): a request that writes then needs no round trip of its own
+//! for its token. Only successes are remembered, so a new account's token works on every instance
+//! at once; and no API removes an account or changes its token, so a remembered answer can only
+//! go stale if rows are deleted or changed by hand, and then for at most the cache's time to live.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
+use crate::AppState;
 use crate::error::ApiError;
-use crate::{AppState, ReqSession};
 
 /// Who sent a request, once its bearer token checked out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +92,80 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Account-token lookups that succeeded, kept for a time to live: token hash to account id.
+///
+/// Bounded: at `capacity` entries, expired ones are dropped, and if none had expired the whole
+/// map is emptied (a burst of more distinct tokens than the capacity within one time to live then
+/// costs lookups, never memory). A time to live of zero turns it off.
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use contend_service::auth::TokenCache;
+///
+/// let cache = TokenCache::new(Duration::from_secs(30), 2);
+/// let hash = [7u8; 32];
+/// assert_eq!(cache.get(&hash), None);
+/// cache.insert(hash, 42);
+/// assert_eq!(cache.get(&hash), Some(42));
+///
+/// let off = TokenCache::new(Duration::ZERO, 2);
+/// off.insert(hash, 42);
+/// assert_eq!(off.get(&hash), None);
+/// ```
+#[derive(Debug)]
+pub struct TokenCache {
+    ttl: Duration,
+    capacity: usize,
+    map: Mutex<HashMap<[u8; 32], (i64, Instant)>>,
+}
+
+impl TokenCache {
+    /// A cache keeping each entry for `ttl`, with at most `capacity` entries.
+    pub fn new(ttl: Duration, capacity: usize) -> TokenCache {
+        TokenCache {
+            ttl,
+            capacity: capacity.max(1),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The account of `hash`, if a lookup found it less than the time to live ago.
+    pub fn get(&self, hash: &[u8; 32]) -> Option<i64> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let map = self.map.lock().ok()?;
+        let (id, at) = map.get(hash)?;
+        (at.elapsed() < self.ttl).then_some(*id)
+    }
+
+    /// Remembers that `hash` is the token of account `id`.
+    pub fn insert(&self, hash: [u8; 32], id: i64) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let Ok(mut map) = self.map.lock() else {
+            return;
+        };
+        if map.len() >= self.capacity && !map.contains_key(&hash) {
+            let ttl = self.ttl;
+            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if map.len() >= self.capacity {
+                map.clear();
+            }
+        }
+        map.insert(hash, (id, Instant::now()));
+    }
+
+    /// Forgets everything (tests; an operator who changed tokens by hand).
+    pub fn clear(&self) {
+        if let Ok(mut map) = self.map.lock() {
+            map.clear();
+        }
+    }
+}
+
 /// The bearer token of a request, or 401.
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers
@@ -102,38 +186,28 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     Ok(token)
 }
 
-/// Authenticates a request: the admin token, or an account token looked up by its hash.
+/// Authenticates a request: the admin token, or an account token, remembered in the
+/// [`TokenCache`] or looked up by its hash on a request session of its own (given back at once,
+/// so that the request never holds two).
 ///
 /// # Errors
 /// 401 for a missing, malformed or unknown token; 503 when the database is unavailable.
 ///
 /// # Cancel safety
-/// Read-only: safe to drop.
+/// Read-only; an interrupted lookup closes its connection rather than keeping it.
 pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Authed, ApiError> {
-    authenticate_on(state, headers, &mut state.session()).await
-}
-
-/// [`authenticate`] on `session`'s connection, which the session keeps afterwards: a request
-/// that goes on to write reuses it, instead of returning it to the pool (a round trip: sqlx
-/// tests every returned connection) and taking another. The token is looked up on every
-/// request, never cached, so a token whose account row is gone stops working at once.
-///
-/// # Errors
-/// As [`authenticate`].
-///
-/// # Cancel safety
-/// Read-only; an interrupted lookup closes the session's connection rather than keeping it.
-pub(crate) async fn authenticate_on(
-    state: &AppState,
-    headers: &HeaderMap,
-    session: &mut ReqSession,
-) -> Result<Authed, ApiError> {
     let token = bearer(headers)?;
     let hash = hash_token(token);
     let scope = hex::encode(hash);
     if constant_time_eq(&hash, &state.inner.admin_hash) {
         return Ok(Authed {
             caller: Caller::Admin,
+            scope,
+        });
+    }
+    if let Some(id) = state.inner.tokens.get(&hash) {
+        return Ok(Authed {
+            caller: Caller::Account(id),
             scope,
         });
     }
@@ -146,14 +220,19 @@ pub(crate) async fn authenticate_on(
             use sqlx::Row;
             Ok((row.try_get::<i64, _>(0)?, row.try_get::<String, _>(1)?))
         });
-    let row: Option<(i64, String)> = session
+    let row: Option<(i64, String)> = state
+        .session()
+        .await?
         .autocommit(move |conn| Box::pin(async move { Ok(query.fetch_optional(conn).await?) }))
         .await?;
     match row {
-        Some((id, stored)) if constant_time_eq(stored.as_bytes(), scope.as_bytes()) => Ok(Authed {
-            caller: Caller::Account(id),
-            scope,
-        }),
+        Some((id, stored)) if constant_time_eq(stored.as_bytes(), scope.as_bytes()) => {
+            state.inner.tokens.insert(hash, id);
+            Ok(Authed {
+                caller: Caller::Account(id),
+                scope,
+            })
+        }
         _ => Err(ApiError::unauthorized("unknown token")),
     }
 }
@@ -168,6 +247,33 @@ mod tests {
         let b = new_token();
         assert_ne!(a, b);
         assert_eq!(a.len(), 5 + 64);
+    }
+
+    #[test]
+    fn token_cache_forgets_after_its_time_to_live() {
+        let cache = TokenCache::new(Duration::from_millis(50), 10);
+        cache.insert([1; 32], 1);
+        assert_eq!(cache.get(&[1; 32]), Some(1));
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(cache.get(&[1; 32]), None);
+    }
+
+    #[test]
+    fn token_cache_stays_within_its_capacity() {
+        let cache = TokenCache::new(Duration::from_secs(60), 3);
+        for i in 0..10u8 {
+            cache.insert([i; 32], i64::from(i));
+            assert!(cache.map.lock().unwrap().len() <= 3);
+            assert_eq!(
+                cache.get(&[i; 32]),
+                Some(i64::from(i)),
+                "the newest is kept"
+            );
+        }
+        // Updating a present entry never evicts.
+        let before = cache.map.lock().unwrap().len();
+        cache.insert([9; 32], 9);
+        assert_eq!(cache.map.lock().unwrap().len(), before);
     }
 
     #[test]

@@ -314,35 +314,78 @@ struct TransferOp {
 }
 
 impl TransferOp {
+    /// Records the transfer and both of its ledger movements. On PostgreSQL that is one
+    /// statement (a data-modifying `WITH`: the transfer row, then both ledger rows referring to
+    /// it), elsewhere an `INSERT ... RETURNING id` and one two-row `INSERT`.
     async fn record(&self, tx: &mut Tx) -> contend::Result<Transfer> {
-        let id = insert_returning_id(
-            tx,
-            "INSERT INTO transfers (from_id, to_id, amount) VALUES (?, ?, ?)",
-            &[
-                BindValue::Int(self.from),
-                BindValue::Int(self.to),
-                BindValue::Int(self.amount),
-            ],
-        )
-        .await?;
-        // Both movements in one statement (one round trip).
-        tx.query(
-            "INSERT INTO ledger (account_id, amount, kind, ref_id) \
-             VALUES (?, ?, 'transfer', ?), (?, ?, 'transfer', ?)",
-        )
-        .bind(self.from)
-        .bind(-self.amount)
-        .bind(id)
-        .bind(self.to)
-        .bind(self.amount)
-        .bind(id)
-        .execute(tx.conn())
-        .await?;
+        let id = if tx.backend() == Backend::Postgres {
+            let row = tx
+                .query(
+                    "WITH t AS (INSERT INTO transfers (from_id, to_id, amount) VALUES (?, ?, ?) RETURNING id) \
+                     INSERT INTO ledger (account_id, amount, kind, ref_id) \
+                     SELECT ?, ?, 'transfer', id FROM t UNION ALL SELECT ?, ?, 'transfer', id FROM t \
+                     RETURNING ref_id",
+                )
+                .bind(self.from)
+                .bind(self.to)
+                .bind(self.amount)
+                .bind(self.from)
+                .bind(-self.amount)
+                .bind(self.to)
+                .bind(self.amount)
+                .fetch_one(tx.conn())
+                .await?;
+            row.try_get::<i64, _>(0)?
+        } else {
+            let id = insert_returning_id(
+                tx,
+                "INSERT INTO transfers (from_id, to_id, amount) VALUES (?, ?, ?)",
+                &[
+                    BindValue::Int(self.from),
+                    BindValue::Int(self.to),
+                    BindValue::Int(self.amount),
+                ],
+            )
+            .await?;
+            tx.query(
+                "INSERT INTO ledger (account_id, amount, kind, ref_id) \
+                 VALUES (?, ?, 'transfer', ?), (?, ?, 'transfer', ?)",
+            )
+            .bind(self.from)
+            .bind(-self.amount)
+            .bind(id)
+            .bind(self.to)
+            .bind(self.amount)
+            .bind(id)
+            .execute(tx.conn())
+            .await?;
+            id
+        };
         Ok(Transfer {
             id,
             from: self.from,
             to: self.to,
             amount: self.amount,
+        })
+    }
+
+    /// Why the conditional `UPDATE` of [`Op::atomic`] did not change both rows, read inside the
+    /// same transaction (the rows it found are locked by it): in the contract's order, a missing
+    /// account (404), `to` going above 10^15 (422), then insufficient funds (409).
+    async fn refusal(&self, tx: &mut Tx) -> contend::Result<ApiError> {
+        let backend = tx.backend();
+        let from = must_load(tx.conn(), backend, self.from, "").await?;
+        let to = must_load(tx.conn(), backend, self.to, "").await?;
+        Ok(if to.balance > MAX_MONEY - self.amount {
+            ApiError::invalid_value("amount", "would take the balance of `to` above 10^15")
+        } else if from.balance < self.amount {
+            insufficient(from.id)
+        } else {
+            // Both conditions hold on the rows this transaction has locked: cannot happen.
+            ApiError::unavailable(
+                "transfer_conflict",
+                "the transfer's accounts changed while it ran; try again",
+            )
         })
     }
 }
@@ -400,46 +443,49 @@ impl Op for TransferOp {
         })
     }
 
+    /// Both balances in one conditional `UPDATE` (each row checks its own condition), which
+    /// locks the two rows in id order, so that opposite transfers cannot deadlock: PostgreSQL
+    /// locks them first in a sorted `FOR NO KEY UPDATE` subquery, MariaDB updates
+    /// `ORDER BY id`, SQLite has one writer at a time. Fewer than two rows changed means a
+    /// refusal: the transaction rolls back and [`TransferOp::refusal`] says why.
     fn atomic<'c>(&'c self, tx: &'c mut Tx) -> BoxFuture<'c, contend::Result<Transfer>> {
         Box::pin(async move {
-            // Touch the rows in canonical order; each UPDATE checks its own condition.
-            let steps: [(bool, i64); 2] = if self.from < self.to {
-                [(true, self.from), (false, self.to)]
-            } else {
-                [(false, self.to), (true, self.from)]
-            };
-            for (debit, id) in steps {
-                let done = if debit {
-                    tx.query("UPDATE accounts SET balance = balance - ?, version = version + 1 WHERE id = ? AND balance >= ?")
-                        .bind(self.amount)
-                        .bind(id)
-                        .bind(self.amount)
-                        .execute(tx.conn())
-                        .await?
-                } else {
-                    tx.query("UPDATE accounts SET balance = balance + ?, version = version + 1 WHERE id = ? AND balance <= ?")
-                        .bind(self.amount)
-                        .bind(id)
-                        .bind(MAX_MONEY - self.amount)
-                        .execute(tx.conn())
-                        .await?
-                };
-                if done.rows_affected() == 0 {
-                    let backend = tx.backend();
-                    must_load(tx.conn(), backend, id, "").await?;
-                    if debit {
-                        // A missing `to` is a 404, which comes before the 409.
-                        must_load(tx.conn(), backend, self.to, "").await?;
-                    }
-                    return Err(abort(if debit {
-                        insufficient(id)
-                    } else {
-                        ApiError::invalid_value(
-                            "amount",
-                            "would take the balance of `to` above 10^15",
-                        )
-                    }));
+            let sql = match tx.backend() {
+                Backend::Postgres => {
+                    "UPDATE accounts AS a \
+                     SET balance = CASE WHEN a.id = ? THEN a.balance - ? ELSE a.balance + ? END, \
+                         version = a.version + 1 \
+                     FROM (SELECT id FROM accounts WHERE id IN (?, ?) ORDER BY id FOR NO KEY UPDATE) AS l \
+                     WHERE a.id = l.id AND CASE WHEN a.id = ? THEN a.balance >= ? ELSE a.balance <= ? END"
                 }
+                Backend::MySql => {
+                    "UPDATE accounts \
+                     SET balance = CASE WHEN id = ? THEN balance - ? ELSE balance + ? END, \
+                         version = version + 1 \
+                     WHERE id IN (?, ?) AND CASE WHEN id = ? THEN balance >= ? ELSE balance <= ? END \
+                     ORDER BY id"
+                }
+                _ => {
+                    "UPDATE accounts \
+                     SET balance = CASE WHEN id = ? THEN balance - ? ELSE balance + ? END, \
+                         version = version + 1 \
+                     WHERE id IN (?, ?) AND CASE WHEN id = ? THEN balance >= ? ELSE balance <= ? END"
+                }
+            };
+            let done = tx
+                .query(sql)
+                .bind(self.from)
+                .bind(self.amount)
+                .bind(self.amount)
+                .bind(self.from)
+                .bind(self.to)
+                .bind(self.from)
+                .bind(self.amount)
+                .bind(MAX_MONEY - self.amount)
+                .execute(tx.conn())
+                .await?;
+            if done.rows_affected() != 2 {
+                return Err(abort(self.refusal(tx).await?));
             }
             self.record(tx).await
         })

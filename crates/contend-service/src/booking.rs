@@ -265,7 +265,7 @@ pub async fn create_booking(
                 seat: body.seat,
                 account: body.account,
             };
-            engine::execute(&st, strategy, op, &mut st.session()).await
+            engine::execute(&st, strategy, op, &mut st.session().await?).await
         },
     )
     .await

@@ -61,6 +61,11 @@ pub struct ServeArgs {
     /// sat idle, which otherwise fails that one request with 503 and is replaced.
     #[arg(long, env = "CONTEND_TEST_BEFORE_ACQUIRE")]
     pub test_before_acquire: bool,
+    /// How long, in seconds, a successful account-token lookup is remembered by this instance
+    /// (0: look every token up on every request). No API removes an account or changes its
+    /// token, so only rows deleted or changed by hand can make a remembered token stale.
+    #[arg(long, env = "CONTEND_TOKEN_CACHE_SECS", default_value_t = 30)]
+    pub token_cache_secs: u64,
 }
 
 /// Runs the service until SIGTERM or Ctrl-C, then finishes in-flight requests and exits 0.
@@ -98,6 +103,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.allow_strategy_header = args.allow_strategy_header;
     config.request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
     config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
+    config.token_cache_ttl = Duration::from_secs(args.token_cache_secs);
     if let Some(url) = &args.redis_url {
         config.redis = Some(
             RedisLocks::single(url, &args.redis_namespace)

@@ -10,7 +10,7 @@ use contend::strategy::Strategy;
 use serde::de::DeserializeOwned;
 
 use crate::AppState;
-use crate::auth::{Authed, authenticate, authenticate_on};
+use crate::auth::{Authed, authenticate};
 use crate::error::ApiError;
 
 /// Largest accepted request body: 64 KiB.
@@ -59,9 +59,6 @@ pub struct JsonRequest<T> {
     pub body: T,
     /// Everything else.
     pub meta: Meta,
-    /// The connection the token was looked up on, kept for the request's write (see
-    /// [`crate::idempotency::run`], which hands it on or lets it go).
-    pub(crate) session: crate::ReqSession,
 }
 
 /// An authenticated request without a body (GETs).
@@ -172,8 +169,7 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonRequest<T> {
             .await
             .map_err(|_| too_large())?;
         // 401.
-        let mut session = state.session();
-        let auth = authenticate_on(state, &parts.headers, &mut session).await?;
+        let auth = authenticate(state, &parts.headers).await?;
         // 400.
         let typed = parse_body::<T>(&bytes)?;
         let idempotency_key = idempotency_key(&parts.headers)?;
@@ -193,7 +189,6 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonRequest<T> {
                 idempotency_key,
                 strategy,
             },
-            session,
         })
     }
 }

@@ -202,16 +202,11 @@ impl<T: Send + 'static> crate::extract::JsonRequest<T> {
             + 'static,
         Fut: Future<Output = Result<Outcome, ApiError>> + Send + 'static,
     {
-        let crate::extract::JsonRequest {
-            auth,
-            body,
-            meta,
-            session,
-        } = self;
+        let crate::extract::JsonRequest { auth, body, meta } = self;
         let strategy = state.strategy_for(&meta);
         let scope = auth.scope.clone();
         let st = state.clone();
-        run(state, scope, &meta, session, move |session| {
+        run(state, scope, &meta, move |session| {
             work(st, auth, body, strategy, session)
         })
         .await
@@ -221,30 +216,25 @@ impl<T: Send + 'static> crate::extract::JsonRequest<T> {
 /// Runs `work` at most once per `(scope, Idempotency-Key)` (the scope is the hash of the
 /// caller's token); without a key, just runs it.
 ///
-/// `session` is the request's connection (the one its token was looked up on). Without a key,
-/// `work` gets it, so that a write reuses it; with a key, it is let go before the key is
-/// claimed (a request never holds two pooled connections at once, which could starve the pool)
-/// and `work` gets a fresh session that connects on first use. `work` must do all its database
-/// work through the session it gets, or drop it first.
+/// `work` gets a request session ([`AppState::session`]); with a key, only once the key is
+/// claimed (through the pool, not a session). `work` must do all its database work through the
+/// session it gets, or drop it first: a request never holds two, which could starve them.
 ///
 /// # Cancel safety
 /// With a key, `work` runs in a task of its own: dropping this future does not stop it, and its
 /// outcome is stored (or its key released) when it ends.
-pub(crate) async fn run<F, Fut>(
-    state: &AppState,
-    scope: String,
-    meta: &Meta,
-    session: ReqSession,
-    work: F,
-) -> Response
+pub(crate) async fn run<F, Fut>(state: &AppState, scope: String, meta: &Meta, work: F) -> Response
 where
     F: FnOnce(ReqSession) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Outcome, ApiError>> + Send + 'static,
 {
     let Some(key) = meta.idempotency_key.clone() else {
-        return Outcome::from(work(session).await).into_response();
+        let outcome = match state.session().await {
+            Ok(session) => Outcome::from(work(session).await),
+            Err(e) => Outcome::from(e),
+        };
+        return outcome.into_response();
     };
-    drop(session);
     let fp = fingerprint(meta);
     let owner = match claim(state, &scope, &key, &fp).await {
         Ok(Claim::Owned(owner)) => owner,
@@ -258,7 +248,10 @@ where
         owner,
     };
     let task = tokio::spawn(CLAIMED.scope(claimed.clone(), async move {
-        let outcome = Outcome::from(work(state2.session()).await);
+        let outcome = match state2.session().await {
+            Ok(session) => Outcome::from(work(session).await),
+            Err(e) => Outcome::from(e),
+        };
         finish(&state2, &claimed, &outcome).await;
         outcome
     }));

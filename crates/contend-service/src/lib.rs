@@ -84,11 +84,14 @@ pub struct Config {
     pub redis: Option<RedisLocks>,
     /// Redlock settings (`--redlock-urls`).
     pub redlock: Option<RedisLocks>,
+    /// How long a successful account-token lookup is remembered ([`auth::TokenCache`]); zero
+    /// looks every token up on every request.
+    pub token_cache_ttl: Duration,
 }
 
 impl Config {
     /// Defaults: strategy `atomic`, no strategy header, 30 s request timeout, 10 s shutdown
-    /// grace, no Redis.
+    /// grace, no Redis, token lookups remembered for [`TOKEN_CACHE_TTL`].
     pub fn new(db: Db, admin_token: &str) -> Config {
         Config {
             db,
@@ -99,9 +102,16 @@ impl Config {
             shutdown_grace: Duration::from_secs(10),
             redis: None,
             redlock: None,
+            token_cache_ttl: TOKEN_CACHE_TTL,
         }
     }
 }
+
+/// Default time to live of remembered account-token lookups.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// Most account-token lookups remembered per instance (about 100 bytes each).
+pub const TOKEN_CACHE_CAPACITY: usize = 100_000;
 
 /// Shared state of one instance. Cheap to clone.
 #[derive(Clone)]
@@ -114,35 +124,75 @@ pub(crate) struct Inner {
     pub(crate) strategy: Strategy,
     pub(crate) allow_strategy_header: bool,
     pub(crate) admin_hash: [u8; 32],
+    pub(crate) tokens: auth::TokenCache,
     pub(crate) request_timeout: Duration,
     pub(crate) shutdown_grace: Duration,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) mutexes: KeyedMutex,
     pub(crate) redis: Option<RedisLocks>,
     pub(crate) redlock: Option<RedisLocks>,
-    /// Sessions (held connections) of finished requests, for the next ones: see
-    /// [`AppState::session`].
-    pub(crate) warm: std::sync::Mutex<Vec<(Instant, contend::Session)>>,
-    /// At most this many are kept: half the pool, so that the pool's other users (reads,
-    /// idempotency keys) always find connections.
-    pub(crate) warm_cap: usize,
+    /// The request sessions: see [`AppState::session`].
+    pub(crate) sessions: Sessions,
 }
 
-/// How long a request's connection is kept for the next request without the pool's test.
+/// How long an idle request session keeps its connection for the next request (without the
+/// pool's test round trip); older ones go back to the pool, which tests them.
 pub(crate) const WARM_FOR: Duration = Duration::from_secs(1);
 
-/// A request's database session; given back to its instance's warm set when dropped.
+/// How long a request waits for a session before 503 `database_busy`.
+pub(crate) const SESSION_WAIT: Duration = Duration::from_secs(5);
+
+/// The requests' database sessions: at most `permits` requests use one at a time, and the
+/// sessions of finished requests wait, with their connections, for the next requests.
 ///
-/// sqlx's pool tests every connection returned to it with a round trip; a request that takes a
-/// warm session and gives it back skips that. A session keeps its connection only when its last
-/// operation finished (an interrupted one closes it), so what is kept is always in a clean
-/// state. Only sessions given back within [`WARM_FOR`] are reused (under load they come back
-/// within milliseconds); older ones go back to the pool, which tests them. A kept connection
-/// that the server dropped within that window (a restart) fails the one request that uses it
-/// with 503, and is then replaced.
+/// Why not just sqlx's pool: it tests every connection returned to it with a round trip, so a
+/// connection handed from one request to the next directly saves a round trip per request. And
+/// why fewer sessions than connections: the rest of the pool stays free for what does not run on
+/// a request session (idempotency keys, reads, health checks); and when there are more concurrent
+/// requests than sessions, they queue here for a connection that is already warm, which keeps
+/// each PostgreSQL backend busy instead of waking one per request (measured: see
+/// `bench/service-vs-pgbench.sh`).
+pub(crate) struct Sessions {
+    /// Sessions of finished requests, newest last, with the time they were given back.
+    idle: std::sync::Mutex<Vec<(Instant, contend::Session)>>,
+    /// One per request session.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Whether finished sessions keep their connections: not with a pool of one connection,
+    /// which the pool's other users would then wait for.
+    keep: bool,
+}
+
+impl Sessions {
+    /// Sessions for a pool of `pool_size` connections: a quarter of them (at least one, when
+    /// there are two or more) stays for the pool's other users. With a pool of one connection
+    /// (in-memory SQLite), finished sessions give their connection back to the pool.
+    fn new(pool_size: usize) -> Sessions {
+        let reserve = if pool_size >= 2 {
+            (pool_size / 4).max(1)
+        } else {
+            0
+        };
+        Sessions {
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(
+                pool_size.saturating_sub(reserve).max(1),
+            )),
+            keep: reserve > 0,
+        }
+    }
+}
+
+/// A request's database session; given back to its instance's [`Sessions`] when dropped.
+///
+/// A session keeps its connection only when its last operation finished (an interrupted one
+/// closes it), so what is given back is always in a clean state. A kept connection that the
+/// server dropped meanwhile (a restart) fails the one request that uses it with 503, and is then
+/// replaced.
 pub(crate) struct ReqSession {
     session: Option<contend::Session>,
     state: AppState,
+    /// Dropped after the session is given back, so the next request finds it.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl ReqSession {
@@ -223,10 +273,10 @@ impl std::fmt::Debug for ReqSession {
 impl Drop for ReqSession {
     fn drop(&mut self) {
         if let Some(session) = self.session.take()
-            && let Ok(mut warm) = self.state.inner.warm.lock()
-            && warm.len() < self.state.inner.warm_cap
+            && self.state.inner.sessions.keep
+            && let Ok(mut idle) = self.state.inner.sessions.idle.lock()
         {
-            warm.push((Instant::now(), session));
+            idle.push((Instant::now(), session));
         }
     }
 }
@@ -247,6 +297,7 @@ impl AppState {
         AppState {
             inner: Arc::new(Inner {
                 admin_hash: auth::hash_token(&config.admin_token),
+                tokens: auth::TokenCache::new(config.token_cache_ttl, TOKEN_CACHE_CAPACITY),
                 db: config.db,
                 strategy: config.strategy,
                 allow_strategy_header: config.allow_strategy_header,
@@ -256,8 +307,7 @@ impl AppState {
                 mutexes: KeyedMutex::new(),
                 redis: config.redis,
                 redlock: config.redlock,
-                warm: std::sync::Mutex::new(Vec::new()),
-                warm_cap: (pool_size / 2).max(1),
+                sessions: Sessions::new(pool_size),
             }),
         }
     }
@@ -267,24 +317,55 @@ impl AppState {
         &self.inner.db
     }
 
-    /// A session for one request: a warm one (holding a tested connection) if there is one,
-    /// else a new one that connects on first use.
-    pub(crate) fn session(&self) -> ReqSession {
+    /// A session for one request: the most recently given back one (holding a connection
+    /// that needs no test) if there is one, else a new one that connects on first use. Waits
+    /// while as many requests as there are sessions hold one.
+    ///
+    /// # Errors
+    /// 503 `database_busy` after [`SESSION_WAIT`].
+    ///
+    /// # Cancel safety
+    /// Safe to drop: a request that stops waiting takes nothing.
+    pub(crate) async fn session(&self) -> Result<ReqSession, ApiError> {
+        let sessions = &self.inner.sessions;
+        let permit = match sessions.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let started = Instant::now();
+                let permit =
+                    tokio::time::timeout(SESSION_WAIT, sessions.permits.clone().acquire_owned())
+                        .await;
+                self.inner.metrics.session_wait(started.elapsed());
+                match permit {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        return Err(ApiError::unavailable(
+                            "database_busy",
+                            format!(
+                                "no database session became free within {} s",
+                                SESSION_WAIT.as_secs()
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
         let mut stale = Vec::new();
-        let warm = self.inner.warm.lock().ok().and_then(|mut w| {
+        let warm = sessions.idle.lock().ok().and_then(|mut idle| {
             // The newest is at the end; anything older than WARM_FOR goes back to the pool.
-            let fresh = w.partition_point(|(since, _)| since.elapsed() > WARM_FOR);
-            stale.extend(w.drain(..fresh));
-            w.pop()
+            let fresh = idle.partition_point(|(since, _)| since.elapsed() > WARM_FOR);
+            stale.extend(idle.drain(..fresh));
+            idle.pop()
         });
         drop(stale);
-        ReqSession {
+        Ok(ReqSession {
             session: Some(
                 warm.map(|(_, s)| s)
                     .unwrap_or_else(|| self.inner.db.session()),
             ),
             state: self.clone(),
-        }
+            _permit: permit,
+        })
     }
 
     /// The strategy of one request: the header's (already validated) or the default.

@@ -1,5 +1,6 @@
 //! Prometheus metrics, written by hand in the text exposition format: HTTP requests and latencies
-//! by route and status, transaction attempts and conflicts, lock waits.
+//! by route and status, transaction attempts and conflicts, lock waits, waits for a database
+//! session.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -39,6 +40,7 @@ struct Data {
     attempts: BTreeMap<&'static str, (u64, u64)>,
     conflicts: BTreeMap<(&'static str, &'static str), u64>,
     lock_waits: BTreeMap<&'static str, Histogram>,
+    session_waits: Histogram,
 }
 
 /// The service's metrics. Shared by all requests.
@@ -93,6 +95,12 @@ impl Metrics {
         });
     }
 
+    /// Records how long a request waited for a database session (only requests that found
+    /// none free).
+    pub fn session_wait(&self, waited: Duration) {
+        self.with(|d| d.session_waits.observe(waited.as_secs_f64()));
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let d = self.with(|d| {
@@ -101,9 +109,10 @@ impl Metrics {
                 d.attempts.clone(),
                 d.conflicts.clone(),
                 d.lock_waits.clone(),
+                d.session_waits.clone(),
             )
         });
-        let (requests, attempts, conflicts, lock_waits) = d;
+        let (requests, attempts, conflicts, lock_waits, session_waits) = d;
         let mut out = String::new();
         out.push_str(
             "# HELP contend_http_requests_total HTTP requests by method, route and status.\n",
@@ -165,17 +174,26 @@ impl Metrics {
                 h,
             );
         }
+        out.push_str("# HELP contend_session_wait_seconds Time requests waited for a free database session.\n");
+        out.push_str("# TYPE contend_session_wait_seconds histogram\n");
+        write_histogram(&mut out, "contend_session_wait_seconds", "", &session_waits);
         out
     }
 }
 
 fn write_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
     for (bound, count) in BUCKETS.iter().zip(h.counts) {
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
     }
-    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{braces} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{braces} {}", h.count);
 }
 
 #[cfg(test)]
@@ -201,5 +219,9 @@ mod tests {
         assert!(
             text.contains("contend_tx_conflicts_total{strategy=\"optimistic\",kind=\"version\"} 2")
         );
+        m.session_wait(Duration::from_millis(2));
+        let text = m.render();
+        assert!(text.contains("contend_session_wait_seconds_bucket{le=\"0.0025\"} 1"));
+        assert!(text.contains("contend_session_wait_seconds_count 1"));
     }
 }

@@ -368,7 +368,7 @@ pub async fn create_order(State(state): State<AppState>, req: JsonRequest<NewOrd
                 sku: body.sku,
                 quantity: body.quantity,
             };
-            engine::execute(&st, strategy, op, &mut st.session()).await
+            engine::execute(&st, strategy, op, &mut st.session().await?).await
         },
     )
     .await

@@ -1,6 +1,7 @@
 //! A transfer to an account that does not exist is 404 under every strategy, before a 409
 //! (insufficient funds) and before a 422 (amount out of range, same account), and changes
-//! nothing. (On the way that succeeds, the service does not look `to` up before the write: the
+//! nothing. A transfer that would take `to` above 10^15 is 422 before 409, under every strategy;
+//! one that takes `to` exactly to 10^15, or `from` exactly to 0, succeeds. (On the way that succeeds, the service does not look `to` up before the write: the
 //! write itself finds out, so these paths are checked here for each strategy and backend.)
 
 mod common;
@@ -27,7 +28,7 @@ async fn missing_to(kind: Kind) {
     }
     let missing = b + 1000;
     let below = a - 1; // 0 or less: never an account id, lower than `a`
-    for strategy in strategies {
+    for strategy in strategies.clone() {
         let headers = [("X-Concurrency-Strategy", strategy)];
         for (to, amount, why) in [
             (missing, 10, "funds suffice"),
@@ -105,6 +106,67 @@ async fn missing_to(kind: Kind) {
         api.balance(b).await,
         if kind == Kind::Sqlite { 6 } else { 7 }
     );
+
+    // Limits on both sides, for every strategy: `full` sits at 10^15 minus 5.
+    const MAX: i64 = 1_000_000_000_000_000;
+    for strategy in &strategies {
+        let headers = [("X-Concurrency-Strategy", *strategy)];
+        let (full, _) = api.account("full", MAX - 5).await;
+        let (poor, tp) = api.account("poor", 10).await;
+        let (spare, _) = api.account("spare", 0).await;
+        for (to, amount, want, why) in [
+            (
+                full,
+                20,
+                (422, "invalid_value"),
+                "over the top and insufficient: 422 before 409",
+            ),
+            (full, 6, (422, "invalid_value"), "one over the top"),
+            (
+                spare,
+                11,
+                (409, "insufficient_funds"),
+                "one more than the balance",
+            ),
+        ] {
+            let r = api
+                .post_with(
+                    "/transfers",
+                    &tp,
+                    &headers,
+                    json!({"from": poor, "to": to, "amount": amount}),
+                )
+                .await;
+            assert_eq!(
+                (r.status, r.code()),
+                (want.0, want.1.to_string()),
+                "{strategy}, {why}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+        assert_eq!(api.balance(full).await, MAX - 5, "{strategy}");
+        assert_eq!(api.balance(poor).await, 10, "{strategy}");
+        let r = api
+            .post_with(
+                "/transfers",
+                &tp,
+                &headers,
+                json!({"from": poor, "to": full, "amount": 5}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{strategy}: exactly to 10^15");
+        let r = api
+            .post_with(
+                "/transfers",
+                &tp,
+                &headers,
+                json!({"from": poor, "to": spare, "amount": 5}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{strategy}: exactly to 0");
+        assert_eq!(api.balance(full).await, MAX, "{strategy}");
+        assert_eq!(api.balance(poor).await, 0, "{strategy}");
+    }
     let audit = api.audit().await;
     assert_eq!(audit["consistent"], true, "{audit}");
     server.stop().await;
