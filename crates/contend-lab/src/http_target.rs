@@ -13,7 +13,7 @@
 //! and it fails the run whatever the strategy. A `422 strategy_unsupported` or
 //! `400 unknown_strategy` at setup skips the combination with the server's reason.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -403,11 +403,104 @@ impl Client {
         ))
     }
 
+    /// The transaction counters of `strategy`, summed over every target's `/metrics`.
+    async fn tx_counters(&self, strategy: Strategy) -> anyhow::Result<TxCounters> {
+        let mut total = TxCounters::default();
+        for (i, base) in self.targets.iter().enumerate() {
+            let reply = self
+                .send(i, Method::GET, "/metrics", None, None, None)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if reply.status != StatusCode::OK {
+                bail!("{base}/metrics: {}", reply.describe());
+            }
+            total.add(&TxCounters::parse(
+                &String::from_utf8_lossy(&reply.body),
+                &strategy.to_string(),
+            ));
+        }
+        Ok(total)
+    }
+
     /// `GET /audit`.
     async fn audit(&self) -> anyhow::Result<Audit> {
         self.admin_call(0, Method::GET, "/audit", None, StatusCode::OK)
             .await?
             .json("GET /audit")
+    }
+}
+
+/// A strategy's transaction counters from the service's `/metrics`: how the lab reports retries
+/// and conflicts of a run through HTTP (the difference of the counters before and after it).
+#[derive(Debug, Default, Clone, PartialEq)]
+struct TxCounters {
+    /// `contend_tx_runs_total`: writes run (each possibly retried).
+    runs: u64,
+    /// `contend_tx_attempts_total`: first tries and retries.
+    attempts: u64,
+    /// `contend_tx_conflicts_total` by kind.
+    conflicts: BTreeMap<String, u64>,
+}
+
+impl TxCounters {
+    /// Reads the counters of `strategy` from a Prometheus text exposition.
+    fn parse(text: &str, strategy: &str) -> TxCounters {
+        let mut counters = TxCounters::default();
+        let wanted = format!("strategy=\"{strategy}\"");
+        for line in text.lines() {
+            let Some((name, rest)) = line.split_once('{') else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once("} ") else {
+                continue;
+            };
+            if !labels.split(',').any(|l| l == wanted) {
+                continue;
+            }
+            let Ok(value) = value.trim().parse::<u64>() else {
+                continue;
+            };
+            match name {
+                "contend_tx_runs_total" => counters.runs += value,
+                "contend_tx_attempts_total" => counters.attempts += value,
+                "contend_tx_conflicts_total" => {
+                    if let Some(kind) = labels
+                        .split(',')
+                        .find_map(|l| l.strip_prefix("kind=\""))
+                        .and_then(|k| k.strip_suffix('"'))
+                    {
+                        *counters.conflicts.entry(kind.to_string()).or_default() += value;
+                    }
+                }
+                _ => {}
+            }
+        }
+        counters
+    }
+
+    fn add(&mut self, other: &TxCounters) {
+        self.runs += other.runs;
+        self.attempts += other.attempts;
+        for (kind, n) in &other.conflicts {
+            *self.conflicts.entry(kind.clone()).or_default() += n;
+        }
+    }
+
+    /// Retries and conflicts by kind between `before` and `self`.
+    fn since(&self, before: &TxCounters) -> (u64, BTreeMap<String, u64>) {
+        let retries = self
+            .attempts
+            .saturating_sub(self.runs)
+            .saturating_sub(before.attempts.saturating_sub(before.runs));
+        let conflicts = self
+            .conflicts
+            .iter()
+            .filter_map(|(kind, n)| {
+                let d = n.saturating_sub(before.conflicts.get(kind).copied().unwrap_or(0));
+                (d > 0).then(|| (kind.clone(), d))
+            })
+            .collect();
+        (retries, conflicts)
     }
 }
 
@@ -1024,6 +1117,8 @@ async fn run_one(
         Ok(a) => a,
         Err(e) => return Ok(Ok(failed(report, format!("setup failed: {e:#}")))),
     };
+    // Retries and conflicts come from the servers' counters (None: a server without them).
+    let counters_before = client.tx_counters(strategy).await.ok();
 
     let next = Arc::new(AtomicU64::new(0));
     let limit = config.load.operations.unwrap_or(u64::MAX);
@@ -1064,6 +1159,11 @@ async fn run_one(
     };
     report.latency_ms = stats.latency();
     report.error_samples = std::mem::take(&mut stats.samples);
+    if let Some(before) = counters_before
+        && let Ok(after) = client.tx_counters(strategy).await
+    {
+        (report.retries, report.conflicts) = after.since(&before);
+    }
 
     match check(client, &plan, stats.succeeded, stats.errors, &before).await {
         Ok(invariants) => {
@@ -1136,6 +1236,31 @@ mod tests {
         assert_eq!(n, 4, "{detail}");
         assert!(detail.contains("ledger_mismatches +3"), "{detail}");
         assert!(detail.contains("drifted by 30"), "{detail}");
+    }
+
+    #[test]
+    fn retries_and_conflicts_come_from_the_metrics() {
+        let text = |runs: u64, attempts: u64, versions: u64| {
+            format!(
+                "# TYPE contend_tx_runs_total counter\n\
+                 contend_tx_runs_total{{strategy=\"optimistic\"}} {runs}\n\
+                 contend_tx_runs_total{{strategy=\"atomic\"}} 50\n\
+                 contend_tx_attempts_total{{strategy=\"optimistic\"}} {attempts}\n\
+                 contend_tx_attempts_total{{strategy=\"atomic\"}} 90\n\
+                 contend_tx_conflicts_total{{strategy=\"optimistic\",kind=\"version\"}} {versions}\n\
+                 contend_tx_conflicts_total{{strategy=\"atomic\",kind=\"deadlock\"}} 40\n"
+            )
+        };
+        let before = TxCounters::parse(&text(10, 14, 4), "optimistic");
+        assert_eq!(before.runs, 10);
+        assert_eq!(before.attempts, 14);
+        // Two instances: counters add up.
+        let mut after = TxCounters::parse(&text(30, 41, 11), "optimistic");
+        after.add(&TxCounters::parse(&text(5, 5, 0), "optimistic"));
+        let (retries, conflicts) = after.since(&before);
+        assert_eq!(retries, (41 + 5 - 35) - 4);
+        assert_eq!(conflicts.get("version"), Some(&7));
+        assert_eq!(conflicts.get("deadlock"), None, "another strategy's");
     }
 
     #[test]

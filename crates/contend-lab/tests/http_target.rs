@@ -142,6 +142,28 @@ async fn two_instances(url: &str, backend: &str) {
         );
     }
 
+    // Retries through HTTP are read from the servers' counters: optimistic withdrawals from one
+    // hot account across both instances conflict on the version and are retried (not on
+    // SQLite, where a writer holds the database for the whole transaction).
+    if backend != "sqlite" {
+        let report = run_targets(
+            &config(&["withdraw"], &[Strategy::Optimistic]),
+            &targets,
+            ADMIN,
+        )
+        .await
+        .expect("the HTTP lab runs");
+        let run = find(&report, "withdraw", "optimistic");
+        let text = report.render();
+        assert_eq!(run.violations, 0, "{text}");
+        assert!(run.retries > 0, "16 workers on one row: {text}");
+        assert_eq!(
+            run.conflicts.get("version").copied().unwrap_or(0),
+            run.retries,
+            "each retry was caused by a version conflict: {text}"
+        );
+    }
+
     // With ONE instance the in-process lock is enough: `mutex` is expected safe and holds.
     let one = run_targets(
         &config(&["withdraw"], &[Strategy::Mutex]),
