@@ -1,7 +1,7 @@
 //! The bank: accounts, deposits, withdrawals and transfers, each balance change recorded in the
 //! double-entry `ledger` so that `/audit` can prove that no update was lost.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use contend::{Backend, BoxFuture, Tx};
@@ -693,33 +693,91 @@ pub async fn create_transfer(
     .await
 }
 
+/// Query of `GET /accounts/{id}/transfers`: an optional page, by id (keyset pagination).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TransferPage {
+    /// At most this many transfers, 1..=1000 (default: all of them).
+    #[param(value_type = Option<i64>)]
+    pub limit: Option<String>,
+    /// Only transfers with an id below this one: the last id of the previous page.
+    #[param(value_type = Option<i64>)]
+    pub before: Option<String>,
+}
+
+/// Largest `limit` of a transfer list page.
+pub const MAX_PAGE: i64 = 1000;
+
+impl TransferPage {
+    /// `(limit, before)`, checked: 400 `invalid_query` for a non-integer, 422 out of range.
+    fn parse(&self) -> Result<(Option<i64>, Option<i64>), ApiError> {
+        let int = |name: &str, raw: &Option<String>| -> Result<Option<i64>, ApiError> {
+            raw.as_deref()
+                .map(|v| {
+                    v.parse::<i64>().map_err(|_| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_query",
+                            format!("`{name}` must be an integer, got `{}`", v.escape_default()),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let limit = int("limit", &self.limit)?;
+        let before = int("before", &self.before)?;
+        if let Some(limit) = limit {
+            check_range("limit", limit, 1, MAX_PAGE)?;
+        }
+        if let Some(before) = before {
+            check_range("before", before, 1, i64::MAX)?;
+        }
+        Ok((limit, before))
+    }
+}
+
 /// `GET /accounts/{id}/transfers`
-#[utoipa::path(get, path = "/accounts/{id}/transfers", params(("id" = i64, Path, description = "account id")),
+#[utoipa::path(get, path = "/accounts/{id}/transfers",
+    params(("id" = i64, Path, description = "account id"), TransferPage),
     security(("bearer" = [])),
     responses((status = 200, body = Vec<Transfer>, description = "both directions, newest first"),
               (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
-              (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+              (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody),
+              (status = 422, body = crate::error::ErrorBody, description = "limit or before out of range")))]
 pub async fn list_transfers(
     State(state): State<AppState>,
     Auth(auth): Auth,
     Path(id): Path<String>,
+    page: Result<Query<TransferPage>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Outcome, ApiError> {
     let id = parse_id(&id, "account id")?;
+    let Query(page) = page.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("the query string cannot be read: {}", e.body_text()),
+        )
+    })?;
+    let (limit, before) = page.parse()?;
     auth.require_admin_or(id)?;
     if fetch_account(&state, id).await?.is_none() {
         return Err(account_missing(id));
     }
     let db = &state.inner.db;
-    let rows = db
-        .query(
-            "SELECT id, from_id, to_id, amount FROM transfers WHERE from_id = ? \
-             UNION ALL SELECT id, from_id, to_id, amount FROM transfers WHERE to_id = ? \
-             ORDER BY id DESC",
-        )
-        .bind(id)
-        .bind(id)
-        .fetch_all(db.pool())
-        .await?;
+    let mut sql = String::from(
+        "SELECT id, from_id, to_id, amount FROM transfers WHERE from_id = ? AND id < ? \
+         UNION ALL SELECT id, from_id, to_id, amount FROM transfers WHERE to_id = ? AND id < ? \
+         ORDER BY id DESC",
+    );
+    if limit.is_some() {
+        sql.push_str(" LIMIT ?");
+    }
+    let before = before.unwrap_or(i64::MAX);
+    let mut query = db.query(&sql).bind(id).bind(before).bind(id).bind(before);
+    if let Some(limit) = limit {
+        query = query.bind(limit);
+    }
+    let rows = query.fetch_all(db.pool()).await?;
     let mut transfers = Vec::with_capacity(rows.len());
     for row in &rows {
         transfers.push(Transfer {

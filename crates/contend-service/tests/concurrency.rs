@@ -125,20 +125,6 @@ async fn round(apis: &[Api]) -> Round {
     }
 }
 
-trait CodeOrEmpty {
-    fn code_or_empty(&self) -> String;
-}
-
-impl CodeOrEmpty for common::Resp {
-    fn code_or_empty(&self) -> String {
-        if self.status >= 400 {
-            self.code()
-        } else {
-            String::new()
-        }
-    }
-}
-
 async fn cluster(kind: Kind, strategy: Strategy, instances: usize) -> (TestDb, Vec<Server>) {
     let db = TestDb::new(kind).await;
     let namespace = format!("svc-test-{:x}", rand::rng().random::<u64>());

@@ -185,6 +185,51 @@ async fn contract(kind: Kind) {
         .map(|t| t["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids, vec![t2, t1], "both directions, newest first");
+    // Pages by id: `limit`, then `before` = the last id seen.
+    let page = |query: String| async move {
+        let r = api
+            .get(&format!("/accounts/{a}/transfers?{query}"), Some(ADMIN))
+            .await;
+        let ids: Vec<i64> = match r.json().as_array() {
+            Some(list) => list.iter().map(|t| t["id"].as_i64().unwrap()).collect(),
+            None => Vec::new(),
+        };
+        (r.status, r.code_or_empty(), ids)
+    };
+    assert_eq!(page("limit=1".into()).await, (200, String::new(), vec![t2]));
+    assert_eq!(
+        page(format!("limit=1&before={t2}")).await,
+        (200, String::new(), vec![t1])
+    );
+    assert_eq!(
+        page(format!("before={t1}")).await,
+        (200, String::new(), vec![])
+    );
+    for (query, status, code) in [
+        ("limit=0", 422, "invalid_value"),
+        ("limit=1001", 422, "invalid_value"),
+        ("before=0", 422, "invalid_value"),
+        ("limit=ten", 400, "invalid_query"),
+        ("limit=1.5", 400, "invalid_query"),
+        ("before=99999999999999999999", 400, "invalid_query"),
+        ("limit=%ZZ", 400, "invalid_query"),
+    ] {
+        let (s, c, _) = page(query.into()).await;
+        assert_eq!((s, c.as_str()), (status, code), "?{query}");
+    }
+    // 401 before the query is read; 403 after it.
+    let r = api
+        .get(&format!("/accounts/{a}/transfers?limit=ten"), None)
+        .await;
+    assert_eq!(r.status, 401);
+    let r = api
+        .get(&format!("/accounts/{a}/transfers?limit=ten"), Some(&tb))
+        .await;
+    assert_eq!((r.status, r.code()), (400, "invalid_query".to_string()));
+    let r = api
+        .get(&format!("/accounts/{a}/transfers?limit=1"), Some(&tb))
+        .await;
+    assert_eq!(r.status, 403);
 
     let r = api
         .post(

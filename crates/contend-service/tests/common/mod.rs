@@ -279,6 +279,15 @@ impl Resp {
         code.to_string()
     }
 
+    /// The error code, or "" for an answer that is not an error.
+    pub fn code_or_empty(&self) -> String {
+        if self.status < 400 {
+            String::new()
+        } else {
+            self.code()
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
