@@ -14,12 +14,12 @@
 
 use contend::strategy::Strategy;
 use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::optimistic;
-use contend::{Backend, BoxFuture, Db, RetryPolicy, RowLock, Session, Tx, TxOptions};
+use contend::{Backend, BoxFuture, Session};
 
+use super::claim::{AtomicClaim, Claims, fill};
 use super::{
-    Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    guarded, invariant, op_on_own_session, refuse, report, report_plain, scalar, table_name, think,
+    Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
+    invariant, op_on_own_session, scalar, table_name,
 };
 
 /// The booking scenario.
@@ -44,203 +44,16 @@ fn tables(ctx: &Ctx) -> (String, String) {
     (table_name(ctx, "booking_seat"), table_name(ctx, "booking"))
 }
 
-const SOLD_OUT: &str = "sold out";
-
-fn lock_options() -> TxOptions {
-    TxOptions::new().retry(RetryPolicy::new().max_attempts(30))
-}
-
-/// The lowest free seat (with `lock` appended to the query), or `None`.
-async fn free_seat(tx: &mut Tx, seats: &str, lock: &str) -> contend::Result<Option<(i64, i64)>> {
-    let sql =
-        format!("SELECT id, version FROM {seats} WHERE booked_by = 0 ORDER BY id LIMIT 1{lock}");
-    let sql = tx.backend().sql(&sql).into_owned();
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .fetch_optional(tx.conn())
-        .await?)
-}
-
-async fn book_tx(
-    tx: &mut Tx,
-    seats: &str,
-    bookings: &str,
-    seat: i64,
-    customer: i64,
-) -> contend::Result<()> {
-    tx.query(&format!("UPDATE {seats} SET booked_by = ? WHERE id = ?"))
-        .bind(customer)
-        .bind(seat)
-        .execute(tx.conn())
-        .await?;
-    tx.query(&format!(
-        "INSERT INTO {bookings} (seat, customer) VALUES (?, ?)"
-    ))
-    .bind(seat)
-    .bind(customer)
-    .execute(tx.conn())
-    .await?;
-    Ok(())
-}
-
-/// Find the best free seat (autocommit), decide, book it in separate statements.
-async fn unlocked(db: &Db, seats: &str, bookings: &str, customer: i64) -> contend::Result<()> {
-    let sql = format!("SELECT id FROM {seats} WHERE booked_by = 0 ORDER BY id LIMIT 1");
-    let seat: Option<i64> = db.query_scalar(&sql).fetch_optional(db.pool()).await?;
-    think().await;
-    let Some(seat) = seat else {
-        return Err(refuse(SOLD_OUT));
-    };
-    db.query(&format!("UPDATE {seats} SET booked_by = ? WHERE id = ?"))
-        .bind(customer)
-        .bind(seat)
-        .execute(db.pool())
-        .await?;
-    db.query(&format!(
-        "INSERT INTO {bookings} (seat, customer) VALUES (?, ?)"
-    ))
-    .bind(seat)
-    .bind(customer)
-    .execute(db.pool())
-    .await?;
-    Ok(())
-}
-
-/// Read, decide, write inside the caller's transaction, the read taking `lock`.
-async fn read_decide_write(
-    tx: &mut Tx,
-    seats: &str,
-    bookings: &str,
-    customer: i64,
-    lock: &str,
-) -> contend::Result<()> {
-    let seat = free_seat(tx, seats, lock).await?;
-    think().await;
-    let Some((seat, _)) = seat else {
-        return Err(refuse(SOLD_OUT));
-    };
-    book_tx(tx, seats, bookings, seat, customer).await
-}
-
-/// The unique-constraint variant: the booking's `INSERT` decides; a lost race tries the next
-/// seat. The insert runs in a savepoint so that PostgreSQL's transaction survives the violation.
-async fn unique_claim(
-    tx: &mut Tx,
-    seats: &str,
-    bookings: &str,
-    customer: i64,
-) -> contend::Result<()> {
-    let mut after = 0_i64;
-    loop {
-        let sql =
-            format!("SELECT id FROM {seats} WHERE booked_by = 0 AND id > ? ORDER BY id LIMIT 1");
-        let seat: Option<i64> = tx
-            .query_scalar(&sql)
-            .bind(after)
-            .fetch_optional(tx.conn())
-            .await?;
-        think().await;
-        let Some(seat) = seat else {
-            return Err(refuse(SOLD_OUT));
-        };
-        let insert = format!("INSERT INTO {bookings} (seat, customer) VALUES (?, ?)");
-        let won = tx
-            .savepoint(move |tx| {
-                Box::pin(async move {
-                    tx.query(&insert)
-                        .bind(seat)
-                        .bind(customer)
-                        .execute(tx.conn())
-                        .await?;
-                    Ok(())
-                })
-            })
-            .await;
-        match won {
-            Ok(()) => {
-                tx.query(&format!("UPDATE {seats} SET booked_by = ? WHERE id = ?"))
-                    .bind(customer)
-                    .bind(seat)
-                    .execute(tx.conn())
-                    .await?;
-                return Ok(());
-            }
-            Err(e) if e.is_unique_violation() => after = seat,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Optimistic: read the best free seat and its version, book it only if the version is
-/// unchanged (else the retry re-reads).
-async fn versioned(tx: &mut Tx, seats: &str, bookings: &str, customer: i64) -> contend::Result<()> {
-    let seat = free_seat(tx, seats, "").await?;
-    think().await;
-    let Some((seat, version)) = seat else {
-        return Err(refuse(SOLD_OUT));
-    };
-    let done = tx
-        .query(&format!(
-            "UPDATE {seats} SET booked_by = ?, version = version + 1 WHERE id = ? AND version = ?"
-        ))
-        .bind(customer)
-        .bind(seat)
-        .bind(version)
-        .execute(tx.conn())
-        .await?;
-    optimistic::check(done.rows_affected())?;
-    tx.query(&format!(
-        "INSERT INTO {bookings} (seat, customer) VALUES (?, ?)"
-    ))
-    .bind(seat)
-    .bind(customer)
-    .execute(tx.conn())
-    .await?;
-    Ok(())
-}
-
-impl Booking {
-    async fn run_op(&self, ctx: &Ctx, session: &mut Session, customer: i64) -> OpReport {
-        let db = &ctx.db;
-        let (seats, bookings) = tables(ctx);
-        match ctx.strategy {
-            Strategy::None => report_plain(unlocked(db, &seats, &bookings, customer).await),
-            Strategy::Mutex => {
-                let _guard = self.mutex.lock(&seats).await;
-                report_plain(unlocked(db, &seats, &bookings, customer).await)
-            }
-            Strategy::Atomic => report(
-                session
-                    .run(&lock_options(), |tx| {
-                        let (s, b) = (seats.clone(), bookings.clone());
-                        Box::pin(async move { unique_claim(tx, &s, &b, customer).await })
-                    })
-                    .await,
-            ),
-            Strategy::Optimistic => report(
-                session
-                    .run(&optimistic::options(), |tx| {
-                        let (s, b) = (seats.clone(), bookings.clone());
-                        Box::pin(async move { versioned(tx, &s, &b, customer).await })
-                    })
-                    .await,
-            ),
-            _ => {
-                // One lock for the whole seat map: every worker wants the best free seat.
-                let keys = [seats.clone()];
-                let guard = Guard {
-                    keys: &keys,
-                    row_lock: RowLock::UpdateSkipLocked,
-                    lock_options: lock_options(),
-                };
-                guarded(ctx, session, &guard, move |tx, lock| {
-                    let (s, b) = (seats.clone(), bookings.clone());
-                    Box::pin(async move { read_decide_write(tx, &s, &b, customer, lock).await })
-                })
-                .await
-            }
-        }
-    }
-}
+/// Seats are claimed by setting `booked_by` (0 while free) and recorded as bookings; under
+/// `atomic` the unique booking decides.
+static SEATS: Claims = Claims {
+    free: "booked_by = 0",
+    claim: "booked_by = ?",
+    item_column: "seat",
+    claimant_column: "customer",
+    none_left: "sold out",
+    atomic: AtomicClaim::UniqueRecord,
+};
 
 impl Scenario for Booking {
     fn name(&self) -> &'static str {
@@ -278,15 +91,10 @@ impl Scenario for Booking {
                 "CREATE TABLE {bookings} (seat BIGINT NOT NULL, customer BIGINT NOT NULL{unique}){engine}"
             ))
             .await?;
-            let n = Booking::seats(ctx.operations);
-            let mut id = 1;
-            while id <= n {
-                let end = (id + 499).min(n);
-                let values: Vec<String> = (id..=end).map(|i| format!("({i}, 0, 0)")).collect();
-                db.execute_script(&format!("INSERT INTO {seats} VALUES {}", values.join(", ")))
-                    .await?;
-                id = end + 1;
-            }
+            fill(db, &seats, Booking::seats(ctx.operations), |i| {
+                format!("({i}, 0, 0)")
+            })
+            .await?;
             fenced::setup(ctx).await
         })
     }
@@ -304,7 +112,8 @@ impl Scenario for Booking {
     ) -> BoxFuture<'a, OpReport> {
         let _ = worker;
         let customer = i64::try_from(seq).unwrap_or(i64::MAX - 1) + 1;
-        Box::pin(self.run_op(ctx, session, customer))
+        let (seats, bookings) = tables(ctx);
+        Box::pin(SEATS.run_op(ctx, session, &self.mutex, seats, bookings, customer))
     }
 
     fn check<'a>(

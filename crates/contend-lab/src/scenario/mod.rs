@@ -5,6 +5,7 @@
 //! knows nothing of their tables.
 
 pub mod booking;
+mod claim;
 pub mod get_or_create;
 pub mod order;
 pub mod queue;

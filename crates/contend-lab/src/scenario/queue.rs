@@ -12,15 +12,13 @@
 
 use contend::strategy::Strategy;
 use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::optimistic;
-use contend::{Backend, BoxFuture, Db, RetryPolicy, RowLock, Session, Tx, TxOptions};
+use contend::{Backend, BoxFuture, Session};
 
+use super::claim::{AtomicClaim, Claims, fill};
 use super::{
-    Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    guarded, invariant, op_on_own_session, refuse, report, report_plain, scalar, table_name, think,
+    Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
+    invariant, op_on_own_session, scalar, table_name,
 };
-
-const EMPTY: &str = "no job left";
 
 /// The queue scenario.
 #[derive(Debug, Default)]
@@ -43,181 +41,16 @@ fn tables(ctx: &Ctx) -> (String, String) {
     (table_name(ctx, "queue_job"), table_name(ctx, "queue_done"))
 }
 
-fn lock_options() -> TxOptions {
-    TxOptions::new().retry(RetryPolicy::new().max_attempts(30))
-}
-
-/// Marks `job` done by `worker` and records its processing.
-async fn process_tx(
-    tx: &mut Tx,
-    jobs: &str,
-    done: &str,
-    job: i64,
-    worker: i64,
-) -> contend::Result<()> {
-    tx.query(&format!(
-        "UPDATE {jobs} SET status = 1, worker = ? WHERE id = ?"
-    ))
-    .bind(worker)
-    .bind(job)
-    .execute(tx.conn())
-    .await?;
-    tx.query(&format!("INSERT INTO {done} (job, worker) VALUES (?, ?)"))
-        .bind(job)
-        .bind(worker)
-        .execute(tx.conn())
-        .await?;
-    Ok(())
-}
-
-/// The oldest pending job and its version, the query ending with `lock`.
-async fn next_job(tx: &mut Tx, jobs: &str, lock: &str) -> contend::Result<Option<(i64, i64)>> {
-    let sql = format!("SELECT id, version FROM {jobs} WHERE status = 0 ORDER BY id LIMIT 1{lock}");
-    let sql = tx.backend().sql(&sql).into_owned();
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .fetch_optional(tx.conn())
-        .await?)
-}
-
-/// Claim by reading (autocommit), deciding, then writing in separate statements.
-async fn unlocked(db: &Db, jobs: &str, done: &str, worker: i64) -> contend::Result<()> {
-    let sql = format!("SELECT id FROM {jobs} WHERE status = 0 ORDER BY id LIMIT 1");
-    let job: Option<i64> = db.query_scalar(&sql).fetch_optional(db.pool()).await?;
-    think().await;
-    let Some(job) = job else {
-        return Err(refuse(EMPTY));
-    };
-    db.query(&format!(
-        "UPDATE {jobs} SET status = 1, worker = ? WHERE id = ?"
-    ))
-    .bind(worker)
-    .bind(job)
-    .execute(db.pool())
-    .await?;
-    db.query(&format!("INSERT INTO {done} (job, worker) VALUES (?, ?)"))
-        .bind(job)
-        .bind(worker)
-        .execute(db.pool())
-        .await?;
-    Ok(())
-}
-
-async fn read_decide_write(
-    tx: &mut Tx,
-    jobs: &str,
-    done: &str,
-    worker: i64,
-    lock: &str,
-) -> contend::Result<()> {
-    let job = next_job(tx, jobs, lock).await?;
-    think().await;
-    let Some((job, _)) = job else {
-        return Err(refuse(EMPTY));
-    };
-    process_tx(tx, jobs, done, job, worker).await
-}
-
-/// Claim with a conditional UPDATE; a lost race moves on to the next pending job.
-async fn atomic_claim(tx: &mut Tx, jobs: &str, done: &str, worker: i64) -> contend::Result<()> {
-    let mut after = 0_i64;
-    loop {
-        let sql = format!("SELECT id FROM {jobs} WHERE status = 0 AND id > ? ORDER BY id LIMIT 1");
-        let job: Option<i64> = tx
-            .query_scalar(&sql)
-            .bind(after)
-            .fetch_optional(tx.conn())
-            .await?;
-        think().await;
-        let Some(job) = job else {
-            return Err(refuse(EMPTY));
-        };
-        let claimed = tx
-            .query(&format!(
-                "UPDATE {jobs} SET status = 1, worker = ? WHERE id = ? AND status = 0"
-            ))
-            .bind(worker)
-            .bind(job)
-            .execute(tx.conn())
-            .await?;
-        if claimed.rows_affected() == 1 {
-            tx.query(&format!("INSERT INTO {done} (job, worker) VALUES (?, ?)"))
-                .bind(job)
-                .bind(worker)
-                .execute(tx.conn())
-                .await?;
-            return Ok(());
-        }
-        after = job;
-    }
-}
-
-async fn versioned(tx: &mut Tx, jobs: &str, done: &str, worker: i64) -> contend::Result<()> {
-    let job = next_job(tx, jobs, "").await?;
-    think().await;
-    let Some((job, version)) = job else {
-        return Err(refuse(EMPTY));
-    };
-    let claimed = tx
-        .query(&format!(
-            "UPDATE {jobs} SET status = 1, worker = ?, version = version + 1 WHERE id = ? AND version = ?"
-        ))
-        .bind(worker)
-        .bind(job)
-        .bind(version)
-        .execute(tx.conn())
-        .await?;
-    optimistic::check(claimed.rows_affected())?;
-    tx.query(&format!("INSERT INTO {done} (job, worker) VALUES (?, ?)"))
-        .bind(job)
-        .bind(worker)
-        .execute(tx.conn())
-        .await?;
-    Ok(())
-}
-
-impl Queue {
-    async fn run_op(&self, ctx: &Ctx, session: &mut Session, worker: i64) -> OpReport {
-        let db = &ctx.db;
-        let (jobs, done) = tables(ctx);
-        match ctx.strategy {
-            Strategy::None => report_plain(unlocked(db, &jobs, &done, worker).await),
-            Strategy::Mutex => {
-                let _guard = self.mutex.lock(&jobs).await;
-                report_plain(unlocked(db, &jobs, &done, worker).await)
-            }
-            Strategy::Atomic => report(
-                session
-                    .run(&lock_options(), |tx| {
-                        let (j, d) = (jobs.clone(), done.clone());
-                        Box::pin(async move { atomic_claim(tx, &j, &d, worker).await })
-                    })
-                    .await,
-            ),
-            Strategy::Optimistic => report(
-                session
-                    .run(&optimistic::options(), |tx| {
-                        let (j, d) = (jobs.clone(), done.clone());
-                        Box::pin(async move { versioned(tx, &j, &d, worker).await })
-                    })
-                    .await,
-            ),
-            _ => {
-                // One lock for the whole queue: every worker wants the oldest pending job.
-                let keys = [jobs.clone()];
-                let guard = Guard {
-                    keys: &keys,
-                    row_lock: RowLock::UpdateSkipLocked,
-                    lock_options: lock_options(),
-                };
-                guarded(ctx, session, &guard, move |tx, lock| {
-                    let (j, d) = (jobs.clone(), done.clone());
-                    Box::pin(async move { read_decide_write(tx, &j, &d, worker, lock).await })
-                })
-                .await
-            }
-        }
-    }
-}
+/// Jobs are claimed by marking them done (`status` 0 pending, 1 done) with their worker, and
+/// recorded as processed; under `atomic` a conditional `UPDATE` decides.
+static JOBS: Claims = Claims {
+    free: "status = 0",
+    claim: "status = 1, worker = ?",
+    item_column: "job",
+    claimant_column: "worker",
+    none_left: "no job left",
+    atomic: AtomicClaim::ConditionalUpdate,
+};
 
 impl Scenario for Queue {
     fn name(&self) -> &'static str {
@@ -248,15 +81,10 @@ impl Scenario for Queue {
                 "CREATE TABLE {done} (job BIGINT NOT NULL, worker BIGINT NOT NULL){engine}"
             ))
             .await?;
-            let n = Queue::jobs(ctx.operations);
-            let mut id = 1;
-            while id <= n {
-                let end = (id + 499).min(n);
-                let values: Vec<String> = (id..=end).map(|i| format!("({i}, 0, 0, 0)")).collect();
-                db.execute_script(&format!("INSERT INTO {jobs} VALUES {}", values.join(", ")))
-                    .await?;
-                id = end + 1;
-            }
+            fill(db, &jobs, Queue::jobs(ctx.operations), |i| {
+                format!("({i}, 0, 0, 0)")
+            })
+            .await?;
             fenced::setup(ctx).await
         })
     }
@@ -274,7 +102,8 @@ impl Scenario for Queue {
     ) -> BoxFuture<'a, OpReport> {
         let _ = seq;
         let worker = i64::try_from(worker).unwrap_or(i64::MAX - 1) + 1;
-        Box::pin(self.run_op(ctx, session, worker))
+        let (jobs, done) = tables(ctx);
+        Box::pin(JOBS.run_op(ctx, session, &self.mutex, jobs, done, worker))
     }
 
     fn check<'a>(
