@@ -450,30 +450,23 @@ impl Op for TransferOp {
     /// refusal: the transaction rolls back and [`TransferOp::refusal`] says why.
     fn atomic<'c>(&'c self, tx: &'c mut Tx) -> BoxFuture<'c, contend::Result<Transfer>> {
         Box::pin(async move {
+            const BOTH_ROWS: &str = "UPDATE accounts \
+                 SET balance = CASE WHEN id = ? THEN balance - ? ELSE balance + ? END, \
+                     version = version + 1 \
+                 WHERE id IN (?, ?) AND CASE WHEN id = ? THEN balance >= ? ELSE balance <= ? END";
             let sql = match tx.backend() {
-                Backend::Postgres => {
+                Backend::Postgres => std::borrow::Cow::Borrowed(
                     "UPDATE accounts AS a \
                      SET balance = CASE WHEN a.id = ? THEN a.balance - ? ELSE a.balance + ? END, \
                          version = a.version + 1 \
                      FROM (SELECT id FROM accounts WHERE id IN (?, ?) ORDER BY id FOR NO KEY UPDATE) AS l \
-                     WHERE a.id = l.id AND CASE WHEN a.id = ? THEN a.balance >= ? ELSE a.balance <= ? END"
-                }
-                Backend::MySql => {
-                    "UPDATE accounts \
-                     SET balance = CASE WHEN id = ? THEN balance - ? ELSE balance + ? END, \
-                         version = version + 1 \
-                     WHERE id IN (?, ?) AND CASE WHEN id = ? THEN balance >= ? ELSE balance <= ? END \
-                     ORDER BY id"
-                }
-                _ => {
-                    "UPDATE accounts \
-                     SET balance = CASE WHEN id = ? THEN balance - ? ELSE balance + ? END, \
-                         version = version + 1 \
-                     WHERE id IN (?, ?) AND CASE WHEN id = ? THEN balance >= ? ELSE balance <= ? END"
-                }
+                     WHERE a.id = l.id AND CASE WHEN a.id = ? THEN a.balance >= ? ELSE a.balance <= ? END",
+                ),
+                Backend::MySql => format!("{BOTH_ROWS} ORDER BY id").into(),
+                _ => BOTH_ROWS.into(),
             };
             let done = tx
-                .query(sql)
+                .query(&sql)
                 .bind(self.from)
                 .bind(self.amount)
                 .bind(self.amount)
@@ -715,11 +708,10 @@ impl TransferPage {
             raw.as_deref()
                 .map(|v| {
                     v.parse::<i64>().map_err(|_| {
-                        ApiError::new(
-                            StatusCode::BAD_REQUEST,
-                            "invalid_query",
-                            format!("`{name}` must be an integer, got `{}`", v.escape_default()),
-                        )
+                        ApiError::invalid_query(format!(
+                            "`{name}` must be an integer, got `{}`",
+                            v.escape_default()
+                        ))
                     })
                 })
                 .transpose()
@@ -752,11 +744,10 @@ pub async fn list_transfers(
 ) -> Result<Outcome, ApiError> {
     let id = parse_id(&id, "account id")?;
     let Query(page) = page.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            format!("the query string cannot be read: {}", e.body_text()),
-        )
+        ApiError::invalid_query(format!(
+            "the query string cannot be read: {}",
+            e.body_text()
+        ))
     })?;
     let (limit, before) = page.parse()?;
     auth.require_admin_or(id)?;

@@ -59,6 +59,11 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_path", message)
     }
 
+    /// 400 `invalid_query`: a query string that cannot be read, or a parameter of the wrong type.
+    pub fn invalid_query(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_query", message)
+    }
+
     /// 401 `unauthorized`.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)

@@ -229,11 +229,7 @@ where
     Fut: Future<Output = Result<Outcome, ApiError>> + Send + 'static,
 {
     let Some(key) = meta.idempotency_key.clone() else {
-        let outcome = match state.session().await {
-            Ok(session) => Outcome::from(work(session).await),
-            Err(e) => Outcome::from(e),
-        };
-        return outcome.into_response();
+        return with_session(state, work).await.into_response();
     };
     let fp = fingerprint(meta);
     let owner = match claim(state, &scope, &key, &fp).await {
@@ -248,10 +244,7 @@ where
         owner,
     };
     let task = tokio::spawn(CLAIMED.scope(claimed.clone(), async move {
-        let outcome = match state2.session().await {
-            Ok(session) => Outcome::from(work(session).await),
-            Err(e) => Outcome::from(e),
-        };
+        let outcome = with_session(&state2, work).await;
         finish(&state2, &claimed, &outcome).await;
         outcome
     }));
@@ -263,6 +256,18 @@ where
             release_any(state, &scope, &key, &fp).await;
             ApiError::internal(format!("request task failed: {join}")).into_response()
         }
+    }
+}
+
+/// `work`'s outcome on a request session, or 503 when none became free.
+async fn with_session<F, Fut>(state: &AppState, work: F) -> Outcome
+where
+    F: FnOnce(ReqSession) -> Fut,
+    Fut: Future<Output = Result<Outcome, ApiError>>,
+{
+    match state.session().await {
+        Ok(session) => Outcome::from(work(session).await),
+        Err(e) => Outcome::from(e),
     }
 }
 
