@@ -233,24 +233,7 @@ async fn all(kind: Kind) {
     unsafe_(kind, Strategy::None, 1).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_instances_sqlite() {
-    all(Kind::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_instances_postgres() {
-    if common::kinds().contains(&Kind::Postgres) {
-        all(Kind::Postgres).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_instances_mysql() {
-    if common::kinds().contains(&Kind::MySql) {
-        all(Kind::MySql).await;
-    }
-}
+per_backend!(two_instances, all, [sqlite postgres mysql], 4);
 
 /// Graceful shutdown in the middle of load: every acknowledged transfer is in the database, the
 /// audit is consistent, and the server returns.
@@ -327,14 +310,4 @@ async fn shutdown_during_load(kind: Kind) {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn graceful_shutdown_sqlite() {
-    shutdown_during_load(Kind::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn graceful_shutdown_postgres() {
-    if common::kinds().contains(&Kind::Postgres) {
-        shutdown_during_load(Kind::Postgres).await;
-    }
-}
+per_backend!(graceful_shutdown, shutdown_during_load, [sqlite postgres], 4);

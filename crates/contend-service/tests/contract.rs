@@ -7,28 +7,7 @@ mod common;
 use common::{ADMIN, Api, Kind, Resp, Server, TestDb};
 use serde_json::{Value, json};
 
-fn run_if(kind: Kind) -> bool {
-    common::kinds().contains(&kind)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn contract_sqlite() {
-    contract(Kind::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn contract_postgres() {
-    if run_if(Kind::Postgres) {
-        contract(Kind::Postgres).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn contract_mysql() {
-    if run_if(Kind::MySql) {
-        contract(Kind::MySql).await;
-    }
-}
+per_backend!(contract, contract);
 
 #[track_caller]
 fn expect(r: &Resp, status: u16, code: &str) {

@@ -10,10 +10,6 @@ use common::{ADMIN, Kind, Server, TestDb};
 use serde_json::json;
 use sqlx::Row;
 
-fn run_if(kind: Kind) -> bool {
-    common::kinds().contains(&kind)
-}
-
 /// 9,300 accounts of 10^15 each: 9.3 * 10^18, beyond i64::MAX (9.22 * 10^18).
 const BIG_ACCOUNTS: i64 = 9_300;
 const BIG_BALANCE: i64 = 1_000_000_000_000_000;
@@ -85,23 +81,13 @@ async fn audit_beyond_i64(kind: Kind) {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_sums_beyond_i64_sqlite() {
-    audit_beyond_i64(Kind::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_sums_beyond_i64_postgres() {
-    if run_if(Kind::Postgres) {
-        audit_beyond_i64(Kind::Postgres).await;
-    }
-}
+per_backend!(audit_sums_beyond_i64, audit_beyond_i64, [sqlite postgres]);
 
 /// PostgreSQL: the key's outcome is written by the very transaction that writes the transfer
 /// (same transaction id), not by a statement after it commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_outcome_commits_with_the_write_postgres() {
-    if !run_if(Kind::Postgres) {
+    if !common::enabled(Kind::Postgres) {
         return;
     }
     let db = TestDb::new(Kind::Postgres).await;
@@ -275,26 +261,14 @@ async fn lost_key_cannot_commit(kind: Kind) {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_key_cannot_commit_postgres() {
-    if run_if(Kind::Postgres) {
-        lost_key_cannot_commit(Kind::Postgres).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_key_cannot_commit_mysql() {
-    if run_if(Kind::MySql) {
-        lost_key_cannot_commit(Kind::MySql).await;
-    }
-}
+per_backend!(lost_key_cannot_commit, lost_key_cannot_commit, [postgres mysql]);
 
 /// Requests keep their connection between requests (warm sessions, see `ReqSession`). When the
 /// server drops every connection (a restart, an idle kill), a request that meets a dead one
 /// gets 503 with `Retry-After` (never a 500), and the instance recovers by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_after_connections_are_killed_postgres() {
-    if !run_if(Kind::Postgres) {
+    if !common::enabled(Kind::Postgres) {
         return;
     }
     let db = TestDb::new(Kind::Postgres).await;

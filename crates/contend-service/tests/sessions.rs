@@ -86,21 +86,4 @@ async fn small_pool(kind: Kind) {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_pool_sqlite() {
-    small_pool(Kind::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_pool_postgres() {
-    if common::kinds().contains(&Kind::Postgres) {
-        small_pool(Kind::Postgres).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_pool_mysql() {
-    if common::kinds().contains(&Kind::MySql) {
-        small_pool(Kind::MySql).await;
-    }
-}
+per_backend!(small_pool, small_pool);

@@ -6,8 +6,19 @@
 
 mod common;
 
-use common::{Kind, Server, TestDb};
+use common::{Api, Kind, Resp, Server, TestDb};
 use serde_json::json;
+
+/// `POST /transfers` by `token`'s holder under `strategy`.
+async fn transfer(api: Api, token: &str, strategy: &str, from: i64, to: i64, amount: i64) -> Resp {
+    api.post_with(
+        "/transfers",
+        token,
+        &[("X-Concurrency-Strategy", strategy)],
+        json!({"from": from, "to": to, "amount": amount}),
+    )
+    .await
+}
 
 async fn missing_to(kind: Kind) {
     let db = TestDb::new(kind).await;
@@ -29,7 +40,6 @@ async fn missing_to(kind: Kind) {
     let missing = b + 1000;
     let below = a - 1; // 0 or less: never an account id, lower than `a`
     for strategy in strategies.clone() {
-        let headers = [("X-Concurrency-Strategy", strategy)];
         for (to, amount, why) in [
             (missing, 10, "funds suffice"),
             (missing, 1_000, "insufficient funds: 404 before 409"),
@@ -45,14 +55,7 @@ async fn missing_to(kind: Kind) {
                 "missing `to` below `from`, insufficient funds",
             ),
         ] {
-            let r = api
-                .post_with(
-                    "/transfers",
-                    &ta,
-                    &headers,
-                    json!({"from": a, "to": to, "amount": amount}),
-                )
-                .await;
+            let r = transfer(api, &ta, strategy, a, to, amount).await;
             assert_eq!(
                 (r.status, r.code()),
                 (404, "account_not_found".to_string()),
@@ -61,40 +64,19 @@ async fn missing_to(kind: Kind) {
             );
         }
         // The existing pair still works, and 409 / 422 stay what they were.
-        let r = api
-            .post_with(
-                "/transfers",
-                &ta,
-                &headers,
-                json!({"from": a, "to": b, "amount": 1_000}),
-            )
-            .await;
+        let r = transfer(api, &ta, strategy, a, b, 1_000).await;
         assert_eq!(
             (r.status, r.code()),
             (409, "insufficient_funds".to_string()),
             "{strategy}"
         );
-        let r = api
-            .post_with(
-                "/transfers",
-                &ta,
-                &headers,
-                json!({"from": a, "to": a, "amount": 1}),
-            )
-            .await;
+        let r = transfer(api, &ta, strategy, a, a, 1).await;
         assert_eq!(
             (r.status, r.code()),
             (422, "same_account".to_string()),
             "{strategy}"
         );
-        let r = api
-            .post_with(
-                "/transfers",
-                &ta,
-                &headers,
-                json!({"from": a, "to": b, "amount": 1}),
-            )
-            .await;
+        let r = transfer(api, &ta, strategy, a, b, 1).await;
         assert_eq!(
             r.status,
             201,
@@ -109,8 +91,7 @@ async fn missing_to(kind: Kind) {
 
     // Limits on both sides, for every strategy: `full` sits at 10^15 minus 5.
     const MAX: i64 = 1_000_000_000_000_000;
-    for strategy in &strategies {
-        let headers = [("X-Concurrency-Strategy", *strategy)];
+    for strategy in strategies {
         let (full, _) = api.account("full", MAX - 5).await;
         let (poor, tp) = api.account("poor", 10).await;
         let (spare, _) = api.account("spare", 0).await;
@@ -129,14 +110,7 @@ async fn missing_to(kind: Kind) {
                 "one more than the balance",
             ),
         ] {
-            let r = api
-                .post_with(
-                    "/transfers",
-                    &tp,
-                    &headers,
-                    json!({"from": poor, "to": to, "amount": amount}),
-                )
-                .await;
+            let r = transfer(api, &tp, strategy, poor, to, amount).await;
             assert_eq!(
                 (r.status, r.code()),
                 (want.0, want.1.to_string()),
@@ -146,23 +120,9 @@ async fn missing_to(kind: Kind) {
         }
         assert_eq!(api.balance(full).await, MAX - 5, "{strategy}");
         assert_eq!(api.balance(poor).await, 10, "{strategy}");
-        let r = api
-            .post_with(
-                "/transfers",
-                &tp,
-                &headers,
-                json!({"from": poor, "to": full, "amount": 5}),
-            )
-            .await;
+        let r = transfer(api, &tp, strategy, poor, full, 5).await;
         assert_eq!(r.status, 201, "{strategy}: exactly to 10^15");
-        let r = api
-            .post_with(
-                "/transfers",
-                &tp,
-                &headers,
-                json!({"from": poor, "to": spare, "amount": 5}),
-            )
-            .await;
+        let r = transfer(api, &tp, strategy, poor, spare, 5).await;
         assert_eq!(r.status, 201, "{strategy}: exactly to 0");
         assert_eq!(api.balance(full).await, MAX, "{strategy}");
         assert_eq!(api.balance(poor).await, 0, "{strategy}");
@@ -173,21 +133,4 @@ async fn missing_to(kind: Kind) {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transfer_to_missing_account_sqlite() {
-    missing_to(Kind::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transfer_to_missing_account_postgres() {
-    if common::kinds().contains(&Kind::Postgres) {
-        missing_to(Kind::Postgres).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transfer_to_missing_account_mysql() {
-    if common::kinds().contains(&Kind::MySql) {
-        missing_to(Kind::MySql).await;
-    }
-}
+per_backend!(transfer_to_missing_account, missing_to);
