@@ -19,7 +19,7 @@ use contend::strategy::Strategy;
 use contend::strategy::get_or_create::{GetOrCreate as Helper, Method};
 use contend::strategy::mutex::KeyedMutex;
 use contend::strategy::{Value, advisory, serializable};
-use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, Tx, TxOptions};
+use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, Session, Tx, TxOptions};
 
 use super::{
     Ctx, Invariant, OpReport, Outcome, Scenario, Totals, base_support, drop_tables, engine, fenced,
@@ -271,7 +271,13 @@ impl Scenario for GetOrCreate {
         })
     }
 
-    fn op<'a>(&'a self, ctx: &'a Ctx, _worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+    fn op_in_session<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        _session: &'a mut Session,
+        _worker: usize,
+        seq: u64,
+    ) -> BoxFuture<'a, OpReport> {
         Box::pin(async move {
             let (table, seen) = tables(ctx);
             let key = key_of(seq, ctx.operations);

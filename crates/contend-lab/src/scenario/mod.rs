@@ -129,21 +129,6 @@ pub struct Invariant {
     pub violations: u64,
 }
 
-/// The body of [`Scenario::op`] for scenarios that work on a [`Session`]: runs
-/// [`Scenario::op_in_session`] on a session of its own (used once, so its connection goes back to
-/// the pool afterwards).
-pub fn op_on_own_session<'a, S: Scenario + ?Sized>(
-    scenario: &'a S,
-    ctx: &'a Ctx,
-    worker: usize,
-    seq: u64,
-) -> BoxFuture<'a, OpReport> {
-    Box::pin(async move {
-        let mut session = ctx.db.session();
-        scenario.op_in_session(ctx, &mut session, worker, seq).await
-    })
-}
-
 /// A lab scenario.
 pub trait Scenario: Send + Sync + 'static {
     /// Its name on the command line and in reports (`withdraw`, `transfer`, ...).
@@ -155,23 +140,26 @@ pub trait Scenario: Send + Sync + 'static {
     /// Creates (or recreates) its tables and data, sized for `ctx.operations`.
     fn setup<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>>;
 
-    /// Runs operation number `seq` (0-based, over all workers) from worker `worker`.
-    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport>;
-
-    /// Like [`Scenario::op`], on the worker's own held connection (`session`), as a pgbench
-    /// client keeps its connection: the runner calls this one. sqlx's pool spends a round trip
-    /// testing every connection given back to it, which would otherwise be measured as part of
-    /// each operation. The default ignores the session and calls [`Scenario::op`]; scenarios
-    /// override it where the saved round trip matters.
+    /// Runs operation number `seq` (0-based, over all workers) from worker `worker` on the
+    /// worker's own held connection (`session`), as a pgbench client keeps its connection: sqlx's
+    /// pool spends a round trip testing every connection given back to it, which would otherwise
+    /// be measured as part of each operation. A scenario that does not use the session ignores
+    /// it (a session connects only when first used).
     fn op_in_session<'a>(
         &'a self,
         ctx: &'a Ctx,
         session: &'a mut Session,
         worker: usize,
         seq: u64,
-    ) -> BoxFuture<'a, OpReport> {
-        let _ = session;
-        self.op(ctx, worker, seq)
+    ) -> BoxFuture<'a, OpReport>;
+
+    /// [`Scenario::op_in_session`] on a session of its own (used once, so its connection goes
+    /// back to the pool afterwards).
+    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
+        Box::pin(async move {
+            let mut session = ctx.db.session();
+            self.op_in_session(ctx, &mut session, worker, seq).await
+        })
     }
 
     /// Checks the invariants after the run.

@@ -13,7 +13,7 @@ use contend::{Backend, BoxFuture, Session};
 use super::transfer::{Move, Plan, apply, row_key};
 use super::{
     Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    invariant, op_on_own_session, scalar, sum_bigint, table_name,
+    invariant, scalar, sum_bigint, table_name,
 };
 
 /// The product's id.
@@ -107,10 +107,6 @@ impl Scenario for Order {
             }
             fenced::setup(ctx).await
         })
-    }
-
-    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
-        op_on_own_session(self, ctx, worker, seq)
     }
 
     fn op_in_session<'a>(

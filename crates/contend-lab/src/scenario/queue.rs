@@ -17,7 +17,7 @@ use contend::{Backend, BoxFuture, Session};
 use super::claim::{AtomicClaim, Claims, fill};
 use super::{
     Ctx, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    invariant, op_on_own_session, scalar, table_name,
+    invariant, scalar, table_name,
 };
 
 /// The queue scenario.
@@ -87,10 +87,6 @@ impl Scenario for Queue {
             .await?;
             fenced::setup(ctx).await
         })
-    }
-
-    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
-        op_on_own_session(self, ctx, worker, seq)
     }
 
     fn op_in_session<'a>(

@@ -16,8 +16,7 @@ use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, Session, Tx, TxOptions
 
 use super::{
     Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    guarded, invariant, op_on_own_session, pairs, refuse, report, report_plain, scalar, sum_bigint,
-    table_name, think,
+    guarded, invariant, pairs, refuse, report, report_plain, scalar, sum_bigint, table_name, think,
 };
 
 /// One change of one row: `column += delta` on row `id` of `table`. A negative delta is guarded:
@@ -315,10 +314,6 @@ impl Scenario for Transfer {
             }
             fenced::setup(ctx).await
         })
-    }
-
-    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
-        op_on_own_session(self, ctx, worker, seq)
     }
 
     fn op_in_session<'a>(

@@ -14,7 +14,7 @@ use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, RowLock, Session, Tx, 
 use super::fenced;
 use super::{
     Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, guarded,
-    invariant, op_on_own_session, refuse, report, report_plain, table_name, think,
+    invariant, refuse, report, report_plain, table_name, think,
 };
 
 /// The account's id.
@@ -208,10 +208,6 @@ impl Scenario for Withdraw {
             .await?;
             fenced::setup(ctx).await
         })
-    }
-
-    fn op<'a>(&'a self, ctx: &'a Ctx, worker: usize, seq: u64) -> BoxFuture<'a, OpReport> {
-        op_on_own_session(self, ctx, worker, seq)
     }
 
     fn op_in_session<'a>(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use contend::strategy::Strategy;
-use contend::{Backend, BoxFuture};
+use contend::{Backend, BoxFuture, Session};
 use contend_lab::scenario::{
     Ctx, HeldLock, Invariant, KeyLock, OpReport, Outcome, Scenario, Totals,
 };
@@ -69,7 +69,13 @@ impl Scenario for Counter {
         })
     }
 
-    fn op<'a>(&'a self, ctx: &'a Ctx, _worker: usize, _seq: u64) -> BoxFuture<'a, OpReport> {
+    fn op_in_session<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        _session: &'a mut Session,
+        _worker: usize,
+        _seq: u64,
+    ) -> BoxFuture<'a, OpReport> {
         Box::pin(async move {
             let t = table(ctx);
             let result: contend::Result<()> = async {
