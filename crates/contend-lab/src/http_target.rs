@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use contend::strategy::Strategy;
-use hdrhistogram::Histogram;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -29,8 +28,9 @@ use tokio::task::JoinSet;
 
 use crate::cli::LabArgs;
 use crate::config::{ConfigError, LabConfig, split_list};
-use crate::report::{LabReport, Latency, RunReport, SkippedRun, verdict};
-use crate::scenario::Invariant;
+use crate::report::{LabReport, RunReport, SkippedRun, verdict};
+use crate::runner::{WorkerStats, failed};
+use crate::scenario::{Invariant, OpReport, Outcome};
 
 /// The scenarios the HTTP target knows, in the order it runs them.
 pub const SCENARIOS: [&str; 3] = ["transfer", "order", "withdraw"];
@@ -38,9 +38,6 @@ pub const SCENARIOS: [&str; 3] = ["transfer", "order", "withdraw"];
 /// The longest pause after a 503 before the worker's next request (the server's `Retry-After`
 /// is honoured up to this, so one busy moment does not stall a run for seconds).
 pub const RETRY_AFTER_CAP: Duration = Duration::from_millis(200);
-
-/// Distinct error messages kept per run.
-const MAX_ERROR_SAMPLES: usize = 5;
 
 /// Accounts the `transfer` and `order` scenarios spread their load over (few, so they are hot).
 const HOT_ACCOUNTS: usize = 4;
@@ -989,70 +986,17 @@ async fn check(
 
 // ---- the load ----
 
-/// What one worker saw.
-struct Stats {
-    latency_us: Histogram<u64>,
-    succeeded: u64,
-    refused: u64,
-    errors: u64,
-    server_errors: u64,
-    samples: Vec<String>,
-}
-
-impl Stats {
-    fn new() -> Stats {
-        Stats {
-            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                .expect("valid histogram bounds"),
-            succeeded: 0,
-            refused: 0,
-            errors: 0,
-            server_errors: 0,
-            samples: Vec::new(),
-        }
-    }
-
-    fn sample(&mut self, message: String) {
-        if self.samples.len() < MAX_ERROR_SAMPLES && !self.samples.contains(&message) {
-            self.samples.push(message);
-        }
-    }
-
-    fn merge(&mut self, other: Stats) {
-        let _ = self.latency_us.add(&other.latency_us);
-        self.succeeded += other.succeeded;
-        self.refused += other.refused;
-        self.errors += other.errors;
-        self.server_errors += other.server_errors;
-        for s in other.samples {
-            self.sample(s);
-        }
-    }
-
-    fn latency(&self) -> Latency {
-        let h = &self.latency_us;
-        if h.is_empty() {
-            return Latency::default();
-        }
-        let ms = |us: u64| us as f64 / 1000.0;
-        Latency {
-            p50: ms(h.value_at_quantile(0.50)),
-            p90: ms(h.value_at_quantile(0.90)),
-            p99: ms(h.value_at_quantile(0.99)),
-            max: ms(h.max()),
-        }
-    }
-}
-
-/// The load loop of one worker: operation numbers come from one shared counter.
+/// The load loop of one worker: operation numbers come from one shared counter. Returns the
+/// worker's tally and how many answers were 500.
 async fn worker(
     client: Arc<Client>,
     plan: Arc<Plan>,
     next: Arc<AtomicU64>,
     limit: u64,
     deadline: Option<Instant>,
-) -> Stats {
-    let mut stats = Stats::new();
+) -> (WorkerStats, u64) {
+    let mut stats = WorkerStats::new();
+    let mut server_errors = 0;
     loop {
         let seq = next.fetch_add(1, Ordering::Relaxed);
         if seq >= limit {
@@ -1063,23 +1007,21 @@ async fn worker(
             break;
         }
         let outcome = op(&client, &plan, seq).await;
-        stats
-            .latency_us
-            .saturating_record((started.elapsed().as_micros() as u64).max(1));
-        match outcome {
-            OpOutcome::Succeeded => stats.succeeded += 1,
-            OpOutcome::Refused => stats.refused += 1,
+        let elapsed = started.elapsed();
+        let (outcome, pause) = match outcome {
+            OpOutcome::Succeeded => (Outcome::Succeeded, None),
+            OpOutcome::Refused => (Outcome::Refused, None),
             OpOutcome::Error(message, pause, server_error) => {
-                stats.errors += 1;
-                stats.server_errors += u64::from(server_error);
-                stats.sample(message);
-                if let Some(pause) = pause {
-                    tokio::time::sleep(pause).await;
-                }
+                server_errors += u64::from(server_error);
+                (Outcome::Error(message), pause)
             }
+        };
+        stats.record(elapsed, OpReport::new(outcome));
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
         }
     }
-    stats
+    (stats, server_errors)
 }
 
 /// One run: setup through the API, load, check. `Ok(Err(reason))` when the servers cannot run
@@ -1134,38 +1076,27 @@ async fn run_one(
             deadline,
         ));
     }
-    let mut stats = Stats::new();
+    let mut stats = WorkerStats::new();
+    let mut server_errors = 0;
     while let Some(joined) = set.join_next().await {
         match joined {
-            Ok(s) => stats.merge(s),
-            Err(e) => {
-                stats.errors += 1;
-                stats.sample(format!("worker failed: {e}"));
+            Ok((s, five_hundreds)) => {
+                stats.merge(s);
+                server_errors += five_hundreds;
             }
+            Err(e) => stats.add_error(format!("worker failed: {e}")),
         }
     }
     let elapsed = started.elapsed();
-
-    let operations = stats.succeeded + stats.refused + stats.errors;
-    report.operations = operations;
-    report.succeeded = stats.succeeded;
-    report.refused = stats.refused;
-    report.errors = stats.errors;
-    report.duration_s = elapsed.as_secs_f64();
-    report.throughput_ops_s = if elapsed.is_zero() {
-        0.0
-    } else {
-        operations as f64 / elapsed.as_secs_f64()
-    };
-    report.latency_ms = stats.latency();
-    report.error_samples = std::mem::take(&mut stats.samples);
+    let (succeeded, errors) = (stats.succeeded, stats.errors);
+    stats.fill(&mut report, elapsed);
     if let Some(before) = counters_before
         && let Ok(after) = client.tx_counters(strategy).await
     {
         (report.retries, report.conflicts) = after.since(&before);
     }
 
-    match check(client, &plan, stats.succeeded, stats.errors, &before).await {
+    match check(client, &plan, succeeded, errors, &before).await {
         Ok(invariants) => {
             report.violations = invariants
                 .iter()
@@ -1175,31 +1106,15 @@ async fn run_one(
             let (text, fails) = verdict(safe, report.violations, report.errors, workers);
             report.verdict = text;
             report.failed = fails;
-            if stats.server_errors > 0 {
-                report.verdict = format!(
-                    "FAILED: {} answers were 500 (a service bug)",
-                    stats.server_errors
-                );
+            if server_errors > 0 {
+                report.verdict =
+                    format!("FAILED: {server_errors} answers were 500 (a service bug)");
                 report.failed = true;
             }
             Ok(Ok(report))
         }
         Err(e) => Ok(Ok(failed(report, format!("check failed: {e:#}")))),
     }
-}
-
-/// Marks a run that could not be set up or checked: it fails the lab whatever the strategy.
-fn failed(mut report: RunReport, message: String) -> RunReport {
-    report.errors += 1;
-    report.verdict = format!(
-        "FAILED: {}",
-        message.split(':').next().unwrap_or("run failed")
-    );
-    if report.error_samples.len() < MAX_ERROR_SAMPLES {
-        report.error_samples.push(message);
-    }
-    report.failed = true;
-    report
 }
 
 #[cfg(test)]

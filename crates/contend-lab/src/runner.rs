@@ -199,12 +199,13 @@ async fn warm_pool(db: &Db, n: usize) {
     }
 }
 
-/// What one worker saw.
-struct WorkerStats {
+/// What one worker saw, and (merged) what all workers of a run saw: the tally of the database
+/// runner and of the HTTP target.
+pub(crate) struct WorkerStats {
     latency_us: Histogram<u64>,
-    succeeded: u64,
-    refused: u64,
-    errors: u64,
+    pub(crate) succeeded: u64,
+    pub(crate) refused: u64,
+    pub(crate) errors: u64,
     retries: u64,
     conflicts: BTreeMap<ConflictKind, u64>,
     fenced_rejections: u64,
@@ -212,7 +213,7 @@ struct WorkerStats {
 }
 
 impl WorkerStats {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         WorkerStats {
             latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .expect("valid histogram bounds"),
@@ -227,7 +228,7 @@ impl WorkerStats {
     }
 
     #[inline]
-    fn record(&mut self, elapsed: Duration, op: OpReport) {
+    pub(crate) fn record(&mut self, elapsed: Duration, op: OpReport) {
         self.latency_us
             .saturating_record((elapsed.as_micros() as u64).max(1));
         match op.outcome {
@@ -245,7 +246,7 @@ impl WorkerStats {
         self.fenced_rejections += u64::from(op.fenced_rejections);
     }
 
-    fn merge(&mut self, other: WorkerStats) {
+    pub(crate) fn merge(&mut self, other: WorkerStats) {
         let _ = self.latency_us.add(&other.latency_us);
         self.succeeded += other.succeeded;
         self.refused += other.refused;
@@ -258,6 +259,36 @@ impl WorkerStats {
         for e in other.error_samples {
             add_sample(&mut self.error_samples, e);
         }
+    }
+
+    /// A failure outside any operation (a worker task that died): one more error.
+    pub(crate) fn add_error(&mut self, message: String) {
+        self.errors += 1;
+        add_sample(&mut self.error_samples, message);
+    }
+
+    /// Writes the counts, retries, conflicts, throughput over `elapsed`, latency and error
+    /// samples into `report`.
+    pub(crate) fn fill(self, report: &mut RunReport, elapsed: Duration) {
+        let operations = self.succeeded + self.refused + self.errors;
+        report.operations = operations;
+        report.succeeded = self.succeeded;
+        report.refused = self.refused;
+        report.errors = self.errors;
+        report.retries = self.retries;
+        report.conflicts = self
+            .conflicts
+            .iter()
+            .map(|(k, n)| (k.as_str().to_string(), *n))
+            .collect();
+        report.duration_s = elapsed.as_secs_f64();
+        report.throughput_ops_s = if elapsed.is_zero() {
+            0.0
+        } else {
+            operations as f64 / elapsed.as_secs_f64()
+        };
+        report.latency_ms = latency(&self.latency_us);
+        report.error_samples = self.error_samples;
     }
 }
 
@@ -374,25 +405,9 @@ async fn run_one(
         tracing::warn!(scenario = scenario.name(), error = %format!("{e:#}"), "teardown failed");
     }
 
-    let operations = stats.succeeded + stats.refused + stats.errors;
-    report.operations = operations;
-    report.succeeded = stats.succeeded;
-    report.refused = stats.refused;
-    report.errors = stats.errors + panics.len() as u64;
-    report.retries = stats.retries;
-    report.conflicts = stats
-        .conflicts
-        .iter()
-        .map(|(k, n)| (k.as_str().to_string(), *n))
-        .collect();
-    report.duration_s = elapsed.as_secs_f64();
-    report.throughput_ops_s = if elapsed.is_zero() {
-        0.0
-    } else {
-        operations as f64 / elapsed.as_secs_f64()
-    };
-    report.latency_ms = latency(&stats.latency_us);
-    report.error_samples = stats.error_samples;
+    let fenced_rejections = stats.fenced_rejections;
+    stats.fill(&mut report, elapsed);
+    report.errors += panics.len() as u64;
     for p in panics {
         add_sample(&mut report.error_samples, p);
     }
@@ -401,7 +416,7 @@ async fn run_one(
             lock_stats,
             &counting.counters(),
             redis_commands,
-            stats.fenced_rejections,
+            fenced_rejections,
         );
     }
     match invariants {
@@ -456,7 +471,7 @@ fn latency(h: &Histogram<u64>) -> Latency {
 }
 
 /// Marks a run that could not be set up or checked: it fails the lab whatever the strategy.
-fn failed(mut report: RunReport, message: String) -> RunReport {
+pub(crate) fn failed(mut report: RunReport, message: String) -> RunReport {
     report.errors += 1;
     report.verdict = format!(
         "FAILED: {}",
