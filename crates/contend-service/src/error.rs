@@ -1,7 +1,7 @@
 //! [`ApiError`]: every failure the service answers with, as a status, a snake_case code and a
 //! message, rendered as `{"error": {"code", "message"}}` (plus `Retry-After` on 503).
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -170,17 +170,9 @@ impl From<sqlx::Error> for ApiError {
 }
 
 impl IntoResponse for ApiError {
+    /// The same response as the error's [`Outcome`](crate::idempotency::Outcome).
     fn into_response(self) -> Response {
-        let mut response = (self.status, self.body_bytes()).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(secs) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
+        crate::idempotency::Outcome::from(self).into_response()
     }
 }
 
