@@ -9,7 +9,7 @@ use contend::{Error, Result};
 
 use crate::guard::{GuardCore, Holder, LockGuard, SingleNode};
 use crate::node::{Node, Timeouts};
-use crate::options::{LockKeys, LockOptions, check_key, drift, new_token};
+use crate::options::{Acquiring, LockKeys, LockOptions, drift};
 use crate::scripts;
 use crate::waiters::Waiters;
 
@@ -192,10 +192,7 @@ impl LockClient {
     /// knows it; it is then held until its lease ends. Prefer [`LockClient::acquire`] with a
     /// wait limit over cancelling.
     pub async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
-        check_key(key)?;
-        options.validate()?;
-        let keys = LockKeys::new(&self.inner.namespace, key);
-        let token = new_token();
+        let Acquiring { keys, token, .. } = Acquiring::begin(&self.inner.namespace, key, options)?;
         let sent = Instant::now();
         match attempt(&self.inner.node, &keys, &token, options.lease_ms()).await? {
             Attempt::Granted(fence) => Ok(Some(self.guard(keys, token, fence, sent, options))),
@@ -219,12 +216,12 @@ impl LockClient {
     /// notification it had been handed goes to the next waiter. Dropped while an attempt is in
     /// flight, a grant may be made that nobody holds; it expires with its lease.
     pub async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        check_key(key)?;
-        options.validate()?;
-        let started = Instant::now();
-        let deadline = started + options.wait_time();
-        let keys = LockKeys::new(&self.inner.namespace, key);
-        let token = new_token();
+        let Acquiring {
+            started,
+            deadline,
+            keys,
+            token,
+        } = Acquiring::begin(&self.inner.namespace, key, options)?;
         let lease_ms = options.lease_ms();
         let interest = self.inner.waiters.register(&keys.channel);
         let mut first = true;

@@ -153,6 +153,34 @@ impl LockKeys {
     }
 }
 
+/// The start of one acquisition, shared by every lock kind: the key and options checked, the
+/// deadline of the wait, the Redis names and a new owner token.
+pub(crate) struct Acquiring {
+    /// When the acquisition began.
+    pub started: std::time::Instant,
+    /// When waiting ends (`started` + the options' wait time).
+    pub deadline: std::time::Instant,
+    /// The Redis names of the key.
+    pub keys: LockKeys,
+    /// The owner token of this acquisition.
+    pub token: String,
+}
+
+impl Acquiring {
+    /// Checks `key` and `options` and begins an acquisition under `namespace`.
+    pub fn begin(namespace: &str, key: &str, options: &crate::LockOptions) -> Result<Acquiring> {
+        check_key(key)?;
+        options.validate()?;
+        let started = std::time::Instant::now();
+        Ok(Acquiring {
+            started,
+            deadline: started + options.wait_time(),
+            keys: LockKeys::new(namespace, key),
+            token: new_token(),
+        })
+    }
+}
+
 /// A new owner token: 128 random bits, hex.
 pub(crate) fn new_token() -> String {
     format!("{:032x}", rand::random::<u128>())

@@ -49,7 +49,7 @@ use crate::DEFAULT_NAMESPACE;
 use crate::client::{Attempt, attempt};
 use crate::guard::{GuardCore, Holder, LockGuard};
 use crate::node::{Node, Timeouts, other_failure, timeout_failure};
-use crate::options::{LockKeys, LockOptions, check_key, drift, new_token};
+use crate::options::{Acquiring, LockKeys, LockOptions, drift};
 use crate::scripts;
 
 /// Settings for a [`Redlock`], made by [`Redlock::builder`].
@@ -190,12 +190,12 @@ impl Redlock {
     /// Safe while sleeping between rounds. Dropped during a round, partial grants stay until
     /// their lease ends (nobody holds them).
     pub async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        check_key(key)?;
-        options.validate()?;
-        let started = Instant::now();
-        let deadline = started + options.wait_time();
-        let keys = LockKeys::new(&self.inner.namespace, key);
-        let token = new_token();
+        let Acquiring {
+            started,
+            deadline,
+            keys,
+            token,
+        } = Acquiring::begin(&self.inner.namespace, key, options)?;
         loop {
             if let Some(guard) = self.round(&keys, &token, options).await? {
                 return Ok(guard);

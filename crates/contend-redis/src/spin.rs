@@ -10,7 +10,7 @@ use contend::{Error, Result};
 use crate::LockClient;
 use crate::guard::{GuardCore, Holder, SingleNode, SpinGuard};
 use crate::node::Node;
-use crate::options::{LockKeys, LockOptions, check_key, drift, new_token};
+use crate::options::{Acquiring, LockOptions, drift};
 
 /// A polling Redis lock (the `redis-spin` strategy of the lab).
 ///
@@ -75,12 +75,12 @@ impl SpinLock {
     /// Safe while sleeping; dropped during an attempt, a grant may be left to expire with its
     /// lease.
     pub async fn acquire(&self, key: &str, options: &LockOptions) -> Result<SpinGuard> {
-        check_key(key)?;
-        options.validate()?;
-        let started = Instant::now();
-        let deadline = started + options.wait_time();
-        let keys = LockKeys::new(&self.inner.namespace, key);
-        let token = new_token();
+        let Acquiring {
+            started,
+            deadline,
+            keys,
+            token,
+        } = Acquiring::begin(&self.inner.namespace, key, options)?;
         loop {
             let sent = Instant::now();
             let set: Option<String> = self
