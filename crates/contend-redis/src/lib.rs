@@ -29,7 +29,7 @@
 //!     fencing::fence(tx, "account:1", token).await?; // first: refuses a stale holder
 //!     let q = tx.query("UPDATE account SET balance = balance - 10 WHERE id = 1");
 //!     q.execute(tx.conn()).await?;
-//!     Ok(())
+//!     Ok::<_, contend::Error>(())
 //! })).await?;
 //! guard.release().await?;
 //! # Ok(()) }

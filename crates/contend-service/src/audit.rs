@@ -132,7 +132,7 @@ pub async fn compute(state: &AppState) -> Result<Audit, ApiError> {
                     && ledger_mismatches == 0
                     && oversold_products == 0
                     && double_booked_seats == 0;
-                Ok(Audit {
+                Ok::<_, contend::Error>(Audit {
                     accounts,
                     total_balance,
                     expected_total_balance,

@@ -6,17 +6,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use sqlx::any::{AnyArguments, AnyConnectOptions, AnyPoolOptions};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::pool::PoolConnection;
 use sqlx::query::{Query, QueryScalar};
-use sqlx::{Any, AnyPool, AssertSqlSafe, ConnectOptions, Connection, Executor};
+use sqlx::{Any, AssertSqlSafe, ConnectOptions, Connection, Executor, Pool};
 
-use crate::backend::{Backend, address_of, redact_url, sqlite::DEFAULT_BUSY_TIMEOUT_MS};
+use crate::backend::{Backend, Database, address_of, redact_url, sqlite::DEFAULT_BUSY_TIMEOUT_MS};
 use crate::error::{Error, Result};
 use crate::session::Session;
-use crate::tx::{self, Attempted, Tx, TxOptions};
+use crate::tx::{self, Again, Attempted, Once, Tx, TxError, TxOptions};
 
 /// A pooled database handle. Cheap to clone; clones share the pool.
+///
+/// `Db` is generic over the sqlx database. `Db` without a parameter is `Db<sqlx::Any>`, made from
+/// a URL by [`Db::connect`] when the backend is chosen at run time. A service that already has a
+/// typed pool (`sqlx::PgPool`, `MySqlPool`, `SqlitePool`) wraps it with [`Db::from_pool`] and
+/// keeps its own types: transaction bodies get that database's own connection.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
@@ -26,14 +31,22 @@ use crate::tx::{self, Attempted, Tx, TxOptions};
 /// assert_eq!(one, 1);
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
-pub struct Db {
-    inner: Arc<Inner>,
+#[derive(Debug)]
+pub struct Db<DB: Database = Any> {
+    inner: Arc<Inner<DB>>,
+}
+
+impl<DB: Database> Clone for Db<DB> {
+    fn clone(&self) -> Self {
+        Db {
+            inner: self.inner.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
-struct Inner {
-    pool: AnyPool,
+struct Inner<DB: Database> {
+    pool: Pool<DB>,
     backend: Backend,
     url: String,
     busy_timeout_ms: u64,
@@ -190,7 +203,7 @@ fn normalize_url(backend: Backend, url: &str) -> (String, bool) {
     }
 }
 
-impl Db {
+impl Db<Any> {
     /// Connects with default settings. See [`DbBuilder::connect`].
     ///
     /// # Errors
@@ -211,6 +224,48 @@ impl Db {
             test_before_acquire: true,
         }
     }
+}
+
+impl<DB: Database> Db<DB> {
+    /// Wraps a pool the application already has, so that contend's transactions, sessions and
+    /// strategies run on it and its bodies get the database's own connection type.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+    /// use contend::Db;
+    /// use sqlx::SqlitePool;
+    /// let pool = SqlitePool::connect("sqlite::memory:").await?;
+    /// let db = Db::from_pool(pool)?;
+    /// db.execute_script("CREATE TABLE t (v INTEGER)").await?;
+    /// db.transaction(|tx| Box::pin(async move {
+    ///     // `tx.conn()` is a `&mut SqliteConnection`: any sqlx type binds and decodes.
+    ///     sqlx::query("INSERT INTO t VALUES (?)").bind(1_i32).execute(tx.conn()).await?;
+    ///     Ok::<_, contend::Error>(())
+    /// })).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The pool's own settings are kept. contend's URL-built SQLite pools also set WAL
+    /// journaling, `synchronous = NORMAL`, foreign keys and a busy timeout; a SQLite pool made
+    /// elsewhere should do the same for concurrent use.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for an `Any` pool whose URL names no supported backend.
+    pub fn from_pool(pool: Pool<DB>) -> Result<Db<DB>> {
+        let backend = DB::backend_of(&pool)?;
+        let url = match DB::url_of(&pool) {
+            Some(url) => redact_url(&url),
+            None => format!("{backend} pool"),
+        };
+        Ok(Db {
+            inner: Arc::new(Inner {
+                pool,
+                backend,
+                url,
+                busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
+            }),
+        })
+    }
 
     /// Which database this is.
     pub fn backend(&self) -> Backend {
@@ -223,7 +278,7 @@ impl Db {
     }
 
     /// The connection pool, for statements outside a transaction (autocommit).
-    pub fn pool(&self) -> &AnyPool {
+    pub fn pool(&self) -> &Pool<DB> {
         &self.inner.pool
     }
 
@@ -231,19 +286,19 @@ impl Db {
     ///
     /// # Errors
     /// [`Error::Unavailable`] when none becomes free within the acquire timeout.
-    pub async fn acquire(&self) -> Result<PoolConnection<Any>> {
+    pub async fn acquire(&self) -> Result<PoolConnection<DB>> {
         self.inner.pool.acquire().await.map_err(Error::from)
     }
 
     /// A query with `?` placeholders rewritten for this backend (see [`Backend::sql`]).
-    pub fn query(&self, sql: &str) -> Query<'static, Any, AnyArguments> {
+    pub fn query(&self, sql: &str) -> Query<'static, DB, DB::Arguments> {
         sqlx::query(AssertSqlSafe(self.inner.backend.sql(sql).into_owned()))
     }
 
     /// A single-value query with placeholders rewritten for this backend.
-    pub fn query_scalar<O>(&self, sql: &str) -> QueryScalar<'static, Any, O, AnyArguments>
+    pub fn query_scalar<O>(&self, sql: &str) -> QueryScalar<'static, DB, O, DB::Arguments>
     where
-        (O,): for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
+        (O,): for<'r> sqlx::FromRow<'r, DB::Row>,
     {
         sqlx::query_scalar(AssertSqlSafe(self.inner.backend.sql(sql).into_owned()))
     }
@@ -253,24 +308,27 @@ impl Db {
     /// # Errors
     /// The first statement's error.
     pub async fn execute_script(&self, sql: &str) -> Result<()> {
-        sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
-            .execute(&self.inner.pool)
-            .await?;
+        let mut conn = self.acquire().await?;
+        DB::execute_raw(&mut conn, sql.to_string()).await?;
         Ok(())
     }
 
     /// Runs `body` in a new outermost transaction with default options (no retry): commits when
     /// it returns `Ok`, rolls back when it returns `Err`, then runs the `on_commit` hooks.
     ///
+    /// The body is called once, so it may move what it captured. It returns the caller's own
+    /// error type, any [`TxError`] (such as [`Error`]).
+    ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
     /// let db = contend::Db::connect("sqlite::memory:").await?;
-    /// db.execute_script("CREATE TABLE t (v INTEGER)").await?;
+    /// db.execute_script("CREATE TABLE t (v TEXT)").await?;
+    /// let note = String::from("moved in, not cloned");
     /// let n = db
     ///     .transaction(|tx| {
     ///         Box::pin(async move {
-    ///             let q = tx.query("INSERT INTO t (v) VALUES (?)").bind(7_i64);
-    ///             Ok(q.execute(tx.conn()).await?.rows_affected())
+    ///             let q = tx.query("INSERT INTO t (v) VALUES (?)").bind(note);
+    ///             Ok::<_, contend::Error>(q.execute(tx.conn()).await?.rows_affected())
     ///         })
     ///     })
     ///     .await?;
@@ -280,32 +338,37 @@ impl Db {
     ///
     /// # Errors
     /// The body's error; [`Error::NestedTransaction`] when called inside another transaction of
-    /// the same task; connection and `BEGIN`/`COMMIT` errors.
+    /// the same task; connection and `BEGIN`/`COMMIT` errors (converted into `E`).
     ///
     /// # Cancel safety
     /// Safe to drop at any await point: a connection whose transaction did not finish is closed,
     /// never returned to the pool, so the server rolls the transaction back and no partial work
     /// becomes visible. Hooks run only after a completed commit; once they have started, they
     /// run to the end in a task of their own even if this future is dropped.
-    pub async fn transaction<T, F>(&self, body: F) -> Result<T>
+    pub async fn transaction<T, E, F>(&self, body: F) -> Result<T, E>
     where
         T: Send,
-        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+        E: TxError,
+        F: for<'c> FnOnce(&'c mut Tx<DB>) -> BoxFuture<'c, Result<T, E>> + Send,
     {
-        self.run(&TxOptions::default(), body).await.result
+        self.attempts(&TxOptions::default(), Once(Some(body)))
+            .await
+            .result
     }
 
     /// Like [`Db::transaction`], with options: isolation level, read-only, timeouts and retry.
+    /// The body may run again after a conflict, so it is an `FnMut`.
     ///
     /// # Errors
     /// As [`Db::transaction`]; [`Error::Unsupported`] for an option the backend cannot honour.
     ///
     /// # Cancel safety
     /// As [`Db::transaction`].
-    pub async fn transaction_with<T, F>(&self, options: &TxOptions, body: F) -> Result<T>
+    pub async fn transaction_with<T, E, F>(&self, options: &TxOptions, body: F) -> Result<T, E>
     where
         T: Send,
-        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+        E: TxError,
+        F: for<'c> FnMut(&'c mut Tx<DB>) -> BoxFuture<'c, Result<T, E>> + Send,
     {
         self.run(options, body).await.result
     }
@@ -313,7 +376,7 @@ impl Db {
     /// A [`Session`]: one connection held for a worker's sequence of operations, as a pgbench
     /// client holds its connection. Saves the round trip that sqlx's pool spends testing every
     /// connection returned to it; the lab's workers use one each.
-    pub fn session(&self) -> Session {
+    pub fn session(&self) -> Session<DB> {
         Session::new(self.clone())
     }
 
@@ -330,7 +393,7 @@ impl Db {
     /// use contend::{Db, RetryPolicy, TxOptions};
     /// let db = Db::connect("sqlite::memory:").await?;
     /// let options = TxOptions::new().retry(RetryPolicy::new().max_attempts(5));
-    /// let run = db.run(&options, |_tx| Box::pin(async { Ok(42) })).await;
+    /// let run = db.run(&options, |_tx| Box::pin(async { Ok::<_, contend::Error>(42) })).await;
     /// assert_eq!(run.result?, 42);
     /// assert_eq!(run.attempts, 1);
     /// assert!(run.conflicts.is_empty());
@@ -339,10 +402,20 @@ impl Db {
     ///
     /// # Cancel safety
     /// As [`Db::transaction`].
-    pub async fn run<T, F>(&self, options: &TxOptions, body: F) -> Attempted<T>
+    pub async fn run<T, E, F>(&self, options: &TxOptions, body: F) -> Attempted<T, E>
     where
         T: Send,
-        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+        E: TxError,
+        F: for<'c> FnMut(&'c mut Tx<DB>) -> BoxFuture<'c, Result<T, E>> + Send,
+    {
+        self.attempts(options, Again(body)).await
+    }
+
+    async fn attempts<T, E, B>(&self, options: &TxOptions, body: B) -> Attempted<T, E>
+    where
+        T: Send,
+        E: TxError,
+        B: tx::Body<DB, T, E>,
     {
         let mut options = options.clone();
         options.session_busy_timeout_ms = Some(self.inner.busy_timeout_ms);

@@ -19,7 +19,7 @@
 //! let applied = db.transaction_with(&options, |tx| Box::pin(async move {
 //!     let q = tx.query("UPDATE account SET balance = balance - ? WHERE id = ? AND balance >= ?")
 //!         .bind(30_i64).bind(1_i64).bind(30_i64);
-//!     Ok(q.execute(tx.conn()).await?.rows_affected() == 1)
+//!     Ok::<_, contend::Error>(q.execute(tx.conn()).await?.rows_affected() == 1)
 //! })).await?;
 //! assert!(applied);
 //! # Ok(()) }
@@ -40,11 +40,11 @@ pub mod session;
 pub mod strategy;
 pub mod tx;
 
-pub use backend::{Backend, RowLock};
+pub use backend::{Backend, Database, RowLock};
 pub use db::{Db, DbBuilder};
 pub use error::{BoxError, ConflictKind, Error, Result};
 pub use futures_util::future::BoxFuture;
 pub use isolation::IsolationLevel;
 pub use retry::RetryPolicy;
 pub use session::Session;
-pub use tx::{Attempted, Tx, TxOptions};
+pub use tx::{Attempted, Tx, TxError, TxOptions};

@@ -7,12 +7,13 @@
 //! instead, the way a pgbench client does.
 
 use futures_util::future::BoxFuture;
+use sqlx::Any;
 use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyConnection};
 
+use crate::backend::Database;
 use crate::db::Db;
-use crate::error::Result;
-use crate::tx::{self, Attempted, Tx, TxOptions};
+use crate::error::{Error, Result};
+use crate::tx::{self, Again, Attempted, Once, Tx, TxError, TxOptions};
 
 /// A connection held by one worker. Made by [`Db::session`].
 ///
@@ -29,27 +30,27 @@ use crate::tx::{self, Attempted, Tx, TxOptions};
 ///     session
 ///         .transaction(move |tx| Box::pin(async move {
 ///             tx.query("INSERT INTO t VALUES (?)").bind(v).execute(tx.conn()).await?;
-///             Ok(())
+///             Ok::<_, contend::Error>(())
 ///         }))
 ///         .await?;
 /// }
 /// let q = db.query("SELECT COUNT(*) FROM t");
 /// let n: i64 = session
-///     .autocommit(|conn| Box::pin(async move { Ok(sqlx::Row::get(&q.fetch_one(conn).await?, 0)) }))
+///     .autocommit(|conn| Box::pin(async move { Ok::<_, contend::Error>(sqlx::Row::get(&q.fetch_one(conn).await?, 0)) }))
 ///     .await?;
 /// assert_eq!(n, 3);
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
-pub struct Session {
-    db: Db,
-    conn: Option<PoolConnection<Any>>,
+pub struct Session<DB: Database = Any> {
+    db: Db<DB>,
+    conn: Option<PoolConnection<DB>>,
 }
 
 /// Closes the connection unless the operation finished.
-struct CloseUnlessDone(Option<PoolConnection<Any>>);
+struct CloseUnlessDone<DB: Database>(Option<PoolConnection<DB>>);
 
-impl Drop for CloseUnlessDone {
+impl<DB: Database> Drop for CloseUnlessDone<DB> {
     fn drop(&mut self) {
         if let Some(conn) = self.0.as_mut() {
             conn.close_on_drop();
@@ -57,13 +58,13 @@ impl Drop for CloseUnlessDone {
     }
 }
 
-impl Session {
-    pub(crate) fn new(db: Db) -> Session {
+impl<DB: Database> Session<DB> {
+    pub(crate) fn new(db: Db<DB>) -> Session<DB> {
         Session { db, conn: None }
     }
 
     /// The database this session belongs to.
-    pub fn db(&self) -> &Db {
+    pub fn db(&self) -> &Db<DB> {
         &self.db
     }
 
@@ -74,9 +75,10 @@ impl Session {
     ///
     /// # Cancel safety
     /// Safe to drop: a connection whose statement was interrupted is closed, not kept.
-    pub async fn autocommit<T, F>(&mut self, body: F) -> Result<T>
+    pub async fn autocommit<T, E, F>(&mut self, body: F) -> Result<T, E>
     where
-        F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T>>,
+        E: From<Error>,
+        F: for<'c> FnOnce(&'c mut DB::Connection) -> BoxFuture<'c, Result<T, E>>,
     {
         let conn = match self.conn.take() {
             Some(conn) => conn,
@@ -95,22 +97,51 @@ impl Session {
     ///
     /// # Cancel safety
     /// As [`Db::transaction`]: an unfinished transaction's connection is closed, never kept.
-    pub async fn transaction<T, F>(&mut self, body: F) -> Result<T>
+    pub async fn transaction<T, E, F>(&mut self, body: F) -> Result<T, E>
     where
         T: Send,
-        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+        E: TxError,
+        F: for<'c> FnOnce(&'c mut Tx<DB>) -> BoxFuture<'c, Result<T, E>> + Send,
     {
-        self.run(&TxOptions::default(), body).await.result
+        self.attempts(&TxOptions::default(), Once(Some(body)))
+            .await
+            .result
+    }
+
+    /// Like [`Db::transaction_with`], on the held connection.
+    ///
+    /// # Errors
+    /// As [`Db::transaction_with`].
+    ///
+    /// # Cancel safety
+    /// As [`Db::transaction`].
+    pub async fn transaction_with<T, E, F>(&mut self, options: &TxOptions, body: F) -> Result<T, E>
+    where
+        T: Send,
+        E: TxError,
+        F: for<'c> FnMut(&'c mut Tx<DB>) -> BoxFuture<'c, Result<T, E>> + Send,
+    {
+        self.run(options, body).await.result
     }
 
     /// Like [`Db::run`], on the held connection.
     ///
     /// # Cancel safety
     /// As [`Db::transaction`].
-    pub async fn run<T, F>(&mut self, options: &TxOptions, body: F) -> Attempted<T>
+    pub async fn run<T, E, F>(&mut self, options: &TxOptions, body: F) -> Attempted<T, E>
     where
         T: Send,
-        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+        E: TxError,
+        F: for<'c> FnMut(&'c mut Tx<DB>) -> BoxFuture<'c, Result<T, E>> + Send,
+    {
+        self.attempts(options, Again(body)).await
+    }
+
+    async fn attempts<T, E, B>(&mut self, options: &TxOptions, body: B) -> Attempted<T, E>
+    where
+        T: Send,
+        E: TxError,
+        B: tx::Body<DB, T, E>,
     {
         let mut options = options.clone();
         options.session_busy_timeout_ms = Some(self.db.busy_timeout_ms());

@@ -30,9 +30,16 @@
 //!
 //! # Retries
 //! With a [`RetryPolicy`] in [`TxOptions::retry`], a body that fails with a conflict
-//! ([`Error::conflict`]) is run again from the start on a fresh transaction. The body is an
-//! `FnMut` for that reason: keep side effects that must happen once out of it, in
-//! [`Tx::on_commit`] hooks; hooks of failed attempts never run.
+//! ([`Error::conflict`], or [`TxError::conflict`] of the caller's own error type) is run again
+//! from the start on a fresh transaction. The retrying entry points
+//! ([`crate::Db::transaction_with`], [`crate::Db::run`]) take an `FnMut` for that reason; keep side
+//! effects that must happen once out of it, in [`Tx::on_commit`] hooks; hooks of failed attempts
+//! never run. [`crate::Db::transaction`] never retries and takes an `FnOnce`, so the body can
+//! move what it captured without cloning it first.
+//!
+//! # The body's error type
+//! A body returns `Result<T, E>` with any `E` that implements [`TxError`] (`contend::Error` does):
+//! business errors need no wrapping, and conflicts are still recognised for retry.
 //!
 //! # Database errors the body does not return
 //! Return database errors with `?`, or catch them with [`Tx::savepoint`]. A body that ignores
@@ -60,13 +67,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use sqlx::AnyConnection;
-use sqlx::any::AnyArguments;
 use sqlx::pool::PoolConnection;
 use sqlx::query::{Query, QueryScalar};
-use sqlx::{Any, AnyPool, AssertSqlSafe};
+use sqlx::{Any, AssertSqlSafe, Pool};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Database};
 use crate::error::{ConflictKind, Error, Result};
 use crate::isolation::IsolationLevel;
 use crate::retry::RetryPolicy;
@@ -155,14 +160,57 @@ impl TxOptions {
 /// The outcome of [`crate::Db::run`]: the body's result and how it was reached.
 #[derive(Debug)]
 #[must_use]
-pub struct Attempted<T> {
+pub struct Attempted<T, E = Error> {
     /// The committed value, or the error of the last attempt.
-    pub result: Result<T>,
+    pub result: Result<T, E>,
     /// How many times the body ran (1 when it did not need a retry).
     pub attempts: u32,
     /// The conflict of every failed attempt, in order (including the last one when the retry
     /// policy gave up on it).
     pub conflicts: Vec<ConflictKind>,
+}
+
+/// An error type a transaction body may return: [`Error`] itself, or the caller's own error type
+/// that converts from it, so that business errors need no wrapping.
+///
+/// The retry loop asks [`TxError::conflict`] whether a failed attempt was a concurrency conflict
+/// (and may be run again); everything else ends the transaction with that error.
+///
+/// ```
+/// use contend::{ConflictKind, TxError};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// enum ShopError {
+///     #[error("sold out")]
+///     SoldOut,
+///     #[error(transparent)]
+///     Db(#[from] contend::Error),
+/// }
+///
+/// impl From<sqlx::Error> for ShopError {
+///     fn from(e: sqlx::Error) -> Self {
+///         ShopError::Db(e.into()) // classified: conflicts stay recognisable
+///     }
+/// }
+///
+/// impl TxError for ShopError {
+///     fn conflict(&self) -> Option<ConflictKind> {
+///         match self {
+///             ShopError::Db(e) => e.conflict(),
+///             ShopError::SoldOut => None,
+///         }
+///     }
+/// }
+/// ```
+pub trait TxError: From<Error> + Send {
+    /// The kind of concurrency conflict this error is, or `None`.
+    fn conflict(&self) -> Option<ConflictKind>;
+}
+
+impl TxError for Error {
+    fn conflict(&self) -> Option<ConflictKind> {
+        Error::conflict(self)
+    }
 }
 
 /// A function to run after the outermost transaction commits.
@@ -190,9 +238,13 @@ impl<E: std::fmt::Display> HookOutcome for Result<(), E> {
 ///
 /// Run statements with sqlx on [`Tx::conn`]; [`Tx::query`] rewrites `?` placeholders for the
 /// backend. Errors convert into [`Error`] with `?`, conflicts classified.
+///
+/// `Tx` is generic over the sqlx database: a transaction of a `Db<sqlx::Postgres>` hands out
+/// `&mut PgConnection`, so every sqlx query form and type (UUIDs, NUMERIC, timestamps,
+/// `query_as`) works unchanged. `Tx` without a parameter is `Tx<sqlx::Any>`.
 #[must_use = "a transaction body must use its Tx"]
-pub struct Tx {
-    conn: Option<PoolConnection<Any>>,
+pub struct Tx<DB: Database = Any> {
+    conn: Option<PoolConnection<DB>>,
     backend: Backend,
     depth: u32,
     hooks: Vec<(u32, Hook)>,
@@ -200,7 +252,7 @@ pub struct Tx {
     restore: Option<String>,
 }
 
-impl std::fmt::Debug for Tx {
+impl<DB: Database> std::fmt::Debug for Tx<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tx")
             .field("backend", &self.backend)
@@ -210,7 +262,7 @@ impl std::fmt::Debug for Tx {
     }
 }
 
-impl Drop for Tx {
+impl<DB: Database> Drop for Tx<DB> {
     /// A transaction that did not finish (its future was dropped, or `ROLLBACK` failed) closes
     /// its connection instead of returning it to the pool: the server then rolls back.
     fn drop(&mut self) {
@@ -222,8 +274,12 @@ impl Drop for Tx {
     }
 }
 
-impl Tx {
-    async fn begin(conn: PoolConnection<Any>, backend: Backend, options: &TxOptions) -> Result<Tx> {
+impl<DB: Database> Tx<DB> {
+    async fn begin(
+        conn: PoolConnection<DB>,
+        backend: Backend,
+        options: &TxOptions,
+    ) -> Result<Tx<DB>> {
         let (sql, restore) = backend.dialect().begin(options)?;
         let mut tx = Tx {
             conn: Some(conn),
@@ -258,10 +314,7 @@ impl Tx {
     }
 
     async fn raw(&mut self, sql: String) -> Result<()> {
-        use sqlx::Executor;
-        self.conn()
-            .execute(sqlx::raw_sql(AssertSqlSafe(sql)))
-            .await?;
+        DB::execute_raw(self.conn(), sql).await?;
         Ok(())
     }
 
@@ -309,20 +362,21 @@ impl Tx {
         self.backend
     }
 
-    /// The connection, to run sqlx queries on: `query.execute(tx.conn()).await?`.
-    pub fn conn(&mut self) -> &mut AnyConnection {
+    /// The connection, to run sqlx queries on: `query.execute(tx.conn()).await?`. It is the
+    /// database's own connection type (`&mut PgConnection` in a `Tx<sqlx::Postgres>`).
+    pub fn conn(&mut self) -> &mut DB::Connection {
         self.conn.as_mut().expect("connection present until drop")
     }
 
     /// A query with `?` placeholders rewritten for this backend.
-    pub fn query(&self, sql: &str) -> Query<'static, Any, AnyArguments> {
+    pub fn query(&self, sql: &str) -> Query<'static, DB, DB::Arguments> {
         sqlx::query(AssertSqlSafe(self.backend.sql(sql).into_owned()))
     }
 
     /// A single-value query with `?` placeholders rewritten for this backend.
-    pub fn query_scalar<O>(&self, sql: &str) -> QueryScalar<'static, Any, O, AnyArguments>
+    pub fn query_scalar<O>(&self, sql: &str) -> QueryScalar<'static, DB, O, DB::Arguments>
     where
-        (O,): for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow>,
+        (O,): for<'r> sqlx::FromRow<'r, DB::Row>,
     {
         sqlx::query_scalar(AssertSqlSafe(self.backend.sql(sql).into_owned()))
     }
@@ -360,7 +414,7 @@ impl Tx {
     ///     let s = s.clone();
     ///     Box::pin(async move {
     ///         tx.on_commit(move || async move { s.fetch_add(1, Ordering::SeqCst); });
-    ///         Ok(())
+    ///         Ok::<_, contend::Error>(())
     ///     })
     /// })
     /// .await?;
@@ -390,10 +444,10 @@ impl Tx {
     ///     tx.query("INSERT INTO t VALUES (1)").execute(tx.conn()).await?;
     ///     let inner: contend::Result<()> = tx.savepoint(|tx| Box::pin(async move {
     ///         tx.query("INSERT INTO t VALUES (2)").execute(tx.conn()).await?;
-    ///         Err(contend::Error::aborted("changed my mind"))
+    ///         Err::<(), _>(contend::Error::aborted("changed my mind"))
     ///     })).await;
     ///     assert!(inner.is_err());
-    ///     Ok(())
+    ///     Ok::<_, contend::Error>(())
     /// })).await?;
     /// let n: i64 = db.query_scalar("SELECT COUNT(*) FROM t").fetch_one(db.pool()).await?;
     /// assert_eq!(n, 1);
@@ -409,9 +463,10 @@ impl Tx {
     /// If this future is dropped before it finishes, the savepoint stays open and the
     /// transaction can no longer commit: its commit rolls everything back and fails with
     /// [`Error::TransactionBroken`]. No partial savepoint work becomes visible.
-    pub async fn savepoint<T, F>(&mut self, body: F) -> Result<T>
+    pub async fn savepoint<T, E, F>(&mut self, body: F) -> Result<T, E>
     where
-        F: for<'c> FnOnce(&'c mut Tx) -> BoxFuture<'c, Result<T>>,
+        E: From<Error>,
+        F: for<'c> FnOnce(&'c mut Tx<DB>) -> BoxFuture<'c, Result<T, E>>,
     {
         let outer = self.depth;
         let depth = outer + 1;
@@ -419,7 +474,7 @@ impl Tx {
         self.depth = depth;
         let result = body(self).await;
         if self.depth != depth {
-            return Err(Error::TransactionBroken("a nested savepoint was cancelled"));
+            return Err(Error::TransactionBroken("a nested savepoint was cancelled").into());
         }
         match result {
             Ok(value) => {
@@ -460,20 +515,57 @@ fn has_sqlstate(err: &Error, code: &str) -> bool {
     matches!(source, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
 }
 
+/// Whether a transaction body may be run more than once: the plain `transaction` calls take a
+/// closure called once, the retrying ones a closure that can be called again.
+pub(crate) trait Body<DB: Database, T, E>: Send {
+    /// Runs the body on `tx`. `None` when a once-only body is asked to run a second time (the
+    /// retry loop never does that: it retries only with a [`crate::RetryPolicy`], which the
+    /// once-only entry points do not take).
+    fn call<'c>(&mut self, tx: &'c mut Tx<DB>) -> Option<BoxFuture<'c, Result<T, E>>>;
+}
+
+/// A body called once ([`crate::Db::transaction`]).
+pub(crate) struct Once<F>(pub(crate) Option<F>);
+
+impl<DB, T, E, F> Body<DB, T, E> for Once<F>
+where
+    DB: Database,
+    F: for<'c> FnOnce(&'c mut Tx<DB>) -> BoxFuture<'c, Result<T, E>> + Send,
+{
+    fn call<'c>(&mut self, tx: &'c mut Tx<DB>) -> Option<BoxFuture<'c, Result<T, E>>> {
+        self.0.take().map(|body| body(tx))
+    }
+}
+
+/// A body that may be called again ([`crate::Db::transaction_with`], [`crate::Db::run`]).
+pub(crate) struct Again<F>(pub(crate) F);
+
+impl<DB, T, E, F> Body<DB, T, E> for Again<F>
+where
+    DB: Database,
+    F: for<'c> FnMut(&'c mut Tx<DB>) -> BoxFuture<'c, Result<T, E>> + Send,
+{
+    fn call<'c>(&mut self, tx: &'c mut Tx<DB>) -> Option<BoxFuture<'c, Result<T, E>>> {
+        Some((self.0)(tx))
+    }
+}
+
 /// The retry loop behind [`crate::Db::run`].
-pub(crate) async fn run<T, F>(
-    pool: &AnyPool,
-    mut held: Option<&mut Option<PoolConnection<Any>>>,
+pub(crate) async fn run<DB, T, E, B>(
+    pool: &Pool<DB>,
+    mut held: Option<&mut Option<PoolConnection<DB>>>,
     backend: Backend,
     options: &TxOptions,
-    mut body: F,
-) -> Attempted<T>
+    mut body: B,
+) -> Attempted<T, E>
 where
+    DB: Database,
     T: Send,
-    F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+    E: TxError,
+    B: Body<DB, T, E>,
 {
     let mut report = Attempted {
-        result: Err(Error::NestedTransaction),
+        result: Err(Error::NestedTransaction.into()),
         attempts: 0,
         conflicts: Vec::new(),
     };
@@ -512,35 +604,45 @@ where
 /// One attempt. With `held` (a [`crate::Session`]'s slot), the connection is taken from it and
 /// put back only when the transaction finished cleanly; otherwise it is closed (by `Tx`'s drop)
 /// and the session acquires a fresh one next time.
-async fn attempt<T, F>(
-    pool: &AnyPool,
-    held: Option<&mut Option<PoolConnection<Any>>>,
+async fn attempt<DB, T, E, B>(
+    pool: &Pool<DB>,
+    held: Option<&mut Option<PoolConnection<DB>>>,
     backend: Backend,
     options: &TxOptions,
-    body: &mut F,
-) -> Result<(T, Vec<Hook>)>
+    body: &mut B,
+) -> Result<(T, Vec<Hook>), E>
 where
-    F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, Result<T>> + Send,
+    DB: Database,
+    E: TxError,
+    B: Body<DB, T, E>,
 {
     let mut held = held;
     let conn = match held.as_mut().and_then(|slot| slot.take()) {
         Some(conn) => conn,
-        None => pool.acquire().await?,
+        None => pool.acquire().await.map_err(Error::from)?,
     };
     let mut tx = Tx::begin(conn, backend, options).await?;
-    let result = match body(&mut tx).await {
+    let Some(run) = body.call(&mut tx) else {
+        let _ = tx.finish("ROLLBACK").await;
+        return Err(Error::TransactionBroken(
+            "a once-only transaction body was asked to run twice",
+        )
+        .into());
+    };
+    let result = match run.await {
         Ok(value) if tx.depth == 0 => match tx.finish("COMMIT").await {
             Ok(()) => {
                 let hooks = std::mem::take(&mut tx.hooks);
                 Ok((value, hooks.into_iter().map(|(_, h)| h).collect()))
             }
-            Err(err) => Err(err),
+            Err(err) => Err(err.into()),
         },
         Ok(_) => {
             let _ = tx.finish("ROLLBACK").await;
             Err(Error::TransactionBroken(
                 "a savepoint was cancelled; the transaction was rolled back",
-            ))
+            )
+            .into())
         }
         Err(err) => {
             if let Err(e) = tx.finish("ROLLBACK").await {

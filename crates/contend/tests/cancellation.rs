@@ -115,7 +115,7 @@ async fn pair(
                             .bind(2_i64)
                             .execute(tx.conn())
                             .await?;
-                        Ok(())
+                        Ok::<_, contend::Error>(())
                     })
                 })
                 .await?;

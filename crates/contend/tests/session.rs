@@ -19,7 +19,9 @@ async fn connection_id(session: &mut Session) -> i64 {
     let q = session.db().query(sql);
     session
         .autocommit(|conn| {
-            Box::pin(async move { Ok(sqlx::Row::get::<i64, _>(&q.fetch_one(conn).await?, 0)) })
+            Box::pin(async move {
+                Ok::<_, contend::Error>(sqlx::Row::get::<i64, _>(&q.fetch_one(conn).await?, 0))
+            })
         })
         .await
         .unwrap()
@@ -30,7 +32,7 @@ async fn session_reuses_and_replaces_its_connection(t: TestDb) {
     let first = connection_id(&mut session).await;
     for _ in 0..5 {
         session
-            .transaction(|_tx| Box::pin(async { Ok(()) }))
+            .transaction(|_tx| Box::pin(async { Ok::<_, contend::Error>(()) }))
             .await
             .unwrap();
         assert_eq!(
@@ -55,7 +57,7 @@ async fn session_reuses_and_replaces_its_connection(t: TestDb) {
         session.transaction(|_tx| {
             Box::pin(async {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                Ok(())
+                Ok::<_, contend::Error>(())
             })
         }),
     )
@@ -75,7 +77,9 @@ async fn session_reuses_and_replaces_its_connection(t: TestDb) {
     let q = t.db.query(sleep);
     let cancelled = tokio::time::timeout(
         Duration::from_millis(100),
-        session.autocommit(|conn| Box::pin(async move { Ok(q.execute(conn).await?) })),
+        session.autocommit(|conn| {
+            Box::pin(async move { Ok::<_, contend::Error>(q.execute(conn).await?) })
+        }),
     )
     .await;
     assert!(cancelled.is_err());
@@ -102,7 +106,7 @@ async fn session_cancelled_transaction_leaves_nothing_behind(mut t: TestDb) {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
                 b.execute(tx.conn()).await?;
-                Ok(())
+                Ok::<_, contend::Error>(())
             })
         });
         let _ = tokio::time::timeout(Duration::from_millis(200), body).await;

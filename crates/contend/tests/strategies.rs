@@ -125,7 +125,7 @@ async fn tx_increment(
                     .bind(n + 1)
                     .execute(tx.conn())
                     .await?;
-                Ok(())
+                Ok::<_, contend::Error>(())
             })
         })
         .await;
@@ -224,7 +224,7 @@ async fn atomic_counter_never_oversells(mut t: TestDb) {
         t.db.transaction(|tx| {
             let counter = counter.clone();
             Box::pin(async move {
-                Ok((
+                Ok::<_, contend::Error>((
                     counter.try_sub(tx, 1, 2).await?,
                     counter.try_sub(tx, 1, 9).await?,
                 ))
@@ -269,7 +269,7 @@ async fn optimistic_version_check_retries(mut t: TestDb) {
                         tokio::task::yield_now().await;
                         rows.update(tx, 1, version, &[("n", Value::Int(n + 1))])
                             .await?;
-                        Ok(())
+                        Ok::<_, contend::Error>(())
                     })
                 })
                 .await;
@@ -301,7 +301,7 @@ async fn optimistic_stale_version_is_a_conflict(mut t: TestDb) {
             Box::pin(async move {
                 assert_eq!(rows.version(tx, 1).await?, Some(0));
                 rows.update(tx, 1, 0, &[("n", Value::Int(7))]).await?;
-                Ok(rows.update(tx, 1, 0, &[("n", Value::Int(8))]).await)
+                Ok::<_, contend::Error>(rows.update(tx, 1, 0, &[("n", Value::Int(8))]).await)
             })
         })
         .await
@@ -452,7 +452,7 @@ async fn opposite_transfers_do_not_deadlock(mut t: TestDb) {
                         target.lock(tx, from, RowLock::Update).await?;
                         barrier.wait().await;
                         target.lock(tx, to, RowLock::Update).await?;
-                        Ok(())
+                        Ok::<_, contend::Error>(())
                     })
                 })
                 .await
@@ -479,7 +479,7 @@ async fn opposite_transfers_do_not_deadlock(mut t: TestDb) {
         tasks.push(tokio::spawn(async move {
             for _ in 0..PER_TASK {
                 // No retry policy: a deadlock would surface as an error.
-                let result = db
+                let result: Result<_, contend::Error> = db
                     .transaction(|tx| {
                         let (target, table) = (target.clone(), table.clone());
                         Box::pin(async move {
@@ -559,7 +559,7 @@ async fn nowait_and_skip_locked(mut t: TestDb) {
                     target.lock(tx, 1, RowLock::Update).await?;
                     let _ = locked.send(());
                     let _ = done.await;
-                    Ok(())
+                    Ok::<_, contend::Error>(())
                 })
             })
             .await
@@ -570,7 +570,9 @@ async fn nowait_and_skip_locked(mut t: TestDb) {
     let err =
         t.db.transaction(move |tx| {
             let target = target2.clone();
-            Box::pin(async move { Ok(target.lock(tx, 1, RowLock::UpdateNowait).await?.is_some()) })
+            Box::pin(async move {
+                Ok::<_, contend::Error>(target.lock(tx, 1, RowLock::UpdateNowait).await?.is_some())
+            })
         })
         .await
         .unwrap_err();
@@ -588,7 +590,7 @@ async fn nowait_and_skip_locked(mut t: TestDb) {
                     .lock(tx, 2, RowLock::UpdateSkipLocked)
                     .await?
                     .is_some();
-                Ok((skipped, free))
+                Ok::<_, contend::Error>((skipped, free))
             })
         })
         .await

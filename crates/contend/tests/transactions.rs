@@ -36,7 +36,9 @@ async fn commit_and_rollback(mut t: TestDb) {
     let n = db
         .transaction(move |tx| {
             let q = tx.query(&s).bind(1_i64).bind(10_i64);
-            Box::pin(async move { Ok(q.execute(tx.conn()).await?.rows_affected()) })
+            Box::pin(
+                async move { Ok::<_, contend::Error>(q.execute(tx.conn()).await?.rows_affected()) },
+            )
         })
         .await
         .expect("commit");
@@ -67,7 +69,7 @@ async fn commit_and_rollback(mut t: TestDb) {
             Box::pin(async move {
                 first.execute(tx.conn()).await?;
                 duplicate.execute(tx.conn()).await?;
-                Ok(())
+                Ok::<_, contend::Error>(())
             })
         })
         .await
@@ -108,7 +110,7 @@ async fn failing_savepoint_keeps_outer_transaction(mut t: TestDb) {
                         Box::pin(async move {
                             tx.query(&i).bind(3_i64).execute(tx.conn()).await?;
                             tx.query(&i).bind(1_i64).execute(tx.conn()).await?;
-                            Ok(())
+                            Ok::<_, contend::Error>(())
                         })
                     })
                     .await;
@@ -129,14 +131,14 @@ async fn failing_savepoint_keeps_outer_transaction(mut t: TestDb) {
                             .await;
                         assert!(deep.is_err());
                         assert_eq!(tx.depth(), 1);
-                        Ok(())
+                        Ok::<_, contend::Error>(())
                     })
                 })
                 .await?;
                 assert_eq!(tx.depth(), 0);
                 // The outer transaction is still usable.
                 tx.query(&ins).bind(6_i64).execute(tx.conn()).await?;
-                Ok((aborted.is_err(), duplicate))
+                Ok::<_, contend::Error>((aborted.is_err(), duplicate))
             })
         })
         .await
@@ -162,21 +164,24 @@ async fn nested_transaction_is_refused(mut t: TestDb) {
             let ins = ins.clone();
             Box::pin(async move {
                 tx.query(&ins).bind(1_i64).execute(tx.conn()).await?;
-                let direct = inner_db.transaction(|_tx| Box::pin(async { Ok(()) })).await;
+                let direct = inner_db
+                    .transaction(|_tx| Box::pin(async { Ok::<_, contend::Error>(()) }))
+                    .await;
                 let db2 = inner_db.clone();
                 let in_savepoint = tx
                     .savepoint(move |_tx| {
                         Box::pin(async move {
-                            Ok(db2
-                                .transaction_with(
+                            Ok::<_, contend::Error>(
+                                db2.transaction_with(
                                     &TxOptions::new().retry(RetryPolicy::new()),
-                                    |_tx| Box::pin(async { Ok(()) }),
+                                    |_tx| Box::pin(async { Ok::<_, contend::Error>(()) }),
                                 )
-                                .await)
+                                .await,
+                            )
                         })
                     })
                     .await?;
-                Ok((direct, in_savepoint))
+                Ok::<_, contend::Error>((direct, in_savepoint))
             })
         })
         .await
@@ -192,7 +197,7 @@ async fn nested_transaction_is_refused(mut t: TestDb) {
     assert_eq!(t.ids(&table).await, [1]);
     // Outside any transaction, `transaction` works again.
     assert!(!contend::tx::in_transaction());
-    db.transaction(|_tx| Box::pin(async { Ok(()) }))
+    db.transaction(|_tx| Box::pin(async { Ok::<_, contend::Error>(()) }))
         .await
         .expect("not nested any more");
     t.cleanup().await;
@@ -240,7 +245,7 @@ async fn hooks_run_after_commit_only(mut t: TestDb) {
                 l.lock().unwrap().is_empty(),
                 "no hook may run before the commit"
             );
-            Ok(())
+            Ok::<_, contend::Error>(())
         })
     })
     .await
@@ -267,7 +272,7 @@ async fn hooks_run_after_commit_only(mut t: TestDb) {
     assert!(err.is_err());
     // Rolled back after a database error (duplicate key): no hook runs.
     let (l, ins) = (log.clone(), insert.clone());
-    let err = db
+    let err: Result<_, contend::Error> = db
         .transaction(move |tx| {
             let (l, ins) = (l.clone(), ins.clone());
             Box::pin(async move {
@@ -313,12 +318,12 @@ async fn hooks_are_discarded_with_their_savepoint(t: TestDb) {
                             })
                         })
                         .await;
-                    Ok(())
+                    Ok::<_, contend::Error>(())
                 })
             })
             .await?;
             tx.on_commit(push(&l, 5));
-            Ok(())
+            Ok::<_, contend::Error>(())
         })
     })
     .await
@@ -397,7 +402,7 @@ async fn failing_hooks_do_not_stop_the_others(t: TestDb) {
             });
             tx.on_commit(|| async { Err::<(), _>("a hook fails (expected in this test)") });
             tx.on_commit(push(&l, 4));
-            Ok(())
+            Ok::<_, contend::Error>(())
         })
     })
     .await
@@ -485,10 +490,11 @@ async fn isolation_level_is_in_effect(mut t: TestDb) {
         let read_only: String = db
             .transaction_with(&TxOptions::new().read_only(true), |tx| {
                 Box::pin(async move {
-                    Ok(tx
-                        .query_scalar("SHOW transaction_read_only")
-                        .fetch_one(tx.conn())
-                        .await?)
+                    Ok::<_, contend::Error>(
+                        tx.query_scalar("SHOW transaction_read_only")
+                            .fetch_one(tx.conn())
+                            .await?,
+                    )
                 })
             })
             .await
@@ -522,7 +528,7 @@ async fn read_only_refuses_writes(mut t: TestDb) {
     let n: i64 = db
         .transaction_with(&options, move |tx| {
             let q = tx.query_scalar(&count_sql);
-            Box::pin(async move { Ok(q.fetch_one(tx.conn()).await?) })
+            Box::pin(async move { Ok::<_, contend::Error>(q.fetch_one(tx.conn()).await?) })
         })
         .await
         .expect("read");
@@ -532,7 +538,7 @@ async fn read_only_refuses_writes(mut t: TestDb) {
         let q = tx.query(&insert).bind(2_i64);
         Box::pin(async move {
             q.execute(tx.conn()).await?;
-            Ok(())
+            Ok::<_, contend::Error>(())
         })
     })
     .await
@@ -558,13 +564,15 @@ async fn transaction_runs_inside_tokio_spawn(mut t: TestDb) {
                     let sql = format!("INSERT INTO {table} (id) VALUES (?)");
                     tx.savepoint(|tx| {
                         let q = tx.query(&sql).bind(id);
-                        Box::pin(async move { Ok(q.execute(tx.conn()).await?) })
+                        Box::pin(
+                            async move { Ok::<_, contend::Error>(q.execute(tx.conn()).await?) },
+                        )
                     })
                     .await?;
                     tx.on_commit(move || async move {
                         hooks.fetch_add(1, Ordering::SeqCst);
                     });
-                    Ok(id)
+                    Ok::<_, contend::Error>(id)
                 })
             })
             .await
@@ -614,7 +622,7 @@ async fn swallowed_database_error_never_commits_silently(mut t: TestDb) {
         assert_eq!(hooks.load(Ordering::SeqCst), 0, "no commit, no hook");
         assert_eq!(t.ids(&table).await, Vec::<i64>::new());
         // The connection is fine afterwards.
-        t.db.transaction(|_tx| Box::pin(async { Ok(()) }))
+        t.db.transaction(|_tx| Box::pin(async { Ok::<_, contend::Error>(()) }))
             .await
             .expect("next transaction");
     } else {
@@ -657,7 +665,7 @@ async fn lock_timeout_surfaces_as_its_kind(mut t: TestDb) {
                     tx.query(&update).execute(tx.conn()).await?;
                     locked.wait().await;
                     release.notified().await;
-                    Ok(())
+                    Ok::<_, contend::Error>(())
                 })
             })
             .await
@@ -672,7 +680,7 @@ async fn lock_timeout_surfaces_as_its_kind(mut t: TestDb) {
             let q = tx.query(&u);
             Box::pin(async move {
                 q.execute(tx.conn()).await?;
-                Ok(())
+                Ok::<_, contend::Error>(())
             })
         })
         .await;
@@ -693,7 +701,7 @@ async fn lock_timeout_surfaces_as_its_kind(mut t: TestDb) {
         let q = tx.query(&u);
         Box::pin(async move {
             q.execute(tx.conn()).await?;
-            Ok(())
+            Ok::<_, contend::Error>(())
         })
     })
     .await
@@ -756,7 +764,7 @@ async fn sqlite_statement_timeout_is_unsupported() {
     );
     assert_eq!(ran.load(Ordering::SeqCst), 0, "the body must not run");
     // The refused option did not leave a connection in a transaction.
-    t.db.transaction(|_tx| Box::pin(async { Ok(()) }))
+    t.db.transaction(|_tx| Box::pin(async { Ok::<_, contend::Error>(()) }))
         .await
         .expect("next transaction");
 }
@@ -771,7 +779,7 @@ async fn postgres_statement_timeout_cancels_slow_statements() {
         t.db.transaction_with(&options, |tx| {
             Box::pin(async move {
                 tx.query("SELECT pg_sleep(5)").execute(tx.conn()).await?;
-                Ok(())
+                Ok::<_, contend::Error>(())
             })
         })
         .await
@@ -915,7 +923,7 @@ async fn mariadb_read_uncommitted_is_in_effect_and_does_not_leak() {
         let n: i64 = db
             .transaction_with(&options, move |tx| {
                 let q = tx.query_scalar(&c);
-                Box::pin(async move { Ok(q.fetch_one(tx.conn()).await?) })
+                Box::pin(async move { Ok::<_, contend::Error>(q.fetch_one(tx.conn()).await?) })
             })
             .await
             .unwrap();
@@ -958,7 +966,7 @@ async fn sqlite_busy_begin_keeps_the_connection() {
                         .await?;
                     locked.wait().await;
                     release.notified().await;
-                    Ok(())
+                    Ok::<_, contend::Error>(())
                 })
             })
             .await
@@ -967,7 +975,9 @@ async fn sqlite_busy_begin_keeps_the_connection() {
     locked.wait().await;
     let options = TxOptions::new().lock_timeout(Duration::from_millis(50));
     let err = db
-        .transaction_with(&options, |_tx| Box::pin(async { Ok(()) }))
+        .transaction_with(&options, |_tx| {
+            Box::pin(async { Ok::<_, contend::Error>(()) })
+        })
         .await
         .expect_err("busy");
     assert_eq!(err.conflict(), Some(ConflictKind::Busy), "{err}");
@@ -992,7 +1002,7 @@ async fn sqlite_busy_begin_keeps_the_connection() {
             tx.query("INSERT INTO t VALUES (2)")
                 .execute(tx.conn())
                 .await?;
-            Ok(())
+            Ok::<_, contend::Error>(())
         })
     })
     .await

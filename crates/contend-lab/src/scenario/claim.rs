@@ -192,7 +192,7 @@ impl Claims {
             match self.atomic {
                 AtomicClaim::UniqueRecord => {
                     let insert = self.record_sql(t.records);
-                    let won = tx
+                    let won: Result<_, contend::Error> = tx
                         .savepoint(move |tx| {
                             Box::pin(async move {
                                 tx.query(&insert)

@@ -69,7 +69,9 @@ async fn unlocked(session: &mut Session, t: &str) -> contend::Result<()> {
         .query_scalar::<i64>(&format!("SELECT balance FROM {t} WHERE id = ?"))
         .bind(ACCOUNT);
     let balance = session
-        .autocommit(|conn| Box::pin(async move { Ok(read.fetch_one(conn).await?) }))
+        .autocommit(|conn| {
+            Box::pin(async move { Ok::<_, contend::Error>(read.fetch_one(conn).await?) })
+        })
         .await?;
     think().await;
     if balance < 1 {

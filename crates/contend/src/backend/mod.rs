@@ -2,8 +2,19 @@
 //! transaction begins, row-lock clauses and how errors are classified.
 //!
 //! Generic code asks the [`Dialect`] of a [`Backend`]; each database implements it in its own
-//! module ([`postgres`], [`mysql`], [`sqlite`]) with the same methods in the same order.
+//! module ([`postgres`], [`mysql`], [`sqlite`]) with the same methods in the same order. The same
+//! module implements [`Database`] for sqlx's typed database (`sqlx::Postgres`, ...), which is
+//! what lets [`crate::Db`], [`crate::Tx`] and [`crate::Session`] run on a user's own typed pool;
+//! [`any`] implements it for `sqlx::Any`, where the backend is chosen by URL at run time.
+//!
+//! | database | cargo feature | sqlx type | `Tx::conn()` gives |
+//! |---|---|---|---|
+//! | PostgreSQL | `postgres` | `sqlx::Postgres` | `&mut PgConnection` |
+//! | MySQL/MariaDB | `mysql` | `sqlx::MySql` | `&mut MySqlConnection` |
+//! | SQLite | `sqlite` | `sqlx::Sqlite` | `&mut SqliteConnection` |
+//! | chosen by URL | always | `sqlx::Any` | `&mut AnyConnection` (sqlx's smaller type set) |
 
+pub mod any;
 pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
@@ -11,10 +22,112 @@ pub mod sqlite;
 use std::borrow::Cow;
 use std::fmt;
 
+use futures_util::future::BoxFuture;
 use sqlx::error::DatabaseError;
+use sqlx::query::Query;
 
 use crate::error::{ConflictKind, Error, Result};
 use crate::tx::TxOptions;
+
+/// A sqlx database that contend can run transactions on: `sqlx::Postgres`, `sqlx::MySql`,
+/// `sqlx::Sqlite` (each behind its cargo feature) and `sqlx::Any`.
+///
+/// The methods are the few statements contend itself runs on a connection; generic code calls
+/// them instead of naming a driver. Users never need to call them: inside a transaction they
+/// hold their database's own connection ([`crate::Tx::conn`]) and use sqlx as usual.
+pub trait Database: sqlx::Database {
+    /// Which backend a pool of this database talks to (fixed by the type, except for `Any`,
+    /// where the pool's URL tells).
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] when an `Any` pool's URL names no supported backend.
+    fn backend_of(pool: &sqlx::Pool<Self>) -> Result<Backend>;
+
+    /// The pool's URL when it has one to show (an `Any` pool's), for messages; passwords are
+    /// redacted by the caller.
+    fn url_of(pool: &sqlx::Pool<Self>) -> Option<String>;
+
+    /// Runs `query` on `conn` and returns the number of rows it affected.
+    ///
+    /// # Cancel safety
+    /// As sqlx's `execute`: if dropped, the statement may or may not have run.
+    fn execute<'c>(
+        conn: &'c mut Self::Connection,
+        query: Query<'c, Self, Self::Arguments>,
+    ) -> BoxFuture<'c, Result<u64, sqlx::Error>>;
+
+    /// Runs `sql` (one or more `;`-separated statements without parameters) on `conn`.
+    ///
+    /// # Cancel safety
+    /// As sqlx's `raw_sql`: if dropped, some of the statements may have run.
+    fn execute_raw<'c>(
+        conn: &'c mut Self::Connection,
+        sql: String,
+    ) -> BoxFuture<'c, Result<(), sqlx::Error>>;
+
+    /// Runs `sql` with the `i64` parameters `args` (`?` placeholders, rewritten for the
+    /// backend) and returns the first column of the first row, if there is a row.
+    ///
+    /// # Cancel safety
+    /// As sqlx's `fetch_optional`.
+    fn fetch_i64<'c>(
+        conn: &'c mut Self::Connection,
+        backend: Backend,
+        sql: &str,
+        args: &[i64],
+    ) -> BoxFuture<'c, Result<Option<i64>, sqlx::Error>>;
+}
+
+/// Implements [`Database`] for a sqlx database whose backend is fixed by its type (the `Any`
+/// implementation differs only in `backend_of`).
+macro_rules! impl_database {
+    ($db:ty, backend: |$pool:ident| $backend:expr, url: |$upool:pat_param| $url:expr) => {
+        impl $crate::backend::Database for $db {
+            fn backend_of($pool: &sqlx::Pool<Self>) -> $crate::error::Result<$crate::Backend> {
+                $backend
+            }
+
+            fn url_of($upool: &sqlx::Pool<Self>) -> Option<String> {
+                $url
+            }
+
+            fn execute<'c>(
+                conn: &'c mut Self::Connection,
+                query: sqlx::query::Query<'c, Self, Self::Arguments>,
+            ) -> futures_util::future::BoxFuture<'c, Result<u64, sqlx::Error>> {
+                Box::pin(async move { Ok(query.execute(conn).await?.rows_affected()) })
+            }
+
+            fn execute_raw<'c>(
+                conn: &'c mut Self::Connection,
+                sql: String,
+            ) -> futures_util::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+                Box::pin(async move {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(conn)
+                        .await
+                        .map(|_| ())
+                })
+            }
+
+            fn fetch_i64<'c>(
+                conn: &'c mut Self::Connection,
+                backend: $crate::Backend,
+                sql: &str,
+                args: &[i64],
+            ) -> futures_util::future::BoxFuture<'c, Result<Option<i64>, sqlx::Error>> {
+                let mut query = sqlx::query_scalar::<Self, i64>(sqlx::AssertSqlSafe(
+                    backend.sql(sql).into_owned(),
+                ));
+                for arg in args {
+                    query = query.bind(*arg);
+                }
+                Box::pin(async move { query.fetch_optional(conn).await })
+            }
+        }
+    };
+}
+pub(crate) use impl_database;
 
 /// Which database a [`crate::Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -163,24 +276,15 @@ pub trait Dialect: Send + Sync + 'static {
 
 /// Classifies an error from any backend (used by `From<sqlx::Error> for Error`).
 pub(crate) fn classify(err: &dyn DatabaseError) -> Option<ConflictKind> {
-    if err
-        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-        .is_some()
-    {
-        postgres::Postgres.classify(err)
-    } else if err
-        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-        .is_some()
-    {
-        mysql::MySql.classify(err)
-    } else if err
-        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-        .is_some()
-    {
-        sqlite::Sqlite.classify(err)
-    } else {
-        None
-    }
+    [
+        postgres::recognise(err),
+        mysql::recognise(err),
+        sqlite::recognise(err),
+    ]
+    .into_iter()
+    .flatten()
+    .next()
+    .and_then(|dialect| dialect.classify(err))
 }
 
 fn numbered_placeholders(sql: &str) -> String {

@@ -4,7 +4,6 @@
 use std::fmt::Write;
 
 use sqlx::error::DatabaseError;
-use sqlx::mysql::MySqlDatabaseError;
 
 use super::{Backend, Dialect, RowLock};
 use crate::error::{ConflictKind, Result};
@@ -54,7 +53,8 @@ impl Dialect for MySql {
     /// `1213` deadlock, `1205` lock wait timeout, `3572` NOWAIT lock refused, `1020` record
     /// changed (snapshot isolation), any other SQLSTATE `40001` serialization.
     fn classify(&self, err: &dyn DatabaseError) -> Option<ConflictKind> {
-        if let Some(e) = err.try_downcast_ref::<MySqlDatabaseError>() {
+        #[cfg(feature = "mysql")]
+        if let Some(e) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
             match e.number() {
                 1213 => return Some(ConflictKind::Deadlock),
                 1205 | 3572 => return Some(ConflictKind::LockTimeout),
@@ -79,4 +79,23 @@ impl Dialect for MySql {
             }
         })
     }
+}
+
+#[cfg(feature = "mysql")]
+super::impl_database!(sqlx::MySql,
+    backend: |_pool| Ok(Backend::MySql),
+    url: |_| None
+);
+
+/// This dialect, when `err` comes from this database's driver.
+pub(super) fn recognise(err: &dyn DatabaseError) -> Option<&'static dyn Dialect> {
+    #[cfg(feature = "mysql")]
+    if err
+        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some()
+    {
+        return Some(&MySql);
+    }
+    let _ = err;
+    None
 }

@@ -66,3 +66,22 @@ impl Dialect for Postgres {
         })
     }
 }
+
+#[cfg(feature = "postgres")]
+super::impl_database!(sqlx::Postgres,
+    backend: |_pool| Ok(Backend::Postgres),
+    url: |_| None
+);
+
+/// This dialect, when `err` comes from this database's driver.
+pub(super) fn recognise(err: &dyn DatabaseError) -> Option<&'static dyn Dialect> {
+    #[cfg(feature = "postgres")]
+    if err
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        return Some(&Postgres);
+    }
+    let _ = err;
+    None
+}

@@ -72,3 +72,22 @@ impl Dialect for Sqlite {
         })
     }
 }
+
+#[cfg(feature = "sqlite")]
+super::impl_database!(sqlx::Sqlite,
+    backend: |_pool| Ok(Backend::Sqlite),
+    url: |_| None
+);
+
+/// This dialect, when `err` comes from this database's driver.
+pub(super) fn recognise(err: &dyn DatabaseError) -> Option<&'static dyn Dialect> {
+    #[cfg(feature = "sqlite")]
+    if err
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        return Some(&Sqlite);
+    }
+    let _ = err;
+    None
+}

@@ -227,7 +227,7 @@ impl GetOrCreate {
                 let sql = self.insert_sql(backend, defaults, method)?;
                 let owned_key = key.to_string();
                 let values: Vec<Value> = defaults.iter().map(|(_, v)| v.clone()).collect();
-                let result = tx
+                let result: Result<i64> = tx
                     .savepoint(move |tx| {
                         Box::pin(async move {
                             // Inside the savepoint a unique violation must roll the savepoint

@@ -22,7 +22,7 @@
 //!     let docs = docs.clone();
 //!     Box::pin(async move {
 //!         docs.update(tx, 1, 0, &[("body", Value::from("b"))]).await?; // version 0 -> 1
-//!         Ok(docs.update(tx, 1, 0, &[("body", Value::from("c"))]).await) // still thinks 0
+//!         Ok::<_, contend::Error>(docs.update(tx, 1, 0, &[("body", Value::from("c"))]).await) // still thinks 0
 //!     })
 //! }).await?;
 //! assert_eq!(stale.unwrap_err().conflict(), Some(ConflictKind::Version));

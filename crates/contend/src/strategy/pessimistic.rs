@@ -37,7 +37,7 @@
 //!         assert_eq!(from, 10);
 //!         tx.query("UPDATE account SET balance = balance - 4 WHERE id = 1").execute(tx.conn()).await?;
 //!         tx.query("UPDATE account SET balance = balance + 4 WHERE id = 2").execute(tx.conn()).await?;
-//!         Ok(())
+//!         Ok::<_, contend::Error>(())
 //!     })
 //! }).await?;
 //! # Ok(()) }

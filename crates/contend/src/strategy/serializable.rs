@@ -18,7 +18,7 @@
 //! let options = serializable::options();
 //! assert_eq!(options.isolation_level(), Some(IsolationLevel::Serializable));
 //! let n = db.transaction_with(&options, |tx| Box::pin(async move {
-//!     Ok(tx.query_scalar::<i64>("SELECT 1").fetch_one(tx.conn()).await?)
+//!     Ok::<_, contend::Error>(tx.query_scalar::<i64>("SELECT 1").fetch_one(tx.conn()).await?)
 //! })).await?;
 //! assert_eq!(n, 1);
 //! # Ok(()) }
