@@ -51,7 +51,7 @@ impl LockClientBuilder {
     ///
     /// # Errors
     /// [`Error::InvalidUrl`] for a URL that is not `redis://`, `rediss://` or `unix://`;
-    /// [`Error::Redis`] when the server cannot be reached within the timeouts.
+    /// [`Error::LockService`] when the server cannot be reached within the timeouts.
     ///
     /// # Cancel safety
     /// Safe: nothing is shared until it returns.
@@ -184,7 +184,7 @@ impl LockClient {
     /// Tries to take the lock once, without waiting.
     ///
     /// # Errors
-    /// [`Error::Redis`] when Redis cannot be reached or does not answer in time;
+    /// [`Error::LockService`] when Redis cannot be reached or does not answer in time;
     /// [`Error::Aborted`] for an invalid key or options.
     ///
     /// # Cancel safety
@@ -207,7 +207,7 @@ impl LockClient {
     /// about one failed attempt, one successful attempt and one release per acquisition.
     ///
     /// # Errors
-    /// [`Error::LockNotAcquired`] when the wait time passes; [`Error::Redis`] when Redis cannot
+    /// [`Error::LockNotAcquired`] when the wait time passes; [`Error::LockService`] when Redis cannot
     /// be reached or does not answer within the timeouts; [`Error::Aborted`] for an invalid key
     /// or options.
     ///

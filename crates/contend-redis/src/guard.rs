@@ -306,7 +306,7 @@ impl LockGuard {
     /// Extends the lease to `lease` from now, if the lock is still ours.
     ///
     /// # Errors
-    /// [`contend::Error::Redis`] when Redis cannot be reached (the lock may still be held until
+    /// [`contend::Error::LockService`] when Redis cannot be reached (the lock may still be held until
     /// its lease ends).
     ///
     /// # Cancel safety
@@ -320,7 +320,7 @@ impl LockGuard {
     /// expired (and may have been taken by someone else, whose lock is left alone).
     ///
     /// # Errors
-    /// [`contend::Error::Redis`] when Redis cannot be reached; the lease then expires the lock.
+    /// [`contend::Error::LockService`] when Redis cannot be reached; the lease then expires the lock.
     ///
     /// # Cancel safety
     /// If dropped before Redis answers, the release may or may not have happened; either way
@@ -355,7 +355,7 @@ impl SpinGuard {
     /// Releases the lock now; `Ok(true)` when it was still ours.
     ///
     /// # Errors
-    /// [`contend::Error::Redis`] when Redis cannot be reached.
+    /// [`contend::Error::LockService`] when Redis cannot be reached.
     ///
     /// # Cancel safety
     /// As [`LockGuard::release`].

@@ -1,5 +1,5 @@
 //! One Redis node as the locks see it: a reconnecting multiplexed connection with hard time
-//! limits, script calls by SHA, and driver errors turned into [`contend::Error::Redis`].
+//! limits, script calls by SHA, and driver errors turned into [`contend::Error::LockService`].
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,7 +28,7 @@ impl Timeouts {
 }
 
 /// Why a Redis operation failed: the node's address and what happened. Carried inside
-/// [`contend::Error::Redis`]; downcast the source to read it.
+/// [`contend::Error::LockService`]; downcast the source to read it.
 #[derive(Debug)]
 pub struct NodeError {
     address: String,
@@ -89,7 +89,7 @@ pub(crate) fn other_failure(address: &str, context: impl Into<String>) -> Error 
 }
 
 fn node_error(address: &str, context: &str, cause: Cause) -> Error {
-    Error::Redis(Box::new(NodeError {
+    Error::LockService(Box::new(NodeError {
         address: address.to_string(),
         context: context.to_string(),
         cause,

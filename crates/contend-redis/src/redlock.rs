@@ -11,7 +11,7 @@
 //!    The grant stands only if a majority confirmed the raise in time.
 //! 4. Otherwise the lock is released on all nodes, and the attempt repeated after a random
 //!    delay, until the wait time passes. When too many nodes fail outright for a majority to be
-//!    possible, the attempt fails at once with [`Error::Redis`].
+//!    possible, the attempt fails at once with [`Error::LockService`].
 //!
 //! # What the fencing token guarantees, and what it does not
 //! Martin Kleppmann's critique of Redlock ("How to do distributed locking", 2016) stands:
@@ -182,7 +182,7 @@ impl Redlock {
     /// held, up to the options' wait time.
     ///
     /// # Errors
-    /// [`Error::LockNotAcquired`] when the wait time passes; [`Error::Redis`] when so many nodes
+    /// [`Error::LockNotAcquired`] when the wait time passes; [`Error::LockService`] when so many nodes
     /// fail (unreachable, timed out) that no majority is possible; [`Error::Aborted`] for an
     /// invalid key or options.
     ///

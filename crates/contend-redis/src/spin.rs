@@ -68,7 +68,7 @@ impl SpinLock {
     /// option is ignored.
     ///
     /// # Errors
-    /// [`Error::LockNotAcquired`] when the wait time passes; [`Error::Redis`] when Redis cannot
+    /// [`Error::LockNotAcquired`] when the wait time passes; [`Error::LockService`] when Redis cannot
     /// be reached; [`Error::Aborted`] for an invalid key or options.
     ///
     /// # Cancel safety

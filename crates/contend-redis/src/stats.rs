@@ -30,7 +30,7 @@ use crate::scripts::SCRIPT_COMMANDS;
 /// ```
 ///
 /// # Errors
-/// [`contend::Error::InvalidUrl`] for a bad URL; [`contend::Error::Redis`] when a server cannot
+/// [`contend::Error::InvalidUrl`] for a bad URL; [`contend::Error::LockService`] when a server cannot
 /// be reached within 1 s.
 ///
 /// # Cancel safety

@@ -20,7 +20,7 @@
 //! - Channels without waiters are unsubscribed after a short linger, so keys under steady
 //!   contention do not pay a subscribe/unsubscribe pair per wait.
 //! - If the connection drops, every waiter is woken; its next wait subscribes again on a new
-//!   connection, or fails with [`contend::Error::Redis`] if Redis is unreachable.
+//!   connection, or fails with [`contend::Error::LockService`] if Redis is unreachable.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

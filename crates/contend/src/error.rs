@@ -142,9 +142,10 @@ pub enum Error {
         /// The highest token the resource has accepted.
         highest: u64,
     },
-    /// Redis could not be reached or answered with an error.
-    #[error("redis error: {0}")]
-    Redis(#[source] BoxError),
+    /// A lock service outside the database (Redis, etcd) could not be reached or answered with
+    /// an error. The source is the lock crate's own error (`contend_redis::NodeError` for Redis).
+    #[error("lock service error: {0}")]
+    LockService(#[source] BoxError),
     /// The caller's transaction body gave up with its own error: rolled back, not retried.
     #[error("{0}")]
     Aborted(#[source] BoxError),
@@ -177,11 +178,11 @@ impl Error {
         Error::Aborted(err.into())
     }
 
-    /// True when the database (or Redis) could not be reached or had no free connection: the
+    /// True when the database (or a lock service) could not be reached or had no free connection: the
     /// HTTP edge maps this to 503.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Unavailable(_) | Error::Redis(_) => true,
+            Error::Connect { .. } | Error::Unavailable(_) | Error::LockService(_) => true,
             Error::Database(e) => matches!(
                 e,
                 sqlx::Error::Io(_)
