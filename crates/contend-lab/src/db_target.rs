@@ -1,5 +1,5 @@
 //! The in-process target: the lab's [`Scenario`]s run on a database (and, for the lock-based
-//! strategies, a distributed-lock service), driven by the [runner](crate::runner).
+//! strategies, a distributed-lock service), driven by the [runner].
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -483,6 +483,45 @@ mod tests {
     }
 
     #[test]
+    fn judging_and_failing_a_run() {
+        let empty = || RunReport::empty("withdraw", "atomic", "postgres", 8, true, None);
+        let held = Invariant {
+            name: "balance".into(),
+            ok: true,
+            detail: String::new(),
+            violations: 0,
+        };
+        let broken = Invariant {
+            ok: false,
+            violations: 0,
+            ..held.clone()
+        };
+        let run = empty().judge(vec![held.clone()], None);
+        assert_eq!((run.verdict.as_str(), run.failed), ("SAFE", false));
+        // A failed invariant counts at least one violation.
+        let run = empty().judge(vec![held.clone(), broken], None);
+        assert_eq!(run.violations, 1);
+        assert_eq!(
+            (run.verdict.as_str(), run.failed),
+            ("VIOLATION (BUG)", true)
+        );
+        // The target's own failure overrides a clean verdict.
+        let run = empty().judge(
+            vec![held],
+            Some("3 answers were 500 (a service bug)".into()),
+        );
+        assert_eq!(run.verdict, "FAILED: 3 answers were 500 (a service bug)");
+        assert!(run.failed);
+        let run = empty().fail("setup failed: no table".into());
+        assert_eq!(run.verdict, "FAILED: setup failed");
+        assert_eq!((run.errors, run.failed), (1, true));
+        assert_eq!(
+            run.error_samples,
+            vec!["setup failed: no table".to_string()]
+        );
+    }
+
+    #[test]
     fn json_has_schema_fields() {
         let mut report = LabReport::default();
         report.runs.push(run("none", false, 5, 0));

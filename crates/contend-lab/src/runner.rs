@@ -8,7 +8,7 @@
 //! measures itself after the load, and the invariants read back. Two targets implement it:
 //! [`crate::db_target::DbTarget`] (the scenarios in process, on a database) and
 //! [`crate::http_target::HttpTarget`] (running service instances over HTTP). The worker loop,
-//! the tally ([`WorkerStats`]), the report filling and the verdicts exist here only.
+//! the tally (`WorkerStats`), the report filling and the verdicts exist here only.
 //!
 //! The load loop is kept lean, because the lab is benchmarked against `pgbench`: each worker
 //! takes operation numbers from one shared atomic counter and records into its own histogram and

@@ -2,7 +2,7 @@
 //! round robin, with the lab's scenarios (`transfer`, `order`, `withdraw`) under one strategy per
 //! run (picked with the `X-Concurrency-Strategy` header), and checks the same invariants, read
 //! back through the API and `GET /audit`. It is a [`Target`] of the lab's one
-//! [runner](crate::runner): the worker loop, tally, report and verdicts are the in-process lab's.
+//! [runner]: the worker loop, tally, report and verdicts are the in-process lab's.
 //!
 //! With two or more instances the `mutex` strategy is an unsafe baseline (its lock lives in one
 //! process), so its violations are expected there; every database- or Redis-based strategy must
@@ -467,25 +467,14 @@ impl TargetRun for HttpRun {
             Ok(reply) => reply,
             Err(e) => return OpReport::new(Outcome::Error(e.to_string())),
         };
-        let outcome = match reply.status {
-            StatusCode::OK | StatusCode::CREATED => Outcome::Succeeded,
-            StatusCode::CONFLICT if reply.api_error().is_some_and(|e| e.is_refusal()) => {
-                Outcome::Refused
+        let (outcome, after) = counts_as(&reply, &what);
+        match after {
+            After::Nothing => {}
+            After::Pause(p) => *pause = Some(p),
+            After::ServerError => {
+                self.server_errors.fetch_add(1, Ordering::Relaxed);
             }
-            status => {
-                if status == StatusCode::SERVICE_UNAVAILABLE {
-                    *pause = Some(
-                        reply
-                            .retry_after
-                            .unwrap_or(RETRY_AFTER_CAP)
-                            .min(RETRY_AFTER_CAP),
-                    );
-                } else if status == StatusCode::INTERNAL_SERVER_ERROR {
-                    self.server_errors.fetch_add(1, Ordering::Relaxed);
-                }
-                Outcome::Error(reply.unexpected(&what).to_string())
-            }
-        };
+        }
         OpReport::new(outcome)
     }
 
@@ -512,6 +501,39 @@ impl TargetRun for HttpRun {
     fn failure(&self) -> Option<String> {
         let n = self.server_errors.load(Ordering::Relaxed);
         (n > 0).then(|| format!("{n} answers were 500 (a service bug)"))
+    }
+}
+
+/// What an operation's answer calls for besides its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// Nothing.
+    Nothing,
+    /// A 503: the worker pauses this long before its next request.
+    Pause(Duration),
+    /// A 500: a bug of the service, which fails the run.
+    ServerError,
+}
+
+/// How the answer to the operation `what` counts: 2xx succeeded; 409 with a business code
+/// refused; anything else an error, with a pause after a 503 (its `Retry-After`, at most
+/// [`RETRY_AFTER_CAP`]) and a service bug for a 500.
+fn counts_as(reply: &Reply, what: &str) -> (Outcome, After) {
+    let error = || Outcome::Error(reply.unexpected(what).to_string());
+    match reply.status {
+        StatusCode::OK | StatusCode::CREATED => (Outcome::Succeeded, After::Nothing),
+        StatusCode::CONFLICT if reply.api_error().is_some_and(|e| e.is_refusal()) => {
+            (Outcome::Refused, After::Nothing)
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            let pause = reply
+                .retry_after
+                .unwrap_or(RETRY_AFTER_CAP)
+                .min(RETRY_AFTER_CAP);
+            (error(), After::Pause(pause))
+        }
+        StatusCode::INTERNAL_SERVER_ERROR => (error(), After::ServerError),
+        _ => (error(), After::Nothing),
     }
 }
 
@@ -677,6 +699,55 @@ mod tests {
             parse_targets("http://127.0.0.1:8081,http://127.0.0.1:8081/").unwrap(),
             vec!["http://127.0.0.1:8081"]
         );
+    }
+
+    #[test]
+    fn answers_count_as_the_contract_says() {
+        let reply = |status: u16, body: &str, retry_after: Option<u64>| Reply {
+            status: StatusCode::from_u16(status).unwrap(),
+            body: body.as_bytes().to_vec(),
+            retry_after: retry_after.map(Duration::from_secs),
+        };
+        let error = |code: &str| format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#);
+        let what = "POST /orders";
+        assert_eq!(
+            counts_as(&reply(201, "{}", None), what),
+            (Outcome::Succeeded, After::Nothing)
+        );
+        assert_eq!(
+            counts_as(&reply(200, "{}", None), what),
+            (Outcome::Succeeded, After::Nothing)
+        );
+        for code in ["insufficient_funds", "out_of_stock", "seat_taken"] {
+            assert_eq!(
+                counts_as(&reply(409, &error(code), None), what),
+                (Outcome::Refused, After::Nothing)
+            );
+        }
+        // A 409 that is not a business "no" (an idempotency key in flight) is an error.
+        assert_eq!(
+            counts_as(&reply(409, &error("request_in_progress"), None), what),
+            (
+                Outcome::Error("POST /orders: HTTP 409 request_in_progress: m".into()),
+                After::Nothing
+            )
+        );
+        let (outcome, after) = counts_as(&reply(503, &error("overloaded"), Some(5)), what);
+        assert!(matches!(outcome, Outcome::Error(_)));
+        assert_eq!(
+            after,
+            After::Pause(RETRY_AFTER_CAP),
+            "Retry-After is capped"
+        );
+        let (_, after) = counts_as(&reply(503, "busy", Some(0)), what);
+        assert_eq!(after, After::Pause(Duration::ZERO));
+        let (outcome, after) = counts_as(&reply(500, "boom", None), what);
+        assert_eq!(
+            outcome,
+            Outcome::Error("POST /orders: HTTP 500: boom".into())
+        );
+        assert_eq!(after, After::ServerError);
+        assert_eq!(counts_as(&reply(502, "", None), what).1, After::Nothing);
     }
 
     #[test]
