@@ -12,49 +12,27 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// Why a request to a target did not give the lab the answer it needed.
+/// Why a request to a target did not give the lab the answer it needed. `url` is the request's,
+/// `detail` the client's error chain on one line, `what` the call (e.g. `POST /accounts`).
 #[derive(Debug, thiserror::Error)]
 pub(super) enum HttpError {
     /// The target could not be connected to (refused, unreachable).
     #[error("{url}: cannot connect: {detail}")]
-    Connect {
-        /// The request's URL.
-        url: String,
-        /// The client's error chain, on one line.
-        detail: String,
-    },
+    Connect { url: String, detail: String },
     /// No answer within the client's timeout.
     #[error("{url}: timed out: {detail}")]
-    Timeout {
-        /// The request's URL.
-        url: String,
-        /// The client's error chain, on one line.
-        detail: String,
-    },
+    Timeout { url: String, detail: String },
     /// The request or the reading of its answer failed otherwise (e.g. a connection reset).
     #[error("{url}: {detail}")]
-    Transport {
-        /// The request's URL.
-        url: String,
-        /// The client's error chain, on one line.
-        detail: String,
-    },
+    Transport { url: String, detail: String },
     /// An answer with another status than the call expected.
     #[error("{what}: {answer}")]
-    Status {
-        /// The call, e.g. `POST /accounts`.
-        what: String,
-        /// The answer.
-        answer: Unexpected,
-    },
+    Status { what: String, answer: Unexpected },
     /// An answer whose body is not what the contract says.
     #[error("{what}: unexpected answer body ({reason}): {snippet}")]
     Body {
-        /// The call, e.g. `GET /audit`.
         what: String,
-        /// Why it could not be read.
         reason: String,
-        /// The start of the body.
         snippet: String,
     },
 }
@@ -127,6 +105,8 @@ impl fmt::Display for Unexpected {
 
 /// One answer, read whole (so that the connection goes back to the pool).
 pub(super) struct Reply {
+    /// The call it answers, e.g. `POST /accounts`.
+    pub(super) what: String,
     pub(super) status: StatusCode,
     pub(super) body: Vec<u8>,
     /// `Retry-After` in seconds, when given.
@@ -145,8 +125,8 @@ impl Reply {
             .map(|b| b.error)
     }
 
-    /// This answer as the error of the call `what`.
-    pub(super) fn unexpected(&self, what: &str) -> HttpError {
+    /// This answer as an error of its call.
+    pub(super) fn unexpected(&self) -> HttpError {
         let error = self.api_error();
         let snippet = if error.is_some() {
             String::new()
@@ -154,7 +134,7 @@ impl Reply {
             self.snippet()
         };
         HttpError::Status {
-            what: what.to_string(),
+            what: self.what.clone(),
             answer: Unexpected {
                 status: self.status,
                 error,
@@ -164,9 +144,9 @@ impl Reply {
     }
 
     /// The body as JSON of type `T`.
-    pub(super) fn json<T: DeserializeOwned>(&self, what: &str) -> Result<T, HttpError> {
+    pub(super) fn json<T: DeserializeOwned>(&self) -> Result<T, HttpError> {
         serde_json::from_slice(&self.body).map_err(|e| HttpError::Body {
-            what: what.to_string(),
+            what: self.what.clone(),
             reason: e.to_string(),
             snippet: self.snippet(),
         })
@@ -202,11 +182,6 @@ impl<'a> Request<'a> {
             strategy: None,
             body: None,
         }
-    }
-
-    /// `METHOD /path`, for messages.
-    pub(super) fn what(&self) -> String {
-        format!("{} {}", self.method, self.path)
     }
 }
 
@@ -256,6 +231,7 @@ impl Client {
 
     /// Sends `request` and reads the whole answer, whatever its status.
     pub(super) async fn send(&self, request: Request<'_>) -> Result<Reply, HttpError> {
+        let what = format!("{} {}", request.method, request.path);
         let url = format!("{}{}", self.base(request.target), request.path);
         let mut builder = self.http.request(request.method, &url);
         if let Some(token) = request.token {
@@ -284,6 +260,7 @@ impl Client {
             .map_err(|e| HttpError::from_client(url, &e))?
             .to_vec();
         Ok(Reply {
+            what,
             status,
             body,
             retry_after,
@@ -296,12 +273,11 @@ impl Client {
             token: Some(&self.admin),
             ..Request::new(0, Method::GET, path)
         };
-        let what = request.what();
         let reply = self.send(request).await?;
         if reply.status != StatusCode::OK {
-            return Err(reply.unexpected(&what));
+            return Err(reply.unexpected());
         }
-        reply.json(&what)
+        reply.json()
     }
 
     /// Checks every target's `/healthz` and admin token, and returns the backend label, e.g.
@@ -318,9 +294,9 @@ impl Client {
                 .await
                 .with_context(|| format!("target {base} is not reachable"))?;
             if reply.status != StatusCode::OK {
-                bail!("target {base}: {}", reply.unexpected("GET /healthz"));
+                bail!("target {base}: {}", reply.unexpected());
             }
-            let health: Health = reply.json(&format!("GET {base}/healthz"))?;
+            let health: Health = reply.json().with_context(|| format!("target {base}"))?;
             backends.insert(health.backend.unwrap_or_else(|| "unknown".into()));
             // The admin token must work too, or every run would fail at setup.
             let audit = self
@@ -332,7 +308,7 @@ impl Client {
             if audit.status == StatusCode::UNAUTHORIZED || audit.status == StatusCode::FORBIDDEN {
                 bail!(
                     "target {base} refuses the admin token ({}); give the servers' --admin-token",
-                    audit.unexpected("GET /audit")
+                    audit.unexpected()
                 );
             }
         }
@@ -354,7 +330,7 @@ impl Client {
         for i in 0..self.targets.len() {
             let reply = self.send(Request::new(i, Method::GET, "/metrics")).await?;
             if reply.status != StatusCode::OK {
-                return Err(reply.unexpected(&format!("GET {}/metrics", self.base(i))));
+                return Err(reply.unexpected());
             }
             total.add(&TxCounters::parse(
                 &String::from_utf8_lossy(&reply.body),
@@ -574,13 +550,14 @@ mod tests {
     #[test]
     fn unexpected_answers_are_typed_and_described() {
         let reply = Reply {
+            what: "POST /orders".into(),
             status: StatusCode::CONFLICT,
             body: br#"{"error":{"code":"out_of_stock","message":"sold out"}}"#.to_vec(),
             retry_after: None,
         };
         let error = reply.api_error().expect("an error object");
         assert!(error.is_refusal() && !error.is_strategy_refusal());
-        let e = reply.unexpected("POST /orders");
+        let e = reply.unexpected();
         assert!(matches!(
             &e,
             HttpError::Status { answer, .. }
@@ -593,16 +570,17 @@ mod tests {
         );
 
         let raw = Reply {
+            what: "POST /orders".into(),
             status: StatusCode::BAD_GATEWAY,
             body: b"upstream down".to_vec(),
             retry_after: None,
         };
         assert_eq!(raw.api_error(), None);
         assert_eq!(
-            raw.unexpected("POST /orders").to_string(),
+            raw.unexpected().to_string(),
             "POST /orders: HTTP 502: upstream down"
         );
-        let e = raw.json::<Audit>("GET /audit").unwrap_err();
+        let e = raw.json::<Audit>().unwrap_err();
         assert!(matches!(e, HttpError::Body { .. }), "{e}");
         assert!(e.to_string().contains("upstream down"), "{e}");
     }

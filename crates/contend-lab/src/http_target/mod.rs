@@ -321,7 +321,7 @@ struct Plan {
 
 /// Maps a setup answer that was not the expected success: strategy refusals skip, a server
 /// without the header option stops the lab, anything else fails the run.
-fn setup_refusal(client: &Client, target: usize, what: &str, reply: &Reply) -> SetupError {
+fn setup_refusal(client: &Client, target: usize, reply: &Reply) -> SetupError {
     match reply.api_error() {
         Some(e) if e.is_strategy_refusal() => SetupError::Unsupported(e.message),
         Some(e) if e.is_strategy_header_refusal() => SetupError::Fatal(anyhow!(
@@ -329,7 +329,7 @@ fn setup_refusal(client: &Client, target: usize, what: &str, reply: &Reply) -> S
              the strategy per run",
             client.base(target)
         )),
-        _ => SetupError::failed(reply.unexpected(what)),
+        _ => SetupError::failed(reply.unexpected()),
     }
 }
 
@@ -364,17 +364,16 @@ async fn setup(
             body: Some(&body),
             ..Request::new(i, Method::POST, "/accounts")
         };
-        let what = request.what();
         let reply = client.send(request).await.map_err(SetupError::failed)?;
         if reply.status != StatusCode::CREATED {
-            return Err(setup_refusal(client, i, &what, &reply));
+            return Err(setup_refusal(client, i, &reply));
         }
         #[derive(Deserialize)]
         struct Created {
             id: i64,
             token: String,
         }
-        let created: Created = reply.json(&what).map_err(SetupError::failed)?;
+        let created: Created = reply.json().map_err(SetupError::failed)?;
         if accounts.len() < count {
             accounts.push(LabAccount {
                 id: created.id,
@@ -395,10 +394,9 @@ async fn setup(
             body: Some(&body),
             ..Request::new(0, Method::POST, "/products")
         };
-        let what = request.what();
         let reply = client.send(request).await.map_err(SetupError::failed)?;
         if reply.status != StatusCode::CREATED {
-            return Err(setup_refusal(client, 0, &what, &reply));
+            return Err(setup_refusal(client, 0, &reply));
         }
     }
     let withdraw_path = format!("/accounts/{}/withdraw", accounts[0].id);
@@ -462,12 +460,11 @@ impl TargetRun for HttpRun {
             body: Some(&body),
             ..Request::new(seq as usize, Method::POST, path)
         };
-        let what = request.what();
         let reply = match self.client.send(request).await {
             Ok(reply) => reply,
             Err(e) => return OpReport::new(Outcome::Error(e.to_string())),
         };
-        let (outcome, after) = counts_as(&reply, &what);
+        let (outcome, after) = counts_as(&reply);
         match after {
             After::Nothing => {}
             After::Pause(p) => *pause = Some(p),
@@ -515,11 +512,11 @@ enum After {
     ServerError,
 }
 
-/// How the answer to the operation `what` counts: 2xx succeeded; 409 with a business code
+/// How the answer to an operation counts: 2xx succeeded; 409 with a business code
 /// refused; anything else an error, with a pause after a 503 (its `Retry-After`, at most
 /// [`RETRY_AFTER_CAP`]) and a service bug for a 500.
-fn counts_as(reply: &Reply, what: &str) -> (Outcome, After) {
-    let error = || Outcome::Error(reply.unexpected(what).to_string());
+fn counts_as(reply: &Reply) -> (Outcome, After) {
+    let error = || Outcome::Error(reply.unexpected().to_string());
     match reply.status {
         StatusCode::OK | StatusCode::CREATED => (Outcome::Succeeded, After::Nothing),
         StatusCode::CONFLICT if reply.api_error().is_some_and(|e| e.is_refusal()) => {
@@ -704,50 +701,50 @@ mod tests {
     #[test]
     fn answers_count_as_the_contract_says() {
         let reply = |status: u16, body: &str, retry_after: Option<u64>| Reply {
+            what: "POST /orders".into(),
             status: StatusCode::from_u16(status).unwrap(),
             body: body.as_bytes().to_vec(),
             retry_after: retry_after.map(Duration::from_secs),
         };
         let error = |code: &str| format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#);
-        let what = "POST /orders";
         assert_eq!(
-            counts_as(&reply(201, "{}", None), what),
+            counts_as(&reply(201, "{}", None)),
             (Outcome::Succeeded, After::Nothing)
         );
         assert_eq!(
-            counts_as(&reply(200, "{}", None), what),
+            counts_as(&reply(200, "{}", None)),
             (Outcome::Succeeded, After::Nothing)
         );
         for code in ["insufficient_funds", "out_of_stock", "seat_taken"] {
             assert_eq!(
-                counts_as(&reply(409, &error(code), None), what),
+                counts_as(&reply(409, &error(code), None)),
                 (Outcome::Refused, After::Nothing)
             );
         }
         // A 409 that is not a business "no" (an idempotency key in flight) is an error.
         assert_eq!(
-            counts_as(&reply(409, &error("request_in_progress"), None), what),
+            counts_as(&reply(409, &error("request_in_progress"), None)),
             (
                 Outcome::Error("POST /orders: HTTP 409 request_in_progress: m".into()),
                 After::Nothing
             )
         );
-        let (outcome, after) = counts_as(&reply(503, &error("overloaded"), Some(5)), what);
+        let (outcome, after) = counts_as(&reply(503, &error("overloaded"), Some(5)));
         assert!(matches!(outcome, Outcome::Error(_)));
         assert_eq!(
             after,
             After::Pause(RETRY_AFTER_CAP),
             "Retry-After is capped"
         );
-        let (_, after) = counts_as(&reply(503, "busy", Some(0)), what);
+        let (_, after) = counts_as(&reply(503, "busy", Some(0)));
         assert_eq!(after, After::Pause(Duration::ZERO));
-        let (outcome, after) = counts_as(&reply(500, "boom", None), what);
+        let (outcome, after) = counts_as(&reply(500, "boom", None));
         assert_eq!(
             outcome,
             Outcome::Error("POST /orders: HTTP 500: boom".into())
         );
         assert_eq!(after, After::ServerError);
-        assert_eq!(counts_as(&reply(502, "", None), what).1, After::Nothing);
+        assert_eq!(counts_as(&reply(502, "", None)).1, After::Nothing);
     }
 
     #[test]
