@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::config::{self, ConfigError, LabConfig, Load};
+use crate::db_target::{self, LockServices};
 use crate::report::LabReport;
-use crate::runner::{self, LockServices};
 use crate::scenario::Scenario;
 
 /// Arguments of `contend lab`.
@@ -193,7 +193,7 @@ pub fn select_scenarios(
 /// exits with status 2.
 ///
 /// # Cancel safety
-/// As [`runner::run_lab`]: dropping it stops the current run's workers.
+/// As [`db_target::run_lab`]: dropping it stops the current run's workers.
 pub async fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
     if args.target.as_deref().is_some_and(|t| !t.trim().is_empty()) {
         return crate::http_target::run(args).await;
@@ -230,14 +230,14 @@ pub async fn run_with(args: LabArgs, registry: Vec<Arc<dyn Scenario>>) -> anyhow
 /// An unreachable database or Redis.
 ///
 /// # Cancel safety
-/// As [`runner::run_lab`].
+/// As [`db_target::run_lab`].
 pub async fn run_config(
     config: &LabConfig,
     registry: &[Arc<dyn Scenario>],
 ) -> anyhow::Result<LabReport> {
     let scenarios = select_scenarios(config, registry)?;
     let locks: LockServices = crate::redis_locks::lock_services(config).await?;
-    runner::run_lab(config, &scenarios, &locks).await
+    db_target::run_lab(config, &scenarios, &locks).await
 }
 
 /// Writes the report where `config` says: table or JSON on stdout, JSON to `--output`.

@@ -3,14 +3,17 @@
 //!
 //! # Layout
 //! - [`cli`]: the `contend lab` flags and entry point; [`config`]: their validated form.
-//! - [`scenario`]: the seam ([`scenario::Scenario`]) and the scenarios (withdraw, transfer, ...).
-//! - [`runner`]: setup, W concurrent workers, measurement, invariant checks, per run.
+//! - [`runner`]: the one runner and its seam ([`runner::Target`]): per run, setup, W concurrent
+//!   workers, the tally, what the target measures, the invariants read back, the verdict.
+//! - [`db_target`]: the in-process target: the [`scenario`]s ([`scenario::Scenario`]: withdraw,
+//!   transfer, ...) on a database.
+//! - [`http_target`]: the target of running service instances, driven over HTTP.
 //! - [`report`]: the table, the JSON document, verdicts and the exit status.
-//! - [`http_target`]: the same kind of load against running service instances over HTTP.
 //! - [`redis_locks`] and [`lockstats`]: the Redis lock strategies and what they cost.
 
 pub mod cli;
 pub mod config;
+pub mod db_target;
 pub mod http_target;
 pub mod lockstats;
 pub mod redis_locks;

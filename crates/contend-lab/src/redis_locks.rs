@@ -12,7 +12,7 @@ use contend::strategy::Strategy;
 use contend_redis::{LockClient, LockGuard, LockOptions, Redlock, SpinGuard, SpinLock};
 
 use crate::config::LabConfig;
-use crate::runner::{CommandCounter, LockService, LockServices, missing_redis_reason};
+use crate::db_target::{CommandCounter, LockService, LockServices, missing_redis_reason};
 use crate::scenario::{HeldLock, KeyLock};
 
 /// Namespace of the lab's lock keys in Redis (`contend-lab:lock:<key>`, ...).

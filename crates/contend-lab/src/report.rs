@@ -127,6 +127,57 @@ impl RunReport {
     }
 }
 
+impl RunReport {
+    /// Marks a run that could not be set up or checked: one more error, the message among the
+    /// samples, and a `FAILED: ...` verdict (its first clause) that fails the lab whatever the
+    /// strategy.
+    pub(crate) fn fail(mut self, message: String) -> RunReport {
+        self.errors += 1;
+        self.verdict = format!(
+            "FAILED: {}",
+            message.split(':').next().unwrap_or("run failed")
+        );
+        add_sample(&mut self.error_samples, message);
+        self.failed = true;
+        self
+    }
+
+    /// Records the invariants read back after the load and gives the run its [`verdict`];
+    /// `failure` (e.g. answers that were 500) fails the run whatever the invariants say.
+    pub(crate) fn judge(
+        mut self,
+        invariants: Vec<Invariant>,
+        failure: Option<String>,
+    ) -> RunReport {
+        self.violations = invariants
+            .iter()
+            .map(|i| if i.ok { 0 } else { i.violations.max(1) })
+            .sum();
+        self.invariants = invariants;
+        (self.verdict, self.failed) = verdict(
+            self.expected_safe,
+            self.violations,
+            self.errors,
+            self.workers,
+        );
+        if let Some(why) = failure {
+            self.verdict = format!("FAILED: {why}");
+            self.failed = true;
+        }
+        self
+    }
+}
+
+/// Distinct error messages kept per run.
+const MAX_ERROR_SAMPLES: usize = 5;
+
+/// Adds `message` to `samples` unless it is there already or there are enough.
+pub(crate) fn add_sample(samples: &mut Vec<String>, message: String) {
+    if samples.len() < MAX_ERROR_SAMPLES && !samples.contains(&message) {
+        samples.push(message);
+    }
+}
+
 /// A combination the lab did not run, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SkippedRun {
@@ -429,6 +480,45 @@ mod tests {
         );
         assert!(text.contains("ERRORS (BUG)"), "{text}");
         assert!(text.contains("FAILED"), "{text}");
+    }
+
+    #[test]
+    fn judging_and_failing_a_run() {
+        let empty = || RunReport::empty("withdraw", "atomic", "postgres", 8, true, None);
+        let held = Invariant {
+            name: "balance".into(),
+            ok: true,
+            detail: String::new(),
+            violations: 0,
+        };
+        let broken = Invariant {
+            ok: false,
+            violations: 0,
+            ..held.clone()
+        };
+        let run = empty().judge(vec![held.clone()], None);
+        assert_eq!((run.verdict.as_str(), run.failed), ("SAFE", false));
+        // A failed invariant counts at least one violation.
+        let run = empty().judge(vec![held.clone(), broken], None);
+        assert_eq!(run.violations, 1);
+        assert_eq!(
+            (run.verdict.as_str(), run.failed),
+            ("VIOLATION (BUG)", true)
+        );
+        // The target's own failure overrides a clean verdict.
+        let run = empty().judge(
+            vec![held],
+            Some("3 answers were 500 (a service bug)".into()),
+        );
+        assert_eq!(run.verdict, "FAILED: 3 answers were 500 (a service bug)");
+        assert!(run.failed);
+        let run = empty().fail("setup failed: no table".into());
+        assert_eq!(run.verdict, "FAILED: setup failed");
+        assert_eq!((run.errors, run.failed), (1, true));
+        assert_eq!(
+            run.error_samples,
+            vec!["setup failed: no table".to_string()]
+        );
     }
 
     #[test]

@@ -1,144 +1,239 @@
-//! The runner: for every scenario x strategy x worker count, set up, fire the operations from W
-//! concurrent workers, measure, check the invariants, and collect a [`RunReport`].
+//! The runner: for every scenario x strategy x worker count of a [`Target`], set up, fire the
+//! operations from W concurrent workers, measure, read the invariants back, and collect a
+//! [`RunReport`] with its verdict.
+//!
+//! # The seam
+//! A [`Target`] is where the load goes, and [`TargetRun`] is one run on it: setup, one
+//! operation (reported as the scenarios report theirs, an [`OpReport`]), what the target
+//! measures itself after the load, and the invariants read back. Two targets implement it:
+//! [`crate::db_target::DbTarget`] (the scenarios in process, on a database) and
+//! [`crate::http_target::HttpTarget`] (running service instances over HTTP). The worker loop,
+//! the tally (`WorkerStats`), the report filling and the verdicts exist here only.
 //!
 //! The load loop is kept lean, because the lab is benchmarked against `pgbench`: each worker
 //! takes operation numbers from one shared atomic counter and records into its own histogram and
 //! counters; nothing is shared or locked per operation, and results are merged after the run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use contend::ConflictKind;
 use contend::strategy::Strategy;
-use contend::{BoxFuture, ConflictKind, Db};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinSet;
 
 use crate::config::LabConfig;
-use crate::lockstats::{CountingLock, LockCounters};
-use crate::report::{LabReport, Latency, LockStats, RunReport, SkippedRun, verdict};
-use crate::scenario::{Ctx, KeyLock, OpReport, Outcome, Scenario, Totals};
+use crate::report::{LabReport, Latency, LockStats, RunReport, SkippedRun, add_sample};
+use crate::scenario::{Invariant, OpReport, Outcome, Totals};
 
-/// Counts the commands a set of Redis servers has executed (`INFO commandstats`).
-pub trait CommandCounter: Send + Sync {
-    /// Commands executed so far, summed over the servers (`INFO` not counted).
-    fn total(&self) -> BoxFuture<'_, anyhow::Result<u64>>;
+/// Where the lab's load goes: a database driven in process, or running service instances.
+///
+/// The runner asks it, per scenario x strategy, whether the combination can run
+/// ([`Target::supports`]), then per run to set one up ([`Target::setup`]); the run
+/// ([`TargetRun`]) does the rest.
+pub trait Target: Send + Sync {
+    /// A scenario as this target runs it.
+    type Scenario: Send + Sync;
+    /// One run on this target, shared by the run's workers.
+    type Run: TargetRun;
+
+    /// The backend column of the reports (`postgres`, or `http(postgres)` over HTTP).
+    fn backend(&self) -> &str;
+
+    /// The scenario's name in reports.
+    fn scenario_name(scenario: &Self::Scenario) -> &'static str;
+
+    /// `Ok` when `scenario` can run under `strategy` here as far as the lab knows before any
+    /// setup, or why the combination is skipped.
+    fn supports(&self, scenario: &Self::Scenario, strategy: Strategy) -> Result<(), String>;
+
+    /// Whether `strategy` is expected to keep the invariants on this target (a violation then
+    /// fails the lab).
+    fn expected_safe(&self, strategy: Strategy) -> bool;
+
+    /// Whether runs of `strategy` report distributed-lock statistics (the default: none do).
+    fn reports_locks(&self, _strategy: Strategy) -> bool {
+        false
+    }
+
+    /// Sets up one run of `scenario`: its data, sized for `spec.operations`, and whatever must
+    /// be read before the load starts (counters to compare after it).
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves what it created so far behind (tables, accounts).
+    fn setup(
+        &self,
+        scenario: &Self::Scenario,
+        spec: RunSpec,
+    ) -> impl Future<Output = Result<Self::Run, SetupError>> + Send;
 }
 
-/// A distributed-lock service for one strategy, and how to count what it sends.
-#[derive(Clone)]
-pub struct LockService {
-    /// The lock.
-    pub lock: Arc<dyn KeyLock>,
-    /// Its servers' command counter, if it can be read.
-    pub commands: Option<Arc<dyn CommandCounter>>,
+/// What [`Target::setup`] is asked to set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunSpec {
+    /// The strategy every operation of the run uses.
+    pub strategy: Strategy,
+    /// Concurrent workers.
+    pub workers: usize,
+    /// Planned operations in all (the data is sized from it).
+    pub operations: u64,
 }
 
-/// For each lock-based strategy: its lock service, or why it cannot run.
-pub type LockServices = HashMap<Strategy, Result<LockService, String>>;
+/// Why [`Target::setup`] produced no run.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The target cannot run this scenario under this strategy (a server that does not offer
+    /// it): the combination is skipped, its remaining worker counts and repeats too.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// This run could not be set up: it is reported as a failed run and the lab goes on.
+    #[error("setup failed: {0:#}")]
+    Failed(anyhow::Error),
+    /// The lab cannot go on (e.g. a server that does not let the lab choose the strategy): it
+    /// stops with this error.
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+}
 
-/// Distinct error messages kept per run.
-const MAX_ERROR_SAMPLES: usize = 5;
+impl SetupError {
+    /// A [`SetupError::Failed`] from any error.
+    pub fn failed(error: impl Into<anyhow::Error>) -> SetupError {
+        SetupError::Failed(error.into())
+    }
+}
 
-/// Runs the lab described by `config` over `scenarios` (already filtered and ordered), with the
-/// lock services in `locks`, reporting progress on stderr when `config.progress` is set.
+/// One run on a [`Target`], from the end of its setup to its invariants.
+pub trait TargetRun: Send + Sync + 'static {
+    /// What one worker keeps from one operation to the next (a held connection, a pause).
+    type Worker: Send;
+
+    /// The state of worker `index`, made in the worker's task before its first operation.
+    fn worker(&self, index: usize) -> Self::Worker;
+
+    /// Runs operation number `seq` (0-based, over all workers) from worker `index`.
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the operation as the target's own cancellation does (a
+    /// database transaction rolls back, an HTTP request is dropped).
+    fn op<'a>(
+        &'a self,
+        worker: &'a mut Self::Worker,
+        index: usize,
+        seq: u64,
+    ) -> impl Future<Output = OpReport> + Send + 'a;
+
+    /// Runs after each operation has been recorded and before the worker's next one, outside the
+    /// measured time (the default does nothing). The HTTP target pauses here after a 503.
+    ///
+    /// # Cancel safety
+    /// Cancellation-safe in the default; an implementation's pause may simply be cut short.
+    fn between_ops(&self, _worker: &mut Self::Worker) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// After the load, with the tally already in `report`: fills in what the target measures
+    /// itself (lock statistics, retries and conflicts counted by the servers). The default
+    /// changes nothing.
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves `report` as the tally filled it, or partly updated.
+    fn after_load(&self, _report: &mut RunReport) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Reads the invariants back after the load.
+    ///
+    /// # Cancel safety
+    /// Reads only; dropping the future changes nothing.
+    fn check<'a>(
+        &'a self,
+        totals: &'a Totals,
+    ) -> impl Future<Output = anyhow::Result<Vec<Invariant>>> + Send + 'a;
+
+    /// Drops what the setup created, after the check (the default keeps everything).
+    ///
+    /// # Cancel safety
+    /// Dropping the future may leave part of the run's data behind.
+    fn teardown(&self) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Why the run fails whatever its invariants say (the HTTP target: answers that were 500),
+    /// asked after the check.
+    fn failure(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Runs every scenario x strategy x worker count (x repeat) of `config` over `scenarios`
+/// (already selected and ordered) on `target`, reporting progress on stderr when
+/// `config.progress` is set.
 ///
 /// # Errors
-/// The database cannot be reached or the temporary SQLite file cannot be made. Failures inside a
-/// run (setup, check, operations) are reported in that run, not returned.
+/// Only a [`SetupError::Fatal`]. Failures inside a run (setup, check, operations) are reported
+/// in that run, not returned.
 ///
 /// # Cancel safety
-/// Dropping the future stops the workers of the current run (they are aborted with it) and
-/// removes the temporary SQLite file; the tables of the interrupted run stay behind.
-pub async fn run_lab(
+/// Dropping the future aborts the workers of the current run (they are spawned into a
+/// [`JoinSet`] dropped with it); what the interrupted run set up stays behind.
+pub async fn run<T: Target>(
     config: &LabConfig,
-    scenarios: &[Arc<dyn Scenario>],
-    locks: &LockServices,
+    target: &T,
+    scenarios: &[T::Scenario],
 ) -> anyhow::Result<LabReport> {
-    let max_workers = config.workers.iter().copied().max().unwrap_or(1);
-    let (db, _tempdir) = connect(config.database_url.as_deref(), max_workers).await?;
-    let backend = db.backend();
+    let backend = target.backend();
     let mut report = LabReport::default();
+    let skipped = |scenario: &T::Scenario, strategy: Strategy, reason: String| SkippedRun {
+        scenario: T::scenario_name(scenario).to_string(),
+        strategy: strategy.to_string(),
+        backend: backend.to_string(),
+        reason,
+    };
 
     // Plan: skip what cannot run, once per scenario x strategy.
-    let mut planned: Vec<(Arc<dyn Scenario>, Strategy, Option<LockService>)> = Vec::new();
+    let mut planned: Vec<(&T::Scenario, Strategy)> = Vec::new();
     for scenario in scenarios {
         for &strategy in &config.strategies {
-            let skip = |reason: String| SkippedRun {
-                scenario: scenario.name().to_string(),
-                strategy: strategy.to_string(),
-                backend: backend.name().to_string(),
-                reason,
-            };
-            if let Err(reason) = strategy.supported_on(backend) {
-                report.skipped.push(skip(reason.to_string()));
-                continue;
+            match target.supports(scenario, strategy) {
+                Ok(()) => planned.push((scenario, strategy)),
+                Err(reason) => report.skipped.push(skipped(scenario, strategy, reason)),
             }
-            if let Err(reason) = scenario.supports(strategy, backend) {
-                report.skipped.push(skip(reason));
-                continue;
-            }
-            let lock = if strategy.needs_redis() {
-                match locks.get(&strategy) {
-                    Some(Ok(service)) => Some(service.clone()),
-                    Some(Err(reason)) => {
-                        report.skipped.push(skip(reason.clone()));
-                        continue;
-                    }
-                    None => {
-                        report.skipped.push(skip(missing_redis_reason(strategy)));
-                        continue;
-                    }
-                }
-            } else {
-                None
-            };
-            planned.push((scenario.clone(), strategy, lock));
         }
     }
 
-    let total = planned.len() * config.workers.len() * config.repeat as usize;
-    let progress = progress_bar(config.progress, total as u64);
-    for (scenario, strategy, lock) in &planned {
-        for &workers in &config.workers {
+    let runs_per_plan = config.workers.len() as u64 * u64::from(config.repeat);
+    let progress = progress_bar(config.progress, planned.len() as u64 * runs_per_plan);
+    for (scenario, strategy) in planned {
+        let mut done = 0;
+        'workers: for &workers in &config.workers {
             for repeat in 0..config.repeat {
                 progress.set_message(format!(
-                    "{}/{} on {}, {workers} workers",
-                    scenario.name(),
-                    strategy,
-                    backend.name()
+                    "{}/{strategy} on {backend}, {workers} workers",
+                    T::scenario_name(scenario)
                 ));
-                let mut run = run_one(
-                    config,
-                    &db,
-                    scenario.clone(),
-                    *strategy,
-                    workers,
-                    lock.as_ref(),
-                )
-                .await;
-                if config.repeat > 1 {
-                    run.repeat = Some(repeat);
+                match run_one(config, target, scenario, strategy, workers).await? {
+                    Ran::Report(mut run) => {
+                        if config.repeat > 1 {
+                            run.repeat = Some(repeat);
+                        }
+                        report.runs.push(*run);
+                    }
+                    Ran::Unsupported(reason) => {
+                        report.skipped.push(skipped(scenario, strategy, reason));
+                        progress.inc(runs_per_plan - done);
+                        break 'workers;
+                    }
                 }
-                report.runs.push(run);
+                done += 1;
                 progress.inc(1);
             }
         }
     }
     progress.finish_and_clear();
-    db.pool().close().await;
     Ok(report)
-}
-
-/// Why a Redis strategy without a configured lock service is skipped.
-pub fn missing_redis_reason(strategy: Strategy) -> String {
-    match strategy {
-        Strategy::Redlock => "needs --redlock-urls (or REDLOCK_URLS)".into(),
-        _ => "needs --redis-url (or REDIS_URL)".into(),
-    }
 }
 
 fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
@@ -156,56 +251,111 @@ fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
     bar
 }
 
-/// Connects to `url`, or makes a temporary SQLite file (returned so that it lives as long as
-/// the database handle).
-async fn connect(
-    url: Option<&str>,
-    max_workers: usize,
-) -> anyhow::Result<(Db, Option<tempfile::TempDir>)> {
-    let connections = u32::try_from(max_workers + 2).unwrap_or(u32::MAX);
-    // No ping before each pooled use: pgbench sends none, and it would double the round trips
-    // of a one-statement operation. A dead connection shows up as that operation's error.
-    let builder = |url: &str| {
-        Db::builder(url)
-            .max_connections(connections)
-            .test_before_acquire(false)
+/// What one run came to.
+enum Ran {
+    /// It ran (or failed): its report.
+    Report(Box<RunReport>),
+    /// The target refused the combination at setup.
+    Unsupported(String),
+}
+
+/// One run: setup, load, measure, check, verdict.
+async fn run_one<T: Target>(
+    config: &LabConfig,
+    target: &T,
+    scenario: &T::Scenario,
+    strategy: Strategy,
+    workers: usize,
+) -> anyhow::Result<Ran> {
+    let mut report = RunReport::empty(
+        T::scenario_name(scenario),
+        &strategy.to_string(),
+        target.backend(),
+        workers,
+        target.expected_safe(strategy),
+        target.reports_locks(strategy).then(LockStats::default),
+    );
+    let spec = RunSpec {
+        strategy,
+        workers,
+        operations: config.load.sizing(),
     };
-    match url {
-        Some(url) => {
-            let db = builder(url).connect().await?;
-            Ok((db, None))
+    let run = match target.setup(scenario, spec).await {
+        Ok(run) => Arc::new(run),
+        Err(SetupError::Unsupported(reason)) => return Ok(Ran::Unsupported(reason)),
+        Err(e @ SetupError::Failed(_)) => {
+            return Ok(Ran::Report(Box::new(report.fail(e.to_string()))));
         }
-        None => {
-            let dir = tempfile::Builder::new()
-                .prefix("contend-lab-")
-                .tempdir()
-                .context("cannot create a temporary folder for the SQLite database")?;
-            let path = dir.path().join("lab.db");
-            let url = format!("sqlite:{}", path.display());
-            let db = builder(&url).connect().await?;
-            Ok((db, Some(dir)))
+        Err(SetupError::Fatal(e)) => return Err(e),
+    };
+
+    let next = Arc::new(AtomicU64::new(0));
+    let limit = config.load.operations.unwrap_or(u64::MAX);
+    let started = Instant::now();
+    let deadline = config.load.duration.map(|d| started + d);
+    let mut set = JoinSet::new();
+    for index in 0..workers {
+        set.spawn(worker(run.clone(), index, next.clone(), limit, deadline));
+    }
+    let mut stats = WorkerStats::new();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(s) => stats.merge(s),
+            Err(e) => stats.add_error(format!("worker failed: {e}")),
         }
     }
-}
+    let elapsed = started.elapsed();
 
-/// Opens `n` pooled connections before the load starts, so that connecting is not measured.
-async fn warm_pool(db: &Db, n: usize) {
-    let mut held = Vec::with_capacity(n);
-    for _ in 0..n {
-        match db.acquire().await {
-            Ok(conn) => held.push(conn),
-            Err(_) => break,
-        }
+    let totals = stats.totals();
+    stats.fill(&mut report, elapsed);
+    run.after_load(&mut report).await;
+    let invariants = run.check(&totals).await;
+    if let Err(e) = run.teardown().await {
+        tracing::warn!(
+            scenario = T::scenario_name(scenario),
+            error = %format!("{e:#}"),
+            "teardown failed"
+        );
     }
+    let report = match invariants {
+        Ok(invariants) => report.judge(invariants, run.failure()),
+        Err(e) => report.fail(format!("check failed: {e:#}")),
+    };
+    Ok(Ran::Report(Box::new(report)))
 }
 
-/// What one worker saw, and (merged) what all workers of a run saw: the tally of the database
-/// runner and of the HTTP target.
+/// The load loop of one worker.
+async fn worker<R: TargetRun>(
+    run: Arc<R>,
+    index: usize,
+    next: Arc<AtomicU64>,
+    limit: u64,
+    deadline: Option<Instant>,
+) -> WorkerStats {
+    let mut stats = WorkerStats::new();
+    let mut state = run.worker(index);
+    loop {
+        let seq = next.fetch_add(1, Ordering::Relaxed);
+        if seq >= limit {
+            break;
+        }
+        let started = Instant::now();
+        if deadline.is_some_and(|d| started >= d) {
+            break;
+        }
+        let op = run.op(&mut state, index, seq).await;
+        stats.record(started.elapsed(), op);
+        run.between_ops(&mut state).await;
+    }
+    stats
+}
+
+/// What one worker saw, and (merged) what all workers of a run saw.
 pub(crate) struct WorkerStats {
     latency_us: Histogram<u64>,
-    pub(crate) succeeded: u64,
-    pub(crate) refused: u64,
-    pub(crate) errors: u64,
+    succeeded: u64,
+    refused: u64,
+    errors: u64,
     retries: u64,
     conflicts: BTreeMap<ConflictKind, u64>,
     fenced_rejections: u64,
@@ -267,8 +417,17 @@ impl WorkerStats {
         add_sample(&mut self.error_samples, message);
     }
 
-    /// Writes the counts, retries, conflicts, throughput over `elapsed`, latency and error
-    /// samples into `report`.
+    /// The totals handed to [`TargetRun::check`].
+    pub(crate) fn totals(&self) -> Totals {
+        Totals {
+            succeeded: self.succeeded,
+            refused: self.refused,
+            errors: self.errors,
+        }
+    }
+
+    /// Writes the counts, retries, conflicts, throughput over `elapsed`, latency, error samples
+    /// and (when `report` has lock statistics) fenced rejections into `report`.
     pub(crate) fn fill(self, report: &mut RunReport, elapsed: Duration) {
         let operations = self.succeeded + self.refused + self.errors;
         report.operations = operations;
@@ -289,172 +448,10 @@ impl WorkerStats {
         };
         report.latency_ms = latency(&self.latency_us);
         report.error_samples = self.error_samples;
-    }
-}
-
-fn add_sample(samples: &mut Vec<String>, message: String) {
-    if samples.len() < MAX_ERROR_SAMPLES && !samples.contains(&message) {
-        samples.push(message);
-    }
-}
-
-/// The load loop of one worker.
-async fn worker(
-    scenario: Arc<dyn Scenario>,
-    ctx: Arc<Ctx>,
-    index: usize,
-    next: Arc<AtomicU64>,
-    limit: u64,
-    deadline: Option<Instant>,
-) -> WorkerStats {
-    let mut stats = WorkerStats::new();
-    let mut session = ctx.db.session();
-    loop {
-        let seq = next.fetch_add(1, Ordering::Relaxed);
-        if seq >= limit {
-            break;
-        }
-        let started = Instant::now();
-        if deadline.is_some_and(|d| started >= d) {
-            break;
-        }
-        let op = scenario.op_in_session(&ctx, &mut session, index, seq).await;
-        stats.record(started.elapsed(), op);
-    }
-    stats
-}
-
-/// One run: setup, load, check.
-async fn run_one(
-    config: &LabConfig,
-    db: &Db,
-    scenario: Arc<dyn Scenario>,
-    strategy: Strategy,
-    workers: usize,
-    lock: Option<&LockService>,
-) -> RunReport {
-    let counting = lock.map(|l| Arc::new(CountingLock::new(l.lock.clone())));
-    let ctx = Arc::new(Ctx {
-        db: db.clone(),
-        strategy,
-        workers,
-        operations: config.load.sizing(),
-        locks: counting.clone().map(|c| c as Arc<dyn KeyLock>),
-        run_id: format!("lab{:08x}", rand::random::<u32>()),
-    });
-    let mut report = RunReport::empty(
-        scenario.name(),
-        &strategy.to_string(),
-        db.backend().name(),
-        workers,
-        strategy.expected_safe(),
-        counting.is_some().then(LockStats::default),
-    );
-
-    if let Err(e) = scenario.setup(&ctx).await {
-        return failed(report, format!("setup failed: {e:#}"));
-    }
-    warm_pool(db, workers).await;
-
-    let commands_before = match lock.and_then(|l| l.commands.clone()) {
-        Some(counter) => counter.total().await.ok().map(|n| (counter, n)),
-        None => None,
-    };
-
-    let next = Arc::new(AtomicU64::new(0));
-    let limit = config.load.operations.unwrap_or(u64::MAX);
-    let started = Instant::now();
-    let deadline = config.load.duration.map(|d| started + d);
-    let mut set = JoinSet::new();
-    for index in 0..workers {
-        set.spawn(worker(
-            scenario.clone(),
-            ctx.clone(),
-            index,
-            next.clone(),
-            limit,
-            deadline,
-        ));
-    }
-    let mut stats = WorkerStats::new();
-    let mut panics = Vec::new();
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(s) => stats.merge(s),
-            Err(e) => panics.push(format!("worker failed: {e}")),
+        if let Some(lock) = report.lock.as_mut() {
+            lock.fenced_rejections = self.fenced_rejections;
         }
     }
-    let elapsed = started.elapsed();
-
-    let redis_commands = match commands_before {
-        Some((counter, before)) => counter
-            .total()
-            .await
-            .ok()
-            .map(|after| after.saturating_sub(before)),
-        None => None,
-    };
-
-    let totals = Totals {
-        succeeded: stats.succeeded,
-        refused: stats.refused,
-        errors: stats.errors,
-    };
-    let invariants = scenario.check(&ctx, &totals).await;
-    if let Err(e) = scenario.teardown(&ctx).await {
-        tracing::warn!(scenario = scenario.name(), error = %format!("{e:#}"), "teardown failed");
-    }
-
-    let fenced_rejections = stats.fenced_rejections;
-    stats.fill(&mut report, elapsed);
-    report.errors += panics.len() as u64;
-    for p in panics {
-        add_sample(&mut report.error_samples, p);
-    }
-    if let (Some(lock_stats), Some(counting)) = (report.lock.as_mut(), counting.as_ref()) {
-        fill_lock_stats(
-            lock_stats,
-            &counting.counters(),
-            redis_commands,
-            fenced_rejections,
-        );
-    }
-    match invariants {
-        Ok(invariants) => {
-            report.violations = invariants
-                .iter()
-                .map(|i| if i.ok { 0 } else { i.violations.max(1) })
-                .sum();
-            report.invariants = invariants;
-            let (text, fails) = verdict(
-                report.expected_safe,
-                report.violations,
-                report.errors,
-                workers,
-            );
-            report.verdict = text;
-            report.failed = fails;
-            report
-        }
-        Err(e) => failed(report, format!("check failed: {e:#}")),
-    }
-}
-
-fn fill_lock_stats(
-    out: &mut LockStats,
-    counters: &LockCounters,
-    redis_commands: Option<u64>,
-    fenced_rejections: u64,
-) {
-    out.acquisitions = counters.acquisitions();
-    out.redis_commands = redis_commands.unwrap_or(0);
-    out.commands_per_acquisition = if out.acquisitions == 0 {
-        0.0
-    } else {
-        out.redis_commands as f64 / out.acquisitions as f64
-    };
-    out.handoff_p50_ms = counters.handoff_p50_ms();
-    out.fenced_rejections = fenced_rejections;
 }
 
 fn latency(h: &Histogram<u64>) -> Latency {
@@ -468,16 +465,4 @@ fn latency(h: &Histogram<u64>) -> Latency {
         p99: ms(h.value_at_quantile(0.99)),
         max: ms(h.max()),
     }
-}
-
-/// Marks a run that could not be set up or checked: it fails the lab whatever the strategy.
-pub(crate) fn failed(mut report: RunReport, message: String) -> RunReport {
-    report.errors += 1;
-    report.verdict = format!(
-        "FAILED: {}",
-        message.split(':').next().unwrap_or("run failed")
-    );
-    add_sample(&mut report.error_samples, message);
-    report.failed = true;
-    report
 }

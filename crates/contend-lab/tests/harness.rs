@@ -12,8 +12,8 @@ use std::sync::Arc;
 use contend::strategy::Strategy;
 use contend_lab::cli::{LabArgs, run_with};
 use contend_lab::config::{LabConfig, Load};
+use contend_lab::db_target::{LockService, LockServices, run_lab};
 use contend_lab::report::{LabReport, RunReport};
-use contend_lab::runner::{LockService, LockServices, run_lab};
 use contend_lab::scenario::Scenario;
 use support::{Counter, LocalLock, server_url};
 
