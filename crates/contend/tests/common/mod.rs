@@ -41,6 +41,37 @@ pub fn server_url(backend: Backend) -> Option<String> {
     }
 }
 
+/// The value of the environment variable `var` (a server URL or a comma-separated list of them,
+/// e.g. `CONTEND_GALERA_URLS`), or `None` after printing "skipped: ..." when it is not set.
+///
+/// # Panics
+/// When the variable is unset and `CONTEND_REQUIRE_SERVERS=1`.
+pub fn env_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            assert!(
+                !servers_required(),
+                "{var} not set but CONTEND_REQUIRE_SERVERS=1: run the tests with scripts/test"
+            );
+            println!("skipped: {var} not set");
+            None
+        }
+    }
+}
+
+/// The comma-separated URLs in `var` (the nodes of a cluster), or `None` as for [`env_url`].
+pub fn env_urls(var: &str) -> Option<Vec<String>> {
+    let urls = env_url(var)?;
+    Some(
+        urls.split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
 /// A random lowercase suffix for names that must not collide with parallel runs.
 pub fn suffix() -> String {
     let mut rng = rand::rng();

@@ -1,0 +1,518 @@
+//! The hazards of the distributed engines that `scripts/services` starts, shown with sqlx alone
+//! (no contend code): what a strategy written for one server meets on a Galera cluster and behind
+//! pgbouncer in transaction pooling mode. Each hazard is set against the same steps on a single
+//! server, where the assertion about the cluster fails, so the tests can tell the two apart.
+//!
+//! Servers: `CONTEND_GALERA_URLS` (the nodes, comma separated), `CONTEND_PGBOUNCER_URL` and
+//! `CONTEND_PG_URL` (the PostgreSQL behind it), `CONTEND_MYSQL_URL` (the single-server baseline).
+//! A test whose variables are unset prints "skipped: ..." unless `CONTEND_REQUIRE_SERVERS=1`.
+
+mod common;
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use sqlx::mysql::{MySqlConnection, MySqlDatabaseError};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{AssertSqlSafe, Connection, Row};
+
+/// How long a session waits for a row lock held by another session before giving up (1205).
+const LOCK_WAIT_SECS: u64 = 2;
+
+/// An upper bound for any single step, so that a broken server fails a test instead of hanging it.
+const STEP: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Galera (MariaDB multi-primary cluster)
+// ---------------------------------------------------------------------------------------------
+
+/// The MySQL error number and SQLSTATE of a failed statement (`None`: not a database error).
+fn mysql_error(e: &sqlx::Error) -> Option<(u16, String)> {
+    let db = e.as_database_error()?;
+    let my = db.try_downcast_ref::<MySqlDatabaseError>()?;
+    Some((my.number(), my.code().unwrap_or_default().to_owned()))
+}
+
+async fn my_connect(url: &str) -> MySqlConnection {
+    tokio::time::timeout(STEP, MySqlConnection::connect(url))
+        .await
+        .unwrap_or_else(|_| panic!("connect to {url}: timed out"))
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+async fn my_exec(conn: &mut MySqlConnection, sql: &str) -> Result<(), sqlx::Error> {
+    tokio::time::timeout(STEP, sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn))
+        .await
+        .unwrap_or_else(|_| panic!("{sql}: no answer in {STEP:?}"))
+        .map(|_| ())
+}
+
+async fn my_int(conn: &mut MySqlConnection, sql: &str) -> Result<Option<i64>, sqlx::Error> {
+    tokio::time::timeout(
+        STEP,
+        sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(sql)).fetch_one(conn),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{sql}: no answer in {STEP:?}"))
+}
+
+/// The two sessions of a scenario: on two Galera nodes, or two connections to one server.
+async fn two_sessions(first_url: &str, second_url: &str, galera: bool) -> [MySqlConnection; 2] {
+    let mut sessions = [my_connect(first_url).await, my_connect(second_url).await];
+    for s in &mut sessions {
+        my_exec(
+            s,
+            &format!("SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_SECS}"),
+        )
+        .await
+        .expect("set innodb_lock_wait_timeout");
+        if galera {
+            // Causal reads: a node's SELECT waits until it has applied what other nodes committed
+            // before, so that each session sees the row the other created.
+            my_exec(s, "SET SESSION wsrep_sync_wait = 1")
+                .await
+                .expect("set wsrep_sync_wait");
+        }
+    }
+    sessions
+}
+
+/// What happened when two sessions both wanted the same row with `SELECT ... FOR UPDATE`.
+#[derive(Debug)]
+struct RowLockRace {
+    /// The second session's `SELECT ... FOR UPDATE` while the first holds the row: the value it
+    /// read, or the error number.
+    second_lock: Result<i64, u16>,
+    /// How long that statement took.
+    second_lock_took: Duration,
+    /// The second session's `UPDATE` + `COMMIT` when it got the row (`None`: it rolled back).
+    second_commit: Option<Result<(), u16>>,
+    /// The first session's `UPDATE` + `COMMIT` after that: the error number and SQLSTATE of the
+    /// first statement that failed.
+    first_commit: Result<(), (u16, String)>,
+    /// The row's value afterwards: +1 for a second session's commit, +10 for the first's.
+    final_value: i64,
+}
+
+/// Session 1 locks row 1 with `SELECT ... FOR UPDATE` in an open transaction; session 2 then
+/// does the same and, if it gets the row, adds 1 and commits; session 1 then adds 10 and commits.
+async fn row_lock_race(first_url: &str, second_url: &str, galera: bool) -> RowLockRace {
+    let [mut first, mut second] = two_sessions(first_url, second_url, galera).await;
+    let table = common::table("galera_rows");
+    my_exec(
+        &mut first,
+        &format!("CREATE TABLE {table} (id INT PRIMARY KEY, v BIGINT NOT NULL) ENGINE=InnoDB"),
+    )
+    .await
+    .expect("create table");
+    my_exec(&mut first, &format!("INSERT INTO {table} VALUES (1, 0)"))
+        .await
+        .expect("insert");
+    let lock = format!("SELECT v FROM {table} WHERE id = 1 FOR UPDATE");
+
+    my_exec(&mut first, "BEGIN").await.expect("begin 1");
+    let held = my_int(&mut first, &lock).await.expect("first lock");
+    assert_eq!(held, Some(0), "the first session reads the row");
+
+    my_exec(&mut second, "BEGIN").await.expect("begin 2");
+    let started = Instant::now();
+    let second_lock = match my_int(&mut second, &lock).await {
+        Ok(v) => Ok(v.expect("the second session reads the row")),
+        Err(e) => Err(mysql_error(&e)
+            .unwrap_or_else(|| panic!("second lock: {e}"))
+            .0),
+    };
+    let second_lock_took = started.elapsed();
+    let second_commit = if second_lock.is_ok() {
+        let update = format!("UPDATE {table} SET v = v + 1 WHERE id = 1");
+        let r = match my_exec(&mut second, &update).await {
+            Ok(()) => my_exec(&mut second, "COMMIT").await,
+            Err(e) => Err(e),
+        };
+        Some(r.map_err(|e| {
+            mysql_error(&e)
+                .unwrap_or_else(|| panic!("second commit: {e}"))
+                .0
+        }))
+    } else {
+        my_exec(&mut second, "ROLLBACK").await.expect("rollback 2");
+        None
+    };
+
+    let update = format!("UPDATE {table} SET v = v + 10 WHERE id = 1");
+    let first_commit = match my_exec(&mut first, &update).await {
+        Ok(()) => my_exec(&mut first, "COMMIT").await,
+        Err(e) => Err(e),
+    }
+    .map_err(|e| mysql_error(&e).unwrap_or_else(|| panic!("first commit: {e}")));
+    if first_commit.is_err() {
+        let _ = my_exec(&mut first, "ROLLBACK").await;
+    }
+
+    let final_value = my_int(&mut first, &format!("SELECT v FROM {table} WHERE id = 1"))
+        .await
+        .expect("read back")
+        .expect("the row");
+    my_exec(&mut first, &format!("DROP TABLE {table}"))
+        .await
+        .expect("drop table");
+    RowLockRace {
+        second_lock,
+        second_lock_took,
+        second_commit,
+        first_commit,
+        final_value,
+    }
+}
+
+/// The results of `GET_LOCK(name, 1)` in two sessions, the first still holding the lock when the
+/// second asks.
+async fn get_lock_twice(first_url: &str, second_url: &str, galera: bool) -> (i64, i64) {
+    let [mut first, mut second] = two_sessions(first_url, second_url, galera).await;
+    let name = format!("contend_test_{}", common::suffix());
+    let get = format!("SELECT GET_LOCK('{name}', 1)");
+    let a = my_int(&mut first, &get).await.expect("first GET_LOCK");
+    let b = my_int(&mut second, &get).await.expect("second GET_LOCK");
+    let release = format!("SELECT RELEASE_LOCK('{name}')");
+    for s in [&mut first, &mut second] {
+        my_int(s, &release).await.expect("RELEASE_LOCK");
+    }
+    (
+        a.expect("GET_LOCK returns 0 or 1"),
+        b.expect("GET_LOCK returns 0 or 1"),
+    )
+}
+
+fn galera_nodes() -> Option<Vec<String>> {
+    let nodes = common::env_urls("CONTEND_GALERA_URLS")?;
+    assert!(
+        nodes.len() >= 2,
+        "CONTEND_GALERA_URLS needs two nodes or more: {nodes:?}"
+    );
+    Some(nodes)
+}
+
+/// On one server the second `SELECT ... FOR UPDATE` waits for the first session's lock and gives
+/// up (1205); the first session's write then commits. The baseline of the next test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_server_select_for_update_excludes_the_second_session() {
+    let Some(url) = common::server_url(contend::Backend::MySql) else {
+        return;
+    };
+    let race = row_lock_race(&url, &url, false).await;
+    println!("single server: {race:?}");
+    assert_eq!(race.second_lock, Err(1205), "lock wait timeout: {race:?}");
+    assert!(
+        race.second_lock_took >= Duration::from_secs(LOCK_WAIT_SECS) - Duration::from_millis(100)
+    );
+    assert_eq!(race.second_commit, None);
+    assert_eq!(race.first_commit, Ok(()));
+    assert_eq!(race.final_value, 10);
+}
+
+/// On Galera, `SELECT ... FOR UPDATE` locks the row on its own node only: node 2's lock returns at
+/// once while node 1 holds the row, node 2 commits, and node 1's transaction is aborted by
+/// certification, reported as a deadlock (1213, SQLSTATE 40001).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn galera_select_for_update_locks_one_node_only() {
+    let Some(nodes) = galera_nodes() else {
+        return;
+    };
+    let race = row_lock_race(&nodes[0], &nodes[1], true).await;
+    println!("galera: {race:?}");
+    assert_eq!(
+        race.second_lock,
+        Ok(0),
+        "node 2 locks the row node 1 holds: {race:?}"
+    );
+    assert!(
+        race.second_lock_took < Duration::from_secs(LOCK_WAIT_SECS),
+        "node 2 did not wait for node 1's lock: {race:?}"
+    );
+    assert_eq!(race.second_commit, Some(Ok(())), "node 2 commits: {race:?}");
+    assert_eq!(
+        race.first_commit,
+        Err((1213, "40001".to_owned())),
+        "node 1's transaction loses certification: {race:?}"
+    );
+    assert_eq!(race.final_value, 1, "only node 2's write is kept: {race:?}");
+}
+
+/// On one server `GET_LOCK` excludes: the second session gets 0 after its 1 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_server_get_lock_excludes_the_second_session() {
+    let Some(url) = common::server_url(contend::Backend::MySql) else {
+        return;
+    };
+    assert_eq!(get_lock_twice(&url, &url, false).await, (1, 0));
+}
+
+/// On Galera `GET_LOCK` is local to a node: node 1 and node 2 both get the same lock at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn galera_get_lock_is_not_cluster_wide() {
+    let Some(nodes) = galera_nodes() else {
+        return;
+    };
+    assert_eq!(get_lock_twice(&nodes[0], &nodes[1], true).await, (1, 1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// pgbouncer (transaction pooling) in front of PostgreSQL
+// ---------------------------------------------------------------------------------------------
+
+/// A client of pgbouncer as sqlx opens it, without a named-statement cache (pgbouncer 1.18 cannot
+/// carry named statements across server connections). Statements below use the simple query
+/// protocol (`raw_sql`), one transaction each unless inside `BEGIN` ... `COMMIT`.
+async fn pg_connect(url: &str) -> PgConnection {
+    let options = PgConnectOptions::from_str(url)
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+        .statement_cache_capacity(0);
+    tokio::time::timeout(STEP, PgConnection::connect_with(&options))
+        .await
+        .unwrap_or_else(|_| panic!("connect to {url}: timed out"))
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// The first row of `sql`, run with the simple query protocol.
+async fn pg_row(conn: &mut PgConnection, sql: &str) -> sqlx::postgres::PgRow {
+    tokio::time::timeout(STEP, sqlx::raw_sql(AssertSqlSafe(sql)).fetch_one(conn))
+        .await
+        .unwrap_or_else(|_| panic!("{sql}: no answer in {STEP:?}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+async fn pg_exec(conn: &mut PgConnection, sql: &str) {
+    tokio::time::timeout(STEP, sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn))
+        .await
+        .unwrap_or_else(|_| panic!("{sql}: no answer in {STEP:?}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// `(value of column 0, pg_backend_pid())` of `SELECT <expr>, pg_backend_pid()`: which server
+/// connection ran the statement.
+async fn pg_bool_and_pid(conn: &mut PgConnection, expr: &str) -> (bool, i32) {
+    let row = pg_row(conn, &format!("SELECT {expr}, pg_backend_pid()")).await;
+    (row.get(0), row.get(1))
+}
+
+/// A random advisory-lock key in 1..2^31, so that pg_locks shows it as (classid 0, objid key).
+fn lock_key() -> i64 {
+    rand::rng().random_range(1..i64::from(i32::MAX))
+}
+
+/// The server processes (pids) holding the advisory lock on `key` (session or transaction level),
+/// seen on a direct connection to PostgreSQL, with the state of each backend (`idle`: no
+/// transaction is open).
+async fn advisory_holders(direct: &mut PgConnection, key: i64) -> Vec<(i32, String)> {
+    let sql = format!(
+        "SELECT l.pid, COALESCE(a.state, '?') FROM pg_locks l \
+         LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = {key} \
+         AND l.objsubid = 1 ORDER BY l.pid"
+    );
+    tokio::time::timeout(STEP, sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(direct))
+        .await
+        .expect("pg_locks: no answer")
+        .expect("pg_locks")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Opens pgbouncer clients, each in an open transaction, until one of them runs on the server
+/// connection `pid`; returns it (still in its transaction) and commits and closes the others.
+/// Possible only where pgbouncer hands a server connection to any client between transactions.
+async fn client_on_server_connection(url: &str, pid: i32) -> PgConnection {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut tried = 0;
+    let mut others = Vec::new();
+    let found = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no pgbouncer client got server connection {pid} in 20 s ({tried} transactions): \
+             it is not handed to other clients"
+        );
+        tried += 1;
+        let mut client = pg_connect(url).await;
+        // pgbouncer assigns a server connection at BEGIN and keeps it until the transaction ends.
+        let row = tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::raw_sql("BEGIN; SELECT pg_backend_pid()").fetch_one(&mut client),
+        )
+        .await;
+        match row {
+            Ok(row) => {
+                let got: i32 = row.expect("pg_backend_pid").get(0);
+                if got == pid {
+                    break client;
+                }
+                others.push(client);
+            }
+            // The pool is exhausted (its server connections are in our open transactions) and the
+            // one we want is busy elsewhere: drop the waiting client, release ours, try again.
+            Err(_) => {
+                drop(client);
+                for mut c in others.drain(..) {
+                    pg_exec(&mut c, "COMMIT").await;
+                    let _ = c.close().await;
+                }
+            }
+        }
+    };
+    for mut c in others {
+        pg_exec(&mut c, "COMMIT").await;
+        let _ = c.close().await;
+    }
+    found
+}
+
+fn pgbouncer_urls() -> Option<(String, String)> {
+    let bouncer = common::env_url("CONTEND_PGBOUNCER_URL")?;
+    let direct = common::server_url(contend::Backend::Postgres)?;
+    Some((bouncer, direct))
+}
+
+/// On a direct connection a session advisory lock belongs to the client's session: it is released
+/// when the client goes away. The baseline of the next test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_session_advisory_lock_ends_with_its_client() {
+    let Some(url) = common::server_url(contend::Backend::Postgres) else {
+        return;
+    };
+    let key = lock_key();
+    let mut observer = pg_connect(&url).await;
+    let mut taker = pg_connect(&url).await;
+    let pid: i32 = pg_row(
+        &mut taker,
+        &format!("SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock({key})) AS taken"),
+    )
+    .await
+    .get(0);
+    assert_eq!(
+        advisory_holders(&mut observer, key).await,
+        [(pid, "idle".to_owned())]
+    );
+    taker.close().await.expect("close");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !advisory_holders(&mut observer, key).await.is_empty() {
+        assert!(Instant::now() < deadline, "the lock outlived its client");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Through pgbouncer in transaction pooling mode a session advisory lock belongs to the pooled
+/// server connection that ran `pg_advisory_lock`, not to the client: another client handed that
+/// server connection acquires the "held" lock too, the taker cannot release it (its unlock runs
+/// on another server connection), and the lock outlives both clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_session_advisory_lock_belongs_to_a_pooled_server_connection() {
+    let Some((bouncer, direct)) = pgbouncer_urls() else {
+        return;
+    };
+    let key = lock_key();
+    let mut observer = pg_connect(&direct).await;
+
+    // Client A takes the lock; pgbouncer returns the server connection to the pool afterwards.
+    let mut a = pg_connect(&bouncer).await;
+    let holder: i32 = pg_row(
+        &mut a,
+        &format!("SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock({key})) AS taken"),
+    )
+    .await
+    .get(0);
+    assert_eq!(
+        advisory_holders(&mut observer, key).await,
+        [(holder, "idle".to_owned())],
+        "held by server connection {holder}, which is in no transaction"
+    );
+    let (direct_got, _) =
+        pg_bool_and_pid(&mut observer, &format!("pg_try_advisory_lock({key})")).await;
+    assert!(!direct_got, "the lock is held");
+
+    // Client B, handed that server connection for its transaction, acquires the same lock while A
+    // still believes it holds it: two holders.
+    let mut b = client_on_server_connection(&bouncer, holder).await;
+    let (b_got, b_pid) = pg_bool_and_pid(&mut b, &format!("pg_try_advisory_lock({key})")).await;
+    assert_eq!(b_pid, holder);
+    assert!(b_got, "B acquires the lock A holds");
+
+    // A's unlock runs on another server connection (B's transaction has A's): it releases nothing.
+    let (a_released, a_pid) = pg_bool_and_pid(&mut a, &format!("pg_advisory_unlock({key})")).await;
+    assert_ne!(a_pid, holder);
+    assert!(!a_released, "A cannot release its own lock");
+
+    // Both clients leave; the lock stays, on an idle pooled server connection.
+    pg_exec(&mut b, "COMMIT").await;
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        advisory_holders(&mut observer, key).await,
+        [(holder, "idle".to_owned())],
+        "the lock outlives its clients"
+    );
+    let (direct_got, _) =
+        pg_bool_and_pid(&mut observer, &format!("pg_try_advisory_lock({key})")).await;
+    assert!(
+        !direct_got,
+        "the orphaned lock still excludes everybody else"
+    );
+
+    // Clean up: end the server connection that holds the orphaned lock.
+    let (terminated, _) =
+        pg_bool_and_pid(&mut observer, &format!("pg_terminate_backend({holder})")).await;
+    assert!(terminated);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !advisory_holders(&mut observer, key).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "terminated backend kept its lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Through pgbouncer in transaction pooling mode `pg_advisory_xact_lock` is safe: the lock lives
+/// as long as the client's transaction, which pins the server connection, excludes other clients
+/// meanwhile, and leaves nothing behind at commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_transaction_advisory_lock_is_safe() {
+    let Some((bouncer, direct)) = pgbouncer_urls() else {
+        return;
+    };
+    let key = lock_key();
+    let mut observer = pg_connect(&direct).await;
+    let mut a = pg_connect(&bouncer).await;
+    let mut b = pg_connect(&bouncer).await;
+
+    pg_exec(&mut a, "BEGIN").await;
+    let a_pid: i32 = pg_row(
+        &mut a,
+        &format!("SELECT pg_backend_pid() FROM (SELECT pg_advisory_xact_lock({key})) AS taken"),
+    )
+    .await
+    .get(0);
+    assert_eq!(advisory_holders(&mut observer, key).await.len(), 1);
+
+    let (b_got, b_pid) =
+        pg_bool_and_pid(&mut b, &format!("pg_try_advisory_xact_lock({key})")).await;
+    assert_ne!(b_pid, a_pid, "A's transaction keeps its server connection");
+    assert!(!b_got, "B is excluded while A's transaction holds the lock");
+
+    pg_exec(&mut a, "COMMIT").await;
+    assert_eq!(
+        advisory_holders(&mut observer, key).await.len(),
+        0,
+        "nothing is left at commit"
+    );
+    let (b_got, _) = pg_bool_and_pid(&mut b, &format!("pg_try_advisory_xact_lock({key})")).await;
+    assert!(b_got, "B acquires the lock once A committed");
+    assert_eq!(
+        advisory_holders(&mut observer, key).await.len(),
+        0,
+        "B's autocommit transaction released it"
+    );
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
