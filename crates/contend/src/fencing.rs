@@ -53,9 +53,10 @@
 
 use std::fmt;
 
-use crate::backend::Backend;
+use crate::backend::Database;
 use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::strategy::Value;
 use crate::tx::Tx;
 
 /// The name of the fence table.
@@ -102,7 +103,7 @@ impl From<FencingToken> for u64 {
 ///
 /// # Cancel safety
 /// Safe: `CREATE TABLE IF NOT EXISTS` either ran or did not.
-pub async fn ensure_schema(db: &Db) -> Result<()> {
+pub async fn ensure_schema<DB: Database>(db: &Db<DB>) -> Result<()> {
     let sql = format!(
         "CREATE TABLE IF NOT EXISTS {FENCE_TABLE} \
          (resource VARCHAR({MAX_RESOURCE_LEN}) PRIMARY KEY, token BIGINT NOT NULL)"
@@ -130,35 +131,33 @@ pub async fn ensure_schema(db: &Db) -> Result<()> {
 /// # Cancel safety
 /// Dropping the future leaves the transaction mid-statement; [`crate::Db::transaction`] then
 /// closes the connection and the server rolls back, so no partial raise is committed.
-pub async fn fence(tx: &mut Tx, resource: &str, token: FencingToken) -> Result<()> {
+pub async fn fence<DB: Database>(
+    tx: &mut Tx<DB>,
+    resource: &str,
+    token: FencingToken,
+) -> Result<()> {
     check_resource(resource)?;
     let value = token_value(token)?;
-    let insert = match tx.backend() {
-        Backend::MySql => format!(
-            "INSERT INTO {FENCE_TABLE} (resource, token) VALUES (?, 0) \
-             ON DUPLICATE KEY UPDATE resource = resource"
-        ),
-        _ => format!(
-            "INSERT INTO {FENCE_TABLE} (resource, token) VALUES (?, 0) \
-             ON CONFLICT (resource) DO NOTHING"
-        ),
-    };
-    let q = tx.query(&insert).bind(resource.to_string());
-    q.execute(tx.conn()).await?;
+    let backend = tx.backend();
+    let insert = format!(
+        "INSERT INTO {FENCE_TABLE} (resource, token) VALUES (?, 0){}",
+        backend
+            .dialect()
+            .on_conflict_do_nothing("resource", "resource")
+    );
+    let name = Value::from(resource);
+    DB::execute_values(tx.conn(), backend, &insert, std::slice::from_ref(&name)).await?;
     // sqlx connects to MySQL/MariaDB with CLIENT_FOUND_ROWS, so a matched row whose token is
     // already equal counts as affected there too.
     let update = format!("UPDATE {FENCE_TABLE} SET token = ? WHERE resource = ? AND token <= ?");
-    let q = tx
-        .query(&update)
-        .bind(value)
-        .bind(resource.to_string())
-        .bind(value);
-    if q.execute(tx.conn()).await?.rows_affected() == 1 {
+    let args = [Value::Int(value), name.clone(), Value::Int(value)];
+    if DB::execute_values(tx.conn(), backend, &update, &args).await? == 1 {
         return Ok(());
     }
     let select = format!("SELECT token FROM {FENCE_TABLE} WHERE resource = ?");
-    let q = tx.query_scalar::<i64>(&select).bind(resource.to_string());
-    let highest = q.fetch_one(tx.conn()).await?;
+    let highest = DB::fetch_i64(tx.conn(), backend, &select, &[name])
+        .await?
+        .unwrap_or(0);
     Err(Error::StaleFencingToken {
         resource: resource.to_string(),
         token: token.get(),
@@ -190,14 +189,14 @@ pub async fn fence(tx: &mut Tx, resource: &str, token: FencingToken) -> Result<(
 ///
 /// # Cancel safety
 /// As [`fence`].
-pub async fn fenced_write<T, F>(
-    tx: &mut Tx,
+pub async fn fenced_write<DB: Database, T, F>(
+    tx: &mut Tx<DB>,
     resource: &str,
     token: FencingToken,
     write: F,
 ) -> Result<T>
 where
-    F: for<'c> FnOnce(&'c mut Tx) -> futures_util::future::BoxFuture<'c, Result<T>>,
+    F: for<'c> FnOnce(&'c mut Tx<DB>) -> futures_util::future::BoxFuture<'c, Result<T>>,
 {
     fence(tx, resource, token).await?;
     write(tx).await
@@ -210,14 +209,11 @@ where
 ///
 /// # Cancel safety
 /// Safe: a single read outside any transaction.
-pub async fn highest(db: &Db, resource: &str) -> Result<Option<FencingToken>> {
+pub async fn highest<DB: Database>(db: &Db<DB>, resource: &str) -> Result<Option<FencingToken>> {
     check_resource(resource)?;
     let select = format!("SELECT token FROM {FENCE_TABLE} WHERE resource = ?");
-    let token: Option<i64> = db
-        .query_scalar(&select)
-        .bind(resource.to_string())
-        .fetch_optional(db.pool())
-        .await?;
+    let mut conn = db.acquire().await?;
+    let token = DB::fetch_i64(&mut conn, db.backend(), &select, &[Value::from(resource)]).await?;
     Ok(token.map(|t| FencingToken::new(u64::try_from(t).unwrap_or(0))))
 }
 

@@ -35,6 +35,7 @@ pub mod db;
 pub mod error;
 pub mod fencing;
 pub mod isolation;
+pub mod lock;
 pub mod retry;
 pub mod session;
 pub mod strategy;

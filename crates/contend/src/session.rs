@@ -68,6 +68,13 @@ impl<DB: Database> Session<DB> {
         &self.db
     }
 
+    /// Gives the held connection back to the pool (which tests it before its next use); the
+    /// next operation acquires one again. For a worker about to wait (for a lock, say) without
+    /// needing its connection meanwhile.
+    pub fn release(&mut self) {
+        self.conn = None;
+    }
+
     /// Runs statements outside a transaction (each its own autocommit) on the held connection.
     ///
     /// # Errors

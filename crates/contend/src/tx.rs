@@ -250,6 +250,7 @@ pub struct Tx<DB: Database = Any> {
     hooks: Vec<(u32, Hook)>,
     finished: bool,
     restore: Option<String>,
+    lock_timeout: Option<Duration>,
 }
 
 impl<DB: Database> std::fmt::Debug for Tx<DB> {
@@ -288,6 +289,7 @@ impl<DB: Database> Tx<DB> {
             hooks: Vec::new(),
             finished: false,
             restore,
+            lock_timeout: options.lock_timeout,
         };
         if let Err(e) = tx.raw(sql).await {
             // Whatever part of the BEGIN took effect is undone; if that fails the connection is
@@ -390,6 +392,11 @@ impl<DB: Database> Tx<DB> {
             Some(existing) => format!("{existing}; {sql}"),
             None => sql,
         });
+    }
+
+    /// The lock timeout this transaction was started with ([`TxOptions::lock_timeout`]).
+    pub(crate) fn lock_timeout(&self) -> Option<Duration> {
+        self.lock_timeout
     }
 
     /// How many savepoints are open around the current code (0 in the transaction body itself).

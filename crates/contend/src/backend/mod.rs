@@ -24,9 +24,9 @@ use std::fmt;
 
 use futures_util::future::BoxFuture;
 use sqlx::error::DatabaseError;
-use sqlx::query::Query;
 
 use crate::error::{ConflictKind, Error, Result};
+use crate::strategy::Value;
 use crate::tx::TxOptions;
 
 /// A sqlx database that contend can run transactions on: `sqlx::Postgres`, `sqlx::MySql`,
@@ -47,15 +47,6 @@ pub trait Database: sqlx::Database {
     /// redacted by the caller.
     fn url_of(pool: &sqlx::Pool<Self>) -> Option<String>;
 
-    /// Runs `query` on `conn` and returns the number of rows it affected.
-    ///
-    /// # Cancel safety
-    /// As sqlx's `execute`: if dropped, the statement may or may not have run.
-    fn execute<'c>(
-        conn: &'c mut Self::Connection,
-        query: Query<'c, Self, Self::Arguments>,
-    ) -> BoxFuture<'c, Result<u64, sqlx::Error>>;
-
     /// Runs `sql` (one or more `;`-separated statements without parameters) on `conn`.
     ///
     /// # Cancel safety
@@ -65,8 +56,20 @@ pub trait Database: sqlx::Database {
         sql: String,
     ) -> BoxFuture<'c, Result<(), sqlx::Error>>;
 
-    /// Runs `sql` with the `i64` parameters `args` (`?` placeholders, rewritten for the
-    /// backend) and returns the first column of the first row, if there is a row.
+    /// Runs `sql` (`?` placeholders, rewritten for `backend`) with the parameters `args` and
+    /// returns the number of rows it affected.
+    ///
+    /// # Cancel safety
+    /// As sqlx's `execute`: if dropped, the statement may or may not have run.
+    fn execute_values<'c>(
+        conn: &'c mut Self::Connection,
+        backend: Backend,
+        sql: &str,
+        args: &[Value],
+    ) -> BoxFuture<'c, Result<u64, sqlx::Error>>;
+
+    /// Runs `sql` with the parameters `args` and returns the first column of the first row as
+    /// an `i64`, if there is a row.
     ///
     /// # Cancel safety
     /// As sqlx's `fetch_optional`.
@@ -74,7 +77,7 @@ pub trait Database: sqlx::Database {
         conn: &'c mut Self::Connection,
         backend: Backend,
         sql: &str,
-        args: &[i64],
+        args: &[Value],
     ) -> BoxFuture<'c, Result<Option<i64>, sqlx::Error>>;
 }
 
@@ -91,13 +94,6 @@ macro_rules! impl_database {
                 $url
             }
 
-            fn execute<'c>(
-                conn: &'c mut Self::Connection,
-                query: sqlx::query::Query<'c, Self, Self::Arguments>,
-            ) -> futures_util::future::BoxFuture<'c, Result<u64, sqlx::Error>> {
-                Box::pin(async move { Ok(query.execute(conn).await?.rows_affected()) })
-            }
-
             fn execute_raw<'c>(
                 conn: &'c mut Self::Connection,
                 sql: String,
@@ -110,17 +106,39 @@ macro_rules! impl_database {
                 })
             }
 
+            fn execute_values<'c>(
+                conn: &'c mut Self::Connection,
+                backend: $crate::Backend,
+                sql: &str,
+                args: &[$crate::strategy::Value],
+            ) -> futures_util::future::BoxFuture<'c, Result<u64, sqlx::Error>> {
+                let mut query =
+                    sqlx::query::<Self>(sqlx::AssertSqlSafe(backend.sql(sql).into_owned()));
+                for arg in args {
+                    query = match arg {
+                        $crate::strategy::Value::Int(v) => query.bind(*v),
+                        $crate::strategy::Value::Text(v) => query.bind(v.clone()),
+                        $crate::strategy::Value::Null => query.bind(Option::<i64>::None),
+                    };
+                }
+                Box::pin(async move { Ok(query.execute(conn).await?.rows_affected()) })
+            }
+
             fn fetch_i64<'c>(
                 conn: &'c mut Self::Connection,
                 backend: $crate::Backend,
                 sql: &str,
-                args: &[i64],
+                args: &[$crate::strategy::Value],
             ) -> futures_util::future::BoxFuture<'c, Result<Option<i64>, sqlx::Error>> {
                 let mut query = sqlx::query_scalar::<Self, i64>(sqlx::AssertSqlSafe(
                     backend.sql(sql).into_owned(),
                 ));
                 for arg in args {
-                    query = query.bind(*arg);
+                    query = match arg {
+                        $crate::strategy::Value::Int(v) => query.bind(*v),
+                        $crate::strategy::Value::Text(v) => query.bind(v.clone()),
+                        $crate::strategy::Value::Null => query.bind(Option::<i64>::None),
+                    };
                 }
                 Box::pin(async move { query.fetch_optional(conn).await })
             }
@@ -254,6 +272,42 @@ pub trait Dialect: Send + Sync + 'static {
     /// Classifies a database error as a conflict kind, if it is one.
     fn classify(&self, err: &dyn DatabaseError) -> Option<ConflictKind>;
 
+    /// Whether `INSERT`/`UPDATE ... RETURNING` is available (MySQL/MariaDB: no).
+    fn returning(&self) -> bool {
+        true
+    }
+
+    /// The clause that makes an `INSERT` do nothing when a row with the same `key` exists
+    /// (`noop` is a column the MySQL form assigns to itself).
+    fn on_conflict_do_nothing(&self, key: &str, _noop: &str) -> String {
+        format!(" ON CONFLICT ({key}) DO NOTHING")
+    }
+
+    /// The clause appended to a `SELECT` inside a transaction that must read the latest
+    /// committed row rather than the transaction's snapshot (MySQL's REPEATABLE READ reads a
+    /// snapshot unless the read locks: `LOCK IN SHARE MODE`). Empty where reads already see it.
+    fn current_read(&self) -> &'static str {
+        ""
+    }
+
+    /// How to take a transaction-scoped advisory lock on `key`, waiting at most `wait` (else
+    /// the transaction's lock timeout, `tx_lock_timeout`, or the server's).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the backend has no advisory locks.
+    fn advisory_xact(
+        &self,
+        key: &str,
+        _wait: Option<std::time::Duration>,
+        _tx_lock_timeout: Option<std::time::Duration>,
+    ) -> Result<AdvisoryXact> {
+        let _ = key;
+        Err(Error::Unsupported {
+            backend: self.backend(),
+            what: "advisory locks".into(),
+        })
+    }
+
     /// The clause appended to a `SELECT` to take row locks.
     ///
     /// # Errors
@@ -272,6 +326,18 @@ pub trait Dialect: Send + Sync + 'static {
             }
         })
     }
+}
+
+/// The statements of a transaction-scoped advisory lock ([`Dialect::advisory_xact`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvisoryXact {
+    /// The statement that takes the lock.
+    pub acquire: String,
+    /// When true, `acquire` is one query that returns 1 when the lock was granted and anything
+    /// else when the wait ran out; when false, it fails with a lock-timeout error instead.
+    pub returns_granted: bool,
+    /// A statement to run right after the transaction ends (MySQL releases `GET_LOCK` there).
+    pub after_end: Option<String>,
 }
 
 /// Classifies an error from any backend (used by `From<sqlx::Error> for Error`).

@@ -2,10 +2,11 @@
 //! session timeouts restored afterwards, error-number classification.
 
 use std::fmt::Write;
+use std::time::Duration;
 
 use sqlx::error::DatabaseError;
 
-use super::{Backend, Dialect, RowLock};
+use super::{AdvisoryXact, Backend, Dialect, RowLock};
 use crate::error::{ConflictKind, Result};
 use crate::tx::TxOptions;
 
@@ -63,6 +64,38 @@ impl Dialect for MySql {
             }
         }
         (err.code().as_deref() == Some("40001")).then_some(ConflictKind::Serialization)
+    }
+
+    fn returning(&self) -> bool {
+        false
+    }
+
+    fn on_conflict_do_nothing(&self, _key: &str, noop: &str) -> String {
+        format!(" ON DUPLICATE KEY UPDATE {noop} = {noop}")
+    }
+
+    fn current_read(&self) -> &'static str {
+        " LOCK IN SHARE MODE"
+    }
+
+    fn advisory_xact(
+        &self,
+        key: &str,
+        wait: Option<Duration>,
+        _tx_lock_timeout: Option<Duration>,
+    ) -> Result<AdvisoryXact> {
+        // `GET_LOCK` is held by the session, not the transaction: released after it ends.
+        let name = crate::strategy::advisory::mysql_lock_name(key);
+        let wait = match wait {
+            Some(w) => format!("{:.3}", w.as_secs_f64()),
+            None => "@@innodb_lock_wait_timeout".into(),
+        };
+        // `name` is `contend_` and hex digits, `wait` a number or a variable: safe to splice.
+        Ok(AdvisoryXact {
+            acquire: format!("SELECT COALESCE(GET_LOCK('{name}', {wait}), -1)"),
+            returns_granted: true,
+            after_end: Some(format!("DO RELEASE_LOCK('{name}')")),
+        })
     }
 
     fn row_lock_clause(&self, mode: RowLock) -> Result<&'static str> {

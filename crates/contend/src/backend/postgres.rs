@@ -1,10 +1,11 @@
 //! PostgreSQL: `BEGIN ISOLATION LEVEL ...`, `SET LOCAL` timeouts, SQLSTATE classification.
 
 use std::fmt::Write;
+use std::time::Duration;
 
 use sqlx::error::DatabaseError;
 
-use super::{Backend, Dialect, RowLock};
+use super::{AdvisoryXact, Backend, Dialect, RowLock};
 use crate::error::{ConflictKind, Result};
 use crate::tx::TxOptions;
 
@@ -54,6 +55,35 @@ impl Dialect for Postgres {
             "55P03" => Some(ConflictKind::LockTimeout),
             _ => None,
         }
+    }
+
+    fn advisory_xact(
+        &self,
+        key: &str,
+        wait: Option<Duration>,
+        tx_lock_timeout: Option<Duration>,
+    ) -> Result<AdvisoryXact> {
+        let id = crate::strategy::advisory::key_id(key);
+        let lock = format!("SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock({id})) AS l");
+        // `id` is a number and the timeouts are numbers: nothing from the caller is spliced.
+        let acquire = match wait {
+            None => lock,
+            Some(wait) => {
+                let restore = match tx_lock_timeout {
+                    Some(t) => format!("'{}ms'", t.as_millis().max(1)),
+                    None => "DEFAULT".into(),
+                };
+                format!(
+                    "SET LOCAL lock_timeout = '{}ms'; {lock}; SET LOCAL lock_timeout = {restore}",
+                    wait.as_millis().max(1)
+                )
+            }
+        };
+        Ok(AdvisoryXact {
+            acquire,
+            returns_granted: false,
+            after_end: None,
+        })
     }
 
     fn row_lock_clause(&self, mode: RowLock) -> Result<&'static str> {

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AssertSqlSafe, Executor};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Database};
 use crate::db::Db;
 use crate::error::{ConflictKind, Error, Result};
 use crate::tx::Tx;
@@ -102,8 +102,9 @@ async fn mysql_get_lock(
 ///
 /// `wait`: how long to wait for it; `None` waits as long as a row lock would in this
 /// transaction ([`crate::TxOptions::lock_timeout`]; PostgreSQL's default is forever, MariaDB's
-/// `innodb_lock_wait_timeout` 50 s). On PostgreSQL a `Some` costs one more round trip (the
-/// transaction's lock timeout is saved, set and restored around the wait).
+/// `innodb_lock_wait_timeout` 50 s). One round trip either way. Works in a transaction of any
+/// [`crate::Database`] whose backend has advisory locks (PostgreSQL, MySQL/MariaDB); the SQL is
+/// the backend dialect's ([`crate::backend::Dialect::advisory_xact`]).
 ///
 /// ```no_run
 /// # async fn f(db: contend::Db) -> contend::Result<()> {
@@ -111,7 +112,7 @@ async fn mysql_get_lock(
 /// db.transaction(|tx| Box::pin(async move {
 ///     advisory::lock_xact(tx, "account:42", None).await?;
 ///     // ... read, decide, write: one holder per key at a time ...
-///     Ok(())
+///     Ok::<_, contend::Error>(())
 /// })).await
 /// # }
 /// ```
@@ -123,47 +124,27 @@ async fn mysql_get_lock(
 /// # Cancel safety
 /// As the caller's transaction: dropped, the transaction's connection is closed, and the server
 /// releases the lock with the session.
-pub async fn lock_xact(tx: &mut Tx, key: &str, wait: Option<Duration>) -> Result<()> {
-    let id = key_id(key);
-    match tx.backend() {
-        Backend::Postgres => {
-            let lock = "SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock($1)) AS l";
-            match wait {
-                None => {
-                    sqlx::query_scalar::<_, i64>(lock)
-                        .bind(id)
-                        .fetch_one(tx.conn())
-                        .await?;
-                }
-                Some(wait) => {
-                    let saved: String =
-                        sqlx::query_scalar("SELECT current_setting('lock_timeout')")
-                            .fetch_one(tx.conn())
-                            .await?;
-                    let saved = saved.replace('\'', "''");
-                    let ms = wait.as_millis().max(1);
-                    // `id` is a number and `saved` a quoted server setting: no injection.
-                    let sql = format!(
-                        "SET LOCAL lock_timeout = '{ms}ms'; \
-                         SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock({id})) AS l; \
-                         SET LOCAL lock_timeout = '{saved}'"
-                    );
-                    tx.conn().execute(sqlx::raw_sql(AssertSqlSafe(sql))).await?;
-                }
-            }
-            Ok(())
+pub async fn lock_xact<DB: Database>(
+    tx: &mut Tx<DB>,
+    key: &str,
+    wait: Option<Duration>,
+) -> Result<()> {
+    let backend = tx.backend();
+    let plan = backend
+        .dialect()
+        .advisory_xact(key, wait, tx.lock_timeout())?;
+    if plan.returns_granted {
+        let granted = DB::fetch_i64(tx.conn(), backend, &plan.acquire, &[]).await?;
+        if granted != Some(1) {
+            return Err(timed_out());
         }
-        Backend::MySql => {
-            let name = mysql_lock_name(key);
-            if !mysql_get_lock(tx.conn(), &name, wait).await? {
-                return Err(timed_out());
-            }
-            // `name` is `contend_` and hex digits: safe to quote.
-            tx.after_end(format!("DO RELEASE_LOCK('{name}')"));
-            Ok(())
-        }
-        other => Err(unsupported(other)),
+    } else {
+        DB::execute_raw(tx.conn(), plan.acquire).await?;
     }
+    if let Some(release) = plan.after_end {
+        tx.after_end(release);
+    }
+    Ok(())
 }
 
 /// A session-scoped advisory lock, held on one pooled connection of its own.

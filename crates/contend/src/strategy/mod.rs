@@ -14,6 +14,11 @@
 //! | `redis-spin` | a Redis `SET NX` spin lock (slow baseline) | yes | yes | yes |
 //! | `redlock` | a Redis quorum lock with a fencing token | yes | yes | yes |
 //!
+//! # Running an operation under any strategy
+//! [`Executor::run`] runs an [`Operation`] (keys, a read, a decision and write, optionally a
+//! conditional statement) under the [`Strategy`] chosen at run time: write the operation once,
+//! and every strategy in the table above is available for it.
+//!
 //! # Building blocks
 //! - [`atomic`]: conditional `UPDATE` with in-database arithmetic ([`atomic::Counter`]).
 //! - [`pessimistic`]: row locks, and [`pessimistic::LockTarget::lock_many`], which locks several
@@ -29,6 +34,7 @@
 
 pub mod advisory;
 pub mod atomic;
+mod executor;
 pub mod get_or_create;
 pub mod mutex;
 pub mod optimistic;
@@ -43,6 +49,8 @@ use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 
 use crate::backend::Backend;
+
+pub use executor::{Executed, Executor, Operation};
 
 /// A checked SQL identifier (a table or column name): ASCII letters, digits and `_`, not
 /// starting with a digit, 1 to 63 characters. Safe to splice into SQL unquoted.
