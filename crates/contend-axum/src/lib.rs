@@ -356,10 +356,9 @@ impl IdempotencyLayer {
         self.with(|c| c.retry_after_secs = secs)
     }
 
-    /// Claims the key when the handler extracts [`IdempotencyKey`] (or a custom extractor calls
-    /// [`IdempotencyKey::from_request_parts`]) instead of before the handler: the handler's
-    /// earlier extractors answer first (401, 400...). A handler that never extracts it runs
-    /// without idempotency.
+    /// Claims the key when the handler extracts [`IdempotencyKey`] (or calls
+    /// [`PendingKey::claim`]) instead of before the handler: the handler's earlier extractors and
+    /// checks answer first (401, 400...). A handler that never claims runs without idempotency.
     pub fn claim_in_handler(self) -> Self {
         self.with(|c| c.claim_in_handler = true)
     }
@@ -454,7 +453,7 @@ where
     }));
     parts.extensions.insert(pending.clone());
     if !config.claim_in_handler
-        && let Err(answer) = pending.claim(&parts).await
+        && let Err(answer) = pending.claim(pending.key(&parts)).await
     {
         return Ok(answer);
     }
@@ -507,8 +506,25 @@ impl Pending {
         self.0.slot.lock().await.clone()
     }
 
-    /// Claims the key (once per request); `Err` is the answer instead of the handler's.
-    async fn claim(&self, parts: &Parts) -> Result<IdempotencyKey, Response> {
+    /// The request's key in its caller's scope, or why there is none.
+    fn key(&self, parts: &Parts) -> Result<Key, Rejection> {
+        let mut values = parts.headers.get_all(IDEMPOTENCY_KEY).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err(Rejection::InvalidKey);
+        };
+        let raw = value.to_str().map_err(|_| Rejection::InvalidKey)?;
+        let scope = (self.0.config.scope)(parts).ok_or(Rejection::NoScope)?;
+        Key::new(scope, raw).map_err(|e| match e {
+            InvalidInput::Scope => {
+                tracing::error!("the caller-scope function returned an invalid scope");
+                Rejection::Internal("invalid caller scope")
+            }
+            _ => Rejection::InvalidKey,
+        })
+    }
+
+    /// Claims `key` (once per request); `Err` is the answer instead of the handler's.
+    async fn claim(&self, key: Result<Key, Rejection>) -> Result<IdempotencyKey, Response> {
         let config = &self.0.config;
         let mut slot = self.0.slot.lock().await;
         if let Some(active) = &*slot {
@@ -517,24 +533,7 @@ impl Pending {
             });
         }
         let reject = |r: Rejection| (config.render)(r);
-        let mut values = parts.headers.get_all(IDEMPOTENCY_KEY).iter();
-        let (Some(value), None) = (values.next(), values.next()) else {
-            return Err(reject(Rejection::InvalidKey));
-        };
-        let Ok(raw) = value.to_str() else {
-            return Err(reject(Rejection::InvalidKey));
-        };
-        let Some(scope) = (config.scope)(parts) else {
-            return Err(reject(Rejection::NoScope));
-        };
-        let key = match Key::new(scope, raw) {
-            Ok(key) => key,
-            Err(InvalidInput::Scope) => {
-                tracing::error!("the caller-scope function returned an invalid scope");
-                return Err(reject(Rejection::Internal("invalid caller scope")));
-            }
-            Err(_) => return Err(reject(Rejection::InvalidKey)),
-        };
+        let key = key.map_err(reject)?;
         match config.store.claim(&key, &self.0.fp).await {
             Ok(Claim::Claimed(claimed)) => {
                 let active = Arc::new(Active {
@@ -698,10 +697,56 @@ impl IdempotencyKey {
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        match parts.extensions.get::<Pending>().cloned() {
-            Some(pending) => pending.claim(parts).await,
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Ok(pending) = PendingKey::from_request_parts(parts, state).await;
+        pending.claim().await
+    }
+}
+
+/// The key of the current request, not claimed yet (with
+/// [`IdempotencyLayer::claim_in_handler`]): for a handler that must check more (a path
+/// parameter, a permission) before any idempotency answer. [`PendingKey::claim`] claims it.
+/// The caller's scope is taken when it is extracted.
+pub struct PendingKey {
+    pending: Option<(Pending, Result<Key, Rejection>)>,
+}
+
+impl fmt::Debug for PendingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingKey")
+            .field("key", &self.pending.as_ref().map(|(_, k)| k))
+            .finish()
+    }
+}
+
+impl PendingKey {
+    /// Claims the key (or gets the claim the layer or an earlier extraction made).
+    ///
+    /// # Errors
+    /// The answer to send instead of running the handler: a byte-identical replay, 409 while
+    /// the same request runs elsewhere, 422 for another request under the key, 400 for an
+    /// invalid key, or the store's failure, rendered by [`IdempotencyLayer::on_rejection`].
+    ///
+    /// # Cancel safety
+    /// As [`Store::claim`]: dropped after the key's row was inserted, the key stays in flight
+    /// until its lease expires.
+    pub async fn claim(self) -> Result<IdempotencyKey, Response> {
+        match self.pending {
+            Some((pending, key)) => pending.claim(key).await,
             None => Ok(IdempotencyKey::default()),
         }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for PendingKey {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(PendingKey {
+            pending: parts.extensions.get::<Pending>().cloned().map(|p| {
+                let key = p.key(parts);
+                (p, key)
+            }),
+        })
     }
 }

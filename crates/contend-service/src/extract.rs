@@ -59,6 +59,9 @@ pub struct JsonRequest<T> {
     pub body: T,
     /// Everything else.
     pub meta: Meta,
+    /// The request's idempotency key, claimed by `run_keyed` (after the handler's own checks of
+    /// the path).
+    pub(crate) pending: contend_axum::PendingKey,
 }
 
 /// An authenticated request without a body (GETs).
@@ -76,7 +79,7 @@ fn is_json(headers: &HeaderMap) -> bool {
     essence.eq_ignore_ascii_case("application/json")
 }
 
-fn too_large() -> ApiError {
+pub(crate) fn too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "payload_too_large",
@@ -170,6 +173,7 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonRequest<T> {
             .map_err(|_| too_large())?;
         // 401.
         let auth = authenticate(state, &parts.headers).await?;
+        let mut parts = parts;
         // 400.
         let typed = parse_body::<T>(&bytes)?;
         let idempotency_key = idempotency_key(&parts.headers)?;
@@ -179,8 +183,14 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonRequest<T> {
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| parts.uri.path().to_string());
+        // Keys are scoped to the caller's token; claimed later, by `run_keyed`.
+        parts
+            .extensions
+            .insert(crate::idempotency::CallerScope(auth.scope.clone()));
+        let Ok(pending) = contend_axum::PendingKey::from_request_parts(&mut parts, state).await;
         Ok(JsonRequest {
             auth,
+            pending,
             body: typed,
             meta: Meta {
                 method: parts.method,
