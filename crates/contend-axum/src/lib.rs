@@ -77,6 +77,7 @@
 
 use std::convert::Infallible;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
@@ -88,6 +89,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use contend::idempotency::{Claim, Claimed, Fingerprint, InvalidInput, Key, Outcome, Store};
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
@@ -446,40 +448,49 @@ where
         .map(|p| p.as_str())
         .unwrap_or_else(|| parts.uri.path());
     let fp = Fingerprint::request(parts.method.as_str(), target, &bytes);
+    let render = config.render.clone();
     let pending = Pending(Arc::new(PendingInner {
         config: config.clone(),
         fp,
         slot: tokio::sync::Mutex::new(None),
     }));
     parts.extensions.insert(pending.clone());
-    if !config.claim_in_handler
-        && let Err(answer) = pending.claim(pending.key(&parts)).await
-    {
-        return Ok(answer);
-    }
     let req = Request::from_parts(parts, Body::from(bytes));
-    let finisher = pending.clone();
+    // Everything from the claim on runs in a task of its own: a client that goes away (or a
+    // timeout layer outside) cannot stop a request between its claim and its finish.
     let task = tokio::spawn(
         async move {
-            let response = match inner.call(req).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            };
-            finisher.finish(response).await
+            let (parts, body) = req.into_parts();
+            if !config.claim_in_handler
+                && let Err(answer) = pending.claim(pending.key(&parts)).await
+            {
+                return answer;
+            }
+            let req = Request::from_parts(parts, body);
+            match AssertUnwindSafe(inner.call(req)).catch_unwind().await {
+                Ok(Ok(response)) => pending.finish(response).await,
+                Ok(Err(never)) => match never {},
+                Err(panic) => {
+                    // A bug in the handler: release its key so it does not stay in flight.
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(panic = %what, "the handler of an idempotent request panicked");
+                    if let Some(active) = pending.active().await {
+                        release(&config.store, &active.claimed).await;
+                    }
+                    (config.render)(Rejection::Internal("request task failed"))
+                }
+            }
         }
         .in_current_span(),
     );
-    match task.await {
-        Ok(response) => Ok(response),
-        Err(join) => {
-            // The handler panicked (a bug): release its key so it does not stay in flight.
-            tracing::error!(error = %join, "the task of an idempotent request failed");
-            if let Some(active) = pending.active().await {
-                release(&config.store, &active.claimed).await;
-            }
-            Ok((config.render)(Rejection::Internal("request task failed")))
-        }
-    }
+    Ok(task.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the task of an idempotent request did not finish");
+        (render)(Rejection::Internal("request task failed"))
+    }))
 }
 
 /// What the layer leaves in a keyed request's extensions for [`IdempotencyKey`].
