@@ -86,7 +86,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use contend::idempotency::{Claim, Claimed, Fingerprint, InvalidInput, Key, Outcome, Store};
 use futures_util::FutureExt;
@@ -120,6 +120,40 @@ pub mod scope {
         let value = parts.headers.get(header::AUTHORIZATION)?;
         Some(hex::encode(Sha256::digest(value.as_bytes())))
     }
+}
+
+/// The `Idempotency-Key` of a request, checked: `None` without one; [`Rejection::InvalidKey`]
+/// unless it is one header of 1 to [`contend::idempotency::MAX_KEY_LEN`] printable ASCII
+/// characters. For services that check it among their own validations, in their own order.
+///
+/// ```
+/// use axum::http::HeaderMap;
+/// let mut headers = HeaderMap::new();
+/// assert!(matches!(contend_axum::key_header(&headers), Ok(None)));
+/// headers.insert("idempotency-key", "order-1".parse().unwrap());
+/// assert!(matches!(contend_axum::key_header(&headers), Ok(Some("order-1"))));
+/// headers.append("idempotency-key", "order-2".parse().unwrap());
+/// assert!(contend_axum::key_header(&headers).is_err());
+/// ```
+///
+/// # Errors
+/// [`Rejection::InvalidKey`] as above.
+pub fn key_header(headers: &HeaderMap) -> Result<Option<&str>, Rejection> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Rejection::InvalidKey);
+    }
+    let raw = value.to_str().map_err(|_| Rejection::InvalidKey)?;
+    let valid = !raw.is_empty()
+        && raw.len() <= contend::idempotency::MAX_KEY_LEN
+        && raw.bytes().all(|b| (0x20..=0x7e).contains(&b));
+    if !valid {
+        return Err(Rejection::InvalidKey);
+    }
+    Ok(Some(raw))
 }
 
 /// Which statuses are stored (and replayed) by default: 2xx, 404, 409 and 422, the outcomes a
@@ -519,11 +553,7 @@ impl Pending {
 
     /// The request's key in its caller's scope, or why there is none.
     fn key(&self, parts: &Parts) -> Result<Key, Rejection> {
-        let mut values = parts.headers.get_all(IDEMPOTENCY_KEY).iter();
-        let (Some(value), None) = (values.next(), values.next()) else {
-            return Err(Rejection::InvalidKey);
-        };
-        let raw = value.to_str().map_err(|_| Rejection::InvalidKey)?;
+        let raw = key_header(&parts.headers)?.ok_or(Rejection::InvalidKey)?;
         let scope = (self.0.config.scope)(parts).ok_or(Rejection::NoScope)?;
         Key::new(scope, raw).map_err(|e| match e {
             InvalidInput::Scope => {

@@ -97,27 +97,9 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::invalid_body(format!("invalid JSON body: {e}")))
 }
 
-/// Validates an `Idempotency-Key`: 1..=255 printable ASCII characters.
+/// Validates an `Idempotency-Key`: one header of 1..=255 printable ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    let bad = || {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
-            "Idempotency-Key must be one header of 1 to 255 printable ASCII characters",
-        )
-    };
-    if values.next().is_some() {
-        return Err(bad());
-    }
-    let bytes = value.as_bytes();
-    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
-        return Err(bad());
-    }
-    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+    Ok(contend_axum::key_header(headers)?.map(str::to_string))
 }
 
 /// The strategy chosen by `X-Concurrency-Strategy`, if any.
