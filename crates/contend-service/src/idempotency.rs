@@ -2,11 +2,11 @@
 //! its stored outcome is replayed byte for byte afterwards.
 //!
 //! The service uses the public pieces a user has: the key store of [`contend::idempotency`]
-//! and the [`IdempotencyLayer`] of `contend-axum` on its routes ([`layer`]). What is left here
+//! and the [`IdempotencyLayer`] of `contend-axum` on its routes (`layer`). What is left here
 //! adapts them to the service: keys are scoped to the hash of the caller's token (put into the
 //! request by [`crate::extract::JsonRequest`] once the caller is authenticated), the claim waits
 //! until the request passed the contract's earlier checks (413/415, 401, 400), the layer's own
-//! answers are [`ApiError`]s, and [`store_in_tx`] stores an [`Outcome`] in the business
+//! answers are [`ApiError`]s, and `store_in_tx` stores an [`Outcome`] in the business
 //! transaction (every write path calls it just before `COMMIT`), so a crash after the commit
 //! replays and a request whose key was taken over cannot commit (503 `idempotency_key_lost`).
 
@@ -116,16 +116,12 @@ pub(crate) fn layer(db: &contend::Db) -> IdempotencyLayer {
 }
 
 impl From<Rejection> for ApiError {
+    /// The layer's answers with the contract's codes and messages (those of
+    /// [`Rejection::message`], `Retry-After` on 409 and 503); a failing store as any database
+    /// failure; a body over the limit as the extractor's 413.
     fn from(rejection: Rejection) -> Self {
         match rejection {
             Rejection::BodyTooLarge { .. } => crate::extract::too_large(),
-            Rejection::InProgress { retry_after_secs } => ApiError {
-                retry_after: Some(retry_after_secs),
-                ..ApiError::conflict(
-                    "request_in_progress",
-                    "a request with this Idempotency-Key is still being processed; retry later",
-                )
-            },
             Rejection::Store(e) if e.conflict().is_none() => ApiError::from(e),
             Rejection::Internal(what) => ApiError::internal(what),
             other => {
