@@ -512,7 +512,7 @@ pub async fn create_account(
     State(state): State<AppState>,
     req: JsonRequest<NewAccount>,
 ) -> Response {
-    req.run_keyed(&state, move |st, auth, body, strategy, mut session| async move {
+    req.run_keyed(&state, move |st, auth, body, strategy, mut session, key| async move {
         auth.require_admin()?;
         check_text("owner", &body.owner, 1, 64)?;
         check_range("balance", body.balance, 0, MAX_MONEY)?;
@@ -526,6 +526,7 @@ pub async fn create_account(
                 let owner = owner.clone();
                 let hash = hash.clone();
                 let token = token.clone();
+                let key = key.clone();
                 Box::pin(async move {
                     let id = insert_returning_id(
                         tx,
@@ -542,7 +543,7 @@ pub async fn create_account(
                         token,
                     };
                     let outcome = Outcome::json(StatusCode::CREATED, &created);
-                    idempotency::store_in_tx(tx, &outcome).await?;
+                    idempotency::store_in_tx(tx, &key, &outcome).await?;
                     Ok(outcome)
                 })
             })
@@ -613,7 +614,7 @@ async fn balance_change(
     };
     req.run_keyed(
         &state,
-        move |st, auth, body, strategy, mut session| async move {
+        move |st, auth, body, strategy, mut session, key| async move {
             if deposit {
                 auth.require_admin()?;
             } else {
@@ -629,7 +630,7 @@ async fn balance_change(
                 delta: if deposit { body.amount } else { -body.amount },
                 kind: if deposit { "deposit" } else { "withdraw" },
             };
-            engine::execute(&st, strategy, op, &mut session).await
+            engine::execute(&st, strategy, op, &mut session, &key).await
         },
     )
     .await
@@ -649,7 +650,7 @@ pub async fn create_transfer(
 ) -> Response {
     req.run_keyed(
         &state,
-        move |st, auth, body, strategy, mut session| async move {
+        move |st, auth, body, strategy, mut session, key| async move {
             // The caller must hold `from`'s token; an unknown `from` can have no token: also 403.
             auth.require_account(body.from)?;
             let invalid = engine::check_supported(&st, strategy)
@@ -680,7 +681,7 @@ pub async fn create_transfer(
                 to: body.to,
                 amount: body.amount,
             };
-            engine::execute(&st, strategy, op, &mut session).await
+            engine::execute(&st, strategy, op, &mut session, &key).await
         },
     )
     .await

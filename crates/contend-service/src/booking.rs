@@ -198,7 +198,7 @@ impl Op for BookOp {
 pub async fn create_event(State(state): State<AppState>, req: JsonRequest<NewEvent>) -> Response {
     req.run_keyed(
         &state,
-        move |st, auth, body, strategy, mut session| async move {
+        move |st, auth, body, strategy, mut session, key| async move {
             auth.require_admin()?;
             engine::check_supported(&st, strategy)?;
             check_text("name", &body.name, 1, 128)?;
@@ -207,6 +207,7 @@ pub async fn create_event(State(state): State<AppState>, req: JsonRequest<NewEve
             let run = session
                 .run(&contend::TxOptions::new(), move |tx| {
                     let name = name.clone();
+                    let key = key.clone();
                     Box::pin(async move {
                         let id = insert_returning_id(
                             tx,
@@ -216,7 +217,7 @@ pub async fn create_event(State(state): State<AppState>, req: JsonRequest<NewEve
                         .await?;
                         let outcome =
                             Outcome::json(StatusCode::CREATED, &Event { id, name, seats });
-                        idempotency::store_in_tx(tx, &outcome).await?;
+                        idempotency::store_in_tx(tx, &key, &outcome).await?;
                         Ok(outcome)
                     })
                 })
@@ -246,7 +247,7 @@ pub async fn create_booking(
     };
     req.run_keyed(
         &state,
-        move |st, auth, body, strategy, session| async move {
+        move |st, auth, body, strategy, session, key| async move {
             // This path reads through the pool first: let the request's connection go.
             drop(session);
             auth.require_account(body.account)?;
@@ -265,7 +266,7 @@ pub async fn create_booking(
                 seat: body.seat,
                 account: body.account,
             };
-            engine::execute(&st, strategy, op, &mut st.session().await?).await
+            engine::execute(&st, strategy, op, &mut st.session().await?, &key).await
         },
     )
     .await

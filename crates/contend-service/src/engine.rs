@@ -24,6 +24,8 @@ use contend::{Backend, BoxFuture, ConflictKind, RetryPolicy, RowLock, Tx, TxOpti
 use sqlx::AnyConnection;
 
 use crate::error::ApiError;
+use contend_axum::IdempotencyKey;
+
 use crate::idempotency::{self, Outcome};
 use crate::{AppState, ReqSession};
 
@@ -114,9 +116,10 @@ pub(crate) async fn conclude<O: Op>(
     op: &O,
     tx: &mut Tx,
     output: O::Output,
+    idem: &IdempotencyKey,
 ) -> contend::Result<Outcome> {
     let outcome = Outcome::json(op.status(), &output);
-    idempotency::store_in_tx(tx, &outcome).await?;
+    idempotency::store_in_tx(tx, idem, &outcome).await?;
     Ok(outcome)
 }
 
@@ -137,12 +140,14 @@ pub(crate) async fn execute<O: Op>(
     strategy: Strategy,
     op: O,
     session: &mut ReqSession,
+    idem: &IdempotencyKey,
 ) -> Result<Outcome, ApiError> {
     let db = state.inner.db.clone();
     let backend = db.backend();
     let op = Arc::new(op);
     let metrics = &state.inner.metrics;
     let base = TxOptions::new().lock_timeout(LOCK_WAIT).retry(base_retry());
+    let idem = idem.clone();
     let run = match strategy {
         Strategy::None | Strategy::Mutex => {
             let started = Instant::now();
@@ -173,10 +178,11 @@ pub(crate) async fn execute<O: Op>(
             let run = session
                 .run(&base, move |tx| {
                     let op = op.clone();
+                    let idem = idem.clone();
                     let loaded = loaded.clone();
                     Box::pin(async move {
                         let out = op.apply(tx, &loaded, false).await?;
-                        conclude(&*op, tx, out).await
+                        conclude(&*op, tx, out, &idem).await
                     })
                 })
                 .await;
@@ -187,9 +193,10 @@ pub(crate) async fn execute<O: Op>(
             session
                 .run(&base, move |tx| {
                     let op = op.clone();
+                    let idem = idem.clone();
                     Box::pin(async move {
                         let out = op.atomic(tx).await?;
-                        conclude(&*op, tx, out).await
+                        conclude(&*op, tx, out, &idem).await
                     })
                 })
                 .await
@@ -200,13 +207,14 @@ pub(crate) async fn execute<O: Op>(
             session
                 .run(&base, move |tx| {
                     let op = op.clone();
+                    let idem = idem.clone();
                     let metrics = metrics.clone();
                     Box::pin(async move {
                         let started = Instant::now();
                         let loaded = op.load(tx.conn(), backend, lock).await?;
                         metrics.lock_wait(strategy, started.elapsed());
                         let out = op.apply(tx, &loaded, false).await?;
-                        conclude(&*op, tx, out).await
+                        conclude(&*op, tx, out, &idem).await
                     })
                 })
                 .await
@@ -222,10 +230,11 @@ pub(crate) async fn execute<O: Op>(
             session
                 .run(&options, move |tx| {
                     let op = op.clone();
+                    let idem = idem.clone();
                     Box::pin(async move {
                         let loaded = op.load(tx.conn(), backend, "").await?;
                         let out = op.apply(tx, &loaded, checked).await?;
-                        conclude(&*op, tx, out).await
+                        conclude(&*op, tx, out, &idem).await
                     })
                 })
                 .await
@@ -235,6 +244,7 @@ pub(crate) async fn execute<O: Op>(
             session
                 .run(&base, move |tx| {
                     let op = op.clone();
+                    let idem = idem.clone();
                     let metrics = metrics.clone();
                     Box::pin(async move {
                         let started = Instant::now();
@@ -244,14 +254,14 @@ pub(crate) async fn execute<O: Op>(
                         metrics.lock_wait(strategy, started.elapsed());
                         let loaded = op.load(tx.conn(), backend, "").await?;
                         let out = op.apply(tx, &loaded, false).await?;
-                        conclude(&*op, tx, out).await
+                        conclude(&*op, tx, out, &idem).await
                     })
                 })
                 .await
         }
         Strategy::Redis | Strategy::Redlock | Strategy::RedisSpin => {
             session.discard();
-            return crate::redis_locks::execute(state, strategy, op, session).await;
+            return crate::redis_locks::execute(state, strategy, op, session, &idem).await;
         }
         _ => {
             return Err(ApiError::new(

@@ -59,6 +59,9 @@ pub struct JsonRequest<T> {
     pub body: T,
     /// Everything else.
     pub meta: Meta,
+    /// The request's idempotency key, claimed by `run_keyed` (after the handler's own checks of
+    /// the path).
+    pub(crate) pending: contend_axum::PendingKey,
 }
 
 /// An authenticated request without a body (GETs).
@@ -76,7 +79,7 @@ fn is_json(headers: &HeaderMap) -> bool {
     essence.eq_ignore_ascii_case("application/json")
 }
 
-fn too_large() -> ApiError {
+pub(crate) fn too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "payload_too_large",
@@ -94,27 +97,9 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::invalid_body(format!("invalid JSON body: {e}")))
 }
 
-/// Validates an `Idempotency-Key`: 1..=255 printable ASCII characters.
+/// Validates an `Idempotency-Key`: one header of 1..=255 printable ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    let bad = || {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
-            "Idempotency-Key must be one header of 1 to 255 printable ASCII characters",
-        )
-    };
-    if values.next().is_some() {
-        return Err(bad());
-    }
-    let bytes = value.as_bytes();
-    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
-        return Err(bad());
-    }
-    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+    Ok(contend_axum::key_header(headers)?.map(str::to_string))
 }
 
 /// The strategy chosen by `X-Concurrency-Strategy`, if any.
@@ -170,6 +155,7 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonRequest<T> {
             .map_err(|_| too_large())?;
         // 401.
         let auth = authenticate(state, &parts.headers).await?;
+        let mut parts = parts;
         // 400.
         let typed = parse_body::<T>(&bytes)?;
         let idempotency_key = idempotency_key(&parts.headers)?;
@@ -179,8 +165,14 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonRequest<T> {
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| parts.uri.path().to_string());
+        // Keys are scoped to the caller's token; claimed later, by `run_keyed`.
+        parts
+            .extensions
+            .insert(crate::idempotency::CallerScope(auth.scope.clone()));
+        let Ok(pending) = contend_axum::PendingKey::from_request_parts(&mut parts, state).await;
         Ok(JsonRequest {
             auth,
+            pending,
             body: typed,
             meta: Meta {
                 method: parts.method,

@@ -392,6 +392,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(audit::healthz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi::openapi_json))
+        .route_layer(idempotency::layer(&state.inner.db))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), edge))

@@ -97,6 +97,7 @@ pub(crate) async fn execute<O: Op>(
     strategy: Strategy,
     op: Arc<O>,
     session: &mut crate::ReqSession,
+    idem: &contend_axum::IdempotencyKey,
 ) -> Result<Outcome, ApiError> {
     let locks = match strategy {
         Strategy::Redis => state.inner.redis.as_ref(),
@@ -132,13 +133,14 @@ pub(crate) async fn execute<O: Op>(
         .run(&options, move |tx| {
             let op = op.clone();
             let fences = fences.clone();
+            let idem = idem.clone();
             Box::pin(async move {
                 for (resource, token) in fences.iter() {
                     fencing::fence(tx, resource, *token).await?;
                 }
                 let loaded = op.load(tx.conn(), backend, "").await?;
                 let out = op.apply(tx, &loaded, false).await?;
-                conclude(&*op, tx, out).await
+                conclude(&*op, tx, out, &idem).await
             })
         })
         .await;

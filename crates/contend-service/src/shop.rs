@@ -288,7 +288,7 @@ pub async fn create_product(
     State(state): State<AppState>,
     req: JsonRequest<NewProduct>,
 ) -> Response {
-    req.run_keyed(&state, move |st, auth, body, strategy, mut session| async move {
+    req.run_keyed(&state, move |st, auth, body, strategy, mut session, key| async move {
         auth.require_admin()?;
         engine::check_supported(&st, strategy)?;
         check_text("sku", &body.sku, 1, 64)?;
@@ -298,6 +298,7 @@ pub async fn create_product(
         let run = session
             .run(&contend::TxOptions::new(), move |tx| {
                 let sku = sku.clone();
+                let key = key.clone();
                 Box::pin(async move {
                     tx.query("INSERT INTO products (sku, stock, price, version, initial_stock) VALUES (?, ?, ?, 0, ?)")
                         .bind(sku.clone())
@@ -313,7 +314,7 @@ pub async fn create_product(
                         version: 0,
                     };
                     let outcome = Outcome::json(StatusCode::CREATED, &product);
-                    idempotency::store_in_tx(tx, &outcome).await?;
+                    idempotency::store_in_tx(tx, &key, &outcome).await?;
                     Ok(outcome)
                 })
             })
@@ -353,7 +354,7 @@ pub async fn get_product(
 pub async fn create_order(State(state): State<AppState>, req: JsonRequest<NewOrder>) -> Response {
     req.run_keyed(
         &state,
-        move |st, auth, body, strategy, session| async move {
+        move |st, auth, body, strategy, session, key| async move {
             // This path reads through the pool first: let the request's connection go.
             drop(session);
             auth.require_account(body.account)?;
@@ -368,7 +369,7 @@ pub async fn create_order(State(state): State<AppState>, req: JsonRequest<NewOrd
                 sku: body.sku,
                 quantity: body.quantity,
             };
-            engine::execute(&st, strategy, op, &mut st.session().await?).await
+            engine::execute(&st, strategy, op, &mut st.session().await?, &key).await
         },
     )
     .await

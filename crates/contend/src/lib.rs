@@ -34,6 +34,7 @@ pub mod backend;
 pub mod db;
 pub mod error;
 pub mod fencing;
+pub mod idempotency;
 pub mod isolation;
 pub mod lock;
 pub mod retry;
