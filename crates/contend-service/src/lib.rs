@@ -12,9 +12,9 @@
 //!   `API.md` next to this crate's `Cargo.toml`; `/openapi.json` is generated from the handlers.
 //!
 //! # Layout
-//! `extract` (413/415, 401, 400 in that order), `auth`, `idempotency`, `engine` (one write
-//! under any strategy), `bank`, `shop`, `booking`, `audit`, `metrics`, `migrate`, `openapi`,
-//! `cli`.
+//! `conn` (the accept loop and what one client connection may hold: [`Limits`]), `extract`
+//! (413/415, 401, 400 in that order), `auth`, `idempotency`, `engine` (one write under any
+//! strategy), `bank`, `shop`, `booking`, `audit`, `metrics`, `migrate`, `openapi`, `cli`.
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
