@@ -5,7 +5,7 @@
 //! `header_read_timeout` starts its clock whenever a connection waits for a request, so it
 //! cannot tell a keep-alive connection resting between requests from a client trickling a
 //! header in: used alone it would make the idle timeout and the header timeout one number. So
-//! each connection here has an [`Activity`] that sees the bytes read and the requests handled,
+//! each connection here has an activity record that sees the bytes read and the requests handled,
 //! and a watcher that drops the connection when the clock of its current phase runs out:
 //! - *head*: from accept, or from the first byte after an idle wait, until the request head is
 //!   complete: [`Limits::header_timeout`];
@@ -58,7 +58,7 @@ pub struct Limits {
     /// Most client connections open at once. Beyond it, a new connection is answered 503
     /// `too_many_connections` (with `Retry-After` and `Connection: close`) and closed, up to
     /// [`REFUSING_AT_ONCE`] such answers at a time; connections beyond those are closed at
-    /// once.
+    /// once. Zero counts as one.
     pub max_clients: usize,
 }
 
@@ -75,7 +75,7 @@ impl Default for Limits {
 }
 
 /// Most refusals (503 `too_many_connections`) in progress at once; each holds its connection
-/// for at most the header timeout plus [`REFUSAL_WRITE`].
+/// for at most the header timeout plus one second (for the client to read the answer).
 pub const REFUSING_AT_ONCE: usize = 64;
 
 /// How long a refused client gets to read its 503 after sending its request head.
