@@ -66,6 +66,27 @@ pub struct ServeArgs {
     /// token, so only rows deleted or changed by hand can make a remembered token stale.
     #[arg(long, env = "CONTEND_TOKEN_CACHE_SECS", default_value_t = 30)]
     pub token_cache_secs: u64,
+    /// Longest time, in milliseconds, a client may take to send a request's head (request line
+    /// and headers), from accept or from the first byte after an idle wait; then the
+    /// connection is closed without an answer.
+    #[arg(long, env = "CONTEND_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
+    /// Longest time, in milliseconds, a request's body may take to arrive after its head; then
+    /// 408 `body_timeout` and the connection is closed.
+    #[arg(long, env = "CONTEND_BODY_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_ms: u64,
+    /// Longest time, in milliseconds, a keep-alive connection may stay open between requests
+    /// (or take to read a response); then it is closed.
+    #[arg(long, env = "CONTEND_IDLE_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
+    /// Most client connections open at once; beyond it a new connection is answered 503
+    /// `too_many_connections` and closed. Keep it well below the open-file limit (`ulimit -n`).
+    #[arg(long, env = "CONTEND_MAX_CLIENTS", default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_clients: u64,
 }
 
 /// Runs the service until SIGTERM or Ctrl-C, then finishes in-flight requests and exits 0.
@@ -104,6 +125,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
     config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
     config.token_cache_ttl = Duration::from_secs(args.token_cache_secs);
+    config.limits = crate::Limits {
+        header_timeout: Duration::from_millis(args.header_timeout_ms),
+        body_timeout: Duration::from_millis(args.body_timeout_ms),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+        max_clients: args.max_clients as usize,
+    };
     if let Some(url) = &args.redis_url {
         config.redis = Some(
             RedisLocks::single(url, &args.redis_namespace)

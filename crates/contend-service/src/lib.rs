@@ -12,9 +12,9 @@
 //!   `API.md` next to this crate's `Cargo.toml`; `/openapi.json` is generated from the handlers.
 //!
 //! # Layout
-//! `extract` (413/415, 401, 400 in that order), `auth`, `idempotency`, `engine` (one write
-//! under any strategy), `bank`, `shop`, `booking`, `audit`, `metrics`, `migrate`, `openapi`,
-//! `cli`.
+//! `conn` (the accept loop and what one client connection may hold: [`Limits`]), `extract`
+//! (413/415, 401, 400 in that order), `auth`, `idempotency`, `engine` (one write under any
+//! strategy), `bank`, `shop`, `booking`, `audit`, `metrics`, `migrate`, `openapi`, `cli`.
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
@@ -32,6 +32,7 @@ pub mod auth;
 pub mod bank;
 pub mod booking;
 pub mod cli;
+pub mod conn;
 pub(crate) mod engine;
 pub mod error;
 pub mod extract;
@@ -45,7 +46,7 @@ pub mod shop;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -64,6 +65,8 @@ use crate::error::ApiError;
 use crate::extract::Meta;
 use crate::metrics::Metrics;
 use crate::redis_locks::RedisLocks;
+
+pub use crate::conn::Limits;
 
 /// Settings of one service instance.
 #[derive(Debug, Clone)]
@@ -87,11 +90,13 @@ pub struct Config {
     /// How long a successful account-token lookup is remembered ([`auth::TokenCache`]); zero
     /// looks every token up on every request.
     pub token_cache_ttl: Duration,
+    /// What one client connection may hold (header, body and idle timeouts, connection cap).
+    pub limits: Limits,
 }
 
 impl Config {
     /// Defaults: strategy `atomic`, no strategy header, 30 s request timeout, 10 s shutdown
-    /// grace, no Redis, token lookups remembered for [`TOKEN_CACHE_TTL`].
+    /// grace, no Redis, token lookups remembered for [`TOKEN_CACHE_TTL`], [`Limits::default`].
     pub fn new(db: Db, admin_token: &str) -> Config {
         Config {
             db,
@@ -103,6 +108,7 @@ impl Config {
             redis: None,
             redlock: None,
             token_cache_ttl: TOKEN_CACHE_TTL,
+            limits: Limits::default(),
         }
     }
 }
@@ -127,6 +133,7 @@ pub(crate) struct Inner {
     pub(crate) tokens: auth::TokenCache,
     pub(crate) request_timeout: Duration,
     pub(crate) shutdown_grace: Duration,
+    pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) mutexes: KeyedMutex,
     pub(crate) redis: Option<RedisLocks>,
@@ -303,6 +310,7 @@ impl AppState {
                 allow_strategy_header: config.allow_strategy_header,
                 request_timeout: config.request_timeout,
                 shutdown_grace: config.shutdown_grace,
+                limits: config.limits,
                 metrics: Arc::new(Metrics::default()),
                 mutexes: KeyedMutex::new(),
                 redis: config.redis,
@@ -441,7 +449,8 @@ fn request_id(req: &Request) -> String {
     format!("{:08x}-{n}", PID.get_or_init(std::process::id))
 }
 
-/// The outer layer of every request: request id, tracing span, timeout, panic guard, metrics.
+/// The outer layer of every request: request id, tracing span, body deadline, timeout, panic
+/// guard, metrics.
 async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(&req);
@@ -453,6 +462,14 @@ async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Respon
         .unwrap_or_else(|| "unmatched".to_string());
     let span = tracing::info_span!("request", id = %id, method = %method, route = %route);
     let timeout = state.inner.request_timeout;
+    let body_limit = state.inner.limits.body_timeout;
+    let body_expired = Arc::new(AtomicBool::new(false));
+    let req = if axum::body::HttpBody::is_end_stream(req.body()) {
+        req
+    } else {
+        let expired = body_expired.clone();
+        req.map(|body| axum::body::Body::new(conn::DeadlineBody::new(body, body_limit, expired)))
+    };
     let work = AssertUnwindSafe(next.run(req)).catch_unwind();
     let mut response = match tokio::time::timeout(timeout, work)
         .instrument(span.clone())
@@ -477,6 +494,11 @@ async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Respon
         )
         .into_response(),
     };
+    if body_expired.load(Ordering::Relaxed) {
+        // Whatever the handler made of its failed body (the extractor says 413), the cause is
+        // the clock.
+        response = conn::body_timeout(body_limit);
+    }
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     state
@@ -490,15 +512,17 @@ async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Respon
     response
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
-/// requests finish for at most the configured grace period, and returns.
+/// Serves `state` on `listener` until `shutdown` resolves; then stops accepting, closes idle
+/// connections, lets in-flight requests finish for at most the configured grace period, and
+/// returns. Each connection is held to the configured [`Limits`] (see [`conn`]).
 ///
 /// # Errors
-/// I/O errors of the listener.
+/// None today: accept errors are logged and retried (after 100 ms when they are not about one
+/// connection, such as running out of file descriptors).
 ///
 /// # Cancel safety
-/// Dropping the future drops every open connection; requests in flight are cancelled (their
-/// transactions roll back; idempotent ones finish in their own tasks).
+/// Dropping the future stops accepting; connections already accepted run on tasks of their
+/// own until they end (their limits still apply) or the runtime shuts down.
 pub async fn serve<S>(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -508,27 +532,6 @@ where
     S: Future<Output = ()> + Send + 'static,
 {
     let grace = state.inner.shutdown_grace;
-    let router = app(state);
-    let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections; finishing in-flight requests");
-        let _ = begun_tx.send(());
-    };
-    let server = axum::serve(listener, router).with_graceful_shutdown(signal);
-    let server = server.into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result,
-        () = async {
-            if begun_rx.await.is_ok() {
-                tokio::time::sleep(grace).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        } => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the grace period");
-            Ok(())
-        }
-    }
+    let limits = state.inner.limits;
+    conn::run(listener, app(state), limits, grace, shutdown).await
 }
