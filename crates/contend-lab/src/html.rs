@@ -33,7 +33,9 @@ pub struct Crossing {
     /// The measured worker counts the crossing lies between: the last where the slower one
     /// led (by more than [`LEAD`]) and the first where the faster one does.
     pub between: (usize, usize),
-    /// Where the two lines cross, interpolated on the log scale of the workers axis.
+    /// Where the two lines cross as the chart draws them: interpolated on the log scale of the
+    /// workers axis, and of the throughput axis when that is logarithmic (values spanning more
+    /// than 20x), else linearly in throughput.
     pub workers: f64,
     /// The throughput both lines have there (ops/s).
     pub throughput: f64,
@@ -62,6 +64,28 @@ struct Group {
     backend: String,
     scenario: String,
     series: Vec<Series>,
+}
+
+impl Group {
+    /// The vertical scale of the group's chart of `measure`: log when its values span more
+    /// than 20x, else linear from 0.
+    fn scale(&self, measure: Measure) -> Scale {
+        let values: Vec<f64> = self
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.value(measure)))
+            .collect();
+        Scale::for_values(&values)
+    }
+}
+
+impl Point {
+    fn value(&self, measure: Measure) -> f64 {
+        match measure {
+            Measure::Throughput => self.throughput,
+            Measure::P99 => self.p99,
+        }
+    }
 }
 
 /// Groups the runs that measured something (operations > 0) by backend x scenario x strategy,
@@ -130,15 +154,16 @@ struct Sums {
 /// Every place where one strategy's throughput overtakes another's, per backend x scenario:
 /// for each pair of strategies, over the worker counts both ran (averaging repeats), wherever
 /// the lead changes hands (a lead is a difference of more than [`LEAD`]; closer is a tie). The
-/// crossing point is interpolated linearly in log(workers), as the charts draw it. Runs that
-/// measured nothing (operations = 0) are left out.
+/// crossing point is where the chart's straight segments meet ([`Crossing::workers`]). Runs
+/// that measured nothing (operations = 0) are left out.
 pub fn crossings(report: &LabReport) -> Vec<Crossing> {
     let mut out = Vec::new();
     for group in groups(report) {
+        let log = matches!(group.scale(Measure::Throughput), Scale::Log { .. });
         let mut found = Vec::new();
         for (i, a) in group.series.iter().enumerate() {
             for b in &group.series[i + 1..] {
-                found.extend(cross(&group, a, b));
+                found.extend(cross(&group, a, b, log));
             }
         }
         found.sort_by(|x, y| x.workers.total_cmp(&y.workers));
@@ -152,8 +177,9 @@ pub fn crossings(report: &LabReport) -> Vec<Crossing> {
 /// where the lead changes hands.
 pub const LEAD: f64 = 0.05;
 
-/// The crossings of two series of `group`.
-fn cross(group: &Group, a: &Series, b: &Series) -> Vec<Crossing> {
+/// The crossings of two series of `group`, interpolated where the chart's straight segments
+/// meet: on the log scale of workers, and of throughput when `log` (the chart's scale).
+fn cross(group: &Group, a: &Series, b: &Series, log: bool) -> Vec<Crossing> {
     // The worker counts both measured, ascending: (workers, a's, b's throughput).
     let common: Vec<(usize, f64, f64)> = a
         .points
@@ -166,6 +192,15 @@ fn cross(group: &Group, a: &Series, b: &Series) -> Vec<Crossing> {
         })
         .collect();
     let d = |i: usize| common[i].1 - common[i].2;
+    // The throughput as the chart places it (throughputs are positive: runs that measured
+    // nothing are not in a series).
+    let y = |t: f64| {
+        if log {
+            t.max(f64::MIN_POSITIVE).ln()
+        } else {
+            t
+        }
+    };
     let leads = |i: usize| d(i).abs() > LEAD * common[i].1.max(common[i].2);
     let mut out = Vec::new();
     // The last point where one of them led.
@@ -180,10 +215,12 @@ fn cross(group: &Group, a: &Series, b: &Series) -> Vec<Crossing> {
             let k = (j + 1..=i)
                 .find(|&k| d(k) == 0.0 || (d(k) < 0.0) != (d(j) < 0.0))
                 .unwrap_or(i);
-            let (w0, ta0, _) = common[k - 1];
-            let (w1, ta1, _) = common[k];
-            let f = d(k - 1) / (d(k - 1) - d(k));
+            let (w0, ta0, tb0) = common[k - 1];
+            let (w1, ta1, tb1) = common[k];
+            let (d0, d1) = (y(ta0) - y(tb0), y(ta1) - y(tb1));
+            let f = d0 / (d0 - d1);
             let x = lg(w0) + (lg(w1) - lg(w0)) * f;
+            let at = y(ta0) + (y(ta1) - y(ta0)) * f;
             out.push(Crossing {
                 backend: group.backend.clone(),
                 scenario: group.scenario.clone(),
@@ -191,7 +228,7 @@ fn cross(group: &Group, a: &Series, b: &Series) -> Vec<Crossing> {
                 slower: slower.strategy.clone(),
                 between: (common[j].0, common[i].0),
                 workers: x.exp2(),
-                throughput: ta0 + (ta1 - ta0) * f,
+                throughput: if log { at.exp() } else { at },
             });
         }
         last = Some(i);
@@ -271,15 +308,15 @@ enum Scale {
 }
 
 impl Scale {
-    /// A scale for values in `values` (positive for log): log when they span more than 20x.
-    fn for_values(values: &[f64], allow_log: bool) -> Scale {
+    /// A scale for `values`: log when the positive ones span more than 20x, else linear from 0.
+    fn for_values(values: &[f64]) -> Scale {
         let max = values.iter().copied().fold(0.0_f64, f64::max);
         let min = values
             .iter()
             .copied()
             .filter(|v| *v > 0.0)
             .fold(f64::INFINITY, f64::min);
-        if allow_log && min.is_finite() && max / min > 20.0 {
+        if min.is_finite() && max / min > 20.0 {
             Scale::Log {
                 lo: 10f64.powf(min.log10().floor()),
                 hi: 10f64.powf(max.log10().ceil()),
@@ -359,16 +396,8 @@ enum Measure {
 /// One chart of a group: the measure against workers, one line per strategy; on the throughput
 /// chart, numbered diamonds at `crossings`.
 fn chart(group: &Group, measure: Measure, crossings: &[&Crossing]) -> String {
-    let value = |p: &Point| match measure {
-        Measure::Throughput => p.throughput,
-        Measure::P99 => p.p99,
-    };
-    let values: Vec<f64> = group
-        .series
-        .iter()
-        .flat_map(|s| s.points.iter().map(value))
-        .collect();
-    let scale = Scale::for_values(&values, measure == Measure::P99);
+    let value = |p: &Point| p.value(measure);
+    let scale = group.scale(measure);
     let mut workers: Vec<usize> = group
         .series
         .iter()
@@ -882,7 +911,7 @@ pub fn render(report: &LabReport) -> String {
     s.push_str("<h2>Throughput and p99 against workers</h2>");
     let _ = write!(
         s,
-        r#"<p class="marks">One line per strategy; solid lines with filled points are strategies expected to be safe, dashed lines with hollow points unsafe baselines. A red ring marks a run that violated an invariant (or failed). Numbered diamonds mark where one strategy's throughput overtakes another's (interpolated on the log scale of workers). Hover a point for its value.</p>"#
+        r#"<p class="marks">One line per strategy; solid lines with filled points are strategies expected to be safe, dashed lines with hollow points unsafe baselines. A red ring marks a run that violated an invariant (or failed). Numbered diamonds mark where one strategy's throughput overtakes another's (where the drawn lines meet). A vertical axis turns logarithmic when its values span more than 20x. Hover a point for its value.</p>"#
     );
     if groups.is_empty() {
         s.push_str("<p>No run measured anything.</p>");
@@ -1067,6 +1096,31 @@ mod tests {
     }
 
     #[test]
+    fn on_a_log_throughput_axis_the_crossing_is_where_the_drawn_lines_meet() {
+        // 10 to 1000 ops/s spans 100x: the throughput chart is logarithmic.
+        let r = report(vec![
+            run("atomic", 1, 1000.0, 1.0),
+            run("atomic", 8, 100.0, 1.0),
+            run("redlock", 1, 10.0, 1.0),
+            run("redlock", 8, 200.0, 1.0),
+        ]);
+        let c = crossings(&r);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!((c[0].faster.as_str(), c[0].between), ("redlock", (1, 8)));
+        // ln(1000/10) = 2 ln 10 at 1 worker, ln(100/200) = -ln 2 at 8.
+        let f = 2.0 * 10f64.ln() / (2.0 * 10f64.ln() + 2f64.ln());
+        assert!((c[0].workers - (3.0 * f).exp2()).abs() < 1e-9, "{c:?}");
+        let on_atomic = (1000f64.ln() + (100f64.ln() - 1000f64.ln()) * f).exp();
+        let on_redlock = (10f64.ln() + (200f64.ln() - 10f64.ln()) * f).exp();
+        assert!((c[0].throughput - on_atomic).abs() < 1e-6, "{c:?}");
+        assert!((c[0].throughput - on_redlock).abs() < 1e-6, "{c:?}");
+        // Linear interpolation would have put it elsewhere (f = 990 / 1090).
+        assert!((c[0].workers - (3.0 * 990.0 / 1090.0f64).exp2()).abs() > 0.3);
+        let page = render(&r);
+        assert!(page.contains("throughput (ops/s, log scale)"), "{page}");
+    }
+
+    #[test]
     fn crossings_stay_within_backend_and_scenario() {
         let mut other = run("pessimistic", 8, 250.0, 1.0);
         other.backend = "postgres".into();
@@ -1150,17 +1204,17 @@ mod tests {
         assert_eq!(nice_step(0.7), 1.0);
         assert_eq!(nice_step(130.0), 200.0);
         assert_eq!(nice_step(400.0), 500.0);
-        let scale = Scale::for_values(&[10.0, 1234.0], false);
+        let scale = Scale::for_values(&[100.0, 1234.0]);
         let Scale::Linear { max, step } = scale else {
             panic!("linear expected")
         };
         assert_eq!((max, step), (1500.0, 500.0));
         assert_eq!(scale.ticks(), vec![0.0, 500.0, 1000.0, 1500.0]);
-        let Scale::Linear { max, step } = Scale::for_values(&[0.0, 0.0], false) else {
+        let Scale::Linear { max, step } = Scale::for_values(&[0.0, 0.0]) else {
             panic!("linear expected")
         };
         assert_eq!((max, step), (0.2, 0.2));
-        let Scale::Log { lo, hi } = Scale::for_values(&[0.3, 120.0], true) else {
+        let Scale::Log { lo, hi } = Scale::for_values(&[0.3, 120.0]) else {
             panic!("log expected")
         };
         assert_eq!((lo, hi), (0.1, 1000.0));
