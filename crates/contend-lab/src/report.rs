@@ -754,8 +754,19 @@ mod tests {
         let run = empty().judge(vec![held.clone()], None);
         assert_eq!((run.verdict.as_str(), run.failed), ("SAFE", false));
         // A failed invariant counts at least one violation.
-        let run = empty().judge(vec![held.clone(), broken], None);
+        let mut loaded = empty();
+        loaded.duration_s = 2.5;
+        let run = loaded.judge(vec![held.clone(), broken], None);
         assert_eq!(run.violations, 1);
+        // The violation is on the timeline, at the end of the load.
+        assert_eq!(
+            run.events,
+            vec![RunEvent {
+                at_s: 2.5,
+                kind: EventKind::Violation,
+                label: "balance: ".into(),
+            }]
+        );
         assert_eq!(
             (run.verdict.as_str(), run.failed),
             ("VIOLATION (BUG)", true)
@@ -803,6 +814,8 @@ mod tests {
             assert!(r.get(key).is_some(), "missing {key}");
         }
         assert!(r.get("lock").is_none());
+        // The timeline's fields stay out of the document (its schema is fixed).
+        assert!(r.get("started_s").is_none() && r.get("events").is_none());
         assert_eq!(r["invariants"][0]["ok"], false);
         assert!(v["skipped"].is_array());
     }
