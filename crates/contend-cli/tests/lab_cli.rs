@@ -28,6 +28,11 @@ fn bad_lab_flags_exit_2_with_a_message() {
             "--database-url",
         ),
         (&["lab", "--operations", "many"][..], "--operations"),
+        (
+            &["lab", "--html", "/nonexistent-dir/report.html"][..],
+            "--html",
+        ),
+        (&["lab", "--html", "/tmp"][..], "--html"),
     ] {
         let out = contend(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -66,4 +71,54 @@ fn lab_json_goes_to_stdout_and_exits_0() {
         !stdout.contains("How to read this"),
         "--json prints no table: {stdout}"
     );
+}
+
+#[test]
+fn lab_prints_the_compact_table_and_writes_the_html_page() {
+    let html = std::env::temp_dir().join(format!("contend-lab-cli-{}.html", std::process::id()));
+    let html_arg = html.to_str().expect("a UTF-8 path");
+    let base = [
+        "lab",
+        "--scenario",
+        "withdraw",
+        "--strategy",
+        "none,atomic",
+        "--workers",
+        "1,8",
+        "--operations",
+        "200",
+    ];
+    let out = contend(&[&base[..], &["--html", html_arg]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The compact table by default: within 120 columns, the shortened verdicts.
+    assert!(!stdout.contains("(unsafe baseline"), "{stdout}");
+    assert!(stdout.starts_with("Backend: sqlite\n"), "{stdout}");
+    assert!(stdout.contains("ok/ref/err"), "{stdout}");
+    for line in stdout.lines().take_while(|l| !l.is_empty()) {
+        assert!(line.chars().count() <= 120, "too wide: {line}\n{stdout}");
+    }
+    // The page: self-contained, both charts of the one scenario, the table.
+    let page = std::fs::read_to_string(&html).expect("the HTML page is written");
+    let _ = std::fs::remove_file(&html);
+    assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+    assert_eq!(page.matches(r#"<svg class="chart""#).count(), 2);
+    assert!(page.contains("withdraw on sqlite") && page.contains("<table>"));
+    assert!(!page.contains("<script") && !page.contains("src="));
+
+    // --wide: today's full table.
+    let out = contend(&[&base[..], &["--wide"]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("succeeded") && stdout.contains("conflicts"),
+        "{stdout}"
+    );
+    // The baseline's verdicts in full (the compact table shortens them).
+    assert!(stdout.contains("(unsafe baseline"), "{stdout}");
 }

@@ -63,6 +63,16 @@ pub struct LabArgs {
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
+    /// Also write a self-contained HTML page to FILE: throughput and p99 against workers per
+    /// strategy, where strategies cross, a timeline of the runs, and the table.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+
+    /// Print the full table (every column, about 230 characters wide) instead of the compact one
+    /// that fits 120 columns.
+    #[arg(long)]
+    pub wide: bool,
+
     /// Do not show the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -157,6 +167,17 @@ impl LabArgs {
         }
         config.json = self.json;
         config.output = self.output;
+        if let Some(path) = &self.html {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            if path.as_os_str().is_empty() || path.is_dir() || dir.is_some_and(|d| !d.is_dir()) {
+                return Err(ConfigError(format!(
+                    "--html: cannot write {}: expected a file in an existing directory",
+                    path.display()
+                )));
+            }
+        }
+        config.html = self.html;
+        config.wide = self.wide;
         config.progress = !self.no_progress && !self.json;
         Ok(config)
     }
@@ -240,10 +261,11 @@ pub async fn run_config(
     db_target::run_lab(config, &scenarios, &locks).await
 }
 
-/// Writes the report where `config` says: table or JSON on stdout, JSON to `--output`.
+/// Writes the report where `config` says: the table (compact, or full with `--wide`) or JSON
+/// on stdout, JSON to `--output`, the HTML page to `--html`.
 ///
 /// # Errors
-/// The output file cannot be written.
+/// An output file cannot be written.
 pub fn emit(config: &LabConfig, report: &LabReport) -> anyhow::Result<()> {
     let json = report
         .to_json()
@@ -252,10 +274,16 @@ pub fn emit(config: &LabConfig, report: &LabReport) -> anyhow::Result<()> {
         std::fs::write(path, format!("{json}\n"))
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
     }
+    if let Some(path) = &config.html {
+        std::fs::write(path, crate::html::render(report))
+            .with_context(|| format!("cannot write the HTML page to {}", path.display()))?;
+    }
     let text = if config.json {
         format!("{json}\n")
-    } else {
+    } else if config.wide {
         report.render()
+    } else {
+        report.render_compact()
     };
     let mut stdout = std::io::stdout().lock();
     match stdout

@@ -76,6 +76,10 @@ pub struct LabConfig {
     pub json: bool,
     /// Also write the JSON document to this file.
     pub output: Option<std::path::PathBuf>,
+    /// Also write the HTML page ([`crate::html`]) to this file.
+    pub html: Option<std::path::PathBuf>,
+    /// Print the full table (every column) instead of the compact one.
+    pub wide: bool,
     /// Show a progress bar on stderr (only when it is a terminal).
     pub progress: bool,
 }
@@ -97,6 +101,8 @@ impl Default for LabConfig {
             redlock_urls: Vec::new(),
             json: false,
             output: None,
+            html: None,
+            wide: false,
             progress: true,
         }
     }

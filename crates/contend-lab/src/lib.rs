@@ -8,12 +8,14 @@
 //! - [`db_target`]: the in-process target: the [`scenario`]s ([`scenario::Scenario`]: withdraw,
 //!   transfer, ...) on a database.
 //! - [`http_target`]: the target of running service instances, driven over HTTP.
-//! - [`report`]: the table, the JSON document, verdicts and the exit status.
+//! - [`report`]: the table, the JSON document, verdicts and the exit status; [`html`]: the
+//!   self-contained HTML page (charts, crossings, timeline, table).
 //! - [`redis_locks`] and [`lockstats`]: the Redis lock strategies and what they cost.
 
 pub mod cli;
 pub mod config;
 pub mod db_target;
+pub mod html;
 pub mod http_target;
 pub mod lockstats;
 pub mod redis_locks;

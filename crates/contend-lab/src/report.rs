@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use comfy_table::presets::UTF8_FULL_CONDENSED;
-use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table};
+use comfy_table::{Cell, CellAlignment, Color, ColumnConstraint, ContentArrangement, Table};
 use serde::Serialize;
 
 use crate::scenario::Invariant;
@@ -88,6 +88,35 @@ pub struct RunReport {
     /// Whether this run fails the lab (exit status 1).
     #[serde(skip)]
     pub failed: bool,
+    /// When the load phase started, in seconds since the lab started (the timeline of the HTML
+    /// page). Not in the JSON document, whose schema is fixed.
+    #[serde(skip)]
+    pub started_s: f64,
+    /// What happened during the run, at offsets from its start: faults injected, violations
+    /// found (the HTML page marks them on its timeline). Not in the JSON document.
+    #[serde(skip)]
+    pub events: Vec<RunEvent>,
+}
+
+/// Something that happened during a run, for the timeline of the HTML page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEvent {
+    /// Seconds since the run's load phase started.
+    pub at_s: f64,
+    /// What kind of event.
+    pub kind: EventKind,
+    /// What happened, in a few words (e.g. `pg_terminate_backend`, `balance: final 3, expected 0`).
+    pub label: String,
+}
+
+/// The kinds of [`RunEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A fault injected into the run (a killed connection, a restarted server).
+    Fault,
+    /// An invariant found broken. The lab checks invariants after the load, so its violations
+    /// sit at the end of their run; a history checker may place them earlier.
+    Violation,
 }
 
 impl RunReport {
@@ -123,6 +152,8 @@ impl RunReport {
             repeat: None,
             error_samples: Vec::new(),
             failed: false,
+            started_s: 0.0,
+            events: Vec::new(),
         }
     }
 }
@@ -153,6 +184,13 @@ impl RunReport {
             .iter()
             .map(|i| if i.ok { 0 } else { i.violations.max(1) })
             .sum();
+        let end = self.duration_s;
+        self.events
+            .extend(invariants.iter().filter(|i| !i.ok).map(|i| RunEvent {
+                at_s: end,
+                kind: EventKind::Violation,
+                label: format!("{}: {}", i.name, i.detail),
+            }));
         self.invariants = invariants;
         (self.verdict, self.failed) = verdict(
             self.expected_safe,
@@ -175,6 +213,42 @@ const MAX_ERROR_SAMPLES: usize = 5;
 pub(crate) fn add_sample(samples: &mut Vec<String>, message: String) {
     if samples.len() < MAX_ERROR_SAMPLES && !samples.contains(&message) {
         samples.push(message);
+    }
+}
+
+/// The widest the compact table ([`LabReport::render_compact`]) gets, in terminal columns.
+pub const COMPACT_WIDTH: u16 = 120;
+
+/// The colour of a run's verdict in the tables: red when it fails the lab, green when a safe
+/// strategy held, yellow when the baseline broke (as expected).
+fn row_color(r: &RunReport) -> Color {
+    if r.failed {
+        Color::Red
+    } else if r.expected_safe {
+        Color::Green
+    } else if r.violations > 0 {
+        Color::Yellow
+    } else {
+        Color::Reset
+    }
+}
+
+/// The verdict of the compact table: the verdicts of [`verdict`] shortened (`SAFE` and the
+/// bugs as they are; the unsafe baseline's `broke (expected)`, `held (1 worker)`, `held this
+/// time`); any other verdict (`FAILED: ...`) unchanged.
+///
+/// ```
+/// use contend_lab::report::{short_verdict, verdict};
+/// assert_eq!(short_verdict(&verdict(false, 3, 0, 8).0), "broke (expected)");
+/// assert_eq!(short_verdict("SAFE"), "SAFE");
+/// assert_eq!(short_verdict("FAILED: setup failed"), "FAILED: setup failed");
+/// ```
+pub fn short_verdict(verdict: &str) -> &str {
+    match verdict {
+        "VIOLATION (unsafe baseline, expected)" => "broke (expected)",
+        "no race at 1 worker (unsafe baseline)" => "held (1 worker)",
+        "no violation this time (unsafe baseline)" => "held this time",
+        other => other,
     }
 }
 
@@ -240,8 +314,82 @@ impl LabReport {
         serde_json::to_string_pretty(self)
     }
 
-    /// The table, then the skipped combinations, then the legend and a one-paragraph summary.
+    /// The full table (all fifteen columns, `contend lab --wide`), then the lock table, the
+    /// details, the skipped combinations, the legend and a one-paragraph summary.
     pub fn render(&self) -> String {
+        let mut out = self.wide_table();
+        self.render_rest(&mut out, false);
+        out
+    }
+
+    /// As [`LabReport::render`], with the compact table that `contend lab` prints by default:
+    /// at most [`COMPACT_WIDTH`] columns wide.
+    pub fn render_compact(&self) -> String {
+        let mut out = self.compact_table();
+        self.render_rest(&mut out, true);
+        out
+    }
+
+    /// The compact table: per backend (in the order the runs came), a `Backend: ...` line and a
+    /// table of scenario, strategy, workers, ops/s, p50 and p99, ok/refused/errors, retries,
+    /// violations and a short verdict ([`short_verdict`]). Only the verdict wraps, to keep it
+    /// within [`COMPACT_WIDTH`] columns.
+    fn compact_table(&self) -> String {
+        let mut backends: Vec<&str> = Vec::new();
+        for r in &self.runs {
+            if !backends.contains(&r.backend.as_str()) {
+                backends.push(&r.backend);
+            }
+        }
+        let mut out = String::new();
+        for backend in backends {
+            let mut table = Table::new();
+            table
+                .load_preset(UTF8_FULL_CONDENSED)
+                .set_content_arrangement(ContentArrangement::Dynamic)
+                .set_width(COMPACT_WIDTH)
+                .set_header(vec![
+                    "scenario",
+                    "strategy",
+                    "w",
+                    "ops/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "ok/ref/err",
+                    "retries",
+                    "viol",
+                    "verdict",
+                ]);
+            for r in self.runs.iter().filter(|r| r.backend == backend) {
+                let num = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
+                table.add_row(vec![
+                    Cell::new(&r.scenario),
+                    Cell::new(&r.strategy),
+                    num(r.workers.to_string()),
+                    num(format!("{:.0}", r.throughput_ops_s)),
+                    num(format!("{:.2}", r.latency_ms.p50)),
+                    num(format!("{:.2}", r.latency_ms.p99)),
+                    num(format!("{}/{}/{}", r.succeeded, r.refused, r.errors)),
+                    num(r.retries.to_string()),
+                    num(r.violations.to_string()),
+                    Cell::new(short_verdict(&r.verdict)).fg(row_color(r)),
+                ]);
+            }
+            for column in table.column_iter_mut().take(9) {
+                column.set_constraint(ColumnConstraint::ContentWidth);
+            }
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            let _ = writeln!(out, "Backend: {backend}");
+            out.push_str(&table.to_string());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The full table of [`LabReport::render`].
+    fn wide_table(&self) -> String {
         let mut table = Table::new();
         table
             .load_preset(UTF8_FULL_CONDENSED)
@@ -273,15 +421,7 @@ impl LabReport {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            let color = if r.failed {
-                Color::Red
-            } else if r.expected_safe {
-                Color::Green
-            } else if r.violations > 0 {
-                Color::Yellow
-            } else {
-                Color::Reset
-            };
+            let color = row_color(r);
             let num = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
             table.add_row(vec![
                 Cell::new(&r.scenario),
@@ -303,8 +443,13 @@ impl LabReport {
         }
         let mut out = table.to_string();
         out.push('\n');
-        self.render_locks(&mut out);
-        self.render_details(&mut out);
+        out
+    }
+
+    /// What follows either table: locks, details, skipped, legend, summary.
+    fn render_rest(&self, out: &mut String, compact: bool) {
+        self.render_locks(out);
+        self.render_details(out);
         if !self.skipped.is_empty() {
             out.push_str("\nSkipped:\n");
             for s in &self.skipped {
@@ -316,8 +461,10 @@ impl LabReport {
             }
         }
         out.push_str(LEGEND);
+        if compact {
+            out.push_str(COMPACT_LEGEND);
+        }
         out.push_str(&self.summary());
-        out
     }
 
     fn render_locks(&self, out: &mut String) {
@@ -425,6 +572,11 @@ How to read this:
                the hot row. succeeded + refused + errors = ops; refused is a business \"no\" (no money left).
 ";
 
+const COMPACT_LEGEND: &str = "  \
+  columns      w = workers, ok/ref/err = succeeded/refused/errors, viol = violations; the baseline's
+               verdicts: broke (expected), held this time, held (1 worker). --wide: every column.
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,6 +610,8 @@ mod tests {
             repeat: None,
             error_samples: vec![],
             failed,
+            started_s: 0.0,
+            events: vec![],
         }
     }
 
@@ -483,6 +637,107 @@ mod tests {
     }
 
     #[test]
+    fn compact_table_fits_120_columns_and_wide_has_every_column() {
+        let mut report = LabReport::default();
+        // The widest cells a run is likely to have, all in one table.
+        for (scenario, strategy, backend) in [
+            ("get_or_create", "serializable", "http(postgres)"),
+            ("get_or_create", "redis-spin", "http(postgres)"),
+            ("withdraw", "redis-spin", "mysql"),
+        ] {
+            let mut r = run(strategy, true, 0, 0);
+            r.scenario = scenario.into();
+            r.backend = backend.into();
+            r.workers = 1024;
+            r.operations = 1_000_000;
+            r.succeeded = 999_000;
+            r.refused = 900;
+            r.errors = 100;
+            r.retries = 123_456;
+            r.throughput_ops_s = 98_765.0;
+            r.latency_ms.p50 = 1_234.56;
+            r.latency_ms.p99 = 98_765.43;
+            if strategy == "redis-spin" {
+                r = r.judge(vec![], Some("3 answers were 500 (a service bug)".into()));
+            }
+            report.runs.push(r);
+        }
+        report.runs.push(run("none", false, 5, 0));
+        report
+            .runs
+            .push(run("atomic", true, 0, 0).fail("setup failed: no table".into()));
+        let compact = report.render_compact();
+        println!("{compact}");
+        let tables = compact.split("\nDetails:").next().unwrap_or_default();
+        let table: Vec<&str> = tables.lines().collect();
+        assert!(table.len() > 12, "{compact}");
+        for line in &table {
+            assert!(
+                line.chars().count() <= usize::from(COMPACT_WIDTH),
+                "{} columns: {line}\n{compact}",
+                line.chars().count()
+            );
+        }
+        // A table per backend, names and numbers unwrapped, the baseline's verdict shortened,
+        // a failure's verdict wrapped but whole.
+        for backend in ["http(postgres)", "mysql", "sqlite"] {
+            assert_eq!(
+                compact.matches(&format!("Backend: {backend}\n")).count(),
+                1,
+                "{compact}"
+            );
+        }
+        for cell in [
+            "get_or_create",
+            "serializable",
+            "999000/900/100",
+            "98765.43",
+            "broke (expected)",
+            "FAILED: setup failed",
+            "service bug)",
+        ] {
+            assert!(compact.contains(cell), "{cell}: {compact}");
+        }
+        assert!(compact.contains("--wide: every column"), "{compact}");
+        assert!(!compact.contains("VIOLATION (unsafe baseline, expected)"));
+        assert!(!table.iter().any(|l| l.contains("backend")), "{compact}");
+
+        // --wide: today's full table, every column and the full verdicts.
+        let wide = report.render();
+        for column in [
+            "scenario",
+            "strategy",
+            "backend",
+            "workers",
+            "ops",
+            "succeeded",
+            "refused",
+            "retries",
+            "conflicts",
+            "errors",
+            "ops/s",
+            "p50 ms",
+            "p99 ms",
+            "violations",
+            "verdict",
+        ] {
+            assert!(
+                wide.lines().nth(1).unwrap_or("").contains(column),
+                "{column}: {wide}"
+            );
+        }
+        assert!(
+            wide.contains("VIOLATION (unsafe baseline, expected)"),
+            "{wide}"
+        );
+        assert!(
+            wide.lines()
+                .any(|l| l.chars().count() > usize::from(COMPACT_WIDTH)),
+            "the full table is the wide one"
+        );
+    }
+
+    #[test]
     fn judging_and_failing_a_run() {
         let empty = || RunReport::empty("withdraw", "atomic", "postgres", 8, true, None);
         let held = Invariant {
@@ -499,8 +754,19 @@ mod tests {
         let run = empty().judge(vec![held.clone()], None);
         assert_eq!((run.verdict.as_str(), run.failed), ("SAFE", false));
         // A failed invariant counts at least one violation.
-        let run = empty().judge(vec![held.clone(), broken], None);
+        let mut loaded = empty();
+        loaded.duration_s = 2.5;
+        let run = loaded.judge(vec![held.clone(), broken], None);
         assert_eq!(run.violations, 1);
+        // The violation is on the timeline, at the end of the load.
+        assert_eq!(
+            run.events,
+            vec![RunEvent {
+                at_s: 2.5,
+                kind: EventKind::Violation,
+                label: "balance: ".into(),
+            }]
+        );
         assert_eq!(
             (run.verdict.as_str(), run.failed),
             ("VIOLATION (BUG)", true)
@@ -548,6 +814,8 @@ mod tests {
             assert!(r.get(key).is_some(), "missing {key}");
         }
         assert!(r.get("lock").is_none());
+        // The timeline's fields stay out of the document (its schema is fixed).
+        assert!(r.get("started_s").is_none() && r.get("events").is_none());
         assert_eq!(r["invariants"][0]["ok"], false);
         assert!(v["skipped"].is_array());
     }

@@ -185,6 +185,7 @@ pub async fn run<T: Target>(
     scenarios: &[T::Scenario],
 ) -> anyhow::Result<LabReport> {
     let backend = target.backend();
+    let lab_started = Instant::now();
     let mut report = LabReport::default();
     let skipped = |scenario: &T::Scenario, strategy: Strategy, reason: String| SkippedRun {
         scenario: T::scenario_name(scenario).to_string(),
@@ -214,7 +215,7 @@ pub async fn run<T: Target>(
                     "{}/{strategy} on {backend}, {workers} workers",
                     T::scenario_name(scenario)
                 ));
-                match run_one(config, target, scenario, strategy, workers).await? {
+                match run_one(config, target, scenario, strategy, workers, lab_started).await? {
                     Ran::Report(mut run) => {
                         if config.repeat > 1 {
                             run.repeat = Some(repeat);
@@ -259,13 +260,15 @@ enum Ran {
     Unsupported(String),
 }
 
-/// One run: setup, load, measure, check, verdict.
+/// One run: setup, load, measure, check, verdict. `lab_started` is when the lab began (the
+/// run's start offset on the timeline is measured from it).
 async fn run_one<T: Target>(
     config: &LabConfig,
     target: &T,
     scenario: &T::Scenario,
     strategy: Strategy,
     workers: usize,
+    lab_started: Instant,
 ) -> anyhow::Result<Ran> {
     let mut report = RunReport::empty(
         T::scenario_name(scenario),
@@ -284,6 +287,7 @@ async fn run_one<T: Target>(
         Ok(run) => Arc::new(run),
         Err(SetupError::Unsupported(reason)) => return Ok(Ran::Unsupported(reason)),
         Err(e @ SetupError::Failed(_)) => {
+            report.started_s = lab_started.elapsed().as_secs_f64();
             return Ok(Ran::Report(Box::new(report.fail(e.to_string()))));
         }
         Err(SetupError::Fatal(e)) => return Err(e),
@@ -292,6 +296,7 @@ async fn run_one<T: Target>(
     let next = Arc::new(AtomicU64::new(0));
     let limit = config.load.operations.unwrap_or(u64::MAX);
     let started = Instant::now();
+    report.started_s = started.duration_since(lab_started).as_secs_f64();
     let deadline = config.load.duration.map(|d| started + d);
     let mut set = JoinSet::new();
     for index in 0..workers {
