@@ -74,7 +74,7 @@ async fn order(State(app): State<App>, key: IdempotencyKey, body: String) -> Res
                 let body = format!("{{\"order\":{id}}}");
                 key.store_in_tx(tx, StatusCode::CREATED, body.as_bytes())
                     .await?;
-                Ok(body)
+                Ok::<_, contend::Error>(body)
             })
         })
         .await
