@@ -112,7 +112,7 @@ async fn redis_and_redlock_keep_the_count() {
     let executor: Executor = Executor::new()
         .lock_service(
             Strategy::Redis,
-            Arc::new(RedisLocks::single(client, options.clone())),
+            Arc::new(RedisLocks::single(client, options)),
         )
         .lock_service(
             Strategy::Redlock,
