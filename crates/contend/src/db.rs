@@ -50,6 +50,10 @@ struct Inner<DB: Database> {
     backend: Backend,
     url: String,
     busy_timeout_ms: u64,
+    /// SQLite: the queue of this `Db`'s write transactions (see [`DbBuilder::writer_queue`]).
+    writer: Option<tokio::sync::Mutex<()>>,
+    /// How long a transaction waits for its turn in `writer` when it sets no lock timeout.
+    turn_timeout: Duration,
 }
 
 /// Settings for [`Db`], made by [`Db::builder`].
@@ -62,6 +66,7 @@ pub struct DbBuilder {
     connect_timeout: Duration,
     busy_timeout: Duration,
     test_before_acquire: bool,
+    writer_queue: bool,
 }
 
 impl DbBuilder {
@@ -98,6 +103,22 @@ impl DbBuilder {
     /// dead connection then surfaces as the statement's error.
     pub fn test_before_acquire(mut self, test: bool) -> Self {
         self.test_before_acquire = test;
+        self
+    }
+
+    /// SQLite: whether write transactions of this `Db` queue for one writer at a time in the
+    /// process (default `true`). A transaction waits for its turn at most its
+    /// [`TxOptions::lock_timeout`](crate::TxOptions::lock_timeout), or else the acquire
+    /// timeout, and then fails with a [`crate::ConflictKind::Busy`] conflict (retryable). SQLite allows one writer per database file; without the queue,
+    /// concurrent `BEGIN IMMEDIATE`s of one process meet in SQLite's busy handler, which sleeps
+    /// and polls (up to 100 ms per sleep) instead of handing the lock over in order, so
+    /// throughput collapses and latency grows with concurrency. With the queue, writers take
+    /// turns on an async mutex before `BEGIN` and the busy handler is left to guard against
+    /// *other* processes writing the same file. Read-only transactions, autocommit statements and
+    /// other processes do not take part in the queue (they may still meet the busy timeout).
+    /// Ignored by the other backends.
+    pub fn writer_queue(mut self, queue: bool) -> Self {
+        self.writer_queue = queue;
         self
     }
 
@@ -176,6 +197,9 @@ impl DbBuilder {
                 backend,
                 url: redact_url(&self.url),
                 busy_timeout_ms: busy_ms,
+                writer: (backend == Backend::Sqlite && self.writer_queue)
+                    .then(|| tokio::sync::Mutex::new(())),
+                turn_timeout: self.acquire_timeout,
             }),
         })
     }
@@ -222,6 +246,7 @@ impl Db<Any> {
             connect_timeout: Duration::from_secs(5),
             busy_timeout: Duration::from_millis(DEFAULT_BUSY_TIMEOUT_MS),
             test_before_acquire: true,
+            writer_queue: true,
         }
     }
 }
@@ -253,6 +278,7 @@ impl<DB: Database> Db<DB> {
     /// [`Error::InvalidUrl`] for an `Any` pool whose URL names no supported backend.
     pub fn from_pool(pool: Pool<DB>) -> Result<Db<DB>> {
         let backend = DB::backend_of(&pool)?;
+        let turn_timeout = pool.options().get_acquire_timeout();
         let url = match DB::url_of(&pool) {
             Some(url) => redact_url(&url),
             None => format!("{backend} pool"),
@@ -263,6 +289,8 @@ impl<DB: Database> Db<DB> {
                 backend,
                 url,
                 busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
+                writer: (backend == Backend::Sqlite).then(|| tokio::sync::Mutex::new(())),
+                turn_timeout,
             }),
         })
     }
@@ -385,6 +413,15 @@ impl<DB: Database> Db<DB> {
         self.inner.busy_timeout_ms
     }
 
+    /// The in-process queue of write transactions (SQLite only), and how long a transaction
+    /// without a lock timeout waits for its turn (the pool's acquire timeout).
+    pub(crate) fn writer(&self) -> Option<(&tokio::sync::Mutex<()>, Duration)> {
+        self.inner
+            .writer
+            .as_ref()
+            .map(|queue| (queue, self.inner.turn_timeout))
+    }
+
     /// Like [`Db::transaction_with`], and reports how many attempts it took and which conflicts
     /// made it retry (the lab and metrics read these).
     ///
@@ -419,6 +456,6 @@ impl<DB: Database> Db<DB> {
     {
         let mut options = options.clone();
         options.session_busy_timeout_ms = Some(self.inner.busy_timeout_ms);
-        tx::run(&self.inner.pool, None, self.inner.backend, &options, body).await
+        tx::run(self, None, &options, body).await
     }
 }

@@ -152,14 +152,6 @@ impl<DB: Database> Session<DB> {
     {
         let mut options = options.clone();
         options.session_busy_timeout_ms = Some(self.db.busy_timeout_ms());
-        let backend = self.db.backend();
-        tx::run(
-            self.db.pool(),
-            Some(&mut self.conn),
-            backend,
-            &options,
-            body,
-        )
-        .await
+        tx::run(&self.db, Some(&mut self.conn), &options, body).await
     }
 }

@@ -69,9 +69,10 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::query::{Query, QueryScalar};
-use sqlx::{Any, AssertSqlSafe, Pool};
+use sqlx::{Any, AssertSqlSafe};
 
 use crate::backend::{Backend, Database};
+use crate::db::Db;
 use crate::error::{ConflictKind, Error, Result};
 use crate::isolation::IsolationLevel;
 use crate::retry::RetryPolicy;
@@ -559,9 +560,8 @@ where
 
 /// The retry loop behind [`crate::Db::run`].
 pub(crate) async fn run<DB, T, E, B>(
-    pool: &Pool<DB>,
+    db: &Db<DB>,
     mut held: Option<&mut Option<PoolConnection<DB>>>,
-    backend: Backend,
     options: &TxOptions,
     mut body: B,
 ) -> Attempted<T, E>
@@ -583,7 +583,7 @@ where
     loop {
         report.attempts += 1;
         let slot = held.as_deref_mut();
-        let attempt = IN_TRANSACTION.scope((), attempt(pool, slot, backend, options, &mut body));
+        let attempt = IN_TRANSACTION.scope((), attempt(db, slot, options, &mut body));
         match attempt.await {
             Ok((value, hooks)) => {
                 run_hooks(hooks).await;
@@ -612,9 +612,8 @@ where
 /// put back only when the transaction finished cleanly; otherwise it is closed (by `Tx`'s drop)
 /// and the session acquires a fresh one next time.
 async fn attempt<DB, T, E, B>(
-    pool: &Pool<DB>,
+    db: &Db<DB>,
     held: Option<&mut Option<PoolConnection<DB>>>,
-    backend: Backend,
     options: &TxOptions,
     body: &mut B,
 ) -> Result<(T, Vec<Hook>), E>
@@ -623,12 +622,30 @@ where
     E: TxError,
     B: Body<DB, T, E>,
 {
+    // SQLite: wait for this process's turn to write before taking a connection and beginning,
+    // so that the process's own writers queue here in order instead of in the busy handler.
+    let _turn = match db.writer() {
+        Some((queue, default_wait)) if !options.read_only => {
+            let wait = options.lock_timeout.unwrap_or(default_wait);
+            match tokio::time::timeout(wait, queue.lock()).await {
+                Ok(turn) => Some(turn),
+                Err(_) => {
+                    return Err(Error::Conflict {
+                        kind: ConflictKind::Busy,
+                        source: None,
+                    }
+                    .into());
+                }
+            }
+        }
+        _ => None,
+    };
     let mut held = held;
     let conn = match held.as_mut().and_then(|slot| slot.take()) {
         Some(conn) => conn,
-        None => pool.acquire().await.map_err(Error::from)?,
+        None => db.pool().acquire().await.map_err(Error::from)?,
     };
-    let mut tx = Tx::begin(conn, backend, options).await?;
+    let mut tx = Tx::begin(conn, db.backend(), options).await?;
     let Some(run) = body.call(&mut tx) else {
         let _ = tx.finish("ROLLBACK").await;
         return Err(Error::TransactionBroken(
