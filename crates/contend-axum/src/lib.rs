@@ -20,6 +20,12 @@
 //! - a keyed request runs in a task of its own: a client that disconnects (or a timeout layer
 //!   outside) cannot leave its key half-done.
 //!
+//! The key store may run on any database contend supports: the application's own typed pool
+//! (`Store::new(Db::from_pool(pg_pool)?)`, a `Store<sqlx::Postgres>`) or a `Db` chosen by URL
+//! (`Store<sqlx::Any>`). The layer and the extractors have one type whatever the store's
+//! database, and [`IdempotencyKey::store_in_tx`] takes the handler's own transaction, for
+//! example a `Tx<sqlx::Postgres>` whose `conn()` is a `&mut PgConnection`.
+//!
 //! The key is claimed before the handler runs, unless [`IdempotencyLayer::claim_in_handler`]
 //! defers the claim to the moment the handler extracts [`IdempotencyKey`], which lets a
 //! service answer its own validation errors (401, 400) before any idempotency answer (409,
