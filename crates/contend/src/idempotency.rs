@@ -547,8 +547,8 @@ impl<DB: Database> Store<DB> {
     /// lease is taken over with a conditional `UPDATE` on the old owner (again exactly one
     /// winner).
     ///
-    /// Runs on the pool, outside any transaction (autocommit): the claim must be visible to
-    /// concurrent duplicates at once.
+    /// Runs on one connection from the pool, outside any transaction (every statement
+    /// autocommits): the claim must be visible to concurrent duplicates at once.
     ///
     /// # Errors
     /// Database errors; [`Error::Conflict`] ([`crate::ConflictKind::Busy`]) when the key's row
