@@ -20,6 +20,12 @@
 //! - a keyed request runs in a task of its own: a client that disconnects (or a timeout layer
 //!   outside) cannot leave its key half-done.
 //!
+//! The key store may run on any database contend supports: the application's own typed pool
+//! (`Store::new(Db::from_pool(pg_pool)?)`, a `Store<sqlx::Postgres>`) or a `Db` chosen by URL
+//! (`Store<sqlx::Any>`). The layer and the extractors have one type whatever the store's
+//! database, and [`IdempotencyKey::store_in_tx`] takes the handler's own transaction, for
+//! example a `Tx<sqlx::Postgres>` whose `conn()` is a `&mut PgConnection`.
+//!
 //! The key is claimed before the handler runs, unless [`IdempotencyLayer::claim_in_handler`]
 //! defers the claim to the moment the handler extracts [`IdempotencyKey`], which lets a
 //! service answer its own validation errors (401, 400) before any idempotency answer (409,
@@ -46,7 +52,7 @@
 //!             let id: i64 = tx.query_scalar("SELECT MAX(id) FROM orders").fetch_one(tx.conn()).await?;
 //!             let body = format!("{{\"order\":{id}}}");
 //!             key.store_in_tx(tx, StatusCode::CREATED, body.as_bytes()).await?;
-//!             Ok(body)
+//!             Ok::<_, contend::Error>(body)
 //!         })
 //!     }).await;
 //!     match stored {
@@ -88,6 +94,7 @@ use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use contend::Database;
 use contend::idempotency::{Claim, Claimed, Fingerprint, InvalidInput, Key, Outcome, Store};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -288,9 +295,53 @@ impl IntoResponse for Rejection {
 type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 type RenderFn = dyn Fn(Rejection) -> Response + Send + Sync;
 
+/// A [`Store`] of any database, behind one type: the layer, its service and the extractors do
+/// not name the database, so a handler's [`IdempotencyKey`] finds the layer's claim whatever
+/// pool the store runs on.
+trait KeyStore: Send + Sync {
+    fn table_name(&self) -> &str;
+    fn claim<'a>(
+        &'a self,
+        key: &'a Key,
+        fp: &'a Fingerprint,
+    ) -> BoxFuture<'a, contend::Result<Claim>>;
+    fn complete<'a>(
+        &'a self,
+        claimed: &'a Claimed,
+        outcome: &'a Outcome,
+    ) -> BoxFuture<'a, contend::Result<bool>>;
+    fn release<'a>(&'a self, claimed: &'a Claimed) -> BoxFuture<'a, contend::Result<bool>>;
+}
+
+impl<DB: Database> KeyStore for Store<DB> {
+    fn table_name(&self) -> &str {
+        Store::table_name(self)
+    }
+
+    fn claim<'a>(
+        &'a self,
+        key: &'a Key,
+        fp: &'a Fingerprint,
+    ) -> BoxFuture<'a, contend::Result<Claim>> {
+        Box::pin(Store::claim(self, key, fp))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        claimed: &'a Claimed,
+        outcome: &'a Outcome,
+    ) -> BoxFuture<'a, contend::Result<bool>> {
+        Box::pin(Store::complete(self, claimed, outcome))
+    }
+
+    fn release<'a>(&'a self, claimed: &'a Claimed) -> BoxFuture<'a, contend::Result<bool>> {
+        Box::pin(Store::release(self, claimed))
+    }
+}
+
 #[derive(Clone)]
 struct Config {
-    store: Store,
+    store: Arc<dyn KeyStore>,
     scope: Arc<ScopeFn>,
     render: Arc<RenderFn>,
     stored: fn(StatusCode) -> bool,
@@ -303,6 +354,11 @@ struct Config {
 
 /// A tower [`Layer`](tower::Layer) that gives the routes it wraps idempotency keys (see the
 /// crate docs). Configuration only; cheap to clone.
+///
+/// It works with a [`Store`] on any database ([`IdempotencyLayer::new`] is generic) and is
+/// itself not generic: the layer of a `Store<sqlx::Postgres>` and that of a
+/// `Store<sqlx::Any>` have the same type, and so do their [`IdempotencyKey`]s, so a handler
+/// can never ask for the key of a store type the layer does not have (and silently get none).
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     config: Arc<Config>,
@@ -325,15 +381,20 @@ impl IdempotencyLayer {
     /// printable ASCII characters), or `None` when there is none ([`Rejection::NoScope`]). It
     /// may read an extension that an authentication layer or extractor inserted.
     ///
+    /// `store` may be on any database: `Store<sqlx::Any>` (from [`contend::Db::connect`]) or
+    /// the application's typed pool (`Store::new(Db::from_pool(pg_pool)?)`); handlers then
+    /// store their outcome in their own `Tx<sqlx::Postgres>` ([`IdempotencyKey::store_in_tx`]).
+    ///
     /// Defaults: `POST` only, [`DEFAULT_BODY_LIMIT`], [`default_stored`], replays with
     /// `Content-Type: application/json`, `Retry-After: 1` on 409, the claim before the handler.
-    pub fn new<F>(store: Store, scope: F) -> IdempotencyLayer
+    pub fn new<DB, F>(store: Store<DB>, scope: F) -> IdempotencyLayer
     where
+        DB: Database,
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
         IdempotencyLayer {
             config: Arc::new(Config {
-                store,
+                store: Arc::new(store),
                 scope: Arc::new(scope),
                 render: Arc::new(Rejection::into_response),
                 stored: default_stored,
@@ -513,7 +574,7 @@ where
                         .unwrap_or_default();
                     tracing::error!(panic = %what, "the handler of an idempotent request panicked");
                     if let Some(active) = pending.active().await {
-                        release(&config.store, &active.claimed).await;
+                        release(config.store.as_ref(), &active.claimed).await;
                     }
                     (config.render)(Rejection::Internal("request task failed"))
                 }
@@ -607,7 +668,7 @@ impl Pending {
         if active.committed.load(Ordering::Acquire) {
             return response;
         }
-        let store = &self.0.config.store;
+        let store = self.0.config.store.as_ref();
         let status = response.status();
         if !(active.stored)(status) {
             release(store, &active.claimed).await;
@@ -635,7 +696,7 @@ impl Pending {
     }
 }
 
-async fn release(store: &Store, claimed: &Claimed) {
+async fn release(store: &dyn KeyStore, claimed: &Claimed) {
     retrying("release", || store.release(claimed)).await;
 }
 
@@ -706,17 +767,22 @@ impl IdempotencyKey {
     /// transaction, before it commits, when the request has a key and `status` is one the layer
     /// stores; otherwise does nothing. Respond with exactly these status and body.
     ///
+    /// `tx` is a transaction of any database type on the store's database: a handler on a
+    /// `Db<sqlx::Postgres>` passes its `Tx<sqlx::Postgres>`.
+    ///
     /// # Errors
     /// [`contend::idempotency::KeyLost`] (in [`contend::Error::Aborted`]) when this request's
     /// lease expired and another took the key over: return it so the transaction rolls back.
     /// [`InvalidInput::BodyNotUtf8`] (in [`contend::Error::Aborted`]) for a body that is not
-    /// UTF-8: it could not be replayed, so the request must not commit. Database errors.
+    /// UTF-8: it could not be replayed, so the request must not commit.
+    /// [`InvalidInput::OtherBackend`] (in [`contend::Error::Aborted`]) when `tx` runs on another
+    /// backend than the layer's store. Database errors.
     ///
     /// # Cancel safety
     /// One statement inside `tx`: dropping the future drops the transaction, which rolls back.
-    pub async fn store_in_tx(
+    pub async fn store_in_tx<DB: Database>(
         &self,
-        tx: &mut contend::Tx,
+        tx: &mut contend::Tx<DB>,
         status: StatusCode,
         body: &[u8],
     ) -> contend::Result<()> {

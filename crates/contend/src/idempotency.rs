@@ -28,10 +28,18 @@
 //! Lease deadlines are compared with the clocks of the processes that share the table, in
 //! milliseconds since the Unix epoch: keep those clocks in sync to well under the lease.
 //!
+//! # Databases
+//! A [`Store`] runs on any [`Db`]: `Store<sqlx::Any>` (the default, for a backend chosen by URL)
+//! or the application's own typed pool, `Store::new(Db::from_pool(pg_pool)?)`, a
+//! `Store<sqlx::Postgres>`. [`Claimed::complete_in`] takes the business transaction of any
+//! database, `&mut Tx<DB>`, so a handler on a `Db<sqlx::Postgres>` stores its outcome in its own
+//! `Tx<sqlx::Postgres>`. The store's statements are written once with `?` placeholders and run
+//! through [`crate::Database`]; nothing here names a backend.
+//!
 //! # Schema
-//! [`schema`] gives the `CREATE TABLE` of each backend (the per-backend SQL of this module lives
-//! there and nowhere else); [`Store::ensure_schema`] runs it. Bodies are stored as text, so an
-//! outcome's body must be UTF-8 (JSON, text): [`Outcome::new`] checks it.
+//! [`schema`] gives the `CREATE TABLE` of a backend, with the column types of its
+//! [`Dialect`](crate::backend::Dialect); [`Store::ensure_schema`] runs it. Bodies are stored as
+//! text, so an outcome's body must be UTF-8 (JSON, text): [`Outcome::new`] checks it.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
@@ -60,6 +68,30 @@
 //! assert!(matches!(store.claim(&key, &other).await?, Claim::Mismatch));
 //! # Ok(()) }
 //! ```
+//!
+//! On a typed pool the same code runs unchanged, and the transaction's connection is the
+//! database's own (`&mut SqliteConnection` here, `&mut PgConnection` on a `PgPool`):
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+//! use contend::idempotency::{Claim, Fingerprint, Key, Outcome, Store};
+//! let pool = sqlx::SqlitePool::connect("sqlite::memory:").await?;
+//! let db = contend::Db::from_pool(pool)?; // a Db<sqlx::Sqlite>
+//! db.execute_script("CREATE TABLE orders (id INTEGER)").await?;
+//! let store = Store::new(db.clone());
+//! store.ensure_schema().await?;
+//! let key = Key::new("caller-1", "order-42").expect("valid key");
+//! let fp = Fingerprint::request("POST", "/orders", b"{}");
+//! let Claim::Claimed(claimed) = store.claim(&key, &fp).await? else { unreachable!() };
+//! let outcome = Outcome::new(201, b"{}".to_vec()).expect("UTF-8");
+//! db.transaction(|tx| Box::pin(async move {
+//!     sqlx::query("INSERT INTO orders VALUES (?)").bind(42_i64).execute(tx.conn()).await?;
+//!     claimed.complete_in(tx, &outcome).await
+//! }))
+//! .await?;
+//! assert!(matches!(store.claim(&key, &fp).await?, Claim::Completed(_)));
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
 use std::sync::Arc;
@@ -67,11 +99,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
+use sqlx::Any;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ColumnKind, Database};
 use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::strategy::Value;
 use crate::tx::Tx;
 
 /// The default table name.
@@ -89,40 +122,40 @@ pub const MAX_SCOPE_LEN: usize = 64;
 /// How often [`Store::claim`] retries when the key's row changes under it.
 const CLAIM_ATTEMPTS: usize = 5;
 
-/// The `CREATE TABLE IF NOT EXISTS` of the key table `table` on `backend`: the only SQL of this
-/// module that differs per backend.
+/// The `CREATE TABLE IF NOT EXISTS` of the key table `table` on `backend`, with the column
+/// types of its [`Dialect`](crate::backend::Dialect).
 ///
 /// Columns: `scope` and `idem_key` (the primary key), `fingerprint` (hex SHA-256), `owner` (the
 /// current claimant's nonce), `status_code` and `body` (`NULL` while in flight), `lease_until`
-/// (milliseconds since the Unix epoch). MariaDB keeps the key columns in binary ASCII collations
-/// so that keys differing only in case or trailing spaces stay distinct.
+/// (milliseconds since the Unix epoch). The text columns of the key compare byte for byte
+/// ([`Dialect::exact_ascii_type`](crate::backend::Dialect::exact_ascii_type)), so that keys
+/// differing only in case or trailing spaces stay distinct on every backend.
+///
+/// ```
+/// use contend::Backend;
+/// let sql = contend::idempotency::schema(Backend::Postgres, "keys");
+/// assert!(sql.starts_with("CREATE TABLE IF NOT EXISTS keys (scope TEXT NOT NULL"));
+/// assert!(contend::idempotency::schema(Backend::MySql, "keys").ends_with("ENGINE = InnoDB"));
+/// ```
 pub fn schema(backend: Backend, table: &str) -> String {
-    match backend {
-        Backend::MySql => format!(
-            "CREATE TABLE IF NOT EXISTS {table} (\
-             scope VARCHAR({MAX_SCOPE_LEN}) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
-             idem_key VARCHAR({MAX_KEY_LEN}) CHARACTER SET ascii COLLATE ascii_nopad_bin NOT NULL, \
-             fingerprint CHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
-             owner CHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
-             status_code BIGINT, \
-             body MEDIUMTEXT CHARACTER SET utf8mb4, \
-             lease_until BIGINT NOT NULL, \
-             PRIMARY KEY (scope, idem_key)) ENGINE = InnoDB"
-        ),
-        // PostgreSQL and SQLite: TEXT compares bytewise (SQLite's BINARY collation, and the
-        // equality of PostgreSQL's deterministic collations).
-        _ => format!(
-            "CREATE TABLE IF NOT EXISTS {table} (\
-             scope TEXT NOT NULL, \
-             idem_key TEXT NOT NULL, \
-             fingerprint TEXT NOT NULL, \
-             owner TEXT NOT NULL, \
-             status_code BIGINT, \
-             body TEXT, \
-             lease_until BIGINT NOT NULL, \
-             PRIMARY KEY (scope, idem_key))"
-        ),
-    }
+    let d = backend.dialect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (\
+         scope {scope} NOT NULL, \
+         idem_key {key} NOT NULL, \
+         fingerprint {hash} NOT NULL, \
+         owner {owner} NOT NULL, \
+         status_code BIGINT, \
+         body {body}, \
+         lease_until BIGINT NOT NULL, \
+         PRIMARY KEY (scope, idem_key)){options}",
+        scope = d.exact_ascii_type(MAX_SCOPE_LEN),
+        key = d.exact_ascii_type(MAX_KEY_LEN),
+        hash = d.exact_ascii_type(64),
+        owner = d.exact_ascii_type(32),
+        body = d.long_text_type(),
+        options = d.table_options(),
+    )
 }
 
 /// What is wrong with a key, a scope, a table name or an outcome.
@@ -141,6 +174,15 @@ pub enum InvalidInput {
     /// The body of an outcome is not UTF-8 (bodies are stored as text).
     #[error("an outcome's body must be UTF-8 to be stored")]
     BodyNotUtf8,
+    /// A key claimed in a store on one backend was to be completed in a transaction on another
+    /// ([`Claimed::complete_in`]).
+    #[error("a key claimed in a {store} key store cannot be completed in a {tx} transaction")]
+    OtherBackend {
+        /// The backend of the store that claimed the key.
+        store: Backend,
+        /// The backend of the transaction.
+        tx: Backend,
+    },
 }
 
 /// The request that owned a key lost it: its lease expired and another request took the key
@@ -319,6 +361,7 @@ pub struct Claimed {
 #[derive(Debug)]
 struct ClaimedInner {
     table: Arc<str>,
+    backend: Backend,
     key: Key,
     owner: String,
 }
@@ -333,25 +376,38 @@ impl Claimed {
     /// just before it commits: the key is completed exactly when the business writes commit.
     /// The row is updated only while this request still owns the key and it is in flight.
     ///
+    /// `tx` may be a transaction of any database type on the store's database: a key claimed
+    /// by a `Store<sqlx::Any>` or a `Store<sqlx::Postgres>` is completed in a
+    /// `Tx<sqlx::Postgres>` alike.
+    ///
     /// # Errors
     /// [`KeyLost`] (in [`Error::Aborted`], see [`is_key_lost`]) when another request took the
     /// key over after this one's lease expired: return it from the transaction body so that the
-    /// transaction rolls back. Database errors as usual.
+    /// transaction rolls back. [`InvalidInput::OtherBackend`] (in [`Error::Aborted`]) when `tx`
+    /// runs on another backend than the store that claimed the key. Database errors as usual.
     ///
     /// # Cancel safety
     /// One statement inside `tx`: dropping the future drops the transaction, which rolls back.
-    pub async fn complete_in(&self, tx: &mut Tx, outcome: &Outcome) -> Result<()> {
-        let sql = self.complete_sql();
-        let done = tx
-            .query(&sql)
-            .bind(i64::from(outcome.status))
-            .bind(outcome.body_text().to_string())
-            .bind(self.inner.key.scope.clone())
-            .bind(self.inner.key.key.clone())
-            .bind(self.inner.owner.clone())
-            .execute(tx.conn())
-            .await?;
-        if done.rows_affected() != 1 {
+    pub async fn complete_in<DB: Database>(
+        &self,
+        tx: &mut Tx<DB>,
+        outcome: &Outcome,
+    ) -> Result<()> {
+        let backend = tx.backend();
+        if backend != self.inner.backend {
+            return Err(Error::aborted(InvalidInput::OtherBackend {
+                store: self.inner.backend,
+                tx: backend,
+            }));
+        }
+        let done = DB::execute_values(
+            tx.conn(),
+            backend,
+            &self.complete_sql(),
+            &self.complete_args(outcome),
+        )
+        .await?;
+        if done != 1 {
             return Err(Error::aborted(KeyLost));
         }
         Ok(())
@@ -364,14 +420,44 @@ impl Claimed {
             self.inner.table
         )
     }
+
+    fn complete_args(&self, outcome: &Outcome) -> [Value; 5] {
+        [
+            Value::Int(i64::from(outcome.status)),
+            Value::Text(outcome.body_text().to_string()),
+            Value::Text(self.inner.key.scope.clone()),
+            Value::Text(self.inner.key.key.clone()),
+            Value::Text(self.inner.owner.clone()),
+        ]
+    }
+
+    /// The parameters that pick this claim's row while it is in flight.
+    fn owner_args(&self) -> [Value; 3] {
+        [
+            Value::Text(self.inner.key.scope.clone()),
+            Value::Text(self.inner.key.key.clone()),
+            Value::Text(self.inner.owner.clone()),
+        ]
+    }
 }
 
-/// The key store: a table of keys on a [`Db`]. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Store {
-    db: Db,
+/// The key store: a table of keys on a [`Db`] of any database (`Db<sqlx::Any>` by default, or a
+/// typed pool's `Db<sqlx::Postgres>`, ...). Cheap to clone.
+#[derive(Debug)]
+pub struct Store<DB: Database = Any> {
+    db: Db<DB>,
     table: Arc<str>,
     lease: Duration,
+}
+
+impl<DB: Database> Clone for Store<DB> {
+    fn clone(&self) -> Self {
+        Store {
+            db: self.db.clone(),
+            table: self.table.clone(),
+            lease: self.lease,
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -387,9 +473,9 @@ fn nonce() -> String {
     hex::encode(bytes)
 }
 
-impl Store {
+impl<DB: Database> Store<DB> {
     /// A store on `db`, table [`DEFAULT_TABLE`], lease [`DEFAULT_LEASE`].
-    pub fn new(db: Db) -> Store {
+    pub fn new(db: Db<DB>) -> Store<DB> {
         Store {
             db,
             table: Arc::from(DEFAULT_TABLE),
@@ -402,7 +488,7 @@ impl Store {
     /// # Errors
     /// [`InvalidInput::Table`] unless `name` is a plain identifier (ASCII letters, digits, `_`,
     /// not starting with a digit, at most 64 characters).
-    pub fn table(mut self, name: &str) -> Result<Store, InvalidInput> {
+    pub fn table(mut self, name: &str) -> Result<Store<DB>, InvalidInput> {
         let ok = !name.is_empty()
             && name.len() <= 64
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -416,13 +502,13 @@ impl Store {
 
     /// Sets how long a claim protects its key before another request may take it over. Make
     /// it far longer than a request may run (a request timeout well below it).
-    pub fn lease(mut self, lease: Duration) -> Store {
+    pub fn lease(mut self, lease: Duration) -> Store<DB> {
         self.lease = lease;
         self
     }
 
     /// The database.
-    pub fn db(&self) -> &Db {
+    pub fn db(&self) -> &Db<DB> {
         &self.db
     }
 
@@ -461,8 +547,8 @@ impl Store {
     /// lease is taken over with a conditional `UPDATE` on the old owner (again exactly one
     /// winner).
     ///
-    /// Runs on the pool, outside any transaction (autocommit): the claim must be visible to
-    /// concurrent duplicates at once.
+    /// Runs on one connection from the pool, outside any transaction (every statement
+    /// autocommits): the claim must be visible to concurrent duplicates at once.
     ///
     /// # Errors
     /// Database errors; [`Error::Conflict`] ([`crate::ConflictKind::Busy`]) when the key's row
@@ -486,18 +572,26 @@ impl Store {
             "UPDATE {table} SET owner = ?, lease_until = ? \
              WHERE scope = ? AND idem_key = ? AND owner = ? AND status_code IS NULL"
         );
+        let backend = self.db.backend();
+        let scope = Value::Text(key.scope.clone());
+        let idem_key = Value::Text(key.key.clone());
+        // One pooled connection for the whole claim; every statement autocommits.
+        let mut conn = self.db.acquire().await?;
         for _ in 0..CLAIM_ATTEMPTS {
             let owner = nonce();
-            let inserted = self
-                .db
-                .query(&insert)
-                .bind(key.scope.clone())
-                .bind(key.key.clone())
-                .bind(fp.0.clone())
-                .bind(owner.clone())
-                .bind(self.lease_until())
-                .execute(self.db.pool())
-                .await;
+            let inserted = DB::execute_values(
+                &mut conn,
+                backend,
+                &insert,
+                &[
+                    scope.clone(),
+                    idem_key.clone(),
+                    Value::Text(fp.0.clone()),
+                    Value::Text(owner.clone()),
+                    Value::Int(self.lease_until()),
+                ],
+            )
+            .await;
             match inserted {
                 Ok(_) => return Ok(Claim::Claimed(self.claimed(key, owner))),
                 Err(e) => {
@@ -507,34 +601,31 @@ impl Store {
                     }
                 }
             }
-            let row = self
-                .db
-                .query(&select)
-                .bind(key.scope.clone())
-                .bind(key.key.clone())
-                .fetch_optional(self.db.pool())
-                .await?;
+            let row = DB::fetch_row(
+                &mut conn,
+                backend,
+                &select,
+                &[scope.clone(), idem_key.clone()],
+                &STORED_COLUMNS,
+            )
+            .await?;
             let Some(row) = row else {
                 continue; // released meanwhile: insert again
             };
-            let stored_fp: String = row.try_get(0)?;
-            let stored_owner: String = row.try_get(1)?;
-            let status: Option<i64> = row.try_get(2)?;
-            let body: Option<String> = row.try_get(3)?;
-            let lease_until: i64 = row.try_get(4)?;
-            if stored_fp != fp.0 {
+            let stored = Stored::decode(row)?;
+            if stored.fingerprint != fp.0 {
                 return Ok(Claim::Mismatch);
             }
-            if let Some(status) = status {
+            if let Some(status) = stored.status {
                 let status = u16::try_from(status).map_err(|_| {
                     Error::aborted(format!("stored status {status} of an idempotency key"))
                 })?;
                 return Ok(Claim::Completed(Outcome::text(
                     status,
-                    body.unwrap_or_default(),
+                    stored.body.unwrap_or_default(),
                 )));
             }
-            let left = lease_until.saturating_sub(now_ms());
+            let left = stored.lease_until.saturating_sub(now_ms());
             if left > 0 {
                 return Ok(Claim::InFlight {
                     lease_left: Duration::from_millis(left.unsigned_abs()),
@@ -542,17 +633,20 @@ impl Store {
             }
             // The lease expired (its process died): take the key over, atomically.
             let owner = nonce();
-            let taken = self
-                .db
-                .query(&take_over)
-                .bind(owner.clone())
-                .bind(self.lease_until())
-                .bind(key.scope.clone())
-                .bind(key.key.clone())
-                .bind(stored_owner)
-                .execute(self.db.pool())
-                .await?;
-            if taken.rows_affected() == 1 {
+            let taken = DB::execute_values(
+                &mut conn,
+                backend,
+                &take_over,
+                &[
+                    Value::Text(owner.clone()),
+                    Value::Int(self.lease_until()),
+                    scope.clone(),
+                    idem_key.clone(),
+                    Value::Text(stored.owner),
+                ],
+            )
+            .await?;
+            if taken == 1 {
                 return Ok(Claim::Claimed(self.claimed(key, owner)));
             }
         }
@@ -566,6 +660,7 @@ impl Store {
         Claimed {
             inner: Arc::new(ClaimedInner {
                 table: self.table.clone(),
+                backend: self.db.backend(),
                 key: key.clone(),
                 owner,
             }),
@@ -583,17 +678,15 @@ impl Store {
     /// # Cancel safety
     /// One autocommit statement: dropped, it either ran or did not.
     pub async fn complete(&self, claimed: &Claimed, outcome: &Outcome) -> Result<bool> {
-        let done = self
-            .db
-            .query(&claimed.complete_sql())
-            .bind(i64::from(outcome.status))
-            .bind(outcome.body_text().to_string())
-            .bind(claimed.inner.key.scope.clone())
-            .bind(claimed.inner.key.key.clone())
-            .bind(claimed.inner.owner.clone())
-            .execute(self.db.pool())
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.db.acquire().await?;
+        let done = DB::execute_values(
+            &mut conn,
+            self.db.backend(),
+            &claimed.complete_sql(),
+            &claimed.complete_args(outcome),
+        )
+        .await?;
+        Ok(done == 1)
     }
 
     /// Releases a claimed key that was not completed (the request failed in a way that must
@@ -610,15 +703,53 @@ impl Store {
             "DELETE FROM {} WHERE scope = ? AND idem_key = ? AND owner = ? AND status_code IS NULL",
             self.table
         );
-        let done = self
-            .db
-            .query(&sql)
-            .bind(claimed.inner.key.scope.clone())
-            .bind(claimed.inner.key.key.clone())
-            .bind(claimed.inner.owner.clone())
-            .execute(self.db.pool())
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.db.acquire().await?;
+        let done =
+            DB::execute_values(&mut conn, self.db.backend(), &sql, &claimed.owner_args()).await?;
+        Ok(done == 1)
+    }
+}
+
+/// The columns [`Store::claim`] reads: fingerprint, owner, status_code, body, lease_until.
+const STORED_COLUMNS: [ColumnKind; 5] = [
+    ColumnKind::Text,
+    ColumnKind::Text,
+    ColumnKind::Int,
+    ColumnKind::Text,
+    ColumnKind::Int,
+];
+
+/// A key's row as [`Store::claim`] reads it.
+struct Stored {
+    fingerprint: String,
+    owner: String,
+    status: Option<i64>,
+    body: Option<String>,
+    lease_until: i64,
+}
+
+impl Stored {
+    /// Decodes the values read with [`STORED_COLUMNS`]; `NULL` where the schema forbids it is
+    /// a corrupt row.
+    fn decode(row: Vec<Value>) -> Result<Stored> {
+        let corrupt = || Error::aborted("an idempotency key row holds NULL in a NOT NULL column");
+        let mut it = row.into_iter();
+        let mut next = || it.next().unwrap_or(Value::Null);
+        let text = |v: Value| match v {
+            Value::Text(t) => Some(t),
+            _ => None,
+        };
+        let int = |v: Value| match v {
+            Value::Int(i) => Some(i),
+            _ => None,
+        };
+        Ok(Stored {
+            fingerprint: text(next()).ok_or_else(corrupt)?,
+            owner: text(next()).ok_or_else(corrupt)?,
+            status: int(next()),
+            body: text(next()),
+            lease_until: int(next()).ok_or_else(corrupt)?,
+        })
     }
 }
 

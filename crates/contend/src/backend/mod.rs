@@ -79,6 +79,39 @@ pub trait Database: sqlx::Database {
         sql: &str,
         args: &[Value],
     ) -> BoxFuture<'c, Result<Option<i64>, sqlx::Error>>;
+
+    /// Runs `sql` (`?` placeholders, rewritten for `backend`) with the parameters `args` and
+    /// returns the first row, if there is one, decoded column by column as `columns` says:
+    /// `columns[i]` decodes column `i` ([`ColumnKind`]); SQL `NULL` becomes [`Value::Null`].
+    /// Columns beyond `columns.len()` are ignored.
+    ///
+    /// For contend's own small reads of several columns (the idempotency key store); users read
+    /// rows with sqlx on [`crate::Tx::conn`].
+    ///
+    /// # Errors
+    /// The database's error; a decoding error when a column does not hold its kind (or there
+    /// are fewer columns than `columns`).
+    ///
+    /// # Cancel safety
+    /// As sqlx's `fetch_optional`.
+    fn fetch_row<'c>(
+        conn: &'c mut Self::Connection,
+        backend: Backend,
+        sql: &str,
+        args: &[Value],
+        columns: &[ColumnKind],
+    ) -> BoxFuture<'c, Result<Option<Vec<Value>>, sqlx::Error>>;
+}
+
+/// How [`Database::fetch_row`] decodes a column. Every kind accepts SQL `NULL`
+/// ([`Value::Null`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ColumnKind {
+    /// A `BIGINT` (`INTEGER` on SQLite): [`Value::Int`].
+    Int,
+    /// A text column (`TEXT`, `VARCHAR`, `CHAR`): [`Value::Text`].
+    Text,
 }
 
 /// Implements [`Database`] for a sqlx database whose backend is fixed by its type (the `Any`
@@ -141,6 +174,48 @@ macro_rules! impl_database {
                     };
                 }
                 Box::pin(async move { query.fetch_optional(conn).await })
+            }
+
+            fn fetch_row<'c>(
+                conn: &'c mut Self::Connection,
+                backend: $crate::Backend,
+                sql: &str,
+                args: &[$crate::strategy::Value],
+                columns: &[$crate::backend::ColumnKind],
+            ) -> futures_util::future::BoxFuture<
+                'c,
+                Result<Option<Vec<$crate::strategy::Value>>, sqlx::Error>,
+            > {
+                use sqlx::Row as _;
+                use $crate::backend::ColumnKind;
+                use $crate::strategy::Value;
+                let mut query =
+                    sqlx::query::<Self>(sqlx::AssertSqlSafe(backend.sql(sql).into_owned()));
+                for arg in args {
+                    query = match arg {
+                        Value::Int(v) => query.bind(*v),
+                        Value::Text(v) => query.bind(v.clone()),
+                        Value::Null => query.bind(Option::<i64>::None),
+                    };
+                }
+                let columns = columns.to_vec();
+                Box::pin(async move {
+                    let Some(row) = query.fetch_optional(conn).await? else {
+                        return Ok(None);
+                    };
+                    let mut values = Vec::with_capacity(columns.len());
+                    for (i, kind) in columns.into_iter().enumerate() {
+                        values.push(match kind {
+                            ColumnKind::Int => row
+                                .try_get::<Option<i64>, _>(i)?
+                                .map_or(Value::Null, Value::Int),
+                            ColumnKind::Text => row
+                                .try_get::<Option<String>, _>(i)?
+                                .map_or(Value::Null, Value::Text),
+                        });
+                    }
+                    Ok(Some(values))
+                })
             }
         }
     };
@@ -325,6 +400,26 @@ pub trait Dialect: Send + Sync + 'static {
                 });
             }
         })
+    }
+
+    /// The column type of a string of at most `max_len` bytes of printable ASCII that must
+    /// compare byte for byte, with no case folding and no trailing-space padding (keys, hashes,
+    /// nonces); usable in a primary key. `TEXT` by default: SQLite's `BINARY` collation and
+    /// PostgreSQL's deterministic collations compare it exactly.
+    fn exact_ascii_type(&self, max_len: usize) -> String {
+        let _ = max_len;
+        "TEXT".into()
+    }
+
+    /// The column type of UTF-8 text up to at least 16 MiB (response bodies and the like).
+    fn long_text_type(&self) -> &'static str {
+        "TEXT"
+    }
+
+    /// What follows the column list of a `CREATE TABLE` for a table that transactions write
+    /// (the storage engine on MySQL/MariaDB); empty by default.
+    fn table_options(&self) -> &'static str {
+        ""
     }
 }
 

@@ -112,6 +112,22 @@ impl Dialect for MySql {
             }
         })
     }
+
+    /// `VARCHAR(max_len)` in the binary ASCII collation without padding (`ascii_nopad_bin`,
+    /// MariaDB 10.2+): keys differing only in case or trailing spaces stay distinct.
+    fn exact_ascii_type(&self, max_len: usize) -> String {
+        format!("VARCHAR({max_len}) CHARACTER SET ascii COLLATE ascii_nopad_bin")
+    }
+
+    /// `MEDIUMTEXT` (16 MiB; `TEXT` holds only 64 KiB) in `utf8mb4`.
+    fn long_text_type(&self) -> &'static str {
+        "MEDIUMTEXT CHARACTER SET utf8mb4"
+    }
+
+    /// ` ENGINE = InnoDB`: transactions and row locks need it.
+    fn table_options(&self) -> &'static str {
+        " ENGINE = InnoDB"
+    }
 }
 
 #[cfg(feature = "mysql")]
