@@ -33,7 +33,9 @@ impl Operation for Increment {
             let n = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                 .fetch_one(conn)
                 .await?;
-            tokio::task::yield_now().await;
+            // A handler's work between read and write: wide enough that, unguarded, another
+            // worker reads the same value even on a loaded machine.
+            tokio::time::sleep(Duration::from_millis(1)).await;
             Ok(n)
         })
     }
