@@ -4,6 +4,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use contend::strategy::Operation;
 use contend::{Backend, BoxFuture, Tx};
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
@@ -11,7 +12,7 @@ use sqlx::{AnyConnection, AssertSqlSafe, Row};
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::engine::{self, Op};
+use crate::engine::{self, Write};
 use crate::error::{ApiError, abort};
 use crate::extract::{Auth, JsonRequest, check_range, check_text, parse_id};
 use crate::idempotency::{self, Outcome};
@@ -213,6 +214,7 @@ pub(crate) enum BindValue {
 
 /// Deposit (positive) or withdrawal (negative) on one account.
 struct BalanceOp {
+    backend: Backend,
     account: i64,
     delta: i64,
     kind: &'static str,
@@ -229,28 +231,30 @@ fn insufficient(id: i64) -> ApiError {
     )
 }
 
-impl Op for BalanceOp {
-    type State = Account;
-    type Output = Account;
-
+impl Write for BalanceOp {
     fn status(&self) -> StatusCode {
         StatusCode::OK
     }
+}
 
-    fn lock_keys(&self) -> Vec<String> {
+impl Operation for BalanceOp {
+    type State = Account;
+    type Output = Account;
+    type Error = contend::Error;
+
+    fn keys(&self) -> Vec<String> {
         vec![format!("account:{}", self.account)]
     }
 
-    fn load<'c>(
+    fn read<'c>(
         &'c self,
         conn: &'c mut AnyConnection,
-        backend: Backend,
         lock: &'static str,
     ) -> BoxFuture<'c, contend::Result<Account>> {
-        Box::pin(must_load(conn, backend, self.account, lock))
+        Box::pin(must_load(conn, self.backend, self.account, lock))
     }
 
-    fn apply<'c>(
+    fn write<'c>(
         &'c self,
         tx: &'c mut Tx,
         old: &'c Account,
@@ -274,8 +278,8 @@ impl Op for BalanceOp {
         })
     }
 
-    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> BoxFuture<'c, contend::Result<Account>> {
-        Box::pin(async move {
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, contend::Result<Account>>> {
+        Some(Box::pin(async move {
             let done = if self.delta >= 0 {
                 tx.query("UPDATE accounts SET balance = balance + ?, version = version + 1 WHERE id = ? AND balance <= ?")
                     .bind(self.delta)
@@ -302,12 +306,13 @@ impl Op for BalanceOp {
             }
             ledger(tx, self.account, self.delta, self.kind, None).await?;
             reread(tx, self.account).await
-        })
+        }))
     }
 }
 
 /// A transfer between two accounts.
 struct TransferOp {
+    backend: Backend,
     from: i64,
     to: i64,
     amount: i64,
@@ -369,7 +374,7 @@ impl TransferOp {
         })
     }
 
-    /// Why the conditional `UPDATE` of [`Op::atomic`] did not change both rows, read inside the
+    /// Why the conditional `UPDATE` of [`Operation::atomic`] did not change both rows, read inside the
     /// same transaction (the rows it found are locked by it): in the contract's order, a missing
     /// account (404), `to` going above 10^15 (422), then insufficient funds (409).
     async fn refusal(&self, tx: &mut Tx) -> contend::Result<ApiError> {
@@ -390,22 +395,25 @@ impl TransferOp {
     }
 }
 
-impl Op for TransferOp {
+impl Write for TransferOp {}
+
+impl Operation for TransferOp {
     type State = (Account, Account);
     type Output = Transfer;
+    type Error = contend::Error;
 
-    fn lock_keys(&self) -> Vec<String> {
+    fn keys(&self) -> Vec<String> {
         let (a, b) = (self.from.min(self.to), self.from.max(self.to));
         vec![format!("account:{a}"), format!("account:{b}")]
     }
 
-    fn load<'c>(
+    fn read<'c>(
         &'c self,
         conn: &'c mut AnyConnection,
-        backend: Backend,
         lock: &'static str,
     ) -> BoxFuture<'c, contend::Result<(Account, Account)>> {
         Box::pin(async move {
+            let backend = self.backend;
             // Canonical order: the lower id first, so two opposite transfers cannot deadlock.
             let (first, second) = (self.from.min(self.to), self.from.max(self.to));
             let a = must_load(conn, backend, first, lock).await?;
@@ -414,7 +422,7 @@ impl Op for TransferOp {
         })
     }
 
-    fn apply<'c>(
+    fn write<'c>(
         &'c self,
         tx: &'c mut Tx,
         state: &'c (Account, Account),
@@ -448,8 +456,8 @@ impl Op for TransferOp {
     /// locks them first in a sorted `FOR NO KEY UPDATE` subquery, MariaDB updates
     /// `ORDER BY id`, SQLite has one writer at a time. Fewer than two rows changed means a
     /// refusal: the transaction rolls back and [`TransferOp::refusal`] says why.
-    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> BoxFuture<'c, contend::Result<Transfer>> {
-        Box::pin(async move {
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, contend::Result<Transfer>>> {
+        Some(Box::pin(async move {
             const BOTH_ROWS: &str = "UPDATE accounts \
                  SET balance = CASE WHEN id = ? THEN balance - ? ELSE balance + ? END, \
                      version = version + 1 \
@@ -481,7 +489,7 @@ impl Op for TransferOp {
                 return Err(abort(self.refusal(tx).await?));
             }
             self.record(tx).await
-        })
+        }))
     }
 }
 
@@ -626,6 +634,7 @@ async fn balance_change(
             engine::check_supported(&st, strategy)?;
             check_range("amount", body.amount, 1, MAX_MONEY)?;
             let op = BalanceOp {
+                backend: st.inner.db.backend(),
                 account: id,
                 delta: if deposit { body.amount } else { -body.amount },
                 kind: if deposit { "deposit" } else { "withdraw" },
@@ -677,6 +686,7 @@ pub async fn create_transfer(
                 return Err(invalid);
             }
             let op = TransferOp {
+                backend: st.inner.db.backend(),
                 from: body.from,
                 to: body.to,
                 amount: body.amount,

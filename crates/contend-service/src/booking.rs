@@ -6,6 +6,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use contend::strategy::Operation;
 use contend::{Backend, BoxFuture, Tx};
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, Row};
@@ -13,7 +14,7 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::bank::{BindValue, insert_returning_id, q};
-use crate::engine::{self, Op};
+use crate::engine::{self, Write};
 use crate::error::{ApiError, abort};
 use crate::extract::{JsonRequest, check_range, check_text, parse_id};
 use crate::idempotency::{self, Outcome};
@@ -72,6 +73,7 @@ struct SeatState {
 }
 
 struct BookOp {
+    backend: Backend,
     event: i64,
     seat: i64,
     account: i64,
@@ -106,21 +108,24 @@ impl BookOp {
     }
 }
 
-impl Op for BookOp {
+impl Write for BookOp {}
+
+impl Operation for BookOp {
     type State = SeatState;
     type Output = Booking;
+    type Error = contend::Error;
 
-    fn lock_keys(&self) -> Vec<String> {
+    fn keys(&self) -> Vec<String> {
         vec![format!("seat:{}:{}", self.event, self.seat)]
     }
 
-    fn load<'c>(
+    fn read<'c>(
         &'c self,
         conn: &'c mut AnyConnection,
-        backend: Backend,
         lock: &'static str,
     ) -> BoxFuture<'c, contend::Result<SeatState>> {
         Box::pin(async move {
+            let backend = self.backend;
             // Locking the event row serializes the bookings of one event (pessimistic).
             let sql = format!("SELECT version FROM events WHERE id = ?{lock}");
             let version: Option<i64> =
@@ -145,7 +150,7 @@ impl Op for BookOp {
         })
     }
 
-    fn apply<'c>(
+    fn write<'c>(
         &'c self,
         tx: &'c mut Tx,
         state: &'c SeatState,
@@ -168,8 +173,8 @@ impl Op for BookOp {
         })
     }
 
-    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> BoxFuture<'c, contend::Result<Booking>> {
-        Box::pin(async move {
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, contend::Result<Booking>>> {
+        Some(Box::pin(async move {
             let sql = match tx.backend() {
                 Backend::MySql => "INSERT IGNORE INTO seat_claims (event_id, seat) VALUES (?, ?)",
                 _ => {
@@ -186,7 +191,7 @@ impl Op for BookOp {
                 return Err(abort(seat_taken(self.seat)));
             }
             self.record(tx).await
-        })
+        }))
     }
 }
 
@@ -262,6 +267,7 @@ pub async fn create_booking(
             engine::check_supported(&st, strategy)?;
             check_range("seat", body.seat, 1, seats)?;
             let op = BookOp {
+                backend: st.inner.db.backend(),
                 event,
                 seat: body.seat,
                 account: body.account,

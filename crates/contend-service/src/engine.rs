@@ -1,276 +1,197 @@
-//! Runs one write under the chosen concurrency strategy.
+//! Runs one write under the chosen concurrency strategy, on the library's strategy executor
+//! ([`contend::strategy::Executor`]).
 //!
-//! Each write of the service (deposit, withdraw, transfer, order, booking) is an [`Op`] in
-//! three parts: `load` (read the rows it decides on, optionally with a row-lock clause),
-//! `apply` (decide in Rust and write absolute values, optionally checking versions) and `atomic`
-//! (the same effect as conditional SQL computed by the database). [`execute`] combines them:
-//!
-//! | strategy | how |
-//! |---|---|
-//! | `none` | `load` on its own connection (autocommit), then `apply` in a transaction: the lost update |
-//! | `mutex` | as `none`, inside an in-process lock per key (safe in one process only) |
-//! | `atomic` | `atomic` in a transaction |
-//! | `pessimistic` | `load` with `FOR UPDATE` (rows in canonical order), then `apply` |
-//! | `optimistic` | `load`, then `apply` with version checks; conflicts retried |
-//! | `serializable` | `load` + `apply` at SERIALIZABLE; conflicts retried |
-//! | `advisory` | database advisory locks per key (sorted), then `load` + `apply` |
-//! | `redis`, `redlock` | Redis locks per key with fencing tokens checked in the transaction |
+//! Each write of the service (deposit, withdraw, transfer, order, booking) is a
+//! [`contend::strategy::Operation`] (lock keys, a read, a write deciding in Rust, and the same
+//! effect as conditional SQL) that is also a [`Write`] (its success is the response body).
+//! [`execute`] wraps it so that the response is stored with the request's idempotency key in
+//! the transaction that writes, and runs it on the instance's one executor: the executor, not
+//! the service, decides how each strategy combines the parts.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use contend::strategy::{Strategy, advisory, optimistic, pessimistic, serializable};
-use contend::{Backend, BoxFuture, ConflictKind, RetryPolicy, RowLock, Tx, TxOptions};
+use axum::http::StatusCode;
+use contend::strategy::{Executor, Operation, Strategy};
+use contend::{BoxFuture, RowLock, Tx};
+use contend_axum::IdempotencyKey;
 use sqlx::AnyConnection;
 
 use crate::error::ApiError;
-use contend_axum::IdempotencyKey;
-
 use crate::idempotency::{self, Outcome};
 use crate::{AppState, ReqSession};
 
 /// How long a request waits for a row, advisory, in-process or Redis lock before 503.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// One write of the service, in the parts the strategies combine.
-pub(crate) trait Op: Send + Sync + 'static {
-    /// What `load` reads.
-    type State: Send + Sync + 'static;
-    /// What the write returns (the response body).
-    type Output: serde::Serialize + Send + 'static;
-
+/// One write of the service: an operation whose output is the body of its success response.
+pub(crate) trait Write: Operation<Error = contend::Error, Output: serde::Serialize> {
     /// The status of a success.
-    fn status(&self) -> axum::http::StatusCode {
-        axum::http::StatusCode::CREATED
+    fn status(&self) -> StatusCode {
+        StatusCode::CREATED
     }
-
-    /// Lock keys (`account:1`, `product:sku`, ...) in canonical (sorted) order.
-    fn lock_keys(&self) -> Vec<String>;
-
-    /// Reads the rows the decision depends on; `lock` is appended to each `SELECT` (empty or a
-    /// row-lock clause). Rows are read in canonical order. Business errors (404) abort.
-    fn load<'c>(
-        &'c self,
-        conn: &'c mut AnyConnection,
-        backend: Backend,
-        lock: &'static str,
-    ) -> BoxFuture<'c, contend::Result<Self::State>>;
-
-    /// Decides on `state` and writes absolute values; `checked` adds version checks
-    /// (zero rows written is a version conflict).
-    fn apply<'c>(
-        &'c self,
-        tx: &'c mut Tx,
-        state: &'c Self::State,
-        checked: bool,
-    ) -> BoxFuture<'c, contend::Result<Self::Output>>;
-
-    /// The same effect, with conditional statements computed by the database.
-    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> BoxFuture<'c, contend::Result<Self::Output>>;
 }
 
-/// The retry policy of strategies that do not expect conflicts: deadlocks and SQLite busy errors
-/// only.
-fn base_retry() -> RetryPolicy {
-    RetryPolicy::new()
-        .max_attempts(20)
-        .max_delay(Duration::from_millis(50))
-        .max_elapsed(Duration::from_secs(10))
-        .only(&[ConflictKind::Deadlock, ConflictKind::Busy])
+/// The service's executor: the lock wait of every request, and the Redis lock services the
+/// instance was given.
+pub(crate) fn executor(
+    redis: Option<&crate::redis_locks::RedisLocks>,
+    redlock: Option<&crate::redis_locks::RedisLocks>,
+) -> Executor {
+    let mut executor = Executor::new().lock_wait(LOCK_WAIT);
+    if let Some(locks) = redis {
+        executor = executor.lock_service(Strategy::Redis, locks.service());
+    }
+    if let Some(locks) = redlock {
+        executor = executor.lock_service(Strategy::Redlock, locks.service());
+    }
+    executor
 }
 
 /// Checks that `strategy` can run here.
 ///
 /// # Errors
-/// 422 `strategy_unsupported` when the backend lacks it or Redis is not configured.
+/// 422 `strategy_unsupported` when the backend lacks it, its Redis lock is not configured, or
+/// it is `redis-spin` (a baseline the service does not offer).
 pub(crate) fn check_supported(state: &AppState, strategy: Strategy) -> Result<(), ApiError> {
-    let unsupported = |msg: String| {
-        ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "strategy_unsupported",
-            msg,
-        )
+    let backend = state.inner.db.backend();
+    let why = match state.inner.executor.check(strategy, backend) {
+        Ok(()) if strategy != Strategy::RedisSpin => return Ok(()),
+        Ok(()) => "strategy `redis-spin` is not offered by the service".to_string(),
+        Err(_) => match (strategy.supported_on(backend), strategy) {
+            (Err(why), _) => format!("strategy `{strategy}` is not supported here: {why}"),
+            (Ok(()), Strategy::Redis) => {
+                "strategy `redis` needs the server to run with --redis-url".to_string()
+            }
+            (Ok(()), Strategy::Redlock) => {
+                "strategy `redlock` needs the server to run with --redlock-urls".to_string()
+            }
+            (Ok(()), _) => format!("strategy `{strategy}` is not offered by the service"),
+        },
     };
-    if let Err(why) = strategy.supported_on(state.inner.db.backend()) {
-        return Err(unsupported(format!(
-            "strategy `{strategy}` is not supported here: {why}"
-        )));
-    }
-    match strategy {
-        Strategy::Redis if state.inner.redis.is_none() => Err(unsupported(
-            "strategy `redis` needs the server to run with --redis-url".into(),
-        )),
-        Strategy::Redlock if state.inner.redlock.is_none() => Err(unsupported(
-            "strategy `redlock` needs the server to run with --redlock-urls".into(),
-        )),
-        Strategy::RedisSpin => Err(unsupported(
-            "strategy `redis-spin` is not offered by the service".into(),
-        )),
-        _ => Ok(()),
+    Err(ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "strategy_unsupported",
+        why,
+    ))
+}
+
+/// A [`Write`] whose success response is stored as the outcome of the request's idempotency
+/// key (if any) in the transaction that writes, before it commits.
+struct Keyed<W> {
+    write: W,
+    key: IdempotencyKey,
+}
+
+impl<W: Write> Keyed<W> {
+    /// Stores the response of `output` in `tx` ([`idempotency::store_in_tx`]).
+    async fn conclude(&self, tx: &mut Tx, output: W::Output) -> contend::Result<Outcome> {
+        let outcome = Outcome::json(self.write.status(), &output);
+        idempotency::store_in_tx(tx, &self.key, &outcome).await?;
+        Ok(outcome)
     }
 }
 
-/// The response of a successful write, stored as the outcome of the request's idempotency key
-/// (if any) in `tx`, before it commits. See [`idempotency::store_in_tx`].
-pub(crate) async fn conclude<O: Op>(
-    op: &O,
-    tx: &mut Tx,
-    output: O::Output,
-    idem: &IdempotencyKey,
-) -> contend::Result<Outcome> {
-    let outcome = Outcome::json(op.status(), &output);
-    idempotency::store_in_tx(tx, idem, &outcome).await?;
-    Ok(outcome)
+impl<W: Write> Operation for Keyed<W> {
+    type State = W::State;
+    type Output = Outcome;
+    type Error = contend::Error;
+
+    fn keys(&self) -> Vec<String> {
+        self.write.keys()
+    }
+
+    fn row_lock(&self) -> RowLock {
+        self.write.row_lock()
+    }
+
+    fn read<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        lock: &'static str,
+    ) -> BoxFuture<'c, contend::Result<W::State>> {
+        self.write.read(conn, lock)
+    }
+
+    fn write<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        state: &'c W::State,
+        checked: bool,
+    ) -> BoxFuture<'c, contend::Result<Outcome>> {
+        Box::pin(async move {
+            let output = self.write.write(tx, state, checked).await?;
+            self.conclude(tx, output).await
+        })
+    }
+
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, contend::Result<Outcome>>> {
+        Some(Box::pin(async move {
+            let backend = tx.backend();
+            let Some(write) = self.write.atomic(tx) else {
+                return Err(contend::Error::Unsupported {
+                    backend,
+                    what: "strategy `atomic` for an operation without a conditional-statement \
+                           form"
+                        .into(),
+                });
+            };
+            let output = write.await?;
+            self.conclude(tx, output).await
+        }))
+    }
 }
 
-/// Runs `op` under `strategy` on `session` (the request's connection); the success response is
-/// stored with the request's idempotency key in the same transaction. Before waiting for an
-/// in-process or Redis lock, the session lets its connection go, so that waiters do not hold
-/// pooled connections that the lock's holder may need.
+/// Runs `write` under `strategy` on `session` (the request's connection) with the instance's
+/// executor; the success response is stored with the request's idempotency key in the same
+/// transaction. After an error other than a business one, the session's connection goes back
+/// to the pool rather than to the next request.
 ///
 /// # Errors
-/// The op's business errors; 503 for unavailable dependencies, lock timeouts and conflicts that
-/// retries did not resolve.
+/// The write's business errors; 422 when the strategy cannot run here; 503 for unavailable
+/// dependencies, lock timeouts, lost locks and conflicts that retries did not resolve.
 ///
 /// # Cancel safety
-/// Dropping the future rolls back the open transaction (its connection is closed) and releases
-/// in-process and database locks; nothing half-written becomes visible.
-pub(crate) async fn execute<O: Op>(
+/// As [`Executor::run`]: dropping the future rolls back the open transaction and releases the
+/// locks; nothing half-written becomes visible.
+pub(crate) async fn execute<W: Write>(
     state: &AppState,
     strategy: Strategy,
-    op: O,
+    write: W,
     session: &mut ReqSession,
-    idem: &IdempotencyKey,
+    key: &IdempotencyKey,
 ) -> Result<Outcome, ApiError> {
-    let db = state.inner.db.clone();
-    let backend = db.backend();
-    let op = Arc::new(op);
-    let metrics = &state.inner.metrics;
-    let base = TxOptions::new().lock_timeout(LOCK_WAIT).retry(base_retry());
-    let idem = idem.clone();
-    let run = match strategy {
-        Strategy::None | Strategy::Mutex => {
-            let started = Instant::now();
-            let mut guards = Vec::new();
-            if strategy == Strategy::Mutex {
-                session.discard();
-                for key in op.lock_keys() {
-                    match tokio::time::timeout(LOCK_WAIT, state.inner.mutexes.lock(&key)).await {
-                        Ok(guard) => guards.push(guard),
-                        Err(_) => {
-                            return Err(contend::Error::LockNotAcquired {
-                                key,
-                                waited_ms: LOCK_WAIT.as_millis() as u64,
-                            }
-                            .into());
-                        }
-                    }
-                }
-                metrics.lock_wait(strategy, started.elapsed());
-            }
-            let loader = op.clone();
-            let loaded = session
-                .autocommit(move |conn| {
-                    Box::pin(async move { loader.load(conn, backend, "").await })
-                })
-                .await?;
-            let loaded = Arc::new(loaded);
-            let run = session
-                .run(&base, move |tx| {
-                    let op = op.clone();
-                    let idem = idem.clone();
-                    let loaded = loaded.clone();
-                    Box::pin(async move {
-                        let out = op.apply(tx, &loaded, false).await?;
-                        conclude(&*op, tx, out, &idem).await
-                    })
-                })
-                .await;
-            drop(guards);
-            run
+    check_supported(state, strategy)?;
+    let op = Arc::new(Keyed {
+        write,
+        key: key.clone(),
+    });
+    let done = state.inner.executor.run(strategy, session, op).await;
+    if let Err(e) = &done.result
+        && !ReqSession::keeps_connection(e)
+    {
+        session.discard();
+    }
+    if done.attempts > 0 {
+        let metrics = &state.inner.metrics;
+        metrics.transaction(strategy, done.attempts, &done.conflicts);
+        if takes_locks(strategy) {
+            metrics.lock_wait(strategy, done.lock_wait);
         }
-        Strategy::Atomic => {
-            session
-                .run(&base, move |tx| {
-                    let op = op.clone();
-                    let idem = idem.clone();
-                    Box::pin(async move {
-                        let out = op.atomic(tx).await?;
-                        conclude(&*op, tx, out, &idem).await
-                    })
-                })
-                .await
-        }
-        Strategy::Pessimistic => {
-            let lock = pessimistic::lock_clause(backend, RowLock::Update)?;
-            let metrics = state.inner.metrics.clone();
-            session
-                .run(&base, move |tx| {
-                    let op = op.clone();
-                    let idem = idem.clone();
-                    let metrics = metrics.clone();
-                    Box::pin(async move {
-                        let started = Instant::now();
-                        let loaded = op.load(tx.conn(), backend, lock).await?;
-                        metrics.lock_wait(strategy, started.elapsed());
-                        let out = op.apply(tx, &loaded, false).await?;
-                        conclude(&*op, tx, out, &idem).await
-                    })
-                })
-                .await
-        }
-        Strategy::Optimistic | Strategy::Serializable => {
-            let checked = strategy == Strategy::Optimistic;
-            let options = if checked {
-                optimistic::options()
-            } else {
-                serializable::options()
-            }
-            .lock_timeout(LOCK_WAIT);
-            session
-                .run(&options, move |tx| {
-                    let op = op.clone();
-                    let idem = idem.clone();
-                    Box::pin(async move {
-                        let loaded = op.load(tx.conn(), backend, "").await?;
-                        let out = op.apply(tx, &loaded, checked).await?;
-                        conclude(&*op, tx, out, &idem).await
-                    })
-                })
-                .await
-        }
-        Strategy::Advisory => {
-            let metrics = state.inner.metrics.clone();
-            session
-                .run(&base, move |tx| {
-                    let op = op.clone();
-                    let idem = idem.clone();
-                    let metrics = metrics.clone();
-                    Box::pin(async move {
-                        let started = Instant::now();
-                        for key in op.lock_keys() {
-                            advisory::lock_xact(tx, &key, None).await?;
-                        }
-                        metrics.lock_wait(strategy, started.elapsed());
-                        let loaded = op.load(tx.conn(), backend, "").await?;
-                        let out = op.apply(tx, &loaded, false).await?;
-                        conclude(&*op, tx, out, &idem).await
-                    })
-                })
-                .await
-        }
-        Strategy::Redis | Strategy::Redlock | Strategy::RedisSpin => {
-            session.discard();
-            return crate::redis_locks::execute(state, strategy, op, session, &idem).await;
-        }
-        _ => {
-            return Err(ApiError::new(
-                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                "strategy_unsupported",
-                format!("strategy `{strategy}` is not offered by the service"),
-            ));
-        }
-    };
-    metrics.transaction(strategy, run.attempts, &run.conflicts);
-    Ok(run.result?)
+    }
+    Ok(done.result?)
+}
+
+/// Whether `strategy` waits for locks before or at the start of its transaction (what
+/// [`contend::strategy::Executed::lock_wait`] measures).
+fn takes_locks(strategy: Strategy) -> bool {
+    matches!(
+        strategy,
+        Strategy::Mutex
+            | Strategy::Pessimistic
+            | Strategy::Advisory
+            | Strategy::Redis
+            | Strategy::RedisSpin
+            | Strategy::Redlock
+    )
 }

@@ -56,8 +56,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use contend::Db;
-use contend::strategy::Strategy;
-use contend::strategy::mutex::KeyedMutex;
+use contend::strategy::{Executor, Strategy};
 use futures_util::FutureExt;
 use tracing::Instrument;
 
@@ -135,9 +134,9 @@ pub(crate) struct Inner {
     pub(crate) shutdown_grace: Duration,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) mutexes: KeyedMutex,
-    pub(crate) redis: Option<RedisLocks>,
-    pub(crate) redlock: Option<RedisLocks>,
+    /// Runs every write under its strategy: one per instance, so that the `mutex` strategy's
+    /// in-process locks are shared by all requests.
+    pub(crate) executor: Executor,
     /// The request sessions: see [`AppState::session`].
     pub(crate) sessions: Sessions,
 }
@@ -312,9 +311,7 @@ impl AppState {
                 shutdown_grace: config.shutdown_grace,
                 limits: config.limits,
                 metrics: Arc::new(Metrics::default()),
-                mutexes: KeyedMutex::new(),
-                redis: config.redis,
-                redlock: config.redlock,
+                executor: engine::executor(config.redis.as_ref(), config.redlock.as_ref()),
                 sessions: Sessions::new(pool_size),
             }),
         }

@@ -4,6 +4,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use contend::strategy::Operation;
 use contend::{Backend, BoxFuture, Tx};
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, Row};
@@ -13,7 +14,7 @@ use crate::AppState;
 use crate::bank::{
     Account, BindValue, MAX_MONEY, insert_returning_id, ledger, load_account, q, write_balance,
 };
-use crate::engine::{self, Op};
+use crate::engine::{self, Write};
 use crate::error::{ApiError, abort};
 use crate::extract::{JsonRequest, check_range, check_text};
 use crate::idempotency::{self, Outcome};
@@ -118,6 +119,7 @@ async fn fetch_product(state: &AppState, sku: &str) -> Result<Option<Product>, A
 }
 
 struct OrderOp {
+    backend: Backend,
     account: i64,
     sku: String,
     quantity: i64,
@@ -157,26 +159,27 @@ impl OrderOp {
     }
 }
 
-impl Op for OrderOp {
+impl Write for OrderOp {}
+
+impl Operation for OrderOp {
     type State = (Product, Account);
     type Output = Order;
+    type Error = contend::Error;
 
-    fn lock_keys(&self) -> Vec<String> {
-        let mut keys = vec![
+    fn keys(&self) -> Vec<String> {
+        vec![
             format!("account:{}", self.account),
             format!("product:{}", self.sku),
-        ];
-        keys.sort();
-        keys
+        ]
     }
 
-    fn load<'c>(
+    fn read<'c>(
         &'c self,
         conn: &'c mut AnyConnection,
-        backend: Backend,
         lock: &'static str,
     ) -> BoxFuture<'c, contend::Result<(Product, Account)>> {
         Box::pin(async move {
+            let backend = self.backend;
             // Canonical order: the product, then the account.
             let product = load_product(conn, backend, &self.sku, lock)
                 .await?
@@ -193,7 +196,7 @@ impl Op for OrderOp {
         })
     }
 
-    fn apply<'c>(
+    fn write<'c>(
         &'c self,
         tx: &'c mut Tx,
         state: &'c (Product, Account),
@@ -230,8 +233,8 @@ impl Op for OrderOp {
         })
     }
 
-    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> BoxFuture<'c, contend::Result<Order>> {
-        Box::pin(async move {
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, contend::Result<Order>>> {
+        Some(Box::pin(async move {
             let price: Option<i64> = tx
                 .query_scalar("SELECT price FROM products WHERE sku = ?")
                 .bind(self.sku.clone())
@@ -260,7 +263,7 @@ impl Op for OrderOp {
                 return Err(abort(insufficient(self.account)));
             }
             self.record(tx, total).await
-        })
+        }))
     }
 }
 
@@ -365,6 +368,7 @@ pub async fn create_order(State(state): State<AppState>, req: JsonRequest<NewOrd
             check_range("quantity", body.quantity, 1, MAX_QUANTITY)?;
             total_of(product.price, body.quantity)?;
             let op = OrderOp {
+                backend: st.inner.db.backend(),
                 account: body.account,
                 sku: body.sku,
                 quantity: body.quantity,
