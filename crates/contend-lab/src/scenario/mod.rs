@@ -2,7 +2,10 @@
 //! checks its invariants afterwards. This module holds the seam ([`Scenario`]) and the registry.
 //!
 //! Scenario files (one per scenario) implement [`Scenario`]; the runner in `crate::runner`
-//! knows nothing of their tables.
+//! knows nothing of their tables. A scenario writes its operation once, as a
+//! [`contend::strategy::Operation`] (keys, read, decide-and-write, the conditional-SQL form for
+//! `atomic`), and `execute` runs it with the lab's one [`Executor`] under the run's strategy:
+//! no scenario dispatches on the strategy itself.
 
 pub mod booking;
 mod claim;

@@ -5,7 +5,7 @@
 //! Invariants: total money conserved; no negative balance; each account's ledger sum equals its
 //! balance.
 //!
-//! The module also holds the operation that moves amounts between rows ([`Plan`], [`apply`]);
+//! The module also holds the operation that moves amounts between rows (`Plan`, `apply`);
 //! the `order` scenario uses it too.
 
 use contend::strategy::atomic::Counter;
