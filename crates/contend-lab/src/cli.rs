@@ -257,7 +257,7 @@ pub async fn run_config(
     registry: &[Arc<dyn Scenario>],
 ) -> anyhow::Result<LabReport> {
     let scenarios = select_scenarios(config, registry)?;
-    let locks: LockServices = crate::redis_locks::lock_services(config).await?;
+    let locks: LockServices = crate::lockstats::lock_services(config).await?;
     db_target::run_lab(config, &scenarios, &locks).await
 }
 

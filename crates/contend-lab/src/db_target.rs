@@ -5,14 +5,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use contend::strategy::Strategy;
-use contend::{BoxFuture, Db, Session};
+use contend::strategy::{Executor, Strategy};
+use contend::{BoxFuture, Db, RetryPolicy, Session, TxOptions};
 
 use crate::config::LabConfig;
-use crate::lockstats::CountingLock;
+use crate::lockstats::{CountingLock, LockCounters};
 use crate::report::{LabReport, RunReport};
 use crate::runner::{self, RunSpec, SetupError, Target, TargetRun};
-use crate::scenario::{Ctx, Invariant, KeyLock, OpReport, Scenario, Totals};
+use crate::scenario::{Ctx, Invariant, OpReport, Scenario, Totals};
 
 /// Counts the commands a set of Redis servers has executed (`INFO commandstats`).
 pub trait CommandCounter: Send + Sync {
@@ -23,8 +23,8 @@ pub trait CommandCounter: Send + Sync {
 /// A distributed-lock service for one strategy, and how to count what it sends.
 #[derive(Clone)]
 pub struct LockService {
-    /// The lock.
-    pub lock: Arc<dyn KeyLock>,
+    /// The lock (for the lab, a [`contend_redis::RedisLocks`]).
+    pub lock: Arc<dyn contend::lock::LockService>,
     /// Its servers' command counter, if it can be read.
     pub commands: Option<Arc<dyn CommandCounter>>,
 }
@@ -68,6 +68,10 @@ pub struct DbTarget {
     db: Db,
     backend: &'static str,
     locks: LockServices,
+    /// The one strategy executor of every run, with the counting lock services.
+    executor: Executor,
+    /// The counting wrapper of each lock service the executor has.
+    counting: HashMap<Strategy, Arc<CountingLock>>,
     /// The temporary SQLite file's folder, removed on drop.
     _tempdir: Option<tempfile::TempDir>,
 }
@@ -105,10 +109,13 @@ impl DbTarget {
                 (builder(&url).connect().await?, Some(dir))
             }
         };
+        let (executor, counting) = executor(locks);
         Ok(DbTarget {
             backend: db.backend().name(),
             db,
             locks: locks.clone(),
+            executor,
+            counting,
             _tempdir: tempdir,
         })
     }
@@ -128,6 +135,28 @@ impl DbTarget {
             }
         }
     }
+}
+
+/// The lab's strategy executor, without lock services: transactions retried on any conflict (30
+/// attempts), locks waited for as long as the Redis locks wait ([`crate::lockstats::WAIT`]).
+pub fn lab_executor() -> Executor {
+    Executor::new()
+        .lock_wait(crate::lockstats::WAIT)
+        .options(TxOptions::new().retry(RetryPolicy::new().max_attempts(30)))
+}
+
+/// [`lab_executor`] with every configured lock service behind a [`CountingLock`].
+fn executor(locks: &LockServices) -> (Executor, HashMap<Strategy, Arc<CountingLock>>) {
+    let mut executor = lab_executor();
+    let mut counting = HashMap::new();
+    for (strategy, service) in locks {
+        if let Ok(service) = service {
+            let counted = Arc::new(CountingLock::new(service.lock.clone()));
+            executor = executor.lock_service(*strategy, counted.clone());
+            counting.insert(*strategy, counted);
+        }
+    }
+    (executor, counting)
 }
 
 impl Target for DbTarget {
@@ -173,15 +202,16 @@ impl Target for DbTarget {
             Some(Ok(service)) if spec.strategy.needs_redis() => Some(service.clone()),
             _ => None,
         };
-        let counting = service
-            .as_ref()
-            .map(|s| Arc::new(CountingLock::new(s.lock.clone())));
+        let counters = match self.counting.get(&spec.strategy) {
+            Some(counting) if spec.strategy.needs_redis() => Some(counting.start_run()),
+            _ => None,
+        };
         let ctx = Ctx {
             db: self.db.clone(),
             strategy: spec.strategy,
             workers: spec.workers,
             operations: spec.operations,
-            locks: counting.clone().map(|c| c as Arc<dyn KeyLock>),
+            executor: self.executor.clone(),
             run_id: format!("lab{:08x}", rand::random::<u32>()),
         };
         scenario.setup(&ctx).await.map_err(SetupError::Failed)?;
@@ -193,7 +223,7 @@ impl Target for DbTarget {
         Ok(DbRun {
             scenario: scenario.clone(),
             ctx,
-            counting,
+            counters,
             commands,
         })
     }
@@ -203,8 +233,8 @@ impl Target for DbTarget {
 pub struct DbRun {
     scenario: Arc<dyn Scenario>,
     ctx: Ctx,
-    /// The run's counting wrapper around the lock service (lock-based strategies).
-    counting: Option<Arc<CountingLock>>,
+    /// The run's lock counters (lock-based strategies).
+    counters: Option<Arc<LockCounters>>,
     /// The Redis command counter and its total before the load.
     commands: Option<(Arc<dyn CommandCounter>, u64)>,
 }
@@ -228,7 +258,7 @@ impl TargetRun for DbRun {
     }
 
     async fn after_load(&self, report: &mut RunReport) {
-        let (Some(out), Some(counting)) = (report.lock.as_mut(), self.counting.as_ref()) else {
+        let (Some(out), Some(counters)) = (report.lock.as_mut(), self.counters.as_ref()) else {
             return;
         };
         let redis_commands = match &self.commands {
@@ -239,7 +269,6 @@ impl TargetRun for DbRun {
                 .unwrap_or(0),
             None => 0,
         };
-        let counters = counting.counters();
         out.acquisitions = counters.acquisitions();
         out.redis_commands = redis_commands;
         out.commands_per_acquisition = if out.acquisitions == 0 {

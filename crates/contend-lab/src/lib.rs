@@ -10,7 +10,7 @@
 //! - [`http_target`]: the target of running service instances, driven over HTTP.
 //! - [`report`]: the table, the JSON document, verdicts and the exit status; [`html`]: the
 //!   self-contained HTML page (charts, crossings, timeline, table).
-//! - [`redis_locks`] and [`lockstats`]: the Redis lock strategies and what they cost.
+//! - [`lockstats`]: the Redis lock services of the lock strategies and what they cost.
 
 pub mod cli;
 pub mod config;
@@ -18,7 +18,6 @@ pub mod db_target;
 pub mod html;
 pub mod http_target;
 pub mod lockstats;
-pub mod redis_locks;
 pub mod report;
 pub mod runner;
 pub mod scenario;

@@ -1,15 +1,117 @@
-//! Counting what a distributed lock costs: a [`KeyLock`] wrapper that counts grants and measures
-//! handoff (release to the next waiter's grant) for one run.
+//! The lab's distributed locks and what they cost: the `redis` (one node, pub/sub waiting,
+//! fencing token), `redis-spin` (`SET NX` polled every 10 ms, the baseline; no fencing token)
+//! and `redlock` (quorum of N nodes, fencing token) lock services ([`contend_redis::RedisLocks`],
+//! built by [`lock_services`]); a [`contend::lock::LockService`] wrapper that counts grants and
+//! measures handoff (release to the next waiter's grant) per run; and the command counter that
+//! tells how many Redis commands each run sent.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use contend::BoxFuture;
+use contend::fencing::FencingToken;
+use contend::lock::{HeldLock, LockService as Service};
+use contend::strategy::Strategy;
+use contend_redis::{LockClient, LockOptions, RedisLocks, Redlock, SpinLock};
 use hdrhistogram::Histogram;
 
-use crate::scenario::{HeldLock, KeyLock};
+use crate::config::LabConfig;
+use crate::db_target::{CommandCounter, LockService, LockServices, missing_redis_reason};
+
+/// Namespace of the lab's lock keys in Redis (`contend-lab:lock:<key>`, ...).
+pub const NAMESPACE: &str = "contend-lab";
+
+/// The lease of every lab lock: far longer than any operation, so a lock never expires under a
+/// live holder in a healthy run (fenced rejections then point at a real problem).
+pub const LEASE: Duration = Duration::from_secs(10);
+
+/// How long a worker waits for a lock before its operation fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The spin baseline's sleep between attempts.
+pub const SPIN_INTERVAL: Duration = Duration::from_millis(10);
+
+fn options() -> LockOptions {
+    LockOptions::new().lease(LEASE).wait(WAIT)
+}
+
+/// Counts commands on a set of Redis servers with [`contend_redis::command_count`] (which
+/// leaves out `INFO` and the commands the lock scripts run inside Redis).
+pub struct RedisCommandCounter {
+    urls: Vec<String>,
+}
+
+impl CommandCounter for RedisCommandCounter {
+    fn total(&self) -> BoxFuture<'_, anyhow::Result<u64>> {
+        Box::pin(async move { Ok(contend_redis::command_count(&self.urls).await?) })
+    }
+}
+
+fn counter(urls: Vec<String>) -> Option<Arc<dyn CommandCounter>> {
+    Some(Arc::new(RedisCommandCounter { urls }))
+}
+
+/// The lock services for the Redis strategies `config` asks for: each one connected, or the
+/// reason it is skipped (no URL given).
+///
+/// # Errors
+/// A Redis server given on the command line cannot be reached: the lab stops (exit status 2)
+/// rather than report every Redis run as failed.
+///
+/// # Cancel safety
+/// Safe to drop: connections made so far are closed.
+pub async fn lock_services(config: &LabConfig) -> anyhow::Result<LockServices> {
+    let mut services: LockServices = HashMap::new();
+    let wanted = |s: Strategy| config.strategies.contains(&s);
+    let single = match &config.redis_url {
+        Some(url) if wanted(Strategy::Redis) || wanted(Strategy::RedisSpin) => Some(
+            LockClient::builder(url)
+                .namespace(NAMESPACE)
+                .connect()
+                .await
+                .map_err(|e| anyhow::anyhow!("--redis-url: {e}"))?,
+        ),
+        _ => None,
+    };
+    let single_urls = || config.redis_url.iter().cloned().collect();
+    for strategy in [Strategy::Redis, Strategy::RedisSpin, Strategy::Redlock] {
+        if !wanted(strategy) {
+            continue;
+        }
+        let service = match (strategy, &single) {
+            (Strategy::Redis, Some(client)) => Some(LockService {
+                lock: Arc::new(RedisLocks::single(client.clone(), options())),
+                commands: counter(single_urls()),
+            }),
+            (Strategy::RedisSpin, Some(client)) => Some(LockService {
+                lock: Arc::new(RedisLocks::spin(
+                    SpinLock::new(client).retry_interval(SPIN_INTERVAL),
+                    options(),
+                )),
+                commands: counter(single_urls()),
+            }),
+            (Strategy::Redlock, _) if !config.redlock_urls.is_empty() => {
+                let lock = Redlock::builder(&config.redlock_urls)
+                    .namespace(NAMESPACE)
+                    .connect()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--redlock-urls: {e}"))?;
+                Some(LockService {
+                    lock: Arc::new(RedisLocks::redlock(lock, options())),
+                    commands: counter(config.redlock_urls.clone()),
+                })
+            }
+            _ => None,
+        };
+        services.insert(
+            strategy,
+            service.ok_or_else(|| missing_redis_reason(strategy)),
+        );
+    }
+    Ok(services)
+}
 
 /// Grants and handoffs of one run.
 #[derive(Debug)]
@@ -86,37 +188,51 @@ impl LockCounters {
     }
 }
 
-/// A [`KeyLock`] that counts for one run what the lock underneath does.
+/// A lock service that counts what the service underneath does, run by run: the lab's executor
+/// holds one per lock-based strategy for the whole lab, and each run starts fresh counters
+/// ([`CountingLock::start_run`]; runs follow one another).
 pub struct CountingLock {
-    inner: Arc<dyn KeyLock>,
-    counters: Arc<LockCounters>,
+    inner: Arc<dyn Service>,
+    counters: Mutex<Arc<LockCounters>>,
 }
 
 impl CountingLock {
-    /// Wraps `inner`; read the counts from [`CountingLock::counters`].
-    pub fn new(inner: Arc<dyn KeyLock>) -> Self {
+    /// Wraps `inner`; read the counts from [`CountingLock::start_run`]'s counters.
+    pub fn new(inner: Arc<dyn Service>) -> Self {
         CountingLock {
             inner,
-            counters: Arc::new(LockCounters::default()),
+            counters: Mutex::new(Arc::default()),
         }
     }
 
-    /// The counters of this wrapper.
-    pub fn counters(&self) -> Arc<LockCounters> {
-        self.counters.clone()
+    /// Starts counting a new run: grants from now on go to the returned counters.
+    pub fn start_run(&self) -> Arc<LockCounters> {
+        let fresh = Arc::new(LockCounters::default());
+        *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+        fresh
+    }
+
+    fn counters(&self) -> Arc<LockCounters> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
-impl KeyLock for CountingLock {
-    fn lock<'a>(&'a self, key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
+impl Service for CountingLock {
+    /// # Cancel safety
+    /// As the wrapped service's `acquire`.
+    fn acquire<'a>(&'a self, key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
         Box::pin(async move {
+            let counters = self.counters();
             let started = Instant::now();
-            let held = self.inner.lock(key).await?;
-            self.counters.granted(key, started, Instant::now());
+            let held = self.inner.acquire(key).await?;
+            counters.granted(key, started, Instant::now());
             Ok(Box::new(CountedHeld {
                 inner: held,
                 key: key.to_string(),
-                counters: self.counters.clone(),
+                counters,
             }) as Box<dyn HeldLock>)
         })
     }
@@ -129,7 +245,7 @@ struct CountedHeld {
 }
 
 impl HeldLock for CountedHeld {
-    fn fencing_token(&self) -> u64 {
+    fn fencing_token(&self) -> Option<FencingToken> {
         self.inner.fencing_token()
     }
 

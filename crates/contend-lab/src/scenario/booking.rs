@@ -13,7 +13,6 @@
 //! customer of its booking.
 
 use contend::strategy::Strategy;
-use contend::strategy::mutex::KeyedMutex;
 use contend::{Backend, BoxFuture, Session};
 
 use super::claim::{AtomicClaim, Claims, fill};
@@ -24,14 +23,12 @@ use super::{
 
 /// The booking scenario.
 #[derive(Debug, Default)]
-pub struct Booking {
-    mutex: KeyedMutex,
-}
+pub struct Booking;
 
 impl Booking {
     /// The scenario.
     pub fn new() -> Self {
-        Booking::default()
+        Booking
     }
 
     /// Seats: half the operations, at least 1.
@@ -109,7 +106,7 @@ impl Scenario for Booking {
         let _ = worker;
         let customer = i64::try_from(seq).unwrap_or(i64::MAX - 1) + 1;
         let (seats, bookings) = tables(ctx);
-        Box::pin(SEATS.run_op(ctx, session, &self.mutex, seats, bookings, customer))
+        Box::pin(SEATS.run_op(ctx, session, seats, bookings, customer))
     }
 
     fn check<'a>(

@@ -1,14 +1,13 @@
 //! What `booking` and `queue` share: a table of items (seats, jobs) that workers claim, the
 //! lowest-numbered free item first, so that every worker races for the same one, and a table
 //! that records each claim (bookings, processed jobs). A scenario describes its tables with a
-//! [`Claims`]; this module runs every strategy on them.
+//! [`Claims`]; this module makes the claim an operation for the strategy executor.
 
-use contend::strategy::Strategy;
-use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::optimistic;
-use contend::{Db, RetryPolicy, RowLock, Session, Tx, TxOptions};
+use contend::strategy::{Operation, optimistic};
+use contend::{Backend, BoxFuture, Db, Error, RowLock, Session, Tx};
+use sqlx::AnyConnection;
 
-use super::{Ctx, Guard, OpReport, guarded, refuse, report, report_plain, think};
+use super::{Ctx, LabError, OpReport, execute, sql_for, think};
 
 /// How `atomic` decides who wins an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,19 +38,6 @@ pub(crate) struct Claims {
     pub atomic: AtomicClaim,
 }
 
-/// The item and record tables of one run.
-pub(crate) struct Tables<'a> {
-    /// The items.
-    pub items: &'a str,
-    /// The records of claims.
-    pub records: &'a str,
-}
-
-/// Retries of the transactional strategies: a lost race is a conflict to retry, not an error.
-pub(crate) fn lock_options() -> TxOptions {
-    TxOptions::new().retry(RetryPolicy::new().max_attempts(30))
-}
-
 impl Claims {
     fn record_sql(&self, records: &str) -> String {
         format!(
@@ -60,123 +46,87 @@ impl Claims {
         )
     }
 
-    /// The lowest free item and its version (the query ending with `lock`), or `None`.
-    async fn next_free(
-        &self,
-        tx: &mut Tx,
-        items: &str,
-        lock: &str,
-    ) -> contend::Result<Option<(i64, i64)>> {
-        let sql = format!(
-            "SELECT id, version FROM {items} WHERE {} ORDER BY id LIMIT 1{lock}",
-            self.free
-        );
-        let sql = tx.backend().sql(&sql).into_owned();
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .fetch_optional(tx.conn())
-            .await?)
+    /// Claimant `who`'s operation on the `items` and `records` tables, run under
+    /// `ctx.strategy`. Every lock-taking strategy takes one lock for the whole item table, since
+    /// every worker wants the lowest free item (`pessimistic`: `FOR UPDATE SKIP LOCKED`).
+    pub(crate) async fn run_op(
+        &'static self,
+        ctx: &Ctx,
+        session: &mut Session,
+        items: String,
+        records: String,
+        who: i64,
+    ) -> OpReport {
+        let op = Claim {
+            shape: self,
+            items,
+            records,
+            who,
+            backend: ctx.db.backend(),
+        };
+        execute(ctx, session, op).await.1
+    }
+}
+
+/// One claim of the lowest free item by `who`, recorded.
+struct Claim {
+    shape: &'static Claims,
+    items: String,
+    records: String,
+    who: i64,
+    backend: Backend,
+}
+
+impl Claim {
+    /// Records the claim of `item`, inside the caller's transaction.
+    async fn record(&self, tx: &mut Tx, item: i64) -> Result<(), LabError> {
+        tx.query(&self.shape.record_sql(&self.records))
+            .bind(item)
+            .bind(self.who)
+            .execute(tx.conn())
+            .await?;
+        Ok(())
     }
 
-    /// Claims `item` for `who` and records it, inside the caller's transaction.
-    async fn claim_tx(
+    /// Sets the claim columns of `item` (and, `checked`, only if its version is still
+    /// `version`, bumping it).
+    async fn mark(
         &self,
         tx: &mut Tx,
-        t: &Tables<'_>,
         item: i64,
-        who: i64,
-    ) -> contend::Result<()> {
-        tx.query(&format!(
-            "UPDATE {} SET {} WHERE id = ?",
-            t.items, self.claim
-        ))
-        .bind(who)
-        .bind(item)
-        .execute(tx.conn())
-        .await?;
-        tx.query(&self.record_sql(t.records))
-            .bind(item)
-            .bind(who)
-            .execute(tx.conn())
-            .await?;
-        Ok(())
-    }
-
-    /// `none`: find the lowest free item (autocommit), decide, claim and record it in separate
-    /// statements.
-    async fn unlocked(&self, db: &Db, t: &Tables<'_>, who: i64) -> contend::Result<()> {
-        let sql = format!(
-            "SELECT id FROM {} WHERE {} ORDER BY id LIMIT 1",
-            t.items, self.free
-        );
-        let item: Option<i64> = db.query_scalar(&sql).fetch_optional(db.pool()).await?;
-        think().await;
-        let Some(item) = item else {
-            return Err(refuse(self.none_left));
-        };
-        db.query(&format!(
-            "UPDATE {} SET {} WHERE id = ?",
-            t.items, self.claim
-        ))
-        .bind(who)
-        .bind(item)
-        .execute(db.pool())
-        .await?;
-        db.query(&self.record_sql(t.records))
-            .bind(item)
-            .bind(who)
-            .execute(db.pool())
-            .await?;
-        Ok(())
-    }
-
-    /// Read, decide, write inside the caller's transaction, the read taking `lock`.
-    async fn read_decide_write(
-        &self,
-        tx: &mut Tx,
-        t: &Tables<'_>,
-        who: i64,
-        lock: &str,
-    ) -> contend::Result<()> {
-        let item = self.next_free(tx, t.items, lock).await?;
-        think().await;
-        let Some((item, _)) = item else {
-            return Err(refuse(self.none_left));
-        };
-        self.claim_tx(tx, t, item, who).await
-    }
-
-    /// `optimistic`: read the lowest free item and its version, claim it only if the version is
-    /// unchanged (else the retry re-reads).
-    async fn versioned(&self, tx: &mut Tx, t: &Tables<'_>, who: i64) -> contend::Result<()> {
-        let item = self.next_free(tx, t.items, "").await?;
-        think().await;
-        let Some((item, version)) = item else {
-            return Err(refuse(self.none_left));
-        };
-        let done = tx
-            .query(&format!(
-                "UPDATE {} SET {}, version = version + 1 WHERE id = ? AND version = ?",
-                t.items, self.claim
-            ))
-            .bind(who)
-            .bind(item)
-            .bind(version)
-            .execute(tx.conn())
-            .await?;
-        optimistic::check(done.rows_affected())?;
-        tx.query(&self.record_sql(t.records))
-            .bind(item)
-            .bind(who)
-            .execute(tx.conn())
-            .await?;
+        version: i64,
+        checked: bool,
+    ) -> Result<(), LabError> {
+        let (items, claim) = (&self.items, self.shape.claim);
+        if checked {
+            let sql = format!(
+                "UPDATE {items} SET {claim}, version = version + 1 WHERE id = ? AND version = ?"
+            );
+            let done = tx
+                .query(&sql)
+                .bind(self.who)
+                .bind(item)
+                .bind(version)
+                .execute(tx.conn())
+                .await?;
+            optimistic::check(done.rows_affected())?;
+        } else {
+            tx.query(&format!("UPDATE {items} SET {claim} WHERE id = ?"))
+                .bind(self.who)
+                .bind(item)
+                .execute(tx.conn())
+                .await?;
+        }
         Ok(())
     }
 
     /// `atomic`, as [`Claims::atomic`] says: try the free items in order until one is won.
-    async fn atomic_claim(&self, tx: &mut Tx, t: &Tables<'_>, who: i64) -> contend::Result<()> {
+    async fn atomic_claim(&self, tx: &mut Tx) -> Result<(), LabError> {
+        let shape = self.shape;
+        let (items, who) = (&self.items, self.who);
         let next = format!(
-            "SELECT id FROM {} WHERE {} AND id > ? ORDER BY id LIMIT 1",
-            t.items, self.free
+            "SELECT id FROM {items} WHERE {} AND id > ? ORDER BY id LIMIT 1",
+            shape.free
         );
         let mut after = 0_i64;
         loop {
@@ -187,12 +137,12 @@ impl Claims {
                 .await?;
             think().await;
             let Some(item) = item else {
-                return Err(refuse(self.none_left));
+                return Err(LabError::Refused(shape.none_left));
             };
-            match self.atomic {
+            match shape.atomic {
                 AtomicClaim::UniqueRecord => {
-                    let insert = self.record_sql(t.records);
-                    let won: Result<_, contend::Error> = tx
+                    let insert = shape.record_sql(&self.records);
+                    let won: Result<_, Error> = tx
                         .savepoint(move |tx| {
                             Box::pin(async move {
                                 tx.query(&insert)
@@ -205,116 +155,82 @@ impl Claims {
                         })
                         .await;
                     match won {
-                        Ok(()) => {
-                            tx.query(&format!(
-                                "UPDATE {} SET {} WHERE id = ?",
-                                t.items, self.claim
-                            ))
-                            .bind(who)
-                            .bind(item)
-                            .execute(tx.conn())
-                            .await?;
-                            return Ok(());
-                        }
+                        Ok(()) => return self.mark(tx, item, 0, false).await,
                         Err(e) if e.is_unique_violation() => {}
-                        Err(e) => return Err(e),
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 AtomicClaim::ConditionalUpdate => {
                     let claimed = tx
                         .query(&format!(
-                            "UPDATE {} SET {} WHERE id = ? AND {}",
-                            t.items, self.claim, self.free
+                            "UPDATE {items} SET {} WHERE id = ? AND {}",
+                            shape.claim, shape.free
                         ))
                         .bind(who)
                         .bind(item)
                         .execute(tx.conn())
                         .await?;
                     if claimed.rows_affected() == 1 {
-                        tx.query(&self.record_sql(t.records))
-                            .bind(item)
-                            .bind(who)
-                            .execute(tx.conn())
-                            .await?;
-                        return Ok(());
+                        return self.record(tx, item).await;
                     }
                 }
             }
             after = item;
         }
     }
+}
 
-    /// One operation of claimant `who` under `ctx.strategy`: `mutex` locks the item table's
-    /// name in `mutex`; every lock-taking strategy takes one lock for the whole item table, since
-    /// every worker wants the lowest free item (`pessimistic`: `FOR UPDATE SKIP LOCKED`).
-    pub(crate) async fn run_op(
-        &'static self,
-        ctx: &Ctx,
-        session: &mut Session,
-        mutex: &KeyedMutex,
-        items: String,
-        records: String,
-        who: i64,
-    ) -> OpReport {
-        let db = &ctx.db;
-        let t = Tables {
-            items: &items,
-            records: &records,
-        };
-        match ctx.strategy {
-            Strategy::None => report_plain(self.unlocked(db, &t, who).await),
-            Strategy::Mutex => {
-                let _guard = mutex.lock(&items).await;
-                report_plain(self.unlocked(db, &t, who).await)
-            }
-            Strategy::Atomic => report(
-                session
-                    .run(&lock_options(), |tx| {
-                        let (i, r) = (items.clone(), records.clone());
-                        Box::pin(async move {
-                            let t = Tables {
-                                items: &i,
-                                records: &r,
-                            };
-                            self.atomic_claim(tx, &t, who).await
-                        })
-                    })
-                    .await,
-            ),
-            Strategy::Optimistic => report(
-                session
-                    .run(&optimistic::options(), |tx| {
-                        let (i, r) = (items.clone(), records.clone());
-                        Box::pin(async move {
-                            let t = Tables {
-                                items: &i,
-                                records: &r,
-                            };
-                            self.versioned(tx, &t, who).await
-                        })
-                    })
-                    .await,
-            ),
-            _ => {
-                let keys = [items.clone()];
-                let guard = Guard {
-                    keys: &keys,
-                    row_lock: RowLock::UpdateSkipLocked,
-                    lock_options: lock_options(),
-                };
-                guarded(ctx, session, &guard, move |tx, lock| {
-                    let (i, r) = (items.clone(), records.clone());
-                    Box::pin(async move {
-                        let t = Tables {
-                            items: &i,
-                            records: &r,
-                        };
-                        self.read_decide_write(tx, &t, who, lock).await
-                    })
-                })
-                .await
-            }
-        }
+impl Operation for Claim {
+    /// The lowest free item and its version, if any.
+    type State = Option<(i64, i64)>;
+    type Output = ();
+    type Error = LabError;
+
+    fn keys(&self) -> Vec<String> {
+        vec![self.items.clone()]
+    }
+
+    /// Every worker wants the same lowest free item: under `pessimistic` a locked one is
+    /// skipped, so each worker gets a different one without waiting.
+    fn row_lock(&self) -> RowLock {
+        RowLock::UpdateSkipLocked
+    }
+
+    fn read<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        lock: &'static str,
+    ) -> BoxFuture<'c, Result<Option<(i64, i64)>, LabError>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT id, version FROM {} WHERE {} ORDER BY id LIMIT 1{lock}",
+                self.items, self.shape.free
+            );
+            let item = sqlx::query_as(sql_for(self.backend, &sql))
+                .fetch_optional(conn)
+                .await?;
+            think().await;
+            Ok(item)
+        })
+    }
+
+    fn write<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        item: &'c Option<(i64, i64)>,
+        checked: bool,
+    ) -> BoxFuture<'c, Result<(), LabError>> {
+        Box::pin(async move {
+            let Some((item, version)) = *item else {
+                return Err(LabError::Refused(self.shape.none_left));
+            };
+            self.mark(tx, item, version, checked).await?;
+            self.record(tx, item).await
+        })
+    }
+
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, Result<(), LabError>>> {
+        Some(Box::pin(self.atomic_claim(tx)))
     }
 }
 

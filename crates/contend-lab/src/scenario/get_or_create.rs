@@ -6,8 +6,9 @@
 //! - `none`: select, then insert if missing (no unique constraint): duplicates.
 //! - `atomic`: [`contend::strategy::get_or_create`] with `ON CONFLICT` / `ON DUPLICATE KEY`
 //!   against a unique constraint.
-//! - `pessimistic`: create-or-find inside a transaction (insert in a savepoint, catch the unique
-//!   violation, read the winner with a locking read).
+//! - `pessimistic`: the locking read finds nothing to lock before the row exists, so the insert
+//!   runs in a savepoint against a unique constraint, catches the violation and reads the winner
+//!   with a locking read.
 //! - `serializable`, `advisory`, `mutex`, `redis*`: select-then-insert made safe by the
 //!   isolation level or the lock, without any unique constraint (`redis*` fence the key's
 //!   resource first, in the same transaction).
@@ -15,15 +16,14 @@
 //!
 //! Every caller's id goes to a second table, so the check can see who got what.
 
-use contend::strategy::Strategy;
 use contend::strategy::get_or_create::{GetOrCreate as Helper, Method};
-use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::{Value, advisory, serializable};
-use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, Session, Tx, TxOptions};
+use contend::strategy::{Operation, Strategy, Value};
+use contend::{Backend, BoxFuture, Error, Session, Tx};
+use sqlx::AnyConnection;
 
 use super::{
-    Ctx, Invariant, OpReport, Outcome, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    invariant, outcome_of, scalar, table_name, think,
+    Ctx, Invariant, LabError, OpReport, Outcome, Scenario, Totals, base_support, drop_tables,
+    engine, execute, fenced, invariant, scalar, sql_for, table_name, think,
 };
 
 /// Callers per key (see `key_of`).
@@ -31,14 +31,12 @@ const CALLERS: u64 = 8;
 
 /// The get-or-create scenario.
 #[derive(Debug, Default)]
-pub struct GetOrCreate {
-    mutex: KeyedMutex,
-}
+pub struct GetOrCreate;
 
 impl GetOrCreate {
     /// The scenario.
     pub fn new() -> Self {
-        GetOrCreate::default()
+        GetOrCreate
     }
 
     fn keys(operations: u64) -> u64 {
@@ -66,161 +64,88 @@ fn lock_key(table: &str, key: &str) -> String {
     format!("{table}:{key}")
 }
 
-fn options() -> TxOptions {
-    TxOptions::new().retry(RetryPolicy::new().max_attempts(30))
+/// Whether `strategy` runs with a unique constraint on the key (see the module docs).
+fn has_unique(strategy: Strategy) -> bool {
+    matches!(strategy, Strategy::Atomic | Strategy::Pessimistic)
 }
 
-/// Select, then insert when missing: safe only under a lock or SERIALIZABLE.
-async fn select_then_insert(tx: &mut Tx, table: &str, key: &str) -> contend::Result<i64> {
-    let sql = format!("SELECT id FROM {table} WHERE name = ?");
-    let found: Option<i64> = tx
-        .query_scalar(&sql)
-        .bind(key.to_string())
-        .fetch_optional(tx.conn())
-        .await?;
-    think().await;
-    if let Some(id) = found {
-        return Ok(id);
+/// Find the row of `key`, create it when missing; its id.
+///
+/// The read selects the key's row (with the lock clause; a row that does not exist yet locks
+/// nothing). The write returns the id found, or inserts in a savepoint that catches a unique
+/// violation and then reads the winner: only `pessimistic` runs with the unique constraint
+/// (see [`has_unique`]); everywhere else the insert is plain, safe only under a lock or
+/// SERIALIZABLE. A lock-service grant fences the key's resource first: the row does not
+/// exist yet, but its key's fence row does, so a paused holder whose lock expired cannot create
+/// a second row after the next holder created the first. `atomic` is the helper's `ON
+/// CONFLICT` / `ON DUPLICATE KEY` against the unique constraint.
+struct Get {
+    helper: Helper,
+    table: String,
+    key: String,
+    backend: Backend,
+}
+
+/// The columns a created row gets besides its key.
+fn defaults() -> [(&'static str, Value); 1] {
+    [("hits", Value::Int(0))]
+}
+
+impl Operation for Get {
+    /// The id found, if any.
+    type State = Option<i64>;
+    type Output = i64;
+    type Error = LabError;
+
+    fn keys(&self) -> Vec<String> {
+        vec![lock_key(&self.table, &self.key)]
     }
-    insert(tx, table, key).await
-}
 
-async fn insert(tx: &mut Tx, table: &str, key: &str) -> contend::Result<i64> {
-    if tx.backend() == Backend::MySql {
-        let done = tx
-            .query(&format!("INSERT INTO {table} (name, hits) VALUES (?, 0)"))
-            .bind(key.to_string())
-            .execute(tx.conn())
-            .await?;
-        Ok(done.last_insert_id().unwrap_or(0))
-    } else {
-        Ok(tx
-            .query_scalar(&format!(
-                "INSERT INTO {table} (name, hits) VALUES (?, 0) RETURNING id"
-            ))
-            .bind(key.to_string())
-            .fetch_one(tx.conn())
-            .await?)
+    fn read<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        lock: &'static str,
+    ) -> BoxFuture<'c, Result<Option<i64>, LabError>> {
+        Box::pin(async move {
+            let sql = format!("SELECT id FROM {} WHERE name = ?{lock}", self.table);
+            let found = sqlx::query_scalar(sql_for(self.backend, &sql))
+                .bind(self.key.clone())
+                .fetch_optional(conn)
+                .await?;
+            think().await;
+            Ok(found)
+        })
     }
-}
 
-/// The unsafe baseline in autocommit statements.
-async fn unlocked(db: &Db, table: &str, key: &str) -> contend::Result<i64> {
-    let sql = format!("SELECT id FROM {table} WHERE name = ?");
-    let found: Option<i64> = db
-        .query_scalar(&sql)
-        .bind(key.to_string())
-        .fetch_optional(db.pool())
-        .await?;
-    think().await;
-    if let Some(id) = found {
-        return Ok(id);
+    fn write<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        found: &'c Option<i64>,
+        _checked: bool,
+    ) -> BoxFuture<'c, Result<i64, LabError>> {
+        Box::pin(async move {
+            if let Some(id) = *found {
+                return Ok(id);
+            }
+            // Without the unique constraint no violation can happen, and this is a plain
+            // insert (in a savepoint).
+            let found = self
+                .helper
+                .get_or_create_in(tx, &self.key, &defaults(), Method::CatchUnique)
+                .await?;
+            Ok(found.id)
+        })
     }
-    db.transaction(|tx| {
-        let (table, key) = (table.to_string(), key.to_string());
-        Box::pin(async move { insert(tx, &table, &key).await })
-    })
-    .await
-}
 
-impl GetOrCreate {
-    async fn get(&self, ctx: &Ctx, table: &str, key: &str) -> (contend::Result<i64>, OpReport) {
-        let db = &ctx.db;
-        let helper = match Helper::new(table, "id", "name") {
-            Ok(h) => h,
-            Err(e) => return plain(Err(Error::aborted(e))),
-        };
-        let defaults = [("hits", Value::Int(0))];
-        match ctx.strategy {
-            Strategy::None => plain(unlocked(db, table, key).await),
-            Strategy::Mutex => {
-                let _guard = self.mutex.lock(&format!("{table}:{key}")).await;
-                plain(unlocked(db, table, key).await)
-            }
-            Strategy::Atomic => plain(
-                helper
-                    .get_or_create(db, key, &defaults, Method::OnConflict)
-                    .await
-                    .map(|f| f.id),
-            ),
-            Strategy::Pessimistic => {
-                let run = db
-                    .run(&options(), |tx| {
-                        let (helper, key) = (helper.clone(), key.to_string());
-                        Box::pin(async move {
-                            let defaults = [("hits", Value::Int(0))];
-                            let found = helper
-                                .get_or_create_in(tx, &key, &defaults, Method::CatchUnique)
-                                .await?;
-                            Ok(found.id)
-                        })
-                    })
-                    .await;
-                split(run)
-            }
-            Strategy::Serializable | Strategy::Advisory => {
-                let opts = if ctx.strategy == Strategy::Serializable {
-                    serializable::options()
-                } else {
-                    options()
-                };
-                let advisory = ctx.strategy == Strategy::Advisory;
-                let run = db
-                    .run(&opts, |tx| {
-                        let (table, key) = (table.to_string(), key.to_string());
-                        Box::pin(async move {
-                            if advisory {
-                                advisory::lock_xact(tx, &format!("{table}:{key}"), None).await?;
-                            }
-                            select_then_insert(tx, &table, &key).await
-                        })
-                    })
-                    .await;
-                split(run)
-            }
-            Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
-                // The row does not exist yet, but its key's fence row does (the fence table
-                // holds one row per resource): a paused holder whose lock expired cannot
-                // create a second row after the next holder created the first.
-                let (owned_table, owned_key) = (table.to_string(), key.to_string());
-                let run = fenced::run(ctx, &[lock_key(table, key)], &options(), move |tx| {
-                    let (table, key) = (owned_table.clone(), owned_key.clone());
-                    Box::pin(async move { select_then_insert(tx, &table, &key).await })
-                })
-                .await;
-                let stale = u32::from(matches!(run.result, Err(Error::StaleFencingToken { .. })));
-                let (result, mut rep) = split(run);
-                rep.fenced_rejections = stale;
-                (result, rep)
-            }
-            other => plain(Err(Error::aborted(format!(
-                "no implementation of strategy {other}"
-            )))),
-        }
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, Result<i64, LabError>>> {
+        Some(Box::pin(async move {
+            let found = self
+                .helper
+                .get_or_create_in(tx, &self.key, &defaults(), Method::OnConflict)
+                .await?;
+            Ok(found.id)
+        }))
     }
-}
-
-/// The id and the report of an operation that ran in autocommit statements.
-fn plain(result: contend::Result<i64>) -> (contend::Result<i64>, OpReport) {
-    let mut rep = OpReport::new(outcome_of(&result));
-    rep.conflicts = result
-        .as_ref()
-        .err()
-        .and_then(Error::conflict)
-        .into_iter()
-        .collect();
-    (result, rep)
-}
-
-/// The id and the report of an operation that ran through `Db::run`.
-fn split(run: contend::Attempted<i64>) -> (contend::Result<i64>, OpReport) {
-    let rep = OpReport {
-        outcome: outcome_of(&run.result),
-        attempts: run.attempts,
-        conflicts: run.conflicts,
-        fenced_rejections: 0,
-    };
-    (run.result, rep)
 }
 
 impl Scenario for GetOrCreate {
@@ -248,7 +173,7 @@ impl Scenario for GetOrCreate {
             };
             // The helper needs the unique constraint; every other strategy runs without it, so
             // that a duplicate stays visible to the check.
-            let unique = matches!(ctx.strategy, Strategy::Atomic | Strategy::Pessimistic);
+            let unique = has_unique(ctx.strategy);
             let engine = engine(backend);
             // The constraint is part of CREATE TABLE: a pooled SQLite connection that learnt the
             // table's schema then knows the constraint too (a separate CREATE UNIQUE INDEX can
@@ -274,21 +199,38 @@ impl Scenario for GetOrCreate {
     fn op_in_session<'a>(
         &'a self,
         ctx: &'a Ctx,
-        _session: &'a mut Session,
+        session: &'a mut Session,
         _worker: usize,
         seq: u64,
     ) -> BoxFuture<'a, OpReport> {
         Box::pin(async move {
             let (table, seen) = tables(ctx);
             let key = key_of(seq, ctx.operations);
-            let (result, mut rep) = self.get(ctx, &table, &key).await;
+            let helper = match Helper::new(&table, "id", "name") {
+                Ok(helper) => helper,
+                Err(e) => return OpReport::new(Outcome::Error(Error::aborted(e).to_string())),
+            };
+            let op = Get {
+                helper,
+                table: table.clone(),
+                key: key.clone(),
+                backend: ctx.db.backend(),
+            };
+            let (result, mut rep) = execute(ctx, session, op).await;
             if let Ok(id) = result {
-                let db = &ctx.db;
-                let recorded = db
+                // On the session's connection: a second one from the pool could wait for a
+                // connection other sessions hold.
+                let insert = ctx
+                    .db
                     .query(&format!("INSERT INTO {seen} (name, got) VALUES (?, ?)"))
                     .bind(key)
-                    .bind(id)
-                    .execute(db.pool())
+                    .bind(id);
+                let recorded = session
+                    .autocommit(|conn| {
+                        Box::pin(
+                            async move { Ok::<_, Error>(insert.execute(conn).await.map(drop)?) },
+                        )
+                    })
                     .await;
                 if let Err(e) = recorded {
                     rep.outcome = Outcome::Error(format!("could not record the id: {e}"));

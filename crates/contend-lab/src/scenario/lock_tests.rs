@@ -1,5 +1,5 @@
 //! Scenario tests of the lock-based strategies (`redis`, `redis-spin`, `redlock`): they keep the
-//! invariants under concurrent load with the lab's own lock services (`crate::redis_locks`)
+//! invariants under concurrent load with the lab's own lock services (`crate::lockstats`)
 //! where the same load without a lock breaks them, and a stale lock holder's write is refused
 //! by the fence (`contend::fencing`) and counted as a fenced rejection.
 //!
@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use contend::fencing::FencingToken;
+use contend::lock::{HeldLock, LockService};
 use contend::strategy::Strategy;
 use contend::{Backend, BoxFuture, Db};
 use contend_redis::{LockClient, LockGuard, LockOptions, Redlock};
@@ -20,10 +22,10 @@ use super::booking::Booking;
 use super::get_or_create::GetOrCreate;
 use super::order::Order;
 use super::queue::Queue;
-use super::tests::{OPERATIONS, WORKERS, drive, drive_with, open};
+use super::tests::{OPERATIONS, WORKERS, drive, drive_with, executor, open};
 use super::transfer::Transfer;
 use super::withdraw::Withdraw;
-use super::{Ctx, HeldLock, KeyLock, Outcome, Scenario, Totals};
+use super::{Ctx, Outcome, Scenario, Totals};
 use crate::config::LabConfig;
 
 fn required() -> bool {
@@ -59,7 +61,7 @@ fn redlock_urls() -> Option<Vec<String>> {
 
 /// The lab's lock services (as `contend lab` builds them) for every lock-based strategy whose
 /// servers are configured.
-async fn lab_locks() -> Vec<(Strategy, Arc<dyn KeyLock>)> {
+async fn lab_locks() -> Vec<(Strategy, Arc<dyn LockService>)> {
     let redis = redis_url();
     let redlock = redlock_urls();
     let mut strategies = Vec::new();
@@ -78,7 +80,7 @@ async fn lab_locks() -> Vec<(Strategy, Arc<dyn KeyLock>)> {
         redlock_urls: redlock.unwrap_or_default(),
         ..LabConfig::default()
     };
-    let services = crate::redis_locks::lock_services(&config)
+    let services = crate::lockstats::lock_services(&config)
         .await
         .expect("connect to the Redis servers");
     strategies
@@ -98,13 +100,13 @@ async fn lab_locks() -> Vec<(Strategy, Arc<dyn KeyLock>)> {
 /// alone also serializes the writers of one resource, so the invariants could hold with a
 /// broken lock; this count could not.)
 struct Exclusive {
-    inner: Arc<dyn KeyLock>,
+    inner: Arc<dyn LockService>,
     holders: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
     overlaps: Arc<AtomicU64>,
 }
 
 impl Exclusive {
-    fn new(inner: Arc<dyn KeyLock>) -> Exclusive {
+    fn new(inner: Arc<dyn LockService>) -> Exclusive {
         Exclusive {
             inner,
             holders: Arc::default(),
@@ -120,7 +122,7 @@ struct ExclusiveGrant {
 }
 
 impl HeldLock for ExclusiveGrant {
-    fn fencing_token(&self) -> u64 {
+    fn fencing_token(&self) -> Option<FencingToken> {
         self.inner.fencing_token()
     }
 
@@ -133,10 +135,10 @@ impl HeldLock for ExclusiveGrant {
     }
 }
 
-impl KeyLock for Exclusive {
-    fn lock<'a>(&'a self, key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
+impl LockService for Exclusive {
+    fn acquire<'a>(&'a self, key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
         Box::pin(async move {
-            let inner = self.inner.lock(key).await?;
+            let inner = self.inner.acquire(key).await?;
             {
                 let mut holders = self.holders.lock().expect("holders");
                 let n = holders.entry(key.to_string()).or_insert(0);
@@ -186,7 +188,7 @@ async fn prove_locked(scenario: Arc<dyn Scenario>, backend: Backend) {
             scenario.clone(),
             &db,
             strategy,
-            Some(lock.clone()),
+            Some(lock.clone() as Arc<dyn LockService>),
             WORKERS,
             OPERATIONS,
         )
@@ -246,8 +248,8 @@ struct SetToken {
 struct Grant(u64);
 
 impl HeldLock for Grant {
-    fn fencing_token(&self) -> u64 {
-        self.0
+    fn fencing_token(&self) -> Option<FencingToken> {
+        Some(FencingToken::new(self.0))
     }
 
     fn release(self: Box<Self>) -> BoxFuture<'static, contend::Result<()>> {
@@ -255,21 +257,21 @@ impl HeldLock for Grant {
     }
 }
 
-impl KeyLock for SetToken {
-    fn lock<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
+impl LockService for SetToken {
+    fn acquire<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
         let token = self.token.load(Ordering::SeqCst);
         Box::pin(async move { Ok(Box::new(Grant(token)) as Box<dyn HeldLock>) })
     }
 }
 
-fn ctx(db: &Db, strategy: Strategy, locks: Arc<dyn KeyLock>) -> Ctx {
+fn ctx(db: &Db, strategy: Strategy, locks: Arc<dyn LockService>) -> Ctx {
     Ctx {
         db: db.clone(),
         strategy,
         workers: 1,
         // Sizes the data (balances, stock, seats, jobs, keys) well above the few operations run.
         operations: 40,
-        locks: Some(locks),
+        executor: executor(strategy, Some(locks)),
         run_id: format!("t{:08x}", rand::random::<u32>()),
     }
 }
@@ -383,8 +385,8 @@ struct PausingLock {
 struct Real(LockGuard);
 
 impl HeldLock for Real {
-    fn fencing_token(&self) -> u64 {
-        self.0.fencing_token().get()
+    fn fencing_token(&self) -> Option<FencingToken> {
+        Some(self.0.fencing_token())
     }
 
     fn release(self: Box<Self>) -> BoxFuture<'static, contend::Result<()>> {
@@ -393,8 +395,8 @@ impl HeldLock for Real {
     }
 }
 
-impl KeyLock for PausingLock {
-    fn lock<'a>(&'a self, key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
+impl LockService for PausingLock {
+    fn acquire<'a>(&'a self, key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
         Box::pin(async move {
             let guard = match &self.lock {
                 RealLock::Single(client) => client.acquire(key, &self.options).await?,

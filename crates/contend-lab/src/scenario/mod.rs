@@ -2,7 +2,10 @@
 //! checks its invariants afterwards. This module holds the seam ([`Scenario`]) and the registry.
 //!
 //! Scenario files (one per scenario) implement [`Scenario`]; the runner in `crate::runner`
-//! knows nothing of their tables.
+//! knows nothing of their tables. A scenario writes its operation once, as a
+//! [`contend::strategy::Operation`] (keys, read, decide-and-write, the conditional-SQL form for
+//! `atomic`), and `execute` runs it with the lab's one [`Executor`] under the run's strategy:
+//! no scenario dispatches on the strategy itself.
 
 pub mod booking;
 mod claim;
@@ -14,11 +17,8 @@ pub mod withdraw;
 
 use std::sync::Arc;
 
-use contend::strategy::Strategy;
-use contend::strategy::{advisory, pessimistic, serializable};
-use contend::{
-    Attempted, Backend, BoxFuture, ConflictKind, Db, Error, RowLock, Session, Tx, TxOptions,
-};
+use contend::strategy::{Executor, Operation, Strategy};
+use contend::{Backend, BoxFuture, ConflictKind, Db, Error, Session, TxError};
 
 /// Every scenario, in the order the lab runs them (`withdraw` first: it tells the story).
 pub fn registry() -> Vec<Arc<dyn Scenario>> {
@@ -48,24 +48,11 @@ pub struct Ctx {
     pub workers: usize,
     /// Planned operations in all (the scenario sizes its data from it).
     pub operations: u64,
-    /// Distributed locks, for `redis`, `redis-spin` and `redlock` (None otherwise).
-    pub locks: Option<Arc<dyn KeyLock>>,
+    /// The lab's one strategy executor (built once per lab run, with the lock services of
+    /// `redis`, `redis-spin` and `redlock`): every scenario runs its operation with it.
+    pub executor: Executor,
     /// A short unique name for this run, to prefix tables or keys with if needed.
     pub run_id: String,
-}
-
-/// A distributed lock service, as the lab needs it (implemented over `contend-redis`).
-pub trait KeyLock: Send + Sync {
-    /// Acquires the lock on `key`, waiting as the implementation does.
-    fn lock<'a>(&'a self, key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>>;
-}
-
-/// A held distributed lock.
-pub trait HeldLock: Send {
-    /// The fencing token of this grant (strictly increasing per key).
-    fn fencing_token(&self) -> u64;
-    /// Releases the lock.
-    fn release(self: Box<Self>) -> BoxFuture<'static, contend::Result<()>>;
 }
 
 /// What happened to one operation.
@@ -178,62 +165,65 @@ pub trait Scenario: Send + Sync + 'static {
 
 // ---- helpers shared by the scenario files ----
 
-/// A business "no" (insufficient funds, sold out, seat taken): returned from a transaction body
-/// as [`Error::Aborted`] so that the transaction rolls back and the operation counts as refused.
-#[derive(Debug)]
-pub(crate) struct Refusal(pub &'static str);
+/// The error of a scenario operation: a business "no" (insufficient funds, sold out, seat
+/// taken), or a database error (conflicts recognised for retry).
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// A business refusal: the transaction rolls back and the operation counts as refused.
+    #[error("{0}")]
+    Refused(&'static str),
+    /// Anything else: a database error, a lock not acquired, a stale fencing token.
+    #[error(transparent)]
+    Db(#[from] Error),
+}
 
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0)
+impl From<sqlx::Error> for LabError {
+    fn from(e: sqlx::Error) -> Self {
+        LabError::Db(e.into())
     }
 }
 
-impl std::error::Error for Refusal {}
-
-/// The error a transaction body returns to refuse.
-pub(crate) fn refuse(why: &'static str) -> Error {
-    Error::aborted(Refusal(why))
+impl TxError for LabError {
+    fn conflict(&self) -> Option<ConflictKind> {
+        match self {
+            LabError::Db(e) => e.conflict(),
+            LabError::Refused(_) => None,
+        }
+    }
 }
 
-/// Whether `err` is a [`Refusal`].
-pub(crate) fn is_refusal(err: &Error) -> bool {
-    matches!(err, Error::Aborted(e) if e.is::<Refusal>())
-}
-
-/// The outcome of a body result: `Ok` succeeded, a [`Refusal`] refused, anything else an error.
-pub(crate) fn outcome_of<T>(result: &contend::Result<T>) -> Outcome {
-    match result {
+/// Runs `op` under `ctx.strategy` with the lab's executor on `session`, and reports it:
+/// attempts and conflicts as the executor counted them, a [`LabError::Refused`] as refused, a
+/// write refused for a stale fencing token as one fenced rejection.
+pub(crate) async fn execute<O>(
+    ctx: &Ctx,
+    session: &mut Session,
+    op: O,
+) -> (Result<O::Output, LabError>, OpReport)
+where
+    O: Operation<Error = LabError>,
+{
+    let done = ctx.executor.run(ctx.strategy, session, Arc::new(op)).await;
+    let mut conflicts = done.conflicts;
+    let outcome = match &done.result {
         Ok(_) => Outcome::Succeeded,
-        Err(e) if is_refusal(e) => Outcome::Refused,
-        Err(e) => Outcome::Error(e.to_string()),
-    }
-}
-
-/// The report of one operation run through [`Db::run`].
-pub(crate) fn report<T>(run: Attempted<T>) -> OpReport {
-    OpReport {
-        outcome: outcome_of(&run.result),
-        attempts: run.attempts,
-        conflicts: run.conflicts,
-        fenced_rejections: 0,
-    }
-}
-
-/// The report of one operation that ran without a transaction (autocommit statements).
-pub(crate) fn report_plain<T>(result: contend::Result<T>) -> OpReport {
-    let conflicts = result
-        .as_ref()
-        .err()
-        .and_then(Error::conflict)
-        .into_iter()
-        .collect();
-    OpReport {
-        outcome: outcome_of(&result),
-        attempts: 1,
+        Err(LabError::Refused(_)) => Outcome::Refused,
+        Err(e) => {
+            // No transaction ran (the read of `none`/`mutex`, a lock not acquired): the error's
+            // own conflict is the only one met.
+            if done.attempts == 0 {
+                conflicts.extend(e.conflict());
+            }
+            Outcome::Error(e.to_string())
+        }
+    };
+    let report = OpReport {
+        outcome,
+        attempts: done.attempts,
         conflicts,
-        fenced_rejections: 0,
-    }
+        fenced_rejections: u32::from(done.fenced),
+    };
+    (done.result, report)
 }
 
 /// The pause between reading and writing in every read-decide-write of every strategy: a yield to
@@ -242,6 +232,12 @@ pub(crate) fn report_plain<T>(result: contend::Result<T>) -> OpReport {
 /// strategies the same.
 pub(crate) async fn think() {
     tokio::task::yield_now().await;
+}
+
+/// `sql` with its `?` placeholders written as `backend` wants, for `sqlx::query*` on the bare
+/// connection an [`Operation::read`] gets.
+pub(crate) fn sql_for(backend: Backend, sql: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(backend.sql(sql).into_owned())
 }
 
 /// A table name for this run: `lab_<base>_<run id>`, sanitized to a plain identifier that fits
@@ -314,95 +310,14 @@ pub(crate) fn invariant(name: &str, violations: u64, detail: String) -> Invarian
     }
 }
 
-/// How a scenario's read-decide-write is guarded by the strategies [`guarded`] runs.
-pub(crate) struct Guard<'a> {
-    /// The keys the operation touches: advisory locks (taken in sorted order) and the Redis
-    /// locks with their fences (see [`fenced::run`]).
-    pub keys: &'a [String],
-    /// The row lock the read takes under `pessimistic`.
-    pub row_lock: RowLock,
-    /// Transaction options (retries) of the lock-taking strategies.
-    pub lock_options: TxOptions,
-}
-
-/// Runs a read-decide-write `body` under `ctx.strategy`, for the strategies that share its shape:
-/// `pessimistic` (the read appends the row-lock clause `body` is given), `serializable`,
-/// `advisory` (transaction-scoped advisory locks on `guard.keys` first) and the Redis ones
-/// ([`fenced::run`]). The other strategies differ per scenario, which runs them itself; handed
-/// one of those, this reports an error. Every transaction but the fenced one runs on `session`.
-pub(crate) async fn guarded<T, F>(
-    ctx: &Ctx,
-    session: &mut Session,
-    guard: &Guard<'_>,
-    body: F,
-) -> OpReport
-where
-    T: Send + 'static,
-    F: for<'c> Fn(&'c mut Tx, &'static str) -> BoxFuture<'c, contend::Result<T>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
-    match ctx.strategy {
-        Strategy::Pessimistic => {
-            let lock = match pessimistic::lock_clause(ctx.db.backend(), guard.row_lock) {
-                Ok(lock) => lock,
-                Err(e) => return report_plain::<()>(Err(e)),
-            };
-            report(session.run(&guard.lock_options, |tx| body(tx, lock)).await)
-        }
-        Strategy::Serializable => report(
-            session
-                .run(&serializable::options(), |tx| body(tx, ""))
-                .await,
-        ),
-        Strategy::Advisory => {
-            let mut keys = guard.keys.to_vec();
-            keys.sort();
-            keys.dedup();
-            let run = session
-                .run(&guard.lock_options, |tx| {
-                    let keys = keys.clone();
-                    let body = body.clone();
-                    Box::pin(async move {
-                        for k in &keys {
-                            advisory::lock_xact(tx, k, None).await?;
-                        }
-                        body(tx, "").await
-                    })
-                })
-                .await;
-            report(run)
-        }
-        Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => fenced::report_of(
-            fenced::run(ctx, guard.keys, &guard.lock_options, move |tx| body(tx, "")).await,
-        ),
-        other => report_plain::<()>(Err(Error::aborted(format!(
-            "no implementation of strategy {other}"
-        )))),
-    }
-}
-
-/// The `redis`, `redis-spin` and `redlock` strategies: a distributed lock from [`Ctx::locks`]
-/// around the read-decide-write, and [`contend::fencing`] as the safety net in the database.
-///
-/// Every operation takes the locks on its keys in sorted order, then runs one transaction that
-/// first calls [`contend::fencing::fence`] for each key (the key is the fence resource, the
-/// grant's token the fencing token), and only then reads, decides and writes. A holder whose lock
-/// expired while it was paused carries an older token than the next holder: its fence fails with
-/// [`Error::StaleFencingToken`], the transaction rolls back, and the operation counts one fenced
-/// rejection (and an error). Fencing first also means the reads happen under the fence row's
-/// lock, so they see every earlier holder's committed writes.
-///
-/// The spin baseline (`redis-spin`) has no fencing token: its grants carry 0, which the fence
-/// accepts on a resource no real token has written (every run has resources of its own), so it
-/// goes through the same transaction but a stale spin holder is not caught.
+/// The fence table of the lock-service strategies (`redis`, `redis-spin`, `redlock`): the
+/// executor fences every key with its grant's token ([`contend::fencing::fence`]) in the
+/// operation's transaction; scenarios create the table in setup and remove their rows in
+/// teardown.
 pub(crate) mod fenced {
-    use contend::fencing::{self, FencingToken};
-    use contend::{Attempted, BoxFuture, Error, Tx, TxOptions};
+    use contend::fencing;
 
-    use super::{Ctx, HeldLock, OpReport, report};
+    use super::Ctx;
 
     /// Creates the fence table when `ctx.strategy` is a lock-based one (call from setup).
     pub(crate) async fn setup(ctx: &Ctx) -> anyhow::Result<()> {
@@ -432,87 +347,6 @@ pub(crate) mod fenced {
             q.execute(ctx.db.pool()).await?;
         }
         Ok(())
-    }
-
-    /// The report of a fenced operation: as [`report`], plus one fenced rejection when the
-    /// transaction was refused for a stale token.
-    pub(crate) fn report_of<T>(run: Attempted<T>) -> OpReport {
-        let stale = matches!(run.result, Err(Error::StaleFencingToken { .. }));
-        let mut rep = report(run);
-        rep.fenced_rejections = u32::from(stale);
-        rep
-    }
-
-    /// Takes the locks on `keys` one by one in sorted order (so that two operations needing the
-    /// same keys cannot deadlock), then runs `body` in a transaction (with `options`, retried as
-    /// they say) that fences every key with its grant's token first; releases the locks after
-    /// the transaction ended. When a lock is not acquired, no transaction runs (0 attempts).
-    pub(crate) async fn run<T, F>(
-        ctx: &Ctx,
-        keys: &[String],
-        options: &TxOptions,
-        body: F,
-    ) -> Attempted<T>
-    where
-        T: Send,
-        F: for<'c> FnMut(&'c mut Tx) -> BoxFuture<'c, contend::Result<T>> + Clone + Send + 'static,
-    {
-        let Some(locks) = ctx.locks.as_ref() else {
-            return not_run(Error::aborted(format!(
-                "strategy {} needs a Redis lock service (--redis-url / --redlock-urls)",
-                ctx.strategy
-            )));
-        };
-        let mut order: Vec<String> = keys.to_vec();
-        order.sort();
-        order.dedup();
-        let mut held: Vec<(String, Box<dyn HeldLock>)> = Vec::with_capacity(order.len());
-        let mut failed = None;
-        for key in order {
-            match locks.lock(&key).await {
-                Ok(h) => held.push((key, h)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        let run = match failed {
-            Some(e) => not_run(e),
-            None => {
-                let fences: Vec<(String, FencingToken)> = held
-                    .iter()
-                    .map(|(key, h)| (key.clone(), FencingToken::new(h.fencing_token())))
-                    .collect();
-                ctx.db
-                    .run(options, move |tx| {
-                        let fences = fences.clone();
-                        let mut body = body.clone();
-                        Box::pin(async move {
-                            for (resource, token) in &fences {
-                                fencing::fence(tx, resource, *token).await?;
-                            }
-                            body(tx).await
-                        })
-                    })
-                    .await
-            }
-        };
-        for (_, h) in held.into_iter().rev() {
-            if let Err(e) = h.release().await {
-                // A failed release only delays the next holder until the lock's lease ends.
-                tracing::debug!(error = %e, "lock release failed");
-            }
-        }
-        run
-    }
-
-    fn not_run<T>(error: Error) -> Attempted<T> {
-        Attempted {
-            result: Err(error),
-            attempts: 0,
-            conflicts: Vec::new(),
-        }
     }
 }
 

@@ -7,7 +7,6 @@
 //! sold equals the units in the order table; the money spent equals the order table's total.
 
 use contend::strategy::Strategy;
-use contend::strategy::mutex::KeyedMutex;
 use contend::{Backend, BoxFuture, Session};
 
 use super::transfer::{Move, Plan, apply, row_key};
@@ -25,14 +24,12 @@ const ACCOUNTS: i64 = 4;
 
 /// The order scenario.
 #[derive(Debug, Default)]
-pub struct Order {
-    mutex: KeyedMutex,
-}
+pub struct Order;
 
 impl Order {
     /// The scenario.
     pub fn new() -> Self {
-        Order::default()
+        Order
     }
 
     /// Initial stock: a third of the operations (at least 1), so it sells out.
@@ -140,7 +137,7 @@ impl Scenario for Order {
                 t.orders
             );
             let plan = Plan::new(moves, record, vec![account, PRODUCT, 1, PRICE]);
-            apply(ctx, session, &self.mutex, plan).await
+            apply(ctx, session, plan).await
         })
     }
 

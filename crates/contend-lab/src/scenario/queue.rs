@@ -11,7 +11,6 @@
 //! exactly when it was processed.
 
 use contend::strategy::Strategy;
-use contend::strategy::mutex::KeyedMutex;
 use contend::{Backend, BoxFuture, Session};
 
 use super::claim::{AtomicClaim, Claims, fill};
@@ -22,14 +21,12 @@ use super::{
 
 /// The queue scenario.
 #[derive(Debug, Default)]
-pub struct Queue {
-    mutex: KeyedMutex,
-}
+pub struct Queue;
 
 impl Queue {
     /// The scenario.
     pub fn new() -> Self {
-        Queue::default()
+        Queue
     }
 
     fn jobs(operations: u64) -> i64 {
@@ -99,7 +96,7 @@ impl Scenario for Queue {
         let _ = seq;
         let worker = i64::try_from(worker).unwrap_or(i64::MAX - 1) + 1;
         let (jobs, done) = tables(ctx);
-        Box::pin(JOBS.run_op(ctx, session, &self.mutex, jobs, done, worker))
+        Box::pin(JOBS.run_op(ctx, session, jobs, done, worker))
     }
 
     fn check<'a>(

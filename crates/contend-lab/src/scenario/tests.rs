@@ -9,10 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use contend::strategy::Strategy;
+use contend::strategy::{Executor, Strategy};
 use contend::{Backend, Db};
 
-use super::{Ctx, Invariant, KeyLock, Outcome, Scenario, Totals};
+use contend::lock::LockService;
+
+use super::{Ctx, Invariant, Outcome, Scenario, Totals};
 
 /// A database for `backend`, or `None` (after printing "skipped: ...") when its server is not
 /// configured. Panics when it is not configured and `CONTEND_REQUIRE_SERVERS=1`.
@@ -100,12 +102,21 @@ pub(crate) async fn drive(
     drive_with(scenario, db, strategy, None, workers, operations).await
 }
 
+/// The lab's executor, with `lock` as the lock service of `strategy` when given.
+pub(crate) fn executor(strategy: Strategy, lock: Option<Arc<dyn LockService>>) -> Executor {
+    let executor = crate::db_target::lab_executor();
+    match lock {
+        Some(lock) => executor.lock_service(strategy, lock),
+        None => executor,
+    }
+}
+
 /// [`drive`] with a lock service for the lock-based strategies.
 pub(crate) async fn drive_with(
     scenario: Arc<dyn Scenario>,
     db: &Db,
     strategy: Strategy,
-    locks: Option<Arc<dyn KeyLock>>,
+    lock: Option<Arc<dyn LockService>>,
     workers: usize,
     operations: u64,
 ) -> Driven {
@@ -114,7 +125,7 @@ pub(crate) async fn drive_with(
         strategy,
         workers,
         operations,
-        locks,
+        executor: executor(strategy, lock),
         run_id: format!("t{:08x}", rand::random::<u32>()),
     });
     scenario.setup(&ctx).await.expect("setup");

@@ -5,18 +5,17 @@
 //! Invariants: total money conserved; no negative balance; each account's ledger sum equals its
 //! balance.
 //!
-//! The module also holds the engine that moves amounts between rows under every strategy
-//! ([`Plan`], [`apply`]); the `order` scenario uses it too.
+//! The module also holds the operation that moves amounts between rows (`Plan`, `apply`);
+//! the `order` scenario uses it too.
 
-use contend::strategy::Strategy;
 use contend::strategy::atomic::Counter;
-use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::optimistic;
-use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, Session, Tx, TxOptions};
+use contend::strategy::{Operation, Strategy, optimistic};
+use contend::{Backend, BoxFuture, Error, Session, Tx};
+use sqlx::AnyConnection;
 
 use super::{
-    Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, fenced,
-    guarded, invariant, pairs, refuse, report, report_plain, scalar, sum_bigint, table_name, think,
+    Ctx, Invariant, LabError, OpReport, Scenario, Totals, base_support, drop_tables, engine,
+    execute, fenced, invariant, pairs, scalar, sql_for, sum_bigint, table_name, think,
 };
 
 /// One change of one row: `column += delta` on row `id` of `table`. A negative delta is guarded:
@@ -68,186 +67,131 @@ impl Plan {
     }
 
     /// The new values, or the refusal, given the values read.
-    fn decide(&self, values: &[i64]) -> contend::Result<Vec<i64>> {
+    fn decide(&self, values: &[(i64, i64)]) -> Result<Vec<i64>, LabError> {
         let mut out = Vec::with_capacity(values.len());
-        for (m, v) in self.moves.iter().zip(values) {
+        for (m, (v, _)) in self.moves.iter().zip(values) {
             let new = v + m.delta;
             if m.delta < 0 && new < 0 {
-                return Err(refuse(m.why));
+                return Err(LabError::Refused(m.why));
             }
             out.push(new);
         }
         Ok(out)
     }
-}
 
-/// Retry policy of the locking strategies (deadlocks, busy).
-fn lock_options() -> TxOptions {
-    TxOptions::new().retry(RetryPolicy::new().max_attempts(30))
-}
-
-async fn record_tx(tx: &mut Tx, plan: &Plan) -> contend::Result<()> {
-    let mut q = tx.query(&plan.record_sql);
-    for v in &plan.record_values {
-        q = q.bind(*v);
-    }
-    q.execute(tx.conn()).await?;
-    Ok(())
-}
-
-/// Read every row (autocommit), decide, write each row and the record in separate autocommit
-/// statements: the unsafe baseline.
-async fn unlocked(db: &Db, plan: &Plan) -> contend::Result<()> {
-    let mut values = Vec::new();
-    for m in &plan.moves {
-        let sql = format!("SELECT {} FROM {} WHERE id = ?", m.column, m.table);
-        values.push(
-            db.query_scalar(&sql)
-                .bind(m.id)
-                .fetch_one(db.pool())
-                .await?,
-        );
-    }
-    think().await;
-    let new = plan.decide(&values)?;
-    for (m, v) in plan.moves.iter().zip(new) {
-        let sql = format!("UPDATE {} SET {} = ? WHERE id = ?", m.table, m.column);
-        db.query(&sql).bind(v).bind(m.id).execute(db.pool()).await?;
-    }
-    let mut q = db.query(&plan.record_sql);
-    for v in &plan.record_values {
-        q = q.bind(*v);
-    }
-    q.execute(db.pool()).await?;
-    Ok(())
-}
-
-/// Read (with `lock` appended), decide, write, record: inside the caller's transaction.
-async fn read_decide_write(tx: &mut Tx, plan: &Plan, lock: &str) -> contend::Result<()> {
-    let mut values = Vec::new();
-    for m in &plan.moves {
-        let sql = format!("SELECT {} FROM {} WHERE id = ?{lock}", m.column, m.table);
-        values.push(
-            tx.query_scalar(&sql)
-                .bind(m.id)
-                .fetch_one(tx.conn())
-                .await?,
-        );
-    }
-    think().await;
-    let new = plan.decide(&values)?;
-    for (m, v) in plan.moves.iter().zip(new) {
-        let sql = format!("UPDATE {} SET {} = ? WHERE id = ?", m.table, m.column);
-        tx.query(&sql).bind(v).bind(m.id).execute(tx.conn()).await?;
-    }
-    record_tx(tx, plan).await
-}
-
-/// In-database arithmetic in canonical order; a guarded move that does not apply refuses (and
-/// rolls back the moves before it).
-async fn atomic_moves(tx: &mut Tx, plan: &Plan) -> contend::Result<()> {
-    for m in &plan.moves {
-        let counter = Counter::new(&m.table, "id", m.column).map_err(Error::aborted)?;
-        if m.delta < 0 {
-            if counter.try_sub(tx, m.id, -m.delta).await?.is_none() {
-                return Err(refuse(m.why));
-            }
-        } else {
-            counter.add(tx, m.id, m.delta).await?;
+    async fn record(&self, tx: &mut Tx) -> Result<(), LabError> {
+        let mut q = tx.query(&self.record_sql);
+        for v in &self.record_values {
+            q = q.bind(*v);
         }
+        q.execute(tx.conn()).await?;
+        Ok(())
     }
-    record_tx(tx, plan).await
 }
 
-/// Read values and versions, decide, write each row only if its version is unchanged.
-async fn versioned_moves(tx: &mut Tx, plan: &Plan) -> contend::Result<()> {
-    let mut read = Vec::new();
-    for m in &plan.moves {
-        let sql = format!("SELECT {}, version FROM {} WHERE id = ?", m.column, m.table);
-        let sql = tx.backend().sql(&sql).into_owned();
-        let row: (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(m.id)
-            .fetch_one(tx.conn())
-            .await?;
-        read.push(row);
+/// A [`Plan`] as an operation: read every row's value and version (in canonical order, with
+/// the lock clause), decide, write each row (checking its version under `optimistic`) and the
+/// record; under `atomic`, in-database arithmetic with a guarded subtraction per move.
+struct ApplyPlan {
+    plan: Plan,
+    backend: Backend,
+}
+
+impl Operation for ApplyPlan {
+    /// Each move's row: value and version.
+    type State = Vec<(i64, i64)>;
+    type Output = ();
+    type Error = LabError;
+
+    fn keys(&self) -> Vec<String> {
+        self.plan.keys()
     }
-    think().await;
-    let values: Vec<i64> = read.iter().map(|r| r.0).collect();
-    let new = plan.decide(&values)?;
-    for ((m, v), (_, version)) in plan.moves.iter().zip(new).zip(&read) {
-        let sql = format!(
-            "UPDATE {} SET {} = ?, version = version + 1 WHERE id = ? AND version = ?",
-            m.table, m.column
-        );
-        let done = tx
-            .query(&sql)
-            .bind(v)
-            .bind(m.id)
-            .bind(*version)
-            .execute(tx.conn())
-            .await?;
-        optimistic::check(done.rows_affected())?;
+
+    fn read<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        lock: &'static str,
+    ) -> BoxFuture<'c, Result<Vec<(i64, i64)>, LabError>> {
+        Box::pin(async move {
+            let mut read = Vec::with_capacity(self.plan.moves.len());
+            for m in &self.plan.moves {
+                let sql = format!(
+                    "SELECT {}, version FROM {} WHERE id = ?{lock}",
+                    m.column, m.table
+                );
+                let row: (i64, i64) = sqlx::query_as(sql_for(self.backend, &sql))
+                    .bind(m.id)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                read.push(row);
+            }
+            think().await;
+            Ok(read)
+        })
     }
-    record_tx(tx, plan).await
+
+    fn write<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        read: &'c Vec<(i64, i64)>,
+        checked: bool,
+    ) -> BoxFuture<'c, Result<(), LabError>> {
+        Box::pin(async move {
+            let new = self.plan.decide(read)?;
+            for ((m, v), (_, version)) in self.plan.moves.iter().zip(new).zip(read) {
+                if checked {
+                    let sql = format!(
+                        "UPDATE {} SET {} = ?, version = version + 1 WHERE id = ? AND version = ?",
+                        m.table, m.column
+                    );
+                    let done = tx
+                        .query(&sql)
+                        .bind(v)
+                        .bind(m.id)
+                        .bind(*version)
+                        .execute(tx.conn())
+                        .await?;
+                    optimistic::check(done.rows_affected())?;
+                } else {
+                    let sql = format!("UPDATE {} SET {} = ? WHERE id = ?", m.table, m.column);
+                    tx.query(&sql).bind(v).bind(m.id).execute(tx.conn()).await?;
+                }
+            }
+            self.plan.record(tx).await
+        })
+    }
+
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, Result<(), LabError>>> {
+        Some(Box::pin(async move {
+            // In canonical order; a guarded move that does not apply refuses (and rolls back
+            // the moves before it).
+            for m in &self.plan.moves {
+                let counter = Counter::new(&m.table, "id", m.column).map_err(Error::aborted)?;
+                if m.delta < 0 {
+                    if counter.try_sub(tx, m.id, -m.delta).await?.is_none() {
+                        return Err(LabError::Refused(m.why));
+                    }
+                } else {
+                    counter.add(tx, m.id, m.delta).await?;
+                }
+            }
+            self.plan.record(tx).await
+        }))
+    }
 }
 
 /// Applies `plan` under `ctx.strategy`.
-pub(crate) async fn apply(
-    ctx: &Ctx,
-    session: &mut Session,
-    mutex: &KeyedMutex,
-    plan: Plan,
-) -> OpReport {
-    let db = &ctx.db;
-    match ctx.strategy {
-        Strategy::None => report_plain(unlocked(db, &plan).await),
-        Strategy::Mutex => {
-            let mut keys = plan.keys();
-            keys.sort();
-            keys.dedup();
-            let mut guards = Vec::with_capacity(keys.len());
-            for k in &keys {
-                guards.push(mutex.lock(k).await);
-            }
-            report_plain(unlocked(db, &plan).await)
-        }
-        Strategy::Atomic => report(
-            session
-                .run(&lock_options(), |tx| {
-                    let plan = plan.clone();
-                    Box::pin(async move { atomic_moves(tx, &plan).await })
-                })
-                .await,
-        ),
-        Strategy::Optimistic => report(
-            session
-                .run(&optimistic::options(), |tx| {
-                    let plan = plan.clone();
-                    Box::pin(async move { versioned_moves(tx, &plan).await })
-                })
-                .await,
-        ),
-        _ => {
-            let keys = plan.keys();
-            let guard = Guard {
-                keys: &keys,
-                row_lock: contend::RowLock::Update,
-                lock_options: lock_options(),
-            };
-            guarded(ctx, session, &guard, move |tx, lock| {
-                let plan = plan.clone();
-                Box::pin(async move { read_decide_write(tx, &plan, lock).await })
-            })
-            .await
-        }
-    }
+pub(crate) async fn apply(ctx: &Ctx, session: &mut Session, plan: Plan) -> OpReport {
+    let op = ApplyPlan {
+        plan,
+        backend: ctx.db.backend(),
+    };
+    execute(ctx, session, op).await.1
 }
 
 /// The transfer scenario.
 #[derive(Debug, Default)]
-pub struct Transfer {
-    mutex: KeyedMutex,
-}
+pub struct Transfer;
 
 /// Accounts.
 const ACCOUNTS: i64 = 4;
@@ -257,7 +201,7 @@ const OPENING: i64 = 20;
 impl Transfer {
     /// The scenario.
     pub fn new() -> Self {
-        Transfer::default()
+        Transfer
     }
 }
 
@@ -344,7 +288,7 @@ impl Scenario for Transfer {
             ];
             let record = format!("INSERT INTO {ledger} (account, delta) VALUES (?, ?), (?, ?)");
             let plan = Plan::new(moves, record, vec![from, -amount, to, amount]);
-            apply(ctx, session, &self.mutex, plan).await
+            apply(ctx, session, plan).await
         })
     }
 

@@ -5,16 +5,15 @@
 //! Invariants: the final balance equals `B - successful withdrawals`; it is never negative;
 //! successful withdrawals never exceed B.
 
-use contend::strategy::Strategy;
 use contend::strategy::atomic::Counter;
-use contend::strategy::mutex::KeyedMutex;
-use contend::strategy::optimistic;
-use contend::{Backend, BoxFuture, Db, Error, RetryPolicy, RowLock, Session, Tx, TxOptions};
+use contend::strategy::{Operation, Strategy, optimistic};
+use contend::{Backend, BoxFuture, Db, Error, Session, Tx};
+use sqlx::AnyConnection;
 
 use super::fenced;
 use super::{
-    Ctx, Guard, Invariant, OpReport, Scenario, Totals, base_support, drop_tables, engine, guarded,
-    invariant, refuse, report, report_plain, table_name, think,
+    Ctx, Invariant, LabError, OpReport, Scenario, Totals, base_support, drop_tables, engine,
+    execute, invariant, sql_for, table_name, think,
 };
 
 /// The account's id.
@@ -22,14 +21,12 @@ const ACCOUNT: i64 = 1;
 
 /// The hot-row withdrawal scenario.
 #[derive(Debug, Default)]
-pub struct Withdraw {
-    mutex: KeyedMutex,
-}
+pub struct Withdraw;
 
 impl Withdraw {
     /// The scenario.
     pub fn new() -> Self {
-        Withdraw::default()
+        Withdraw
     }
 
     /// The starting balance for `operations` planned withdrawals: half of them, at least 1.
@@ -47,12 +44,6 @@ fn lock_key(t: &str) -> String {
     format!("{t}:{ACCOUNT}")
 }
 
-/// The retry policy of the locking strategies: deadlocks and busy errors only happen under
-/// pathological load here, but are retried like any conflict.
-fn lock_options() -> TxOptions {
-    TxOptions::new().retry(RetryPolicy::new().max_attempts(20))
-}
-
 async fn read_balance(db: &Db, t: &str) -> contend::Result<i64> {
     let sql = format!("SELECT balance FROM {t} WHERE id = ?");
     Ok(db
@@ -62,121 +53,86 @@ async fn read_balance(db: &Db, t: &str) -> contend::Result<i64> {
         .await?)
 }
 
-/// Read, decide in Rust, write in a separate autocommit statement: the lost update.
-async fn unlocked(session: &mut Session, t: &str) -> contend::Result<()> {
-    let read = session
-        .db()
-        .query_scalar::<i64>(&format!("SELECT balance FROM {t} WHERE id = ?"))
-        .bind(ACCOUNT);
-    let balance = session
-        .autocommit(|conn| {
-            Box::pin(async move { Ok::<_, contend::Error>(read.fetch_one(conn).await?) })
+/// One withdrawal of 1 from the account of `table`: read balance and version, decide in Rust,
+/// write the new balance (checking the version under `optimistic`); as one conditional
+/// `UPDATE` under `atomic`.
+struct WithdrawOne {
+    table: String,
+    backend: Backend,
+}
+
+impl Operation for WithdrawOne {
+    /// Balance and version.
+    type State = (i64, i64);
+    type Output = ();
+    type Error = LabError;
+
+    fn keys(&self) -> Vec<String> {
+        vec![lock_key(&self.table)]
+    }
+
+    fn read<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        lock: &'static str,
+    ) -> BoxFuture<'c, Result<(i64, i64), LabError>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT balance, version FROM {} WHERE id = ?{lock}",
+                self.table
+            );
+            let row = sqlx::query_as(sql_for(self.backend, &sql))
+                .bind(ACCOUNT)
+                .fetch_one(conn)
+                .await?;
+            think().await;
+            Ok(row)
         })
-        .await?;
-    think().await;
-    if balance < 1 {
-        return Err(refuse("insufficient funds"));
     }
-    let write = session
-        .db()
-        .query(&format!("UPDATE {t} SET balance = ? WHERE id = ?"))
-        .bind(balance - 1)
-        .bind(ACCOUNT);
-    session
-        .autocommit(|conn| Box::pin(async move { Ok(write.execute(conn).await.map(drop)?) }))
-        .await
-}
 
-/// The read-decide-write inside a transaction, reading with `lock` appended (`""` for none).
-async fn in_tx(tx: &mut Tx, t: &str, lock: &str) -> contend::Result<()> {
-    let sql = format!("SELECT balance FROM {t} WHERE id = ?{lock}");
-    let balance: i64 = tx
-        .query_scalar(&sql)
-        .bind(ACCOUNT)
-        .fetch_one(tx.conn())
-        .await?;
-    think().await;
-    if balance < 1 {
-        return Err(refuse("insufficient funds"));
+    fn write<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        &(balance, version): &'c (i64, i64),
+        checked: bool,
+    ) -> BoxFuture<'c, Result<(), LabError>> {
+        Box::pin(async move {
+            if balance < 1 {
+                return Err(LabError::Refused("insufficient funds"));
+            }
+            let t = &self.table;
+            if checked {
+                let sql = format!(
+                    "UPDATE {t} SET balance = ?, version = version + 1 WHERE id = ? AND version = ?"
+                );
+                let done = tx
+                    .query(&sql)
+                    .bind(balance - 1)
+                    .bind(ACCOUNT)
+                    .bind(version)
+                    .execute(tx.conn())
+                    .await?;
+                optimistic::check(done.rows_affected())?;
+            } else {
+                let sql = format!("UPDATE {t} SET balance = ? WHERE id = ?");
+                tx.query(&sql)
+                    .bind(balance - 1)
+                    .bind(ACCOUNT)
+                    .execute(tx.conn())
+                    .await?;
+            }
+            Ok(())
+        })
     }
-    let sql = format!("UPDATE {t} SET balance = ? WHERE id = ?");
-    tx.query(&sql)
-        .bind(balance - 1)
-        .bind(ACCOUNT)
-        .execute(tx.conn())
-        .await?;
-    Ok(())
-}
 
-/// Optimistic: read balance and version, decide, write only if the version is unchanged.
-async fn versioned(tx: &mut Tx, t: &str) -> contend::Result<()> {
-    let sql = format!("SELECT balance, version FROM {t} WHERE id = ?");
-    let (balance, version): (i64, i64) =
-        sqlx::query_as(sqlx::AssertSqlSafe(tx.backend().sql(&sql).into_owned()))
-            .bind(ACCOUNT)
-            .fetch_one(tx.conn())
-            .await?;
-    think().await;
-    if balance < 1 {
-        return Err(refuse("insufficient funds"));
-    }
-    let sql =
-        format!("UPDATE {t} SET balance = ?, version = version + 1 WHERE id = ? AND version = ?");
-    let done = tx
-        .query(&sql)
-        .bind(balance - 1)
-        .bind(ACCOUNT)
-        .bind(version)
-        .execute(tx.conn())
-        .await?;
-    optimistic::check(done.rows_affected())
-}
-
-impl Withdraw {
-    async fn run_op(&self, ctx: &Ctx, session: &mut Session) -> OpReport {
-        let t = table(ctx);
-        match ctx.strategy {
-            Strategy::None => report_plain(unlocked(session, &t).await),
-            Strategy::Mutex => {
-                let _guard = self.mutex.lock(&t).await;
-                report_plain(unlocked(session, &t).await)
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, Result<(), LabError>>> {
+        Some(Box::pin(async move {
+            let counter = Counter::new(&self.table, "id", "balance").map_err(Error::aborted)?;
+            match counter.try_sub(tx, ACCOUNT, 1).await? {
+                Some(_) => Ok(()),
+                None => Err(LabError::Refused("insufficient funds")),
             }
-            Strategy::Atomic => {
-                let result = match Counter::new(&t, "id", "balance") {
-                    Ok(counter) => counter.try_sub_in(session, ACCOUNT, 1).await,
-                    Err(e) => Err(Error::aborted(e)),
-                };
-                report_plain(result.and_then(|applied| {
-                    if applied {
-                        Ok(())
-                    } else {
-                        Err(refuse("insufficient funds"))
-                    }
-                }))
-            }
-            Strategy::Optimistic => {
-                let run = session
-                    .run(&optimistic::options(), |tx| {
-                        let t = t.clone();
-                        Box::pin(async move { versioned(tx, &t).await })
-                    })
-                    .await;
-                report(run)
-            }
-            _ => {
-                let keys = [lock_key(&t)];
-                let guard = Guard {
-                    keys: &keys,
-                    row_lock: RowLock::Update,
-                    lock_options: lock_options(),
-                };
-                guarded(ctx, session, &guard, move |tx, lock| {
-                    let t = t.clone();
-                    Box::pin(async move { in_tx(tx, &t, lock).await })
-                })
-                .await
-            }
-        }
+        }))
     }
 }
 
@@ -219,7 +175,13 @@ impl Scenario for Withdraw {
         _worker: usize,
         _seq: u64,
     ) -> BoxFuture<'a, OpReport> {
-        Box::pin(self.run_op(ctx, session))
+        Box::pin(async move {
+            let op = WithdrawOne {
+                table: table(ctx),
+                backend: ctx.db.backend(),
+            };
+            execute(ctx, session, op).await.1
+        })
     }
 
     fn check<'a>(

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use contend::strategy::Strategy;
-use contend::{Backend, BoxFuture, Session};
-use contend_lab::scenario::{
-    Ctx, HeldLock, Invariant, KeyLock, OpReport, Outcome, Scenario, Totals,
-};
+use contend::fencing::FencingToken;
+use contend::lock::{HeldLock, LockService};
+use contend::strategy::{Operation, Strategy};
+use contend::{Backend, BoxFuture, Error, Session, Tx};
+use contend_lab::scenario::{Ctx, Invariant, OpReport, Outcome, Scenario, Totals};
 
 /// The URL in `var`, or `None` after printing why the test is skipped (panics instead when
 /// `CONTEND_REQUIRE_SERVERS=1`).
@@ -27,10 +27,11 @@ pub fn server_url(var: &str) -> Option<String> {
     }
 }
 
-/// A hot counter row: every operation adds 1. `none` reads, yields, and writes back the value
-/// it read plus one (a lost update when another worker wrote in between); `atomic` runs
-/// `UPDATE ... SET v = v + 1`; lock strategies take the lab's distributed lock around the
-/// read-modify-write. Invariant: the final value equals the number of successes.
+/// A hot counter row: every operation adds 1, run by the lab's executor. `none` reads, yields,
+/// and writes back the value it read plus one (a lost update when another worker wrote in
+/// between); `atomic` runs `UPDATE ... SET v = v + 1`; lock strategies take the lab's
+/// distributed lock around the read-modify-write. Invariant: the final value equals the number
+/// of successes.
 ///
 /// `buggy_atomic` makes `atomic` do what `none` does: a safe strategy with a bug, which the lab
 /// must catch and fail on.
@@ -65,6 +66,9 @@ impl Scenario for Counter {
                      INSERT INTO {t} (id, v) VALUES (1, 0)"
                 ))
                 .await?;
+            if ctx.strategy.needs_redis() {
+                contend::fencing::ensure_schema(&ctx.db).await?;
+            }
             Ok(())
         })
     }
@@ -72,32 +76,22 @@ impl Scenario for Counter {
     fn op_in_session<'a>(
         &'a self,
         ctx: &'a Ctx,
-        _session: &'a mut Session,
+        session: &'a mut Session,
         _worker: usize,
         _seq: u64,
     ) -> BoxFuture<'a, OpReport> {
         Box::pin(async move {
-            let t = table(ctx);
-            let result: contend::Result<()> = async {
-                match ctx.strategy {
-                    Strategy::Atomic if !self.buggy_atomic => {
-                        ctx.db
-                            .query(&format!("UPDATE {t} SET v = v + 1 WHERE id = 1"))
-                            .execute(ctx.db.pool())
-                            .await?;
-                    }
-                    Strategy::Redis | Strategy::Redlock => {
-                        let locks = ctx.locks.as_ref().expect("lock service for redis");
-                        let held = locks.lock("counter").await?;
-                        read_modify_write(ctx, &t).await?;
-                        held.release().await?;
-                    }
-                    _ => read_modify_write(ctx, &t).await?,
-                }
-                Ok(())
-            }
-            .await;
-            match result {
+            let op = Increment {
+                table: table(ctx),
+                backend: ctx.db.backend(),
+            };
+            let strategy = if self.buggy_atomic && ctx.strategy == Strategy::Atomic {
+                Strategy::None
+            } else {
+                ctx.strategy
+            };
+            let done = ctx.executor.run(strategy, session, Arc::new(op)).await;
+            match done.result {
                 Ok(()) => OpReport::new(Outcome::Succeeded),
                 Err(e) => OpReport::new(Outcome::Error(e.to_string())),
             }
@@ -129,19 +123,60 @@ impl Scenario for Counter {
     }
 }
 
-async fn read_modify_write(ctx: &Ctx, t: &str) -> contend::Result<()> {
-    let v: i64 = ctx
-        .db
-        .query_scalar(&format!("SELECT v FROM {t} WHERE id = 1"))
-        .fetch_one(ctx.db.pool())
-        .await?;
-    tokio::task::yield_now().await;
-    ctx.db
-        .query(&format!("UPDATE {t} SET v = ? WHERE id = 1"))
-        .bind(v + 1)
-        .execute(ctx.db.pool())
-        .await?;
-    Ok(())
+/// One increment of the counter: read, yield, write the value read plus one; `atomic`:
+/// `v = v + 1` in the database.
+struct Increment {
+    table: String,
+    backend: Backend,
+}
+
+impl Operation for Increment {
+    type State = i64;
+    type Output = ();
+    type Error = Error;
+
+    fn keys(&self) -> Vec<String> {
+        vec![self.table.clone()]
+    }
+
+    fn read<'c>(
+        &'c self,
+        conn: &'c mut sqlx::AnyConnection,
+        lock: &'static str,
+    ) -> BoxFuture<'c, Result<i64, Error>> {
+        Box::pin(async move {
+            let sql = format!("SELECT v FROM {} WHERE id = 1{lock}", self.table);
+            let v = sqlx::query_scalar(sqlx::AssertSqlSafe(self.backend.sql(&sql).into_owned()))
+                .fetch_one(conn)
+                .await?;
+            tokio::task::yield_now().await;
+            Ok(v)
+        })
+    }
+
+    fn write<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        v: &'c i64,
+        _checked: bool,
+    ) -> BoxFuture<'c, Result<(), Error>> {
+        Box::pin(async move {
+            tx.query(&format!("UPDATE {} SET v = ? WHERE id = 1", self.table))
+                .bind(v + 1)
+                .execute(tx.conn())
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, Result<(), Error>>> {
+        Some(Box::pin(async move {
+            tx.query(&format!("UPDATE {} SET v = v + 1 WHERE id = 1", self.table))
+                .execute(tx.conn())
+                .await?;
+            Ok(())
+        }))
+    }
 }
 
 /// An in-process stand-in for a distributed lock (one tokio mutex per process, a fencing counter),
@@ -157,8 +192,8 @@ struct LocalHeld {
     token: u64,
 }
 
-impl KeyLock for LocalLock {
-    fn lock<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
+impl LockService for LocalLock {
+    fn acquire<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
         Box::pin(async move {
             let guard = self.mutex.clone().lock_owned().await;
             let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
@@ -171,8 +206,8 @@ impl KeyLock for LocalLock {
 }
 
 impl HeldLock for LocalHeld {
-    fn fencing_token(&self) -> u64 {
-        self.token
+    fn fencing_token(&self) -> Option<FencingToken> {
+        Some(FencingToken::new(self.token))
     }
 
     fn release(self: Box<Self>) -> BoxFuture<'static, contend::Result<()>> {
