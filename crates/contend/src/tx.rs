@@ -132,8 +132,10 @@ impl TxOptions {
     }
 
     /// Wait at most this long for a row lock (PostgreSQL `lock_timeout`, InnoDB
-    /// `innodb_lock_wait_timeout` rounded up to whole seconds, SQLite busy timeout). Expiry is a
-    /// [`ConflictKind::LockTimeout`] (SQLite: [`ConflictKind::Busy`]).
+    /// `innodb_lock_wait_timeout` rounded up to whole seconds). On SQLite, the wait for this
+    /// process's turn to write ([`crate::DbBuilder::writer_queue`]); other processes' locks are
+    /// waited for up to the Db's busy timeout (without the queue: the busy timeout of this
+    /// transaction). Expiry is a [`ConflictKind::LockTimeout`] (SQLite: [`ConflictKind::Busy`]).
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = Some(timeout);
         self
@@ -624,21 +626,24 @@ where
 {
     // SQLite: wait for this process's turn to write before taking a connection and beginning,
     // so that the process's own writers queue here in order instead of in the busy handler.
-    let _turn = match db.writer() {
-        Some((queue, default_wait)) if !options.read_only => {
-            let wait = options.lock_timeout.unwrap_or(default_wait);
-            match tokio::time::timeout(wait, queue.lock()).await {
-                Ok(turn) => Some(turn),
-                Err(_) => {
-                    return Err(Error::Conflict {
-                        kind: ConflictKind::Busy,
-                        source: None,
-                    }
-                    .into());
-                }
-            }
+    let _turn = if options.read_only {
+        None
+    } else {
+        writer_turn(db, options).await?
+    };
+    // With its turn in hand, a SQLite transaction meets no writer of this process: its lock
+    // timeout was spent on the turn, and other processes are left to the Db's busy timeout
+    // (no `PRAGMA busy_timeout` round trips around every transaction).
+    let unqueued;
+    let options = match (&_turn, options.lock_timeout) {
+        (Some(_), Some(_)) => {
+            unqueued = TxOptions {
+                lock_timeout: None,
+                ..options.clone()
+            };
+            &unqueued
         }
-        _ => None,
+        _ => options,
     };
     let mut held = held;
     let conn = match held.as_mut().and_then(|slot| slot.take()) {
@@ -683,6 +688,28 @@ where
         *slot = tx.conn.take();
     }
     result
+}
+
+/// Waits for this process's turn to write, on a SQLite `Db` with a writer queue (`None`
+/// elsewhere): at most the lock timeout of `options`, else the `Db`'s acquire timeout.
+///
+/// # Errors
+/// A [`ConflictKind::Busy`] conflict when the wait runs out.
+pub(crate) async fn writer_turn<'d, DB: Database>(
+    db: &'d Db<DB>,
+    options: &TxOptions,
+) -> Result<Option<tokio::sync::MutexGuard<'d, ()>>> {
+    let Some((queue, default_wait)) = db.writer() else {
+        return Ok(None);
+    };
+    let wait = options.lock_timeout.unwrap_or(default_wait);
+    match tokio::time::timeout(wait, queue.lock()).await {
+        Ok(turn) => Ok(Some(turn)),
+        Err(_) => Err(Error::Conflict {
+            kind: ConflictKind::Busy,
+            source: None,
+        }),
+    }
 }
 
 async fn run_hooks(hooks: Vec<Hook>) {

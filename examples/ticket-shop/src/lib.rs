@@ -210,7 +210,11 @@ impl Operation<Postgres> for Buy {
             .await?;
             match price {
                 Some(price) => self.sell(tx, price).await,
-                None => Err(self.read(tx.conn(), "").await.err().unwrap_or(ShopError::SoldOut)),
+                None => Err(self
+                    .read(tx.conn(), "")
+                    .await
+                    .err()
+                    .unwrap_or(ShopError::SoldOut)),
             }
         }))
     }
@@ -268,7 +272,9 @@ async fn buy(
 ) -> Result<(StatusCode, Json<Ticket>), ShopError> {
     let strategy = match headers.get("x-strategy").map(|v| v.to_str()) {
         None => app.strategy,
-        Some(Ok(name)) => name.parse().map_err(|e| ShopError::Invalid(format!("{e}")))?,
+        Some(Ok(name)) => name
+            .parse()
+            .map_err(|e| ShopError::Invalid(format!("{e}")))?,
         Some(Err(_)) => return Err(ShopError::Invalid("X-Strategy is not text".into())),
     };
     app.executor.check(strategy, app.db.backend())?;

@@ -27,7 +27,9 @@ async fn shop() -> Option<(Router, PgPool)> {
         .after_connect(move |conn, _| {
             let set = format!("SET search_path TO {schema}");
             Box::pin(async move {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(set)).execute(conn).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(set))
+                    .execute(conn)
+                    .await?;
                 Ok(())
             })
         })
@@ -40,7 +42,12 @@ async fn shop() -> Option<(Router, PgPool)> {
     Some((app, pool))
 }
 
-async fn post(app: &Router, path: &str, headers: &[(&str, &str)], body: &str) -> (StatusCode, Vec<u8>) {
+async fn post(
+    app: &Router,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, Vec<u8>) {
     let mut request = Request::post(path).header("content-type", "application/json");
     for (name, value) in headers {
         request = request.header(*name, *value);
@@ -51,27 +58,52 @@ async fn post(app: &Router, path: &str, headers: &[(&str, &str)], body: &str) ->
         .await
         .unwrap();
     let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
     (status, bytes.to_vec())
 }
 
 async fn event(app: &Router, tickets: i32) -> String {
     let body = format!(r#"{{"name": "concert", "price": "49.90", "tickets": {tickets}}}"#);
     let (status, bytes) = post(app, "/events", &[], &body).await;
-    assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
     let v: Value = serde_json::from_slice(&bytes).unwrap();
     v["id"].as_str().unwrap().to_string()
 }
 
 /// `buyers` concurrent purchases of one event under `strategy`: (sold, sold out, other).
-async fn rush(app: &Router, id: &str, strategy: &str, buyers: usize) -> (usize, usize, Vec<String>) {
+async fn rush(
+    app: &Router,
+    id: &str,
+    strategy: &str,
+    buyers: usize,
+) -> (usize, usize, Vec<String>) {
     let mut tasks = Vec::new();
     for n in 0..buyers {
-        let (app, path, strategy) = (app.clone(), format!("/events/{id}/tickets"), strategy.to_string());
+        let (app, path, strategy) = (
+            app.clone(),
+            format!("/events/{id}/tickets"),
+            strategy.to_string(),
+        );
         tasks.push(tokio::spawn(async move {
             let key = format!("{strategy}-{n}");
-            let headers = [("x-strategy", strategy.as_str()), ("idempotency-key", key.as_str())];
-            post(&app, &path, &headers, &format!(r#"{{"buyer": "buyer {n}"}}"#)).await
+            let headers = [
+                ("x-strategy", strategy.as_str()),
+                ("idempotency-key", key.as_str()),
+            ];
+            post(
+                &app,
+                &path,
+                &headers,
+                &format!(r#"{{"buyer": "buyer {n}"}}"#),
+            )
+            .await
         }));
     }
     let (mut sold, mut sold_out, mut other) = (0, 0, Vec::new());
@@ -102,28 +134,50 @@ async fn tickets_of(pool: &PgPool, id: &str) -> (i64, i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_buyers_never_oversell() {
-    let Some((app, pool)) = shop().await else { return };
+    let Some((app, pool)) = shop().await else {
+        return;
+    };
     const TICKETS: i32 = 10;
     const BUYERS: usize = 40;
-    for strategy in ["atomic", "pessimistic", "optimistic", "serializable", "advisory", "mutex"] {
+    for strategy in [
+        "atomic",
+        "pessimistic",
+        "optimistic",
+        "serializable",
+        "advisory",
+        "mutex",
+    ] {
         let id = event(&app, TICKETS).await;
         let (sold, sold_out, other) = rush(&app, &id, strategy, BUYERS).await;
         assert!(other.is_empty(), "{strategy}: {other:?}");
-        assert_eq!((sold, sold_out), (TICKETS as usize, BUYERS - TICKETS as usize), "{strategy}");
-        assert_eq!(tickets_of(&pool, &id).await, (i64::from(TICKETS), 0), "{strategy}");
+        assert_eq!(
+            (sold, sold_out),
+            (TICKETS as usize, BUYERS - TICKETS as usize),
+            "{strategy}"
+        );
+        assert_eq!(
+            tickets_of(&pool, &id).await,
+            (i64::from(TICKETS), 0),
+            "{strategy}"
+        );
     }
     // The unsafe baseline under the same load: reads outside the transaction, writes blindly.
     let id = event(&app, TICKETS).await;
     let (sold, _, other) = rush(&app, &id, "none", BUYERS).await;
     assert!(other.is_empty(), "none: {other:?}");
     let (tickets, _) = tickets_of(&pool, &id).await;
-    assert!(tickets > i64::from(TICKETS), "none should oversell: {tickets} tickets for {TICKETS} seats");
+    assert!(
+        tickets > i64::from(TICKETS),
+        "none should oversell: {tickets} tickets for {TICKETS} seats"
+    );
     assert_eq!(tickets, sold as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_purchase_runs_once() {
-    let Some((app, pool)) = shop().await else { return };
+    let Some((app, pool)) = shop().await else {
+        return;
+    };
     let id = event(&app, 5).await;
     let path = format!("/events/{id}/tickets");
     let headers = [("idempotency-key", "order-42")];
@@ -133,7 +187,9 @@ async fn a_retried_purchase_runs_once() {
     let mut tasks = Vec::new();
     for _ in 0..5 {
         let (app, path) = (app.clone(), path.clone());
-        tasks.push(tokio::spawn(async move { post(&app, &path, &headers, body).await }));
+        tasks.push(tokio::spawn(async move {
+            post(&app, &path, &headers, body).await
+        }));
     }
     let mut created = Vec::new();
     for task in tasks {
@@ -141,13 +197,21 @@ async fn a_retried_purchase_runs_once() {
         match status {
             StatusCode::CREATED => created.push(bytes),
             // A duplicate that arrived while the first ran: "in flight, retry later".
-            StatusCode::CONFLICT => assert!(String::from_utf8_lossy(&bytes).contains("in_progress") || String::from_utf8_lossy(&bytes).contains("flight"), "{}", String::from_utf8_lossy(&bytes)),
+            StatusCode::CONFLICT => assert!(
+                String::from_utf8_lossy(&bytes).contains("in_progress")
+                    || String::from_utf8_lossy(&bytes).contains("flight"),
+                "{}",
+                String::from_utf8_lossy(&bytes)
+            ),
             other => panic!("unexpected {other}: {}", String::from_utf8_lossy(&bytes)),
         }
     }
     let (status, again) = post(&app, &path, &headers, body).await;
     assert_eq!(status, StatusCode::CREATED);
-    assert!(created.iter().all(|b| *b == again), "every success is the same response, byte for byte");
+    assert!(
+        created.iter().all(|b| *b == again),
+        "every success is the same response, byte for byte"
+    );
     let ticket: Ticket = serde_json::from_slice(&again).unwrap();
     assert_eq!(ticket.buyer, "ann");
     assert_eq!(ticket.price.to_string(), "49.90");
@@ -160,13 +224,23 @@ async fn a_retried_purchase_runs_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_changes_nothing() {
-    let Some((app, pool)) = shop().await else { return };
+    let Some((app, pool)) = shop().await else {
+        return;
+    };
     let id = event(&app, 1).await;
     let path = format!("/events/{id}/tickets");
     let cases: [(&[(&str, &str)], &str, StatusCode); 3] = [
-        (&[("x-strategy", "bogus")], r#"{"buyer": "ann"}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            &[("x-strategy", "bogus")],
+            r#"{"buyer": "ann"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
         (&[], r#"{"buyer": 42}"#, StatusCode::UNPROCESSABLE_ENTITY),
-        (&[("x-strategy", "redis")], r#"{"buyer": "ann"}"#, StatusCode::INTERNAL_SERVER_ERROR),
+        (
+            &[("x-strategy", "redis")],
+            r#"{"buyer": "ann"}"#,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ),
     ];
     for (headers, body, expected) in cases {
         let (status, bytes) = post(&app, &path, headers, body).await;
@@ -175,9 +249,21 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let missing = format!("/events/{}/tickets", uuid::Uuid::new_v4());
     let (status, _) = post(&app, &missing, &[], r#"{"buyer": "ann"}"#).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = post(&app, "/events/not-a-uuid/tickets", &[], r#"{"buyer": "ann"}"#).await;
+    let (status, _) = post(
+        &app,
+        "/events/not-a-uuid/tickets",
+        &[],
+        r#"{"buyer": "ann"}"#,
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = post(&app, "/events", &[], r#"{"name": "x", "price": "-1", "tickets": 1}"#).await;
+    let (status, _) = post(
+        &app,
+        "/events",
+        &[],
+        r#"{"name": "x", "price": "-1", "tickets": 1}"#,
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(tickets_of(&pool, &id).await, (0, 1));
 }

@@ -125,12 +125,21 @@ impl Operation for WithdrawOne {
         })
     }
 
-    fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, Result<(), LabError>>> {
+    fn atomic_statement<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+    ) -> Option<BoxFuture<'c, Result<(), LabError>>> {
         Some(Box::pin(async move {
             let counter = Counter::new(&self.table, "id", "balance").map_err(Error::aborted)?;
-            match counter.try_sub(tx, ACCOUNT, 1).await? {
-                Some(_) => Ok(()),
-                None => Err(LabError::Refused("insufficient funds")),
+            let done = sqlx::query(sql_for(self.backend, &counter.sub_sql()))
+                .bind(1_i64)
+                .bind(ACCOUNT)
+                .bind(1_i64)
+                .execute(conn)
+                .await?;
+            match done.rows_affected() {
+                0 => Err(LabError::Refused("insufficient funds")),
+                _ => Ok(()),
             }
         }))
     }

@@ -149,6 +149,18 @@ pub trait Operation<DB: Database = Any>: Send + Sync + 'static {
     ) -> Option<BoxFuture<'c, Result<Self::Output, Self::Error>>> {
         None
     }
+
+    /// The whole operation as ONE conditional statement that needs no transaction around it
+    /// (a single `UPDATE ... WHERE balance >= ?` is atomic on its own), run in autocommit by
+    /// `atomic` in preference to [`Operation::atomic`]: one round trip instead of `BEGIN`,
+    /// statement and `COMMIT`. `None` (the default) when the operation has no such form.
+    /// Conflicts (a deadlock, SQLite busy) are retried under the executor's retry policy.
+    fn atomic_statement<'c>(
+        &'c self,
+        _conn: &'c mut DB::Connection,
+    ) -> Option<BoxFuture<'c, Result<Self::Output, Self::Error>>> {
+        None
+    }
 }
 
 /// The outcome of [`Executor::run`]: the operation's result and how it was reached.
@@ -407,6 +419,9 @@ impl<DB: Database> Executor<DB> {
                 done
             }
             Strategy::Atomic => {
+                if let Some(done) = self.atomic_statement(session, &base, &op).await {
+                    return done;
+                }
                 let run = session
                     .run(&base, move |tx| {
                         let op = op.clone();
@@ -492,6 +507,71 @@ impl<DB: Database> Executor<DB> {
                 let service = self.services[&strategy].clone();
                 self.fenced(service.as_ref(), session, &base, op).await
             }
+        }
+    }
+
+    /// `atomic` as one statement in autocommit, retried on conflicts; `None` when the
+    /// operation has no single-statement form (checked without a round trip).
+    async fn atomic_statement<O: Operation<DB>>(
+        &self,
+        session: &mut Session<DB>,
+        options: &TxOptions,
+        op: &Arc<O>,
+    ) -> Option<Executed<O::Output, O::Error>> {
+        let started = Instant::now();
+        let mut conflicts = Vec::new();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            // The statement writes: on SQLite it takes this process's turn like a transaction.
+            let db = session.db().clone();
+            let _turn = match crate::tx::writer_turn(&db, options).await {
+                Ok(turn) => turn,
+                Err(e) => {
+                    return Some(Executed {
+                        result: Err(e.into()),
+                        attempts,
+                        conflicts: vec![ConflictKind::Busy],
+                        lock_wait: started.elapsed(),
+                        fenced: false,
+                    });
+                }
+            };
+            let o = op.clone();
+            let result = session
+                .autocommit(move |conn| {
+                    Box::pin(async move {
+                        match o.atomic_statement(conn) {
+                            Some(statement) => statement.await.map(Some),
+                            None => Ok(None),
+                        }
+                    })
+                })
+                .await;
+            let result = match result {
+                Ok(None) => return None,
+                Ok(Some(output)) => Ok(output),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &result
+                && let Some(kind) = e.conflict()
+            {
+                conflicts.push(kind);
+                if options
+                    .retry
+                    .should_retry(kind, attempts, started.elapsed())
+                {
+                    tokio::time::sleep(options.retry.backoff(attempts)).await;
+                    continue;
+                }
+            }
+            return Some(Executed {
+                result,
+                attempts,
+                conflicts,
+                lock_wait: Duration::ZERO,
+                fenced: false,
+            });
         }
     }
 
