@@ -9,7 +9,7 @@
 //!
 //! Prints one line of `key=value` pairs: `ops_per_s` counts successful withdrawals per second;
 //! `lost` is the final balance minus (the starting balance minus the successes): lost updates;
-//! 0 for every safe strategy); `errors` counts operations that failed with anything but a
+//! 0 for every safe strategy; `errors` counts operations that failed with anything but a
 //! refusal. Exit status 1 when `lost` or `errors` is not 0, 2 on bad arguments or a failed setup.
 
 use std::sync::Arc;

@@ -10,13 +10,16 @@
 //! [`BatchOptions::max_wait`] optionally holds a batch open a little longer when it is not full.
 //!
 //! # One batch, one transaction
-//! For each operation, in arrival order: `SAVEPOINT`, then [`crate::strategy::Operation::read`]
-//! with the row-lock clause of `pessimistic` (so batches of other processes serialise on the
-//! same rows), then [`crate::strategy::Operation::write`] on the current values. An operation
-//! that fails with its own error (a refusal: "insufficient funds") is rolled back to its
-//! savepoint only and gets that error; the others go on and see the state as if it had never
-//! run, exactly as if each had run alone, one after the other. Then one `COMMIT`; only after it
-//! does any caller get its outcome.
+//! For each operation, in arrival order: [`crate::strategy::Operation::read`] with the row-lock
+//! clause of `pessimistic` (so batches of other processes serialise on the same rows), then
+//! [`crate::strategy::Operation::write`] on the current values. An operation that fails with
+//! its own error (a refusal: "insufficient funds") must fail alone, as if it had run alone:
+//! each operation then runs inside its own `SAVEPOINT`, the failed one is rolled back to it,
+//! and the others go on and see the state as if it had never run. Savepoints cost a round trip
+//! per operation (and a subtransaction on PostgreSQL), so a queue runs its batches without them
+//! while no operation fails: when one does, that attempt is rolled back and the batch runs
+//! again with savepoints, which stay on until a batch has no failure. Then one `COMMIT`; only
+//! after it does any caller get its outcome.
 //!
 //! All the operations of a batch have the same canonical (sorted, deduplicated) key set, and
 //! each reads its rows in that order ([`crate::strategy::Operation::read`]'s contract), so a
@@ -148,7 +151,8 @@ impl BatchOptions {
 pub struct BatchStats {
     /// Transactions that committed a batch (a split batch's operations count one each).
     pub commits: u64,
-    /// Operations answered from committed transactions (successes and refusals).
+    /// Operations decided and answered: from committed transactions (successes and
+    /// refusals), and refusals of operations that ran alone (rolled back).
     pub operations: u64,
     /// The most operations one committed transaction held.
     pub largest: u64,
@@ -165,6 +169,9 @@ enum Step {
     /// The operation finished (succeeded, or failed with its own error and was rolled back to
     /// its savepoint): the batch goes on.
     Kept,
+    /// Without savepoints: the operation failed with its own error, and what it may have
+    /// written cannot be undone alone. The attempt must roll back.
+    Refused,
     /// The batch attempt must end: nothing of it may commit.
     Abort(Error),
 }
@@ -172,9 +179,16 @@ enum Step {
 /// One submitted operation, with its caller's reply channel. Type-erased so that one queue
 /// holds operations of any type.
 trait Job<DB: Database>: Send {
-    /// Runs the operation inside a savepoint of `tx` and keeps its outcome; `first` when no
-    /// operation of this attempt opened a savepoint before.
-    fn step<'c>(&'c mut self, tx: &'c mut Tx<DB>, first: bool) -> BoxFuture<'c, Step>;
+    /// Runs the operation on `tx` and keeps its outcome: inside a savepoint when `savepoints`
+    /// (`first` when no operation of this attempt opened one before).
+    fn step<'c>(
+        &'c mut self,
+        tx: &'c mut Tx<DB>,
+        savepoints: bool,
+        first: bool,
+    ) -> BoxFuture<'c, Step>;
+    /// Whether the last [`Job::step`] ended in the operation's own error.
+    fn refused(&self) -> bool;
     /// Answers the caller with the outcome kept by the last [`Job::step`] (after a commit).
     fn deliver(self: Box<Self>, report: &Report);
     /// Answers the caller with an error: its own error of the last step if `own` and it had
@@ -200,9 +214,31 @@ struct Pending<DB: Database, O: Operation<DB>> {
 const SAVEPOINT: &str = "SAVEPOINT contend_batch";
 
 impl<DB: Database, O: Operation<DB>> Job<DB> for Pending<DB, O> {
-    fn step<'c>(&'c mut self, tx: &'c mut Tx<DB>, first: bool) -> BoxFuture<'c, Step> {
+    fn step<'c>(
+        &'c mut self,
+        tx: &'c mut Tx<DB>,
+        savepoints: bool,
+        first: bool,
+    ) -> BoxFuture<'c, Step> {
         Box::pin(async move {
             self.outcome = None;
+            if !savepoints {
+                let op = self.op.clone();
+                let result = async {
+                    let state = op.read(tx.conn(), self.lock).await?;
+                    op.write(tx, &state, false).await
+                }
+                .await;
+                let step = match &result {
+                    Ok(_) => Step::Kept,
+                    Err(e) => match e.conflict() {
+                        Some(kind) => Step::Abort(Error::Conflict { kind, source: None }),
+                        None => Step::Refused,
+                    },
+                };
+                self.outcome = Some(result);
+                return step;
+            }
             // One round trip: end the previous operation's savepoint (if any) and open this
             // one. Savepoints of one name stack on PostgreSQL and SQLite, so each is released.
             let open = if first {
@@ -239,6 +275,10 @@ impl<DB: Database, O: Operation<DB>> Job<DB> for Pending<DB, O> {
                 }
             }
         })
+    }
+
+    fn refused(&self) -> bool {
+        matches!(self.outcome, Some(Err(_)))
     }
 
     fn deliver(mut self: Box<Self>, report: &Report) {
@@ -404,6 +444,7 @@ impl<DB: Database> Batcher<DB> {
             options: options.clone().retry(RetryPolicy::none()),
             retry: options.retry.clone(),
             batch,
+            savepoints: AtomicBool::new(false),
         };
         tokio::spawn(combiner.run(db));
     }
@@ -429,11 +470,18 @@ struct Combiner<DB: Database> {
     /// Which conflicts are retried, how often and how long.
     retry: RetryPolicy,
     batch: BatchOptions,
+    /// Whether batches run each operation in a savepoint. Off while no operation fails with
+    /// its own error (one round trip less per operation, and no subtransactions); turned on by
+    /// the first such failure, and off again after a batch without one.
+    savepoints: AtomicBool,
 }
 
 /// How one attempt at a batch ended.
 enum Attempt {
     Committed,
+    /// Without savepoints, an operation failed with its own error: rolled back, nothing
+    /// committed. Alone, that is its outcome; in a batch, the batch runs again with savepoints.
+    Refused,
     /// Nothing committed; the batch may run again.
     NotCommitted(Error),
     /// `COMMIT` failed with something other than a conflict: it may have committed or not.
@@ -512,13 +560,37 @@ impl<DB: Database> Combiner<DB> {
                 conflicts: Vec::new(),
                 started,
             };
+            let mut savepoints = self.savepoints.load(Ordering::Relaxed);
             loop {
                 report.attempts += 1;
                 report.started = Instant::now();
-                let (attempt, back) = self.attempt(session, jobs).await;
+                let (attempt, back) = self.attempt(session, jobs, savepoints).await;
                 jobs = back;
                 let error = match attempt {
+                    Attempt::Refused if jobs.len() == 1 => {
+                        // Alone, a rolled-back transaction is exactly the refusal's outcome.
+                        self.inner.operations.fetch_add(1, Ordering::Relaxed);
+                        if let Some(job) = jobs.pop() {
+                            job.fail(
+                                Error::TransactionBroken("a refused operation lost its error"),
+                                true,
+                                &report,
+                            );
+                        }
+                        return;
+                    }
+                    Attempt::Refused => {
+                        // Run the batch again with a savepoint per operation, so that the
+                        // refusal undoes only its own writes.
+                        self.inner.retries.fetch_add(1, Ordering::Relaxed);
+                        savepoints = true;
+                        self.savepoints.store(true, Ordering::Relaxed);
+                        continue;
+                    }
                     Attempt::Committed => {
+                        if savepoints && !jobs.iter().any(|job| job.refused()) {
+                            self.savepoints.store(false, Ordering::Relaxed);
+                        }
                         let n = jobs.len() as u64;
                         self.inner.commits.fetch_add(1, Ordering::Relaxed);
                         self.inner.operations.fetch_add(n, Ordering::Relaxed);
@@ -584,21 +656,37 @@ impl<DB: Database> Combiner<DB> {
     }
 
     /// One transaction over `jobs`; the jobs are handed back whatever happens.
-    async fn attempt(&self, session: &mut Session<DB>, jobs: Jobs<DB>) -> (Attempt, Jobs<DB>) {
+    async fn attempt(
+        &self,
+        session: &mut Session<DB>,
+        jobs: Jobs<DB>,
+        savepoints: bool,
+    ) -> (Attempt, Jobs<DB>) {
         let slot = Arc::new(Mutex::new(jobs));
         let reached_commit = Arc::new(AtomicBool::new(false));
-        let (s, r) = (slot.clone(), reached_commit.clone());
+        let refused_flag = Arc::new(AtomicBool::new(false));
+        let (s, r, f) = (slot.clone(), reached_commit.clone(), refused_flag.clone());
         let run = session
             .run(&self.options, move |tx| {
-                let (slot, reached) = (s.clone(), r.clone());
+                let (slot, reached, refused) = (s.clone(), r.clone(), f.clone());
                 Box::pin(async move {
                     let mut jobs =
                         std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
                     let mut result = Ok(());
                     for (i, job) in jobs.iter_mut().enumerate() {
-                        if let Step::Abort(e) = job.step(tx, i == 0).await {
-                            result = Err(e);
-                            break;
+                        match job.step(tx, savepoints, i == 0).await {
+                            Step::Kept => {}
+                            Step::Refused => {
+                                refused.store(true, Ordering::Relaxed);
+                                result = Err(Error::TransactionBroken(
+                                    "an operation of the batch failed without a savepoint",
+                                ));
+                                break;
+                            }
+                            Step::Abort(e) => {
+                                result = Err(e);
+                                break;
+                            }
                         }
                     }
                     *slot.lock().unwrap_or_else(|e| e.into_inner()) = std::mem::take(&mut jobs);
@@ -612,6 +700,7 @@ impl<DB: Database> Combiner<DB> {
         let jobs = std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
         let attempt = match run.result {
             Ok(()) => Attempt::Committed,
+            Err(_) if refused_flag.load(Ordering::Relaxed) => Attempt::Refused,
             Err(e) if !reached_commit.load(Ordering::Relaxed) => Attempt::NotCommitted(e),
             // A conflict at COMMIT (serialization failure, busy) and a transaction found
             // broken at COMMIT both mean it rolled back.

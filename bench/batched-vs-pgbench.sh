@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# bench/batched-vs-pgbench.sh: does the `batched` strategy beat one commit per request?
+#
+# Hot-row withdraw on PostgreSQL: the executor's withdraw operation under `batched`
+# (crates/contend/examples/hot_row.rs, release build: N workers, one account, D seconds) next to
+# pgbench running the single-statement conditional UPDATE
+#   UPDATE t SET balance = balance - 1 WHERE id = 1 AND balance >= 1
+# with the same client count (-c N -j 2 -T D), alternating one run of each per round, ROUNDS
+# rounds per client count. Prints the median of each side with its spread (min..max) and the
+# ratio of the medians (target of issue 11: batched >= 5 x pgbench at 32 and 64 clients, 0 lost
+# updates), and the server's durability settings (fsync, synchronous_commit), which decide what
+# one commit costs.
+#
+# Usage: bench/batched-vs-pgbench.sh [POSTGRES_URL] [SECONDS]
+#   POSTGRES_URL  default $CONTEND_PG_URL, else postgres://postgres@127.0.0.1:55432/app
+#   SECONDS       per run, default 10
+#   ROUNDS=N      alternating rounds per client count (default 5, at least 1)
+#   CLIENTS="32 64"  client counts
+#   STRATEGY=batched  the executor strategy to measure (any strategy name: atomic, pessimistic...)
+#   MAX_SIZE=256 MAX_WAIT_US=0  the batch settings (BatchOptions)
+#   PGBENCH_MODE  pgbench query protocol: prepared (default), simple or extended
+# Needs: cargo, pgbench and psql (postgresql-client).
+# Exit status: 0 when every ratio reaches 5 with no lost update, 1 when one does not, 2 when a
+# tool or run fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+URL=${1:-${CONTEND_PG_URL:-postgres://postgres@127.0.0.1:55432/app}}
+SECS=${2:-10}
+ROUNDS=${ROUNDS:-5}
+CLIENTS=${CLIENTS:-32 64}
+STRATEGY=${STRATEGY:-batched}
+MAX_SIZE=${MAX_SIZE:-256}
+MAX_WAIT_US=${MAX_WAIT_US:-0}
+MODE=${PGBENCH_MODE:-prepared}
+THREADS=2
+TARGET=5
+
+for tool in cargo pgbench psql; do
+  command -v "$tool" >/dev/null || { echo "batched-vs-pgbench: $tool not found" >&2; exit 2; }
+done
+case "$URL" in postgres://*|postgresql://*) ;; *) echo "batched-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
+[ "$ROUNDS" -ge 1 ] 2>/dev/null || { echo "batched-vs-pgbench: ROUNDS must be a positive integer" >&2; exit 2; }
+
+echo "building the hot_row example (release)..." >&2
+cargo build --release -q -p contend --example hot_row
+BIN=${CARGO_TARGET_DIR:-target}/release/examples/hot_row
+
+WORK=$(mktemp -d)
+TABLE=bench_batched_$$
+cleanup() {
+  psql -q "$URL" -c "DROP TABLE IF EXISTS $TABLE" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PGOPTIONS='-c client_min_messages=warning' psql -q -v ON_ERROR_STOP=1 "$URL" >/dev/null <<SQL
+DROP TABLE IF EXISTS $TABLE;
+CREATE TABLE $TABLE (id BIGINT PRIMARY KEY, balance BIGINT NOT NULL, version BIGINT NOT NULL);
+INSERT INTO $TABLE VALUES (1, 1000000000000, 0);
+SQL
+cat > "$WORK/withdraw.sql" <<SQL
+UPDATE $TABLE SET balance = balance - 1 WHERE id = 1 AND balance >= 1;
+SQL
+
+status=0
+
+# Both runners set RESULT (not run in a subshell, so that they can fail the bench).
+executor_ops() { # executor_ops CLIENTS: ops/s of one run; lost updates and errors fail the bench
+  local out rc=0
+  out=$("$BIN" "$URL" --strategy "$STRATEGY" --workers "$1" --seconds "$SECS" \
+    --max-size "$MAX_SIZE" --max-wait-us "$MAX_WAIT_US") || rc=$?
+  if [ $rc = 1 ]; then
+    echo "batched-vs-pgbench: the executor run broke the invariant or had errors: $out" >&2
+    status=1
+  elif [ $rc != 0 ]; then
+    echo "batched-vs-pgbench: the executor run failed (exit $rc)" >&2
+    exit 2
+  fi
+  echo "$out" >>"$WORK/executor.log"
+  RESULT=$(sed -n 's/.*ops_per_s=\([0-9.]*\).*/\1/p' <<<"$out")
+}
+
+pgbench_tps() { # pgbench_tps CLIENTS
+  local out
+  if ! out=$(pgbench -n -M "$MODE" -c "$1" -j $THREADS -T "$SECS" -f "$WORK/withdraw.sql" "$URL" 2>&1); then
+    echo "batched-vs-pgbench: pgbench failed: $out" >&2
+    exit 2
+  fi
+  RESULT=$(awk '/^tps = / { print $3; exit }' <<<"$out")
+}
+
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.0f..%.0f", lo, hi }'; }
+
+echo "server: $(psql -Atc "SELECT 'fsync=' || current_setting('fsync') || ' synchronous_commit=' || current_setting('synchronous_commit') || ' (' || version() || ')'" "$URL")"
+printf '%-8s %-12s %14s %20s %14s %20s %7s\n' clients strategy "median ops/s" "spread" "pgbench median" "spread" ratio
+for clients in $CLIENTS; do
+  ours=() pgs=()
+  for _ in $(seq "$ROUNDS"); do
+    executor_ops "$clients"
+    ours+=("$RESULT")
+    pgbench_tps "$clients"
+    pgs+=("$RESULT")
+  done
+  a=$(median "${ours[@]}")
+  b=$(median "${pgs[@]}")
+  ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+  printf '%-8s %-12s %14.0f %20s %14.0f %20s %7s\n' "$clients" "$STRATEGY" "$a" "$(spread "${ours[@]}")" \
+    "$b" "$(spread "${pgs[@]}")" "$ratio"
+  echo "  rounds: $STRATEGY ${ours[*]}; pgbench ${pgs[*]}"
+  awk -v r="$ratio" -v t=$TARGET 'BEGIN { exit !(r >= t) }' || status=1
+done
+echo "executor runs (batch counters, lost updates):"
+sed 's/^/  /' "$WORK/executor.log"
+[ $status = 0 ] && echo "target met: $STRATEGY >= ${TARGET}x pgbench, no lost update" \
+  || echo "target missed: $STRATEGY < ${TARGET}x pgbench, or an invariant broke"
+exit $status
