@@ -46,6 +46,13 @@
 //! it. A caller that drops its future does not cancel the batch it joined: its operation
 //! commits or not with the others, and the outcome is discarded.
 //!
+//! # What callers get
+//! Each caller gets its own [`Executed`]: its operation's result; `attempts` and `conflicts` of
+//! the batch that decided it (a batch run again after a refusal without savepoints counts one
+//! attempt more); `lock_wait` is the time the operation waited in the queue before that batch
+//! started. [`crate::strategy::Executor::batch_stats`] counts commits, batch sizes, retries
+//! and splits.
+//!
 //! # Limits
 //! - Operations are combined only with operations on exactly the same key set (one hot
 //!   account; one pair of accounts in either direction).
