@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! cargo run --release -p contend --example hot_row -- URL [--strategy batched] [--workers 32]
-//!     [--seconds 10] [--max-size 256] [--max-wait-us 0]
+//!     [--seconds 10] [--max-size 256] [--max-wait-us 0] [--combine]
 //! ```
+//!
+//! `--combine` gives the operation its in-memory form (`Operation::apply` and `write_state`),
+//! which `batched` uses to decide a whole batch on one read and store it with one write.
 //!
 //! Prints one line of `key=value` pairs: `ops_per_s` counts successful withdrawals per second;
 //! `lost` is the final balance minus (the starting balance minus the successes): lost updates;
@@ -46,9 +49,11 @@ impl TxError for BankError {
     }
 }
 
-/// Withdraw 1 from account 1 of `table`, refusing to overdraw.
+/// Withdraw 1 from account 1 of `table`, refusing to overdraw; with `combine`, decided in
+/// memory under `batched` (`Operation::apply`).
 struct Withdraw {
     table: String,
+    combine: bool,
 }
 
 impl Operation for Withdraw {
@@ -104,6 +109,36 @@ impl Operation for Withdraw {
         })
     }
 
+    fn apply(&self, state: &mut (i64, i64)) -> Option<Result<(), BankError>> {
+        if !self.combine {
+            return None;
+        }
+        if state.0 < 1 {
+            return Some(Err(BankError::Insufficient));
+        }
+        *state = (state.0 - 1, state.1 + 1);
+        Some(Ok(()))
+    }
+
+    fn write_state<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        state: &'c (i64, i64),
+    ) -> Option<BoxFuture<'c, Result<(), BankError>>> {
+        Some(Box::pin(async move {
+            let sql = format!(
+                "UPDATE {} SET balance = ?, version = ? WHERE id = 1",
+                self.table
+            );
+            tx.query(&sql)
+                .bind(state.0)
+                .bind(state.1)
+                .execute(tx.conn())
+                .await?;
+            Ok(())
+        }))
+    }
+
     fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, Result<(), BankError>>> {
         Some(Box::pin(async move {
             let sql = format!(
@@ -126,6 +161,7 @@ struct Args {
     seconds: f64,
     max_size: usize,
     max_wait_us: u64,
+    combine: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -136,6 +172,7 @@ fn parse() -> Result<Args, String> {
         seconds: 10.0,
         max_size: 256,
         max_wait_us: 0,
+        combine: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -164,6 +201,7 @@ fn parse() -> Result<Args, String> {
                     .parse()
                     .map_err(|_| "--max-wait-us: an integer")?
             }
+            "--combine" => args.combine = true,
             other if other.starts_with("--") => return Err(format!("unknown option {other}")),
             url => args.url = url.to_string(),
         }
@@ -184,7 +222,7 @@ async fn main() {
         Err(e) => {
             eprintln!("hot_row: {e}");
             eprintln!(
-                "usage: hot_row URL [--strategy S] [--workers N] [--seconds D] [--max-size N] [--max-wait-us N]"
+                "usage: hot_row URL [--strategy S] [--workers N] [--seconds D] [--max-size N] [--max-wait-us N] [--combine]"
             );
             std::process::exit(2);
         }
@@ -232,6 +270,7 @@ async fn run(args: &Args) -> contend::Result<bool> {
         let (ok, refused, errors) = (ok.clone(), refused.clone(), errors.clone());
         let op = Arc::new(Withdraw {
             table: table.clone(),
+            combine: args.combine,
         });
         tasks.push(tokio::spawn(async move {
             let mut session = db.session();
@@ -270,9 +309,10 @@ async fn run(args: &Args) -> contend::Result<bool> {
     let lost = end - (START - ok as i64);
     let stats = executor.batch_stats();
     println!(
-        "strategy={} workers={} seconds={elapsed:.2} ok={ok} ops_per_s={:.0} refused={refused} \
+        "strategy={}{} workers={} seconds={elapsed:.2} ok={ok} ops_per_s={:.0} refused={refused} \
          errors={errors} lost={lost} batches={} largest_batch={} batch_retries={} batch_splits={}",
         args.strategy,
+        if args.combine { "+combine" } else { "" },
         args.workers,
         ok as f64 / elapsed,
         stats.commits,

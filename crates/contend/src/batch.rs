@@ -21,6 +21,13 @@
 //! again with savepoints, which stay on until a batch has no failure. Then one `COMMIT`; only
 //! after it does any caller get its outcome.
 //!
+//! Each operation still costs its own read and write round trips, one after the other on the
+//! batch's connection: that amortises the commit, not the statements. An operation that can
+//! decide in memory ([`crate::strategy::Operation::apply`] and
+//! [`crate::strategy::Operation::write_state`]) does better: consecutive operations of its
+//! type in a batch share one read, are decided one after the other on the running state (a
+//! refusal changes nothing, so it needs no savepoint), and one write stores the result.
+//!
 //! All the operations of a batch have the same canonical (sorted, deduplicated) key set, and
 //! each reads its rows in that order ([`crate::strategy::Operation::read`]'s contract), so a
 //! batch takes its row locks exactly as one `pessimistic` operation would: two batches (of two
@@ -185,15 +192,21 @@ enum Step {
 
 /// One submitted operation, with its caller's reply channel. Type-erased so that one queue
 /// holds operations of any type.
-trait Job<DB: Database>: Send {
+trait Job<DB: Database>: Send + 'static {
     /// Runs the operation on `tx` and keeps its outcome: inside a savepoint when `savepoints`
-    /// (`first` when no operation of this attempt opened one before).
+    /// (`first` when no operation of this attempt opened one before). When the operation
+    /// decides in memory ([`Operation::apply`]), the operations of the same type at the start
+    /// of `rest` are decided on the same state and written with it: the number of them is
+    /// returned with the step.
     fn step<'c>(
         &'c mut self,
         tx: &'c mut Tx<DB>,
+        rest: &'c mut [Box<dyn Job<DB>>],
         savepoints: bool,
         first: bool,
-    ) -> BoxFuture<'c, Step>;
+    ) -> BoxFuture<'c, (Step, usize)>;
+    /// For downcasting to the operation's own type.
+    fn as_any(&mut self) -> &mut dyn std::any::Any;
     /// Whether the last [`Job::step`] ended in the operation's own error.
     fn refused(&self) -> bool;
     /// Answers the caller with the outcome kept by the last [`Job::step`] (after a commit).
@@ -224,64 +237,82 @@ impl<DB: Database, O: Operation<DB>> Job<DB> for Pending<DB, O> {
     fn step<'c>(
         &'c mut self,
         tx: &'c mut Tx<DB>,
+        rest: &'c mut [Box<dyn Job<DB>>],
         savepoints: bool,
         first: bool,
-    ) -> BoxFuture<'c, Step> {
+    ) -> BoxFuture<'c, (Step, usize)> {
         Box::pin(async move {
             self.outcome = None;
-            if !savepoints {
-                let op = self.op.clone();
-                let result = async {
-                    let state = op.read(tx.conn(), self.lock).await?;
-                    op.write(tx, &state, false).await
-                }
-                .await;
-                let step = match &result {
-                    Ok(_) => Step::Kept,
-                    Err(e) => match e.conflict() {
-                        Some(kind) => Step::Abort(Error::Conflict { kind, source: None }),
-                        None => Step::Refused,
-                    },
+            if savepoints {
+                // One round trip: end the previous operation's savepoint (if any) and open
+                // this one. Savepoints of one name stack on PostgreSQL and SQLite, so each is
+                // released.
+                let open = if first {
+                    SAVEPOINT.to_string()
+                } else {
+                    format!("RELEASE SAVEPOINT contend_batch; {SAVEPOINT}")
                 };
-                self.outcome = Some(result);
-                return step;
-            }
-            // One round trip: end the previous operation's savepoint (if any) and open this
-            // one. Savepoints of one name stack on PostgreSQL and SQLite, so each is released.
-            let open = if first {
-                SAVEPOINT.to_string()
-            } else {
-                format!("RELEASE SAVEPOINT contend_batch; {SAVEPOINT}")
-            };
-            if let Err(e) = DB::execute_raw(tx.conn(), open).await {
-                return Step::Abort(e.into());
+                if let Err(e) = DB::execute_raw(tx.conn(), open).await {
+                    return (Step::Abort(e.into()), 0);
+                }
             }
             let op = self.op.clone();
-            let result = async {
-                let state = op.read(tx.conn(), self.lock).await?;
-                op.write(tx, &state, false).await
+            let mut state = match op.read(tx.conn(), self.lock).await {
+                Ok(state) => state,
+                Err(e) => return (self.failed(tx, e, savepoints).await, 0),
+            };
+            if let Some(outcome) = op.apply(&mut state) {
+                // Decided in memory: so are the operations of the same type that follow, on
+                // the running state; one write for all of them.
+                self.outcome = Some(outcome);
+                let mut grouped = 0;
+                for job in rest.iter_mut() {
+                    let Some(next) = job.as_any().downcast_mut::<Pending<DB, O>>() else {
+                        break;
+                    };
+                    let Some(outcome) = next.op.apply(&mut state) else {
+                        break;
+                    };
+                    next.outcome = Some(outcome);
+                    grouped += 1;
+                }
+                let backend = tx.backend();
+                let written = match op.write_state(tx, &state) {
+                    Some(write) => write.await,
+                    None => Err(Error::Unsupported {
+                        backend,
+                        what: "`Operation::apply` without `Operation::write_state`".into(),
+                    }
+                    .into()),
+                };
+                return match written {
+                    Ok(()) => (Step::Kept, grouped),
+                    Err(e) => {
+                        // The group's shared write failed: the whole attempt ends (a split
+                        // then gives each operation its own write, and its own error).
+                        let abort = match e.conflict() {
+                            Some(kind) => Error::Conflict { kind, source: None },
+                            None => {
+                                Error::TransactionBroken("the combined write of a batch failed")
+                            }
+                        };
+                        self.outcome = Some(Err(e));
+                        (Step::Abort(abort), grouped)
+                    }
+                };
             }
-            .await;
-            match result {
+            match op.write(tx, &state, false).await {
                 Ok(value) => {
                     self.outcome = Some(Ok(value));
-                    Step::Kept
+                    (Step::Kept, 0)
                 }
-                Err(e) => {
-                    let conflict = e.conflict();
-                    self.outcome = Some(Err(e));
-                    if let Some(kind) = conflict {
-                        return Step::Abort(Error::Conflict { kind, source: None });
-                    }
-                    match DB::execute_raw(tx.conn(), "ROLLBACK TO SAVEPOINT contend_batch".into())
-                        .await
-                    {
-                        Ok(()) => Step::Kept,
-                        Err(e) => Step::Abort(e.into()),
-                    }
-                }
+                Err(e) => (self.failed(tx, e, savepoints).await, 0),
             }
         })
+    }
+
+    fn as_any(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn refused(&self) -> bool {
@@ -308,6 +339,23 @@ impl<DB: Database, O: Operation<DB>> Job<DB> for Pending<DB, O> {
 }
 
 impl<DB: Database, O: Operation<DB>> Pending<DB, O> {
+    /// The step after the operation failed with `e`: a conflict ends the attempt; its own
+    /// error is kept, and undone with its savepoint (or, without one, the attempt ends).
+    async fn failed(&mut self, tx: &mut Tx<DB>, e: O::Error, savepoints: bool) -> Step {
+        let conflict = e.conflict();
+        self.outcome = Some(Err(e));
+        if let Some(kind) = conflict {
+            return Step::Abort(Error::Conflict { kind, source: None });
+        }
+        if !savepoints {
+            return Step::Refused;
+        }
+        match DB::execute_raw(tx.conn(), "ROLLBACK TO SAVEPOINT contend_batch".into()).await {
+            Ok(()) => Step::Kept,
+            Err(e) => Step::Abort(e.into()),
+        }
+    }
+
     fn answer(self, result: Result<O::Output, O::Error>, report: &Report) {
         // A caller that went away has dropped its receiver: its outcome is discarded.
         let _ = self.reply.send(Executed {
@@ -680,8 +728,12 @@ impl<DB: Database> Combiner<DB> {
                     let mut jobs =
                         std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
                     let mut result = Ok(());
-                    for (i, job) in jobs.iter_mut().enumerate() {
-                        match job.step(tx, savepoints, i == 0).await {
+                    let mut i = 0;
+                    while i < jobs.len() {
+                        let (head, rest) = jobs[i..].split_at_mut(1);
+                        let (step, grouped) = head[0].step(tx, rest, savepoints, i == 0).await;
+                        i += 1 + grouped;
+                        match step {
                             Step::Kept => {}
                             Step::Refused => {
                                 refused.store(true, Ordering::Relaxed);

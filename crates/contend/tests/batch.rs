@@ -49,6 +49,8 @@ impl TxError for BankError {
 enum Twist {
     /// Nothing.
     Plain,
+    /// Decided in memory (`Operation::apply`) and written per group (`write_state`): no log.
+    Combined,
     /// Writes, then fails with this conflict every time.
     AlwaysConflict(ConflictKind),
     /// Writes, then refuses with its own (non-conflict) error: only its savepoint rolls back.
@@ -118,6 +120,29 @@ impl Operation for Withdraw {
             tokio::task::yield_now().await;
             Ok(row.try_get(0)?)
         })
+    }
+
+    fn apply(&self, balance: &mut i64) -> Option<Result<i64, BankError>> {
+        if !matches!(self.twist, Twist::Combined) {
+            return None;
+        }
+        if *balance < self.amount {
+            return Some(Err(BankError::Insufficient));
+        }
+        *balance -= self.amount;
+        Some(Ok(*balance))
+    }
+
+    fn write_state<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        balance: &'c i64,
+    ) -> Option<BoxFuture<'c, Result<(), BankError>>> {
+        Some(Box::pin(async move {
+            let sql = format!("UPDATE {} SET balance = ? WHERE id = 1", self.table);
+            tx.query(&sql).bind(*balance).execute(tx.conn()).await?;
+            Ok(())
+        }))
     }
 
     fn write<'c>(
@@ -218,12 +243,16 @@ async fn hammer(
     table: &str,
     workers: usize,
     per_worker: u64,
+    twist: Twist,
 ) -> Tally {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let mut tasks = Vec::new();
     for _ in 0..workers {
         let (db, executor, tally) = (db.clone(), executor.clone(), tally.clone());
-        let op = Arc::new(Withdraw::plain(table, 1));
+        let op = Arc::new(Withdraw {
+            twist: twist.clone(),
+            ..Withdraw::plain(table, 1)
+        });
         tasks.push(tokio::spawn(async move {
             let mut session = db.session();
             for _ in 0..per_worker {
@@ -273,6 +302,7 @@ async fn batched_keeps_the_invariant_where_none_breaks(mut t: TestDb) {
         &table,
         WORKERS,
         PER_WORKER,
+        Twist::Plain,
     )
     .await;
     let lost = balance(&t.db, &table).await - (start - committed(&t.db, &table).await);
@@ -292,6 +322,7 @@ async fn batched_keeps_the_invariant_where_none_breaks(mut t: TestDb) {
         &table,
         WORKERS,
         PER_WORKER,
+        Twist::Plain,
     )
     .await;
     assert!(tally.errors.is_empty(), "{:?}", tally.errors);
@@ -309,6 +340,62 @@ async fn batched_keeps_the_invariant_where_none_breaks(mut t: TestDb) {
     assert!(
         stats.largest > 1 && stats.commits < stats.operations,
         "operations were combined: {stats:?}"
+    );
+    drop_log(&t, &table).await;
+
+    // Decided in memory and written once per group, under the same load.
+    let table = create(&mut t, start).await;
+    let executor = self::executor();
+    let tally = hammer(
+        &t.db,
+        &executor,
+        Strategy::Batched,
+        &table,
+        WORKERS,
+        PER_WORKER,
+        Twist::Combined,
+    )
+    .await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(balance(&t.db, &table).await, 0, "every unit sold");
+    assert_eq!(tally.ok as i64, start, "every unit sold once");
+    assert_eq!(tally.refused as i64, total - start, "the rest refused");
+    let stats = executor.batch_stats();
+    assert!(
+        stats.largest > 1 && stats.commits < stats.operations,
+        "{stats:?}"
+    );
+    drop_log(&t, &table).await;
+    t.cleanup().await;
+}
+
+async fn combined_operations_share_one_read_and_write(mut t: TestDb) {
+    let table = create(&mut t, 10).await;
+    let executor = collecting(5);
+    let amounts = [3, 3, 100, 3, 1];
+    let mut ops: Vec<Withdraw> = amounts
+        .iter()
+        .map(|a| Withdraw {
+            twist: Twist::Combined,
+            ..Withdraw::plain(&table, *a)
+        })
+        .collect();
+    // One operation of the same type without the in-memory form: decided on its own read.
+    ops[4].twist = Twist::Plain;
+    let results = run_all(&t.db, &executor, ops).await;
+    for (amount, (result, _)) in amounts.iter().zip(&results) {
+        if *amount == 100 {
+            assert!(matches!(result, Err(BankError::Insufficient)), "{result:?}");
+        } else {
+            assert!(result.is_ok(), "{result:?}");
+        }
+    }
+    assert_eq!(balance(&t.db, &table).await, 0, "10 - 3 - 3 - 3 - 1");
+    let stats = executor.batch_stats();
+    assert_eq!(
+        (stats.commits, stats.operations, stats.largest),
+        (1, 5, 5),
+        "{stats:?}"
     );
     drop_log(&t, &table).await;
     t.cleanup().await;
@@ -546,8 +633,24 @@ async fn two_processes_batch_on_the_same_row(mut t: TestDb) {
     let other = t.reopen(|b| b).await;
     let (one, two) = (executor(), executor());
     let (a, b) = tokio::join!(
-        hammer(&t.db, &one, Strategy::Batched, &table, WORKERS, PER_WORKER),
-        hammer(&other, &two, Strategy::Batched, &table, WORKERS, PER_WORKER),
+        hammer(
+            &t.db,
+            &one,
+            Strategy::Batched,
+            &table,
+            WORKERS,
+            PER_WORKER,
+            Twist::Plain
+        ),
+        hammer(
+            &other,
+            &two,
+            Strategy::Batched,
+            &table,
+            WORKERS,
+            PER_WORKER,
+            Twist::Plain
+        ),
     );
     assert!(
         a.errors.is_empty() && b.errors.is_empty(),
@@ -577,6 +680,7 @@ async fn two_processes_batch_on_the_same_row(mut t: TestDb) {
 on_backends!(
     batched_keeps_the_invariant_where_none_breaks,
     refusal_fails_only_its_own_operation,
+    combined_operations_share_one_read_and_write,
     failed_batch_is_retried_then_split,
     dropped_callers_do_not_cancel_their_batch,
     two_processes_batch_on_the_same_row

@@ -151,6 +151,28 @@ pub trait Operation<DB: Database = Any>: Send + Sync + 'static {
     ) -> Option<BoxFuture<'c, Result<Self::Output, Self::Error>>> {
         None
     }
+
+    /// For `batched`: decides on `state` in memory exactly as [`Operation::write`] would on
+    /// the rows, and changes `state` to what the rows would hold after it, without writing.
+    /// `None` (the default) when the operation has no such form. With it, consecutive
+    /// operations of this type in a batch read their rows once, are decided one after the
+    /// other on the running state, and the result is written once with
+    /// [`Operation::write_state`]: a few round trips per batch instead of a few per operation.
+    /// Implement both or neither.
+    fn apply(&self, _state: &mut Self::State) -> Option<Result<Self::Output, Self::Error>> {
+        None
+    }
+
+    /// For `batched`, with [`Operation::apply`]: writes `state` (absolute values) after
+    /// [`Operation::apply`] decided one or more operations of this type on it. Called on the
+    /// first operation of such a group. `None` (the default) when there is no such form.
+    fn write_state<'c>(
+        &'c self,
+        _tx: &'c mut Tx<DB>,
+        _state: &'c Self::State,
+    ) -> Option<BoxFuture<'c, Result<(), Self::Error>>> {
+        None
+    }
 }
 
 /// The outcome of [`Executor::run`]: the operation's result and how it was reached.
