@@ -31,6 +31,7 @@
 //! `tokio::spawn` need `Send`.
 
 pub mod backend;
+pub mod batch;
 pub mod db;
 pub mod error;
 pub mod fencing;

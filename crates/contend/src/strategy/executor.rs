@@ -15,6 +15,7 @@
 //! | `serializable` | read + write at SERIALIZABLE; serialization failures retried |
 //! | `advisory` | advisory locks on the keys (sorted), then read + write |
 //! | `redis`, `redis-spin`, `redlock` | a [`LockService`] lock per key (sorted), then one transaction that fences every key with its grant's token first, then read + write |
+//! | `batched` | queued with concurrent operations on the same keys; each batch is one transaction in which every operation reads with the row-lock clause and writes inside its own savepoint; one commit ([`crate::batch`]) |
 //!
 //! The executor knows nothing of the operation's tables or types: a PostgreSQL user's operation
 //! reads and writes with `&mut PgConnection` and their own row types.
@@ -29,6 +30,7 @@ use sqlx::Any;
 use super::{Strategy, advisory, mutex::KeyedMutex, optimistic, pessimistic, serializable};
 use crate::BoxFuture;
 use crate::backend::{Database, RowLock};
+use crate::batch::{BatchOptions, BatchStats, Batcher};
 use crate::error::{ConflictKind, Error, Result};
 use crate::fencing::{self, FencingToken};
 use crate::lock::{HeldLock, LockService};
@@ -161,6 +163,28 @@ pub trait Operation<DB: Database = Any>: Send + Sync + 'static {
     ) -> Option<BoxFuture<'c, Result<Self::Output, Self::Error>>> {
         None
     }
+
+    /// For `batched`: decides on `state` in memory exactly as [`Operation::write`] would on
+    /// the rows, and changes `state` to what the rows would hold after it, without writing.
+    /// `None` (the default) when the operation has no such form. With it, consecutive
+    /// operations of this type in a batch read their rows once, are decided one after the
+    /// other on the running state, and the result is written once with
+    /// [`Operation::write_state`]: a few round trips per batch instead of a few per operation.
+    /// Implement both or neither.
+    fn apply(&self, _state: &mut Self::State) -> Option<Result<Self::Output, Self::Error>> {
+        None
+    }
+
+    /// For `batched`, with [`Operation::apply`]: writes `state` (absolute values) after
+    /// [`Operation::apply`] decided one or more operations of this type on it. Called on the
+    /// first operation of such a group. `None` (the default) when there is no such form.
+    fn write_state<'c>(
+        &'c self,
+        _tx: &'c mut Tx<DB>,
+        _state: &'c Self::State,
+    ) -> Option<BoxFuture<'c, Result<(), Self::Error>>> {
+        None
+    }
 }
 
 /// The outcome of [`Executor::run`]: the operation's result and how it was reached.
@@ -219,6 +243,8 @@ pub struct Executor<DB: Database = Any> {
     options: TxOptions,
     mutexes: KeyedMutex,
     services: HashMap<Strategy, Arc<dyn LockService>>,
+    batch: BatchOptions,
+    batcher: Batcher<DB>,
     _db: std::marker::PhantomData<fn() -> DB>,
 }
 
@@ -229,6 +255,8 @@ impl<DB: Database> Clone for Executor<DB> {
             options: self.options.clone(),
             mutexes: self.mutexes.clone(),
             services: self.services.clone(),
+            batch: self.batch,
+            batcher: self.batcher.clone(),
             _db: std::marker::PhantomData,
         }
     }
@@ -240,6 +268,7 @@ impl<DB: Database> std::fmt::Debug for Executor<DB> {
             .field("lock_wait", &self.lock_wait)
             .field("options", &self.options)
             .field("lock_services", &self.services.keys().collect::<Vec<_>>())
+            .field("batch", &self.batch)
             .finish()
     }
 }
@@ -271,6 +300,8 @@ impl<DB: Database> Executor<DB> {
             options: TxOptions::new().retry(base_retry()),
             mutexes: KeyedMutex::new(),
             services: HashMap::new(),
+            batch: BatchOptions::new(),
+            batcher: Batcher::new(),
             _db: std::marker::PhantomData,
         }
     }
@@ -301,6 +332,32 @@ impl<DB: Database> Executor<DB> {
     pub fn lock_service(mut self, strategy: Strategy, service: Arc<dyn LockService>) -> Self {
         self.services.insert(strategy, service);
         self
+    }
+
+    /// Settings of the `batched` strategy (batch size, wait); default [`BatchOptions::new`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use contend::batch::BatchOptions;
+    /// use contend::strategy::Executor;
+    /// let executor: Executor = Executor::new()
+    ///     .batch(BatchOptions::new().max_size(128).max_wait(Duration::from_micros(100)));
+    /// assert_eq!(executor.batch_options().max_batch_size(), 128);
+    /// ```
+    pub fn batch(mut self, options: BatchOptions) -> Self {
+        self.batch = options;
+        self
+    }
+
+    /// The settings of the `batched` strategy ([`Executor::batch`]).
+    pub fn batch_options(&self) -> BatchOptions {
+        self.batch
+    }
+
+    /// Counters of the `batched` strategy of this executor and its clones: commits, operations,
+    /// the largest batch, retries, splits.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batcher.stats()
     }
 
     /// `Ok` when this executor can run `strategy` on `backend`, else the reason.
@@ -381,7 +438,9 @@ impl<DB: Database> Executor<DB> {
     /// # Cancel safety
     /// Safe to drop: an open transaction is rolled back (its connection closed), in-process
     /// and advisory locks are released, and lock-service locks are released or expire with
-    /// their lease. Nothing half-written becomes visible.
+    /// their lease. Nothing half-written becomes visible. Under `batched`, an operation that
+    /// already joined a batch is not cancelled: it commits or not with its batch, and its
+    /// outcome is discarded.
     pub async fn run<O>(
         &self,
         strategy: Strategy,
@@ -506,6 +565,10 @@ impl<DB: Database> Executor<DB> {
             Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
                 let service = self.services[&strategy].clone();
                 self.fenced(service.as_ref(), session, &base, op).await
+            }
+            Strategy::Batched => {
+                let keys = canonical(op.keys());
+                self.batcher.run(session, &base, self.batch, keys, op).await
             }
         }
     }

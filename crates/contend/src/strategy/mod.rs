@@ -13,6 +13,7 @@
 //! | `redis` | a Redis lock with a fencing token | yes | yes | yes |
 //! | `redis-spin` | a Redis `SET NX` spin lock (slow baseline) | yes | yes | yes |
 //! | `redlock` | a Redis quorum lock with a fencing token | yes | yes | yes |
+//! | `batched` | concurrent operations on the same keys combined into one transaction under row locks ([`crate::batch`]) | yes | yes | yes |
 //!
 //! # Running an operation under any strategy
 //! [`Executor::run`] runs an [`Operation`] (keys, a read, a decision and write, optionally a
@@ -176,11 +177,14 @@ pub enum Strategy {
     RedisSpin,
     /// Redlock over several Redis nodes, with a fencing token.
     Redlock,
+    /// Concurrent operations on the same keys combined into one transaction, each under row
+    /// locks and its own savepoint, one commit for all ([`crate::batch`]).
+    Batched,
 }
 
 impl Strategy {
     /// Every strategy, baseline first.
-    pub const ALL: [Strategy; 10] = [
+    pub const ALL: [Strategy; 11] = [
         Strategy::None,
         Strategy::Mutex,
         Strategy::Atomic,
@@ -191,6 +195,7 @@ impl Strategy {
         Strategy::Redis,
         Strategy::RedisSpin,
         Strategy::Redlock,
+        Strategy::Batched,
     ];
 
     /// The name used on the command line, in HTTP headers and in reports.
@@ -213,6 +218,7 @@ impl Strategy {
             Strategy::Redis => "redis",
             Strategy::RedisSpin => "redis-spin",
             Strategy::Redlock => "redlock",
+            Strategy::Batched => "batched",
         }
     }
 
@@ -261,7 +267,7 @@ impl fmt::Display for Strategy {
 /// The error of parsing an unknown strategy name.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "unknown strategy `{0}` (expected one of: none, mutex, atomic, pessimistic, optimistic, serializable, advisory, redis, redis-spin, redlock)"
+    "unknown strategy `{0}` (expected one of: none, mutex, atomic, pessimistic, optimistic, serializable, advisory, redis, redis-spin, redlock, batched)"
 )]
 pub struct UnknownStrategy(pub String);
 
