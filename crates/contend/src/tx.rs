@@ -624,12 +624,26 @@ where
     E: TxError,
     B: Body<DB, T, E>,
 {
-    // SQLite: wait for this process's turn to write before taking a connection and beginning,
-    // so that the process's own writers queue here in order instead of in the busy handler.
+    let mut held = held;
+    let conn = match held.as_mut().and_then(|slot| slot.take()) {
+        Some(conn) => conn,
+        None => db.pool().acquire().await.map_err(Error::from)?,
+    };
+    // SQLite: wait for this process's turn to write, so that the process's own writers queue
+    // here in order instead of in the busy handler. The connection is taken first: a writer
+    // with its turn never waits for a connection that a queued writer holds.
     let _turn = if options.read_only {
         None
     } else {
-        writer_turn(db, options).await?
+        match writer_turn(db, options.lock_timeout).await {
+            Ok(turn) => turn,
+            Err(e) => {
+                if let Some(slot) = held {
+                    *slot = Some(conn);
+                }
+                return Err(e.into());
+            }
+        }
     };
     // With its turn in hand, a SQLite transaction meets no writer of this process: its lock
     // timeout was spent on the turn, and other processes are left to the Db's busy timeout
@@ -644,11 +658,6 @@ where
             &unqueued
         }
         _ => options,
-    };
-    let mut held = held;
-    let conn = match held.as_mut().and_then(|slot| slot.take()) {
-        Some(conn) => conn,
-        None => db.pool().acquire().await.map_err(Error::from)?,
     };
     let mut tx = Tx::begin(conn, db.backend(), options).await?;
     let Some(run) = body.call(&mut tx) else {
@@ -691,18 +700,19 @@ where
 }
 
 /// Waits for this process's turn to write, on a SQLite `Db` with a writer queue (`None`
-/// elsewhere): at most the lock timeout of `options`, else the `Db`'s acquire timeout.
+/// elsewhere): at most `lock_timeout`, else the `Db`'s acquire timeout. Take the connection
+/// first, then the turn, never the other way round.
 ///
 /// # Errors
 /// A [`ConflictKind::Busy`] conflict when the wait runs out.
-pub(crate) async fn writer_turn<'d, DB: Database>(
-    db: &'d Db<DB>,
-    options: &TxOptions,
-) -> Result<Option<tokio::sync::MutexGuard<'d, ()>>> {
+pub(crate) async fn writer_turn<DB: Database>(
+    db: &Db<DB>,
+    lock_timeout: Option<Duration>,
+) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>> {
     let Some((queue, default_wait)) = db.writer() else {
         return Ok(None);
     };
-    let wait = options.lock_timeout.unwrap_or(default_wait);
+    let wait = lock_timeout.unwrap_or(default_wait);
     match tokio::time::timeout(wait, queue.lock()).await {
         Ok(turn) => Ok(Some(turn)),
         Err(_) => Err(Error::Conflict {

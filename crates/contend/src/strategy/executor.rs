@@ -586,24 +586,13 @@ impl<DB: Database> Executor<DB> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            // The statement writes: on SQLite it takes this process's turn like a transaction.
-            let db = session.db().clone();
-            let _turn = match crate::tx::writer_turn(&db, options).await {
-                Ok(turn) => turn,
-                Err(e) => {
-                    return Some(Executed {
-                        result: Err(e.into()),
-                        attempts,
-                        conflicts: vec![ConflictKind::Busy],
-                        lock_wait: started.elapsed(),
-                        fenced: false,
-                    });
-                }
-            };
-            let o = op.clone();
+            let (o, db, lock_timeout) = (op.clone(), session.db().clone(), options.lock_timeout);
             let result = session
                 .autocommit(move |conn| {
                     Box::pin(async move {
+                        // The statement writes: on SQLite it takes this process's turn as a
+                        // transaction does (with its connection already in hand).
+                        let _turn = crate::tx::writer_turn(&db, lock_timeout).await?;
                         match o.atomic_statement(conn) {
                             Some(statement) => statement.await.map(Some),
                             None => Ok(None),
