@@ -277,7 +277,9 @@ async fn buy(
             .map_err(|e| ShopError::Invalid(format!("{e}")))?,
         Some(Err(_)) => return Err(ShopError::Invalid("X-Strategy is not text".into())),
     };
-    app.executor.check(strategy, app.db.backend())?;
+    app.executor
+        .check(strategy, app.db.backend())
+        .map_err(|e| ShopError::Invalid(e.to_string()))?;
     let op = Arc::new(Buy {
         event,
         buyer: purchase.buyer,
