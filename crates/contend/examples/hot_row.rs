@@ -21,33 +21,14 @@ use std::time::{Duration, Instant};
 
 use contend::batch::BatchOptions;
 use contend::strategy::{Executor, Operation, Strategy};
-use contend::{BoxFuture, ConflictKind, Db, Error, Tx, TxError};
+use contend::{BoxFuture, Db, Error, Tx};
 use sqlx::{AnyConnection, Row};
 
 const START: i64 = 1_000_000_000_000;
 
-#[derive(Debug, thiserror::Error)]
-enum BankError {
-    #[error("insufficient funds")]
-    Insufficient,
-    #[error(transparent)]
-    Db(#[from] Error),
-}
-
-impl From<sqlx::Error> for BankError {
-    fn from(e: sqlx::Error) -> Self {
-        BankError::Db(e.into())
-    }
-}
-
-impl TxError for BankError {
-    fn conflict(&self) -> Option<ConflictKind> {
-        match self {
-            BankError::Db(e) => e.conflict(),
-            BankError::Insufficient => None,
-        }
-    }
-}
+#[path = "../tests/common/bank.rs"]
+mod bank;
+use bank::BankError;
 
 /// Withdraw 1 from account 1 of `table`, refusing to overdraw; with `combine`, decided in
 /// memory under `batched` (`Operation::apply`).

@@ -21,28 +21,9 @@ use tokio::sync::oneshot;
 const WORKERS: usize = 8;
 const PER_WORKER: u64 = 25;
 
-#[derive(Debug, thiserror::Error)]
-enum BankError {
-    #[error("insufficient funds")]
-    Insufficient,
-    #[error(transparent)]
-    Db(#[from] Error),
-}
-
-impl From<sqlx::Error> for BankError {
-    fn from(e: sqlx::Error) -> Self {
-        BankError::Db(e.into())
-    }
-}
-
-impl TxError for BankError {
-    fn conflict(&self) -> Option<ConflictKind> {
-        match self {
-            BankError::Db(e) => e.conflict(),
-            BankError::Insufficient => None,
-        }
-    }
-}
+#[path = "common/bank.rs"]
+mod bank;
+use bank::BankError;
 
 /// What a test operation does besides withdrawing.
 #[derive(Clone)]

@@ -14,35 +14,15 @@ use common::TestDb;
 use contend::fencing::{self, FencingToken};
 use contend::lock::{HeldLock, LockService};
 use contend::strategy::{Executor, Operation, Strategy, optimistic};
-use contend::{Backend, BoxFuture, ConflictKind, Error, Tx, TxError};
+use contend::{Backend, BoxFuture, Error, Tx};
 use sqlx::{AnyConnection, Row};
 
 const WORKERS: usize = 8;
 const PER_WORKER: u64 = 25;
 
-/// The caller's own error type: a business refusal beside the library's errors.
-#[derive(Debug, thiserror::Error)]
-enum BankError {
-    #[error("insufficient funds")]
-    Insufficient,
-    #[error(transparent)]
-    Db(#[from] Error),
-}
-
-impl From<sqlx::Error> for BankError {
-    fn from(e: sqlx::Error) -> Self {
-        BankError::Db(e.into())
-    }
-}
-
-impl TxError for BankError {
-    fn conflict(&self) -> Option<ConflictKind> {
-        match self {
-            BankError::Db(e) => e.conflict(),
-            BankError::Insufficient => None,
-        }
-    }
-}
+#[path = "common/bank.rs"]
+mod bank;
+use bank::BankError;
 
 /// Withdraw 1 from the hot account, refusing to overdraw.
 struct Withdraw {
