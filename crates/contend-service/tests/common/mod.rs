@@ -66,15 +66,12 @@ macro_rules! per_backend {
 /// The backends to test: SQLite always; PostgreSQL and MariaDB when their URL is set.
 pub fn kinds() -> Vec<Kind> {
     let mut kinds = vec![Kind::Sqlite];
-    let require = std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
     for (var, kind) in [
         ("CONTEND_PG_URL", Kind::Postgres),
         ("CONTEND_MYSQL_URL", Kind::MySql),
     ] {
-        match std::env::var(var) {
-            Ok(url) if !url.is_empty() => kinds.push(kind),
-            _ if require => panic!("{var} not set and CONTEND_REQUIRE_SERVERS=1"),
-            _ => eprintln!("skipped: {var} not set"),
+        if contend_test_support::env_url(var).is_some() {
+            kinds.push(kind);
         }
     }
     kinds
@@ -180,27 +177,14 @@ pub struct Options {
     pub redis_namespace: Option<String>,
 }
 
-/// `CONTEND_REDIS_URL`, when set (panics under `CONTEND_REQUIRE_SERVERS=1` when not).
+/// `CONTEND_REDIS_URL`, when set (panics when not and servers are required).
 pub fn redis_url() -> Option<String> {
-    env_or_skip("CONTEND_REDIS_URL")
+    contend_test_support::env_url("CONTEND_REDIS_URL")
 }
 
 /// `CONTEND_REDLOCK_URLS`, when set.
 pub fn redlock_urls() -> Option<Vec<String>> {
-    env_or_skip("CONTEND_REDLOCK_URLS").map(|s| s.split(',').map(str::to_string).collect())
-}
-
-fn env_or_skip(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ if std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1") => {
-            panic!("{var} not set and CONTEND_REQUIRE_SERVERS=1")
-        }
-        _ => {
-            eprintln!("skipped: {var} not set");
-            None
-        }
-    }
+    contend_test_support::env_urls("CONTEND_REDLOCK_URLS")
 }
 
 impl Default for Options {

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use contend::{Backend, Db, DbBuilder};
-use rand::Rng;
 
 /// The environment variable that holds a server URL for `backend` (`None` for SQLite).
 pub fn url_var(backend: Backend) -> Option<&'static str> {
@@ -17,67 +16,15 @@ pub fn url_var(backend: Backend) -> Option<&'static str> {
     }
 }
 
-/// Whether a missing server URL must fail the test instead of skipping it (`scripts/test`).
-pub fn servers_required() -> bool {
-    std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1" || v == "true")
-}
+pub use contend_test_support::{env_url, suffix};
 
 /// The server URL for `backend`, or `None` after printing "skipped: ..." when it is not set.
 ///
 /// # Panics
-/// When the variable is unset and `CONTEND_REQUIRE_SERVERS=1`.
+/// When the variable is unset and servers are required
+/// ([`contend_test_support::servers_required`]).
 pub fn server_url(backend: Backend) -> Option<String> {
-    let var = url_var(backend)?;
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            assert!(
-                !servers_required(),
-                "{var} not set but CONTEND_REQUIRE_SERVERS=1: run the tests with scripts/test"
-            );
-            println!("skipped: {var} not set");
-            None
-        }
-    }
-}
-
-/// The value of the environment variable `var` (a server URL or a comma-separated list of them,
-/// e.g. `CONTEND_GALERA_URLS`), or `None` after printing "skipped: ..." when it is not set.
-///
-/// # Panics
-/// When the variable is unset and `CONTEND_REQUIRE_SERVERS=1`.
-pub fn env_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            assert!(
-                !servers_required(),
-                "{var} not set but CONTEND_REQUIRE_SERVERS=1: run the tests with scripts/test"
-            );
-            println!("skipped: {var} not set");
-            None
-        }
-    }
-}
-
-/// The comma-separated URLs in `var` (the nodes of a cluster), or `None` as for [`env_url`].
-pub fn env_urls(var: &str) -> Option<Vec<String>> {
-    let urls = env_url(var)?;
-    Some(
-        urls.split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    )
-}
-
-/// A random lowercase suffix for names that must not collide with parallel runs.
-pub fn suffix() -> String {
-    let mut rng = rand::rng();
-    (0..10)
-        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-        .collect()
+    env_url(url_var(backend)?)
 }
 
 /// A table name unique to this run: `core_<base>_<random>`.
