@@ -22,23 +22,9 @@ use IsolationLevel::{ReadCommitted, ReadUncommitted, RepeatableRead, Serializabl
 /// No test may hang: the suite bounds every wait itself, this bounds the suite.
 const HANG_GUARD: Duration = Duration::from_secs(120);
 
-fn servers_required() -> bool {
-    std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1" || v == "true")
-}
-
 /// The server URL in `var`, or `None` after printing "skipped: ..." when it is not set.
 fn server_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            assert!(
-                !servers_required(),
-                "{var} not set but CONTEND_REQUIRE_SERVERS=1: run the tests with scripts/test"
-            );
-            println!("skipped: {var} not set");
-            None
-        }
-    }
+    contend_test_support::env_url(var)
 }
 
 async fn connect(url: &str) -> Db {

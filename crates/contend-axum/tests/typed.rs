@@ -6,7 +6,7 @@
 //! rolls back is not kept (the key is released and the request may run again).
 //!
 //! SQLite always; PostgreSQL and MariaDB from `CONTEND_PG_URL` / `CONTEND_MYSQL_URL` (skipped
-//! when unset, unless `CONTEND_REQUIRE_SERVERS=1`).
+//! when unset, unless servers are required: `contend_test_support`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,16 +31,7 @@ const RACERS: usize = 8;
 /// The server URL in `var`, or `None` (printing "skipped") when it is unset and servers are
 /// not required.
 fn server_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            let required =
-                std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1" || v == "true");
-            assert!(!required, "{var} not set but CONTEND_REQUIRE_SERVERS=1");
-            println!("skipped: {var} not set");
-            None
-        }
-    }
+    contend_test_support::env_url(var)
 }
 
 /// A table name unique to this run: process id, clock and a counter (no two tests of any

@@ -190,14 +190,7 @@ async fn two_sqlite_instances_mutex_breaks_database_strategies_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_postgres_instances_mutex_breaks_database_strategies_hold() {
-    let Some(admin_url) = std::env::var("CONTEND_PG_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    else {
-        if std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
-            panic!("CONTEND_PG_URL not set and CONTEND_REQUIRE_SERVERS=1");
-        }
-        eprintln!("skipped: CONTEND_PG_URL not set");
+    let Some(admin_url) = contend_test_support::env_url("CONTEND_PG_URL") else {
         return;
     };
     let name = format!("lab_http_{:016x}", rand::random::<u64>());

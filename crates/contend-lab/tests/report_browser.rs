@@ -5,9 +5,10 @@
 //! and Chromium's error page for a missing file, so it can fail.
 //!
 //! Chromium: `$CONTEND_CHROMIUM`, else `chromium`, `chromium-browser` or `google-chrome` on the
-//! PATH (Debian: `apt-get install chromium`). Without one the test is skipped, unless
-//! `CONTEND_REQUIRE_SERVERS=1` or `CI` is set: then it fails. With `CONTEND_REPORT_DIR` set, the
-//! page and the screenshots are kept there (`scripts/check-report` does this).
+//! PATH (Debian: `apt-get install chromium`). Without one the test is skipped, unless servers
+//! are required (`contend_test_support::servers_required`) or `CI` is set: then it fails. With
+//! `CONTEND_REPORT_DIR` set, the page and the screenshots are kept there (`scripts/check-report`
+//! does this).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -180,14 +181,13 @@ fn broken(picture: &Picture) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_report_renders_in_chromium() {
     let Some(chromium) = chromium() else {
-        let required = std::env::var("CONTEND_REQUIRE_SERVERS").as_deref() == Ok("1")
-            || std::env::var_os("CI").is_some();
         assert!(
-            !required,
-            "no chromium (set CONTEND_CHROMIUM or install Debian's `chromium`) and \
-             CONTEND_REQUIRE_SERVERS=1 or CI is set"
+            std::env::var_os("CI").is_none(),
+            "no chromium (set CONTEND_CHROMIUM or install Debian's `chromium`) and CI is set"
         );
-        eprintln!("skipped: no chromium on the PATH (set CONTEND_CHROMIUM)");
+        contend_test_support::skip_or_fail(
+            "no chromium on the PATH (set CONTEND_CHROMIUM or install Debian's `chromium`)",
+        );
         return;
     };
     let keep = std::env::var_os("CONTEND_REPORT_DIR").map(PathBuf::from);

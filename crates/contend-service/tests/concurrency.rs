@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use common::{ADMIN, Api, Kind, Options, Server, TestDb};
 use contend::strategy::Strategy;
+use contend_test_support::on_backends;
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -233,7 +234,7 @@ async fn all(kind: Kind) {
     unsafe_(kind, Strategy::None, 1).await;
 }
 
-per_backend!(two_instances, all, [sqlite postgres mysql], 4);
+on_backends!(two_instances => all only [sqlite postgres mysql] threads 4);
 
 /// Graceful shutdown in the middle of load: every acknowledged transfer is in the database, the
 /// audit is consistent, and the server returns.
@@ -310,4 +311,4 @@ async fn shutdown_during_load(kind: Kind) {
     db.drop_db().await;
 }
 
-per_backend!(graceful_shutdown, shutdown_during_load, [sqlite postgres], 4);
+on_backends!(graceful_shutdown => shutdown_during_load only [sqlite postgres] threads 4);

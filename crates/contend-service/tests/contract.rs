@@ -5,9 +5,10 @@
 mod common;
 
 use common::{ADMIN, Api, Kind, Resp, Server, TestDb};
+use contend_test_support::on_backends;
 use serde_json::{Value, json};
 
-per_backend!(contract, contract);
+on_backends!(contract);
 
 #[track_caller]
 fn expect(r: &Resp, status: u16, code: &str) {

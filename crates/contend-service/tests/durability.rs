@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{ADMIN, Kind, Server, TestDb};
+use contend_test_support::on_backends;
 use serde_json::json;
 use sqlx::Row;
 
@@ -81,7 +82,7 @@ async fn audit_beyond_i64(kind: Kind) {
     db.drop_db().await;
 }
 
-per_backend!(audit_sums_beyond_i64, audit_beyond_i64, [sqlite postgres]);
+on_backends!(audit_sums_beyond_i64 => audit_beyond_i64 only [sqlite postgres]);
 
 /// PostgreSQL: the key's outcome is written by the very transaction that writes the transfer
 /// (same transaction id), not by a statement after it commits.
@@ -261,7 +262,7 @@ async fn lost_key_cannot_commit(kind: Kind) {
     db.drop_db().await;
 }
 
-per_backend!(lost_key_cannot_commit, lost_key_cannot_commit, [postgres mysql]);
+on_backends!(lost_key_cannot_commit only [postgres mysql]);
 
 /// Requests keep their connection between requests (warm sessions, see `ReqSession`). When the
 /// server drops every connection (a restart, an idle kill), a request that meets a dead one

@@ -11,6 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{ADMIN, Kind, Options, Server, TestDb};
+use contend_test_support::on_backends;
 use serde_json::json;
 
 const LOAD_FOR: Duration = Duration::from_secs(4);
@@ -86,4 +87,4 @@ async fn small_pool(kind: Kind) {
     db.drop_db().await;
 }
 
-per_backend!(small_pool, small_pool);
+on_backends!(small_pool);

@@ -7,6 +7,7 @@
 mod common;
 
 use common::{Api, Kind, Resp, Server, TestDb};
+use contend_test_support::on_backends;
 use serde_json::json;
 
 /// `POST /transfers` by `token`'s holder under `strategy`.
@@ -133,4 +134,4 @@ async fn missing_to(kind: Kind) {
     db.drop_db().await;
 }
 
-per_backend!(transfer_to_missing_account, missing_to);
+on_backends!(transfer_to_missing_account => missing_to);

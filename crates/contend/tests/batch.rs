@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, on_backends};
 use contend::batch::BatchOptions;
 use contend::strategy::{Executor, Operation, Strategy};
 use contend::{Backend, BoxFuture, ConflictKind, Db, Error, Tx, TxError};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::TestDb;
+use common::{TestDb, on_backends};
 use contend::{Backend, Db, TxOptions};
 use rand::Rng;
 

@@ -5,7 +5,8 @@
 //!
 //! Servers: `CONTEND_GALERA_URLS` (the nodes, comma separated), `CONTEND_PGBOUNCER_URL` and
 //! `CONTEND_PG_URL` (the PostgreSQL behind it), `CONTEND_MYSQL_URL` (the single-server baseline).
-//! A test whose variables are unset prints "skipped: ..." unless `CONTEND_REQUIRE_SERVERS=1`.
+//! A test whose variables are unset prints "skipped: ..." unless servers are required
+//! (`contend_test_support::servers_required`).
 
 mod common;
 
@@ -185,7 +186,7 @@ async fn get_lock_twice(first_url: &str, second_url: &str, galera: bool) -> (i64
 }
 
 fn galera_nodes() -> Option<Vec<String>> {
-    let nodes = common::env_urls("CONTEND_GALERA_URLS")?;
+    let nodes = contend_test_support::env_urls("CONTEND_GALERA_URLS")?;
     assert!(
         nodes.len() >= 2,
         "CONTEND_GALERA_URLS needs two nodes or more: {nodes:?}"

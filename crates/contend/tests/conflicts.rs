@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, on_backends};
 use contend::{Attempted, Backend, ConflictKind, Error, IsolationLevel, RetryPolicy, TxOptions};
 use tokio::sync::Barrier;
 

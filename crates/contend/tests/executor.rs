@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, on_backends};
 use contend::fencing::{self, FencingToken};
 use contend::lock::{HeldLock, LockService};
 use contend::strategy::{Executor, Operation, Strategy, optimistic};

@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, on_backends};
 use contend::idempotency::{Claim, Fingerprint, InvalidInput, Key, Outcome, Store, is_key_lost};
 use tokio::sync::Barrier;
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, on_backends};
 use contend::{Error, Session};
 
 on_backends!(session_reuses_and_replaces_its_connection only [postgres mysql]);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, on_backends};
 use contend::strategy::advisory::{self, SessionLock};
 use contend::strategy::atomic::Counter;
 use contend::strategy::get_or_create::{GetOrCreate, Method};

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, on_backends};
 use contend::{Backend, ConflictKind, Db, Error, IsolationLevel, RetryPolicy, TxOptions};
 
 on_backends!(

@@ -5,7 +5,8 @@
 //!
 //! Redis tests read `CONTEND_REDIS_URL` (one node: `redis`, `redis-spin`) and
 //! `CONTEND_REDLOCK_URLS` (comma-separated nodes: `redlock`); unset, they print
-//! "skipped: ..." and return, unless `CONTEND_REQUIRE_SERVERS=1`, which makes them panic. The
+//! "skipped: ..." and return, unless servers are required (`contend_test_support`), which makes
+//! them panic. The
 //! fence tests without Redis run always on SQLite, and on PostgreSQL / MariaDB when configured.
 
 use std::sync::Arc;
@@ -28,21 +29,10 @@ use super::withdraw::Withdraw;
 use super::{Ctx, Outcome, Scenario, Totals};
 use crate::config::LabConfig;
 
-fn required() -> bool {
-    std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1" || v == "true")
-}
-
 /// The value of `var`, or `None` after printing "skipped: ..." (a panic when servers are
 /// required).
 fn server_var(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v.trim().to_string()),
-        _ => {
-            assert!(!required(), "{var} not set but CONTEND_REQUIRE_SERVERS=1");
-            println!("skipped: {var} not set");
-            None
-        }
-    }
+    contend_test_support::env_url(var)
 }
 
 fn redis_url() -> Option<String> {
@@ -50,13 +40,7 @@ fn redis_url() -> Option<String> {
 }
 
 fn redlock_urls() -> Option<Vec<String>> {
-    server_var("CONTEND_REDLOCK_URLS").map(|v| {
-        v.split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_string)
-            .collect()
-    })
+    contend_test_support::env_urls("CONTEND_REDLOCK_URLS")
 }
 
 /// The lab's lock services (as `contend lab` builds them) for every lock-based strategy whose

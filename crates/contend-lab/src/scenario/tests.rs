@@ -17,7 +17,8 @@ use contend::lock::LockService;
 use super::{Ctx, Invariant, Outcome, Scenario, Totals};
 
 /// A database for `backend`, or `None` (after printing "skipped: ...") when its server is not
-/// configured. Panics when it is not configured and `CONTEND_REQUIRE_SERVERS=1`.
+/// configured. Panics when it is not configured and servers are required
+/// (`contend_test_support::servers_required`).
 pub(crate) async fn open(backend: Backend) -> Option<(Db, Option<tempfile::TempDir>)> {
     let (url, dir) = match backend {
         Backend::Sqlite => {
@@ -31,16 +32,7 @@ pub(crate) async fn open(backend: Backend) -> Option<(Db, Option<tempfile::TempD
             } else {
                 "CONTEND_MYSQL_URL"
             };
-            match std::env::var(var) {
-                Ok(url) if !url.trim().is_empty() => (url, None),
-                _ => {
-                    let required = std::env::var("CONTEND_REQUIRE_SERVERS")
-                        .is_ok_and(|v| v == "1" || v == "true");
-                    assert!(!required, "{var} not set but CONTEND_REQUIRE_SERVERS=1");
-                    println!("skipped: {var} not set");
-                    return None;
-                }
-            }
+            (contend_test_support::env_url(var)?, None)
         }
     };
     // SQLite has one writer at a time: with more connections than that, writers collide and

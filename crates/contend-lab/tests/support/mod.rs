@@ -13,18 +13,9 @@ use contend::{Backend, BoxFuture, Error, Session, Tx};
 use contend_lab::scenario::{Ctx, Invariant, OpReport, Outcome, Scenario, Totals};
 
 /// The URL in `var`, or `None` after printing why the test is skipped (panics instead when
-/// `CONTEND_REQUIRE_SERVERS=1`).
+/// servers are required: `contend_test_support::servers_required`).
 pub fn server_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            if std::env::var("CONTEND_REQUIRE_SERVERS").as_deref() == Ok("1") {
-                panic!("{var} not set but CONTEND_REQUIRE_SERVERS=1");
-            }
-            eprintln!("skipped: {var} not set");
-            None
-        }
-    }
+    contend_test_support::env_url(var)
 }
 
 /// A hot counter row: every operation adds 1, run by the lab's executor. `none` reads, yields,

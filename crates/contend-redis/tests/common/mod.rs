@@ -8,22 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether `CONTEND_REQUIRE_SERVERS=1`.
-pub fn required() -> bool {
-    std::env::var("CONTEND_REQUIRE_SERVERS").as_deref() == Ok("1")
-}
-
-/// The value of `var`, or `None` after printing "skipped" (panics if servers are required).
-pub fn env_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ => {
-            assert!(!required(), "{var} not set but CONTEND_REQUIRE_SERVERS=1");
-            eprintln!("skipped: {var} not set");
-            None
-        }
-    }
-}
+pub use contend_test_support::env_url;
 
 /// `CONTEND_REDIS_URL`.
 pub fn redis_url() -> Option<String> {
@@ -32,12 +17,7 @@ pub fn redis_url() -> Option<String> {
 
 /// `CONTEND_REDLOCK_URLS`, split.
 pub fn redlock_urls() -> Option<Vec<String>> {
-    env_url("CONTEND_REDLOCK_URLS").map(|v| {
-        v.split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    })
+    contend_test_support::env_urls("CONTEND_REDLOCK_URLS")
 }
 
 /// A namespace no other test run uses.
@@ -85,8 +65,7 @@ impl OwnRedis {
             let child = match child {
                 Ok(c) => c,
                 Err(e) => {
-                    assert!(!required(), "cannot start redis-server: {e}");
-                    eprintln!("skipped: cannot start redis-server ({e})");
+                    contend_test_support::skip_or_fail(&format!("cannot start redis-server ({e})"));
                     return None;
                 }
             };

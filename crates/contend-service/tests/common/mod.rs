@@ -23,58 +23,38 @@ pub enum Kind {
     MySql,
 }
 
-/// Whether tests run on `kind` here (see [`kinds`]).
+/// Whether tests run on `kind` here: SQLite always, a server when its URL is set (else
+/// "skipped: ...", or a panic when servers are required: `contend_test_support::env_url`).
 pub fn enabled(kind: Kind) -> bool {
-    kind == Kind::Sqlite || kinds().contains(&kind)
+    match kind {
+        Kind::Sqlite => true,
+        Kind::Postgres => contend_test_support::env_url("CONTEND_PG_URL").is_some(),
+        Kind::MySql => contend_test_support::env_url("CONTEND_MYSQL_URL").is_some(),
+    }
 }
 
-/// One test per backend of `async fn $run(kind: Kind)`, as `$name::sqlite`, `$name::postgres`
-/// and `$name::mysql` (or the backends listed), each on a multi-threaded runtime with
-/// `$threads` workers (default 2). The server backends run when [`enabled`].
-#[macro_export]
-macro_rules! per_backend {
-    ($name:ident, $run:ident) => {
-        $crate::per_backend!($name, $run, [sqlite postgres mysql], 2);
-    };
-    ($name:ident, $run:ident, [$($backend:ident)+]) => {
-        $crate::per_backend!($name, $run, [$($backend)+], 2);
-    };
-    ($name:ident, $run:ident, [$($backend:ident)+], $threads:literal) => {
-        mod $name {
-            $( $crate::per_backend!(@test $run $backend $threads); )+
-        }
-    };
-    (@test $run:ident sqlite $threads:literal) => {
-        $crate::per_backend!(@fn $run sqlite Sqlite $threads);
-    };
-    (@test $run:ident postgres $threads:literal) => {
-        $crate::per_backend!(@fn $run postgres Postgres $threads);
-    };
-    (@test $run:ident mysql $threads:literal) => {
-        $crate::per_backend!(@fn $run mysql MySql $threads);
-    };
-    (@fn $run:ident $test:ident $kind:ident $threads:literal) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
-        async fn $test() {
-            if $crate::common::enabled($crate::common::Kind::$kind) {
-                super::$run($crate::common::Kind::$kind).await;
-            }
-        }
-    };
+/// A test made by `contend_test_support::on_backends!` takes the `Kind` it runs on: SQLite
+/// always, a server when its URL is set (see [`contend_test_support::env_url`]).
+impl contend_test_support::OnBackend for Kind {
+    async fn open(backend: contend::Backend) -> Option<Kind> {
+        let kind = match backend {
+            contend::Backend::Postgres => Kind::Postgres,
+            contend::Backend::MySql => Kind::MySql,
+            _ => Kind::Sqlite,
+        };
+        enabled(kind).then_some(kind)
+    }
 }
 
 /// The backends to test: SQLite always; PostgreSQL and MariaDB when their URL is set.
 pub fn kinds() -> Vec<Kind> {
     let mut kinds = vec![Kind::Sqlite];
-    let require = std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1");
     for (var, kind) in [
         ("CONTEND_PG_URL", Kind::Postgres),
         ("CONTEND_MYSQL_URL", Kind::MySql),
     ] {
-        match std::env::var(var) {
-            Ok(url) if !url.is_empty() => kinds.push(kind),
-            _ if require => panic!("{var} not set and CONTEND_REQUIRE_SERVERS=1"),
-            _ => eprintln!("skipped: {var} not set"),
+        if contend_test_support::env_url(var).is_some() {
+            kinds.push(kind);
         }
     }
     kinds
@@ -180,27 +160,14 @@ pub struct Options {
     pub redis_namespace: Option<String>,
 }
 
-/// `CONTEND_REDIS_URL`, when set (panics under `CONTEND_REQUIRE_SERVERS=1` when not).
+/// `CONTEND_REDIS_URL`, when set (panics when not and servers are required).
 pub fn redis_url() -> Option<String> {
-    env_or_skip("CONTEND_REDIS_URL")
+    contend_test_support::env_url("CONTEND_REDIS_URL")
 }
 
 /// `CONTEND_REDLOCK_URLS`, when set.
 pub fn redlock_urls() -> Option<Vec<String>> {
-    env_or_skip("CONTEND_REDLOCK_URLS").map(|s| s.split(',').map(str::to_string).collect())
-}
-
-fn env_or_skip(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ if std::env::var("CONTEND_REQUIRE_SERVERS").is_ok_and(|v| v == "1") => {
-            panic!("{var} not set and CONTEND_REQUIRE_SERVERS=1")
-        }
-        _ => {
-            eprintln!("skipped: {var} not set");
-            None
-        }
-    }
+    contend_test_support::env_urls("CONTEND_REDLOCK_URLS")
 }
 
 impl Default for Options {
