@@ -733,15 +733,7 @@ fn table(report: &LabReport) -> String {
          <th>verdict</th></tr></thead><tbody>",
     );
     for r in &report.runs {
-        let conflicts = if r.conflicts.is_empty() {
-            "-".to_string()
-        } else {
-            r.conflicts
-                .iter()
-                .map(|(k, n)| format!("{n} {k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let conflicts = r.conflicts_text();
         let _ = write!(
             s,
             r#"<tr><td>{}</td><td><span class="dot" style="background:{}"></span>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td><td class="n">{}</td><td class="n">{:.0}</td><td class="n">{:.2}</td><td class="n">{:.2}</td><td class="n">{}</td><td class="v {}" title="{}">{}</td></tr>"#,

@@ -221,6 +221,39 @@ pub const COMPACT_WIDTH: u16 = 120;
 
 /// The colour of a run's verdict in the tables: red when it fails the lab, green when a safe
 /// strategy held, yellow when the baseline broke (as expected).
+/// The columns of the full table (`--wide`), in order.
+pub(crate) const WIDE_COLUMNS: [&str; 15] = [
+    "scenario",
+    "strategy",
+    "backend",
+    "workers",
+    "ops",
+    "succeeded",
+    "refused",
+    "retries",
+    "conflicts",
+    "errors",
+    "ops/s",
+    "p50 ms",
+    "p99 ms",
+    "violations",
+    "verdict",
+];
+
+impl RunReport {
+    /// The conflicts by kind as `"3 deadlock, 1 busy"`, or `-` when there were none.
+    pub(crate) fn conflicts_text(&self) -> String {
+        if self.conflicts.is_empty() {
+            return "-".to_string();
+        }
+        self.conflicts
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 fn row_color(r: &RunReport) -> Color {
     if r.failed {
         Color::Red
@@ -394,33 +427,9 @@ impl LabReport {
         table
             .load_preset(UTF8_FULL_CONDENSED)
             .set_content_arrangement(ContentArrangement::Dynamic)
-            .set_header(vec![
-                "scenario",
-                "strategy",
-                "backend",
-                "workers",
-                "ops",
-                "succeeded",
-                "refused",
-                "retries",
-                "conflicts",
-                "errors",
-                "ops/s",
-                "p50 ms",
-                "p99 ms",
-                "violations",
-                "verdict",
-            ]);
+            .set_header(WIDE_COLUMNS.to_vec());
         for r in &self.runs {
-            let conflicts = if r.conflicts.is_empty() {
-                "-".to_string()
-            } else {
-                r.conflicts
-                    .iter()
-                    .map(|(k, n)| format!("{n} {k}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let conflicts = r.conflicts_text();
             let color = row_color(r);
             let num = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
             table.add_row(vec![
@@ -704,23 +713,7 @@ mod tests {
 
         // --wide: today's full table, every column and the full verdicts.
         let wide = report.render();
-        for column in [
-            "scenario",
-            "strategy",
-            "backend",
-            "workers",
-            "ops",
-            "succeeded",
-            "refused",
-            "retries",
-            "conflicts",
-            "errors",
-            "ops/s",
-            "p50 ms",
-            "p99 ms",
-            "violations",
-            "verdict",
-        ] {
+        for column in WIDE_COLUMNS {
             assert!(
                 wide.lines().nth(1).unwrap_or("").contains(column),
                 "{column}: {wide}"
