@@ -37,7 +37,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CONTEND_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Default concurrency strategy: none, mutex, atomic, pessimistic, optimistic, serializable,
-    /// advisory, redis, redlock.
+    /// advisory, redis, redlock, batched.
     #[arg(long, env = "CONTEND_STRATEGY", default_value = "atomic")]
     pub strategy: String,
     /// Accept `X-Concurrency-Strategy` to pick a strategy per request.

@@ -214,6 +214,7 @@ async fn all(kind: Kind) {
         Strategy::Pessimistic,
         Strategy::Optimistic,
         Strategy::Serializable,
+        Strategy::Batched,
     ];
     if kind != Kind::Sqlite {
         strategies.push(Strategy::Advisory);

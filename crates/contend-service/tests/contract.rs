@@ -1140,6 +1140,7 @@ async fn contract(kind: Kind) {
         "optimistic",
         "serializable",
         "advisory",
+        "batched",
     ] {
         let r = api
             .post_with(
