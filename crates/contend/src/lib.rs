@@ -2,7 +2,14 @@
 //! requests racing for the same row neither lose an update nor break an invariant.
 //!
 //! # Brief overview
-//! - [`Db`] is a pooled handle for SQLite, PostgreSQL or MySQL/MariaDB, chosen by URL.
+//! - [`Db`] is a pooled handle for SQLite, PostgreSQL or MySQL/MariaDB: made from the
+//!   application's own typed pool ([`Db::from_pool`]; transaction bodies then get its
+//!   connection type, `&mut PgConnection` in a `Tx<sqlx::Postgres>`), or chosen by URL
+//!   ([`Db::connect`], a `Db<sqlx::Any>`). Each database is a cargo feature.
+//! - [`strategy::Executor`] runs one read-decide-write ([`strategy::Operation`]) under any
+//!   [`strategy::Strategy`], including locks outside the database ([`lock`]) and batching
+//!   ([`batch`]); [`idempotency`] keeps the outcome of keyed requests in the business
+//!   transaction.
 //! - [`Db::transaction`] runs a closure in the outermost transaction; [`Tx::savepoint`] nests;
 //!   [`Tx::on_commit`] defers side effects until the commit; [`TxOptions`] sets the
 //!   [`IsolationLevel`], timeouts and a [`RetryPolicy`] for conflicts ([`ConflictKind`]).
