@@ -37,11 +37,9 @@ fn fp(body: &str) -> Fingerprint {
     Fingerprint::request("POST", "/orders", body.as_bytes())
 }
 
-/// All racers pass a barrier, then claim the same key at once: exactly one wins, the others see
-/// it in flight. The primary key decides: the losers' INSERTs fail with a unique violation, so
-/// there is no window between a check and an insert for a second winner to slip through.
-async fn one_winner_among_concurrent_claims(db: TestDb) {
-    let store = store_for(&db).await;
+/// `RACERS` tasks pass a barrier and claim the same key at once, five rounds: exactly one claim
+/// wins each round, the others see the key in flight.
+async fn assert_one_winner<DB: contend::Database>(store: &Store<DB>) {
     for round in 0..5 {
         let key = Key::new("caller", format!("race-{round}")).unwrap();
         let barrier = Arc::new(Barrier::new(RACERS));
@@ -63,6 +61,14 @@ async fn one_winner_among_concurrent_claims(db: TestDb) {
         }
         assert_eq!(winners, 1, "round {round}: exactly one claim must win");
     }
+}
+
+/// All racers pass a barrier, then claim the same key at once: exactly one wins, the others see
+/// it in flight. The primary key decides: the losers' INSERTs fail with a unique violation, so
+/// there is no window between a check and an insert for a second winner to slip through.
+async fn one_winner_among_concurrent_claims(db: TestDb) {
+    let store = store_for(&db).await;
+    assert_one_winner(&store).await;
     finish(db, &store).await;
 }
 
@@ -422,27 +428,7 @@ mod typed {
     /// check-then-insert baseline above shows several winners under the same race).
     async fn one_winner<DB: Database>(db: Db<DB>) {
         let store = typed_store(&db).await;
-        for round in 0..5 {
-            let key = Key::new("caller", format!("race-{round}")).unwrap();
-            let barrier = Arc::new(Barrier::new(RACERS));
-            let mut tasks = Vec::new();
-            for _ in 0..RACERS {
-                let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
-                tasks.push(tokio::spawn(async move {
-                    barrier.wait().await;
-                    store.claim(&key, &fp("{}")).await.expect("claim")
-                }));
-            }
-            let mut winners = 0;
-            for t in tasks {
-                match t.await.unwrap() {
-                    Claim::Claimed(_) => winners += 1,
-                    Claim::InFlight { lease_left } => assert!(lease_left > Duration::ZERO),
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
-            assert_eq!(winners, 1, "round {round}: exactly one claim must win");
-        }
+        super::assert_one_winner(&store).await;
         drop_table(&db, store.table_name()).await;
     }
 
