@@ -38,6 +38,7 @@
 # tool or run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 URL=${1:-${CONTEND_PG_URL:-postgres://postgres@127.0.0.1:55432/app}}
 SECS=${2:-10}
@@ -107,8 +108,6 @@ pgbench_tps() { # pgbench_tps CLIENTS
   RESULT=$(awk '/^tps = / { print $3; exit }' <<<"$out")
 }
 
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.0f..%.0f", lo, hi }'; }
 
 echo "server: $(psql -Atc "SELECT 'fsync=' || current_setting('fsync') || ' synchronous_commit=' || current_setting('synchronous_commit') || ' (' || version() || ')'" "$URL")"
 printf '%-8s %-16s %14s %20s %14s %20s %7s\n' clients strategy "median ops/s" "spread" "pgbench median" "spread" ratio

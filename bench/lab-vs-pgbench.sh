@@ -23,6 +23,7 @@
 # ~1.0x after, measured on the dev machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 URL=${1:-${CONTEND_PG_URL:-postgres://postgres@127.0.0.1:55432/app}}
 SECS=${2:-10}
@@ -94,8 +95,6 @@ pgbench_tps() { # pgbench_tps STRATEGY
   awk '/^tps = / { print $3; exit }' <<<"$out"
 }
 
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
-spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.0f-%.0f", lo, hi }'; }
 
 printf '%-12s %12s %12s %7s   (%s s per run, %s rounds, %d workers/clients, pgbench -M %s)\n' \
   strategy "lab ops/s" "pgbench tps" ratio "$SECS" "$ROUNDS" $CLIENTS "$MODE"

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use contend::batch::BatchStats;
 use contend::strategy::{Executor, Strategy};
 use contend::{BoxFuture, Db, RetryPolicy, Session, TxOptions};
 
 use crate::config::LabConfig;
 use crate::lockstats::{CountingLock, LockCounters};
-use crate::report::{LabReport, RunReport};
+use crate::report::{BatchReport, LabReport, RunReport};
 use crate::runner::{self, RunSpec, SetupError, Target, TargetRun};
 use crate::scenario::{Ctx, Invariant, OpReport, Scenario, Totals};
 
@@ -220,11 +221,14 @@ impl Target for DbTarget {
             Some(counter) => counter.total().await.ok().map(|n| (counter, n)),
             None => None,
         };
+        let batch_before =
+            (spec.strategy == Strategy::Batched).then(|| self.executor.batch_stats());
         Ok(DbRun {
             scenario: scenario.clone(),
             ctx,
             counters,
             commands,
+            batch_before,
         })
     }
 }
@@ -237,6 +241,8 @@ pub struct DbRun {
     counters: Option<Arc<LockCounters>>,
     /// The Redis command counter and its total before the load.
     commands: Option<(Arc<dyn CommandCounter>, u64)>,
+    /// The executor's batch counters before the load (`batched`).
+    batch_before: Option<BatchStats>,
 }
 
 impl TargetRun for DbRun {
@@ -258,6 +264,23 @@ impl TargetRun for DbRun {
     }
 
     async fn after_load(&self, report: &mut RunReport) {
+        if let Some(before) = &self.batch_before {
+            let after = self.ctx.executor.batch_stats();
+            let commits = after.commits - before.commits;
+            let operations = after.operations - before.operations;
+            report.batch = Some(BatchReport {
+                commits,
+                operations,
+                ops_per_commit: if commits == 0 {
+                    0.0
+                } else {
+                    operations as f64 / commits as f64
+                },
+                largest: after.largest,
+                retries: after.retries - before.retries,
+                splits: after.splits - before.splits,
+            });
+        }
         let (Some(out), Some(counters)) = (report.lock.as_mut(), self.counters.as_ref()) else {
             return;
         };

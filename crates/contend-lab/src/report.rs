@@ -23,6 +23,23 @@ pub struct Latency {
     pub max: f64,
 }
 
+/// How the `batched` strategy combined the operations of a run ([`contend::batch`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BatchReport {
+    /// Transactions that committed a batch.
+    pub commits: u64,
+    /// Operations those batches decided.
+    pub operations: u64,
+    /// `operations / commits`: how many operations one commit served on average.
+    pub ops_per_commit: f64,
+    /// The most operations one committed transaction held (over the executor's life).
+    pub largest: u64,
+    /// Batch attempts run again after a conflict or failure.
+    pub retries: u64,
+    /// Batches split into their operations.
+    pub splits: u64,
+}
+
 /// What a distributed-lock strategy cost (`redis`, `redis-spin`, `redlock`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LockStats {
@@ -77,6 +94,9 @@ pub struct RunReport {
     /// Lock costs, for lock-based strategies.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lock: Option<LockStats>,
+    /// How operations were combined, for `batched`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchReport>,
     /// The run's verdict, as in the table.
     pub verdict: String,
     /// Which repetition this is (0-based; present with `--repeat` above 1).
@@ -148,6 +168,7 @@ impl RunReport {
             expected_safe,
             invariants: Vec::new(),
             lock,
+            batch: None,
             verdict: String::new(),
             repeat: None,
             error_samples: Vec::new(),
@@ -458,6 +479,7 @@ impl LabReport {
     /// What follows either table: locks, details, skipped, legend, summary.
     fn render_rest(&self, out: &mut String, compact: bool) {
         self.render_locks(out);
+        self.render_batches(out);
         self.render_details(out);
         if !self.skipped.is_empty() {
             out.push_str("\nSkipped:\n");
@@ -506,6 +528,39 @@ impl LabReport {
             ]);
         }
         out.push_str("\nDistributed locks:\n");
+        out.push_str(&table.to_string());
+        out.push('\n');
+    }
+
+    /// How `batched` runs combined their operations: commits, operations per commit.
+    fn render_batches(&self, out: &mut String) {
+        let batched: Vec<&RunReport> = self.runs.iter().filter(|r| r.batch.is_some()).collect();
+        if batched.is_empty() {
+            return;
+        }
+        let mut table = Table::new();
+        table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+            "scenario",
+            "strategy",
+            "workers",
+            "commits",
+            "ops/commit",
+            "retries",
+            "splits",
+        ]);
+        for r in batched {
+            let b = r.batch.as_ref().expect("filtered on batch");
+            table.add_row(vec![
+                r.scenario.clone(),
+                r.strategy.clone(),
+                r.workers.to_string(),
+                b.commits.to_string(),
+                format!("{:.1}", b.ops_per_commit),
+                b.retries.to_string(),
+                b.splits.to_string(),
+            ]);
+        }
+        out.push_str("\nBatches (one commit for several operations):\n");
         out.push_str(&table.to_string());
         out.push('\n');
     }
@@ -615,6 +670,7 @@ mod tests {
                 violations,
             }],
             lock: None,
+            batch: None,
             verdict,
             repeat: None,
             error_samples: vec![],

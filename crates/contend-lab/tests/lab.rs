@@ -99,3 +99,61 @@ async fn redis_lock_strategies_are_safe_and_counted() {
         assert_eq!(lock.fenced_rejections, 0, "{lock:?}");
     }
 }
+
+/// `batched` on the hot rows of `withdraw`, `transfer` and `order`: the operations decided in
+/// memory (`Operation::apply`) keep every invariant, and under 16 workers one commit serves
+/// several operations, while 1 worker commits each alone.
+async fn batched_combines(url: Option<String>) {
+    let args = LabArgs {
+        database_url: url,
+        scenario: Some("withdraw,transfer,order".into()),
+        strategy: Some("batched".into()),
+        workers: Some("1,16".into()),
+        operations: Some(400),
+        no_progress: true,
+        ..LabArgs::default()
+    };
+    let registry = contend_lab::scenario::registry();
+    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
+    let config = args.into_config(&names).expect("valid flags");
+    let report = run_config(&config, &registry).await.expect("lab runs");
+    assert_eq!(report.runs.len(), 6, "{report:#?}");
+    for run in &report.runs {
+        assert_eq!(run.violations, 0, "{run:#?}");
+        assert_eq!(run.errors, 0, "{run:#?}");
+        assert_eq!(run.operations, 400, "{run:#?}");
+        let batch = run
+            .batch
+            .as_ref()
+            .expect("batched runs report their batches");
+        assert_eq!(batch.operations, 400, "{run:#?}");
+        if run.workers == 1 {
+            assert_eq!(batch.commits, 400, "one worker: one operation per commit");
+        } else if run.scenario == "withdraw" {
+            // One hot row: 16 workers queue on one key set.
+            assert!(batch.ops_per_commit > 2.0, "{run:#?}");
+        } else {
+            assert!(batch.commits < 400, "{run:#?}");
+        }
+    }
+    assert!(!report.failed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_batched_combines_operations_and_keeps_invariants() {
+    batched_combines(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batched_combines_operations_and_keeps_invariants() {
+    if let Some(url) = server_url("CONTEND_PG_URL") {
+        batched_combines(Some(url)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_batched_combines_operations_and_keeps_invariants() {
+    if let Some(url) = server_url("CONTEND_MYSQL_URL") {
+        batched_combines(Some(url)).await;
+    }
+}

@@ -89,17 +89,52 @@ impl Plan {
     }
 }
 
+/// What [`ApplyPlan`] reads: each move's row (value and version), in canonical order; and,
+/// under `batched`, the records of the operations decided on these rows in memory
+/// ([`Operation::apply`]) and not written yet.
+#[derive(Debug)]
+struct Rows {
+    values: Vec<(i64, i64)>,
+    records: Vec<(String, Vec<i64>)>,
+}
+
+/// The records of `records` as few `INSERT`s as possible: consecutive records with the same
+/// statement (`INSERT INTO t (..) VALUES (?, ..)`) become one multi-row `INSERT`, at most
+/// `MAX_ROWS` of them per statement (bind-parameter limits).
+fn combined_inserts(records: &[(String, Vec<i64>)]) -> Vec<(String, Vec<i64>)> {
+    const MAX_ROWS: usize = 128;
+    let mut out: Vec<(String, Vec<i64>)> = Vec::new();
+    let mut i = 0;
+    while i < records.len() {
+        let (sql, values) = &records[i];
+        let mut j = i + 1;
+        while j < records.len() && records[j].0 == *sql && j - i < MAX_ROWS {
+            j += 1;
+        }
+        match sql.split_once(" VALUES ") {
+            Some((head, tuples)) if j - i > 1 => {
+                let all = vec![tuples; j - i].join(", ");
+                let binds = records[i..j].iter().flat_map(|(_, v)| v.iter().copied());
+                out.push((format!("{head} VALUES {all}"), binds.collect()));
+            }
+            _ => out.push((sql.clone(), values.clone())),
+        }
+        i = j;
+    }
+    out
+}
+
 /// A [`Plan`] as an operation: read every row's value and version (in canonical order, with
 /// the lock clause), decide, write each row (checking its version under `optimistic`) and the
-/// record; under `atomic`, in-database arithmetic with a guarded subtraction per move.
+/// record; under `atomic`, in-database arithmetic with a guarded subtraction per move; under
+/// `batched`, the plans of one batch decided in memory on rows read once, written once.
 struct ApplyPlan {
     plan: Plan,
     backend: Backend,
 }
 
 impl Operation for ApplyPlan {
-    /// Each move's row: value and version.
-    type State = Vec<(i64, i64)>;
+    type State = Rows;
     type Output = ();
     type Error = LabError;
 
@@ -111,7 +146,7 @@ impl Operation for ApplyPlan {
         &'c self,
         conn: &'c mut AnyConnection,
         lock: &'static str,
-    ) -> BoxFuture<'c, Result<Vec<(i64, i64)>, LabError>> {
+    ) -> BoxFuture<'c, Result<Rows, LabError>> {
         Box::pin(async move {
             let mut read = Vec::with_capacity(self.plan.moves.len());
             for m in &self.plan.moves {
@@ -126,14 +161,17 @@ impl Operation for ApplyPlan {
                 read.push(row);
             }
             think().await;
-            Ok(read)
+            Ok(Rows {
+                values: read,
+                records: Vec::new(),
+            })
         })
     }
 
     fn write<'c>(
         &'c self,
         tx: &'c mut Tx,
-        read: &'c Vec<(i64, i64)>,
+        Rows { values: read, .. }: &'c Rows,
         checked: bool,
     ) -> BoxFuture<'c, Result<(), LabError>> {
         Box::pin(async move {
@@ -159,6 +197,53 @@ impl Operation for ApplyPlan {
             }
             self.plan.record(tx).await
         })
+    }
+
+    /// `batched`: decided on the rows as the plans before it in the batch left them (all the
+    /// operations of a batch have the same key set, so the same rows in the same order); a
+    /// refusal changes nothing.
+    fn apply(&self, rows: &mut Rows) -> Option<Result<(), LabError>> {
+        let new = match self.plan.decide(&rows.values) {
+            Ok(new) => new,
+            Err(refused) => return Some(Err(refused)),
+        };
+        for ((value, version), v) in rows.values.iter_mut().zip(new) {
+            *value = v;
+            *version += 1;
+        }
+        let plan = &self.plan;
+        rows.records
+            .push((plan.record_sql.clone(), plan.record_values.clone()));
+        Some(Ok(()))
+    }
+
+    fn write_state<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        rows: &'c Rows,
+    ) -> Option<BoxFuture<'c, Result<(), LabError>>> {
+        Some(Box::pin(async move {
+            for (m, (value, version)) in self.plan.moves.iter().zip(&rows.values) {
+                let sql = format!(
+                    "UPDATE {} SET {} = ?, version = ? WHERE id = ?",
+                    m.table, m.column
+                );
+                tx.query(&sql)
+                    .bind(*value)
+                    .bind(*version)
+                    .bind(m.id)
+                    .execute(tx.conn())
+                    .await?;
+            }
+            for (sql, values) in combined_inserts(&rows.records) {
+                let mut q = tx.query(&sql);
+                for v in values {
+                    q = q.bind(v);
+                }
+                q.execute(tx.conn()).await?;
+            }
+            Ok(())
+        }))
     }
 
     fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, Result<(), LabError>>> {
@@ -356,5 +441,48 @@ impl Scenario for Transfer {
             fenced::teardown(ctx, &keys).await?;
             drop_tables(&ctx.db, &[acc, ledger]).await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::combined_inserts;
+
+    fn rec(sql: &str, values: &[i64]) -> (String, Vec<i64>) {
+        (sql.to_string(), values.to_vec())
+    }
+
+    #[test]
+    fn consecutive_records_of_one_statement_become_one_insert() {
+        let ledger = "INSERT INTO l (account, delta) VALUES (?, ?), (?, ?)";
+        let order = "INSERT INTO o (account, qty) VALUES (?, ?)";
+        let out = combined_inserts(&[
+            rec(ledger, &[1, -2, 2, 2]),
+            rec(ledger, &[2, -1, 1, 1]),
+            rec(order, &[7, 1]),
+            rec(ledger, &[1, -3, 2, 3]),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                rec(
+                    "INSERT INTO l (account, delta) VALUES (?, ?), (?, ?), (?, ?), (?, ?)",
+                    &[1, -2, 2, 2, 2, -1, 1, 1]
+                ),
+                rec(order, &[7, 1]),
+                rec(ledger, &[1, -3, 2, 3]),
+            ]
+        );
+    }
+
+    #[test]
+    fn long_runs_are_split() {
+        let sql = "INSERT INTO o (a) VALUES (?)";
+        let records: Vec<_> = (0..300).map(|i| rec(sql, &[i])).collect();
+        let out = combined_inserts(&records);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out.iter().map(|(_, v)| v.len()).sum::<usize>(), 300);
+        assert_eq!(out[0].1[..3], [0, 1, 2]);
+        assert_eq!(out[2].1.last(), Some(&299));
     }
 }

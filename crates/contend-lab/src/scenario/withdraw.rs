@@ -125,6 +125,37 @@ impl Operation for WithdrawOne {
         })
     }
 
+    /// `batched`: the withdrawals of one batch are decided one after the other on the balance
+    /// read once, and written once ([`WithdrawOne::write_state`]).
+    fn apply(&self, (balance, version): &mut (i64, i64)) -> Option<Result<(), LabError>> {
+        if *balance < 1 {
+            return Some(Err(LabError::Refused("insufficient funds")));
+        }
+        *balance -= 1;
+        *version += 1;
+        Some(Ok(()))
+    }
+
+    fn write_state<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        &(balance, version): &'c (i64, i64),
+    ) -> Option<BoxFuture<'c, Result<(), LabError>>> {
+        Some(Box::pin(async move {
+            let sql = format!(
+                "UPDATE {} SET balance = ?, version = ? WHERE id = ?",
+                self.table
+            );
+            tx.query(&sql)
+                .bind(balance)
+                .bind(version)
+                .bind(ACCOUNT)
+                .execute(tx.conn())
+                .await?;
+            Ok(())
+        }))
+    }
+
     fn atomic_statement<'c>(
         &'c self,
         conn: &'c mut AnyConnection,
