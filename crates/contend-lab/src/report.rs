@@ -499,24 +499,9 @@ impl LabReport {
     }
 
     fn render_locks(&self, out: &mut String) {
-        let locked: Vec<&RunReport> = self.runs.iter().filter(|r| r.lock.is_some()).collect();
-        if locked.is_empty() {
-            return;
-        }
-        let mut table = Table::new();
-        table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-            "scenario",
-            "strategy",
-            "workers",
-            "acquisitions",
-            "redis cmds",
-            "cmds/acq",
-            "handoff p50 ms",
-            "fenced rejections",
-        ]);
-        for r in locked {
-            let l = r.lock.as_ref().expect("filtered on lock");
-            table.add_row(vec![
+        let rows = self.runs.iter().filter_map(|r| {
+            let l = r.lock.as_ref()?;
+            Some(vec![
                 r.scenario.clone(),
                 r.strategy.clone(),
                 r.workers.to_string(),
@@ -525,32 +510,23 @@ impl LabReport {
                 format!("{:.2}", l.commands_per_acquisition),
                 format!("{:.3}", l.handoff_p50_ms),
                 l.fenced_rejections.to_string(),
-            ]);
-        }
-        out.push_str("\nDistributed locks:\n");
-        out.push_str(&table.to_string());
-        out.push('\n');
+            ])
+        });
+        let header = [
+            "acquisitions",
+            "redis cmds",
+            "cmds/acq",
+            "handoff p50 ms",
+            "fenced rejections",
+        ];
+        render_side_table(out, "Distributed locks:", &header, rows);
     }
 
     /// How `batched` runs combined their operations: commits, operations per commit.
     fn render_batches(&self, out: &mut String) {
-        let batched: Vec<&RunReport> = self.runs.iter().filter(|r| r.batch.is_some()).collect();
-        if batched.is_empty() {
-            return;
-        }
-        let mut table = Table::new();
-        table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-            "scenario",
-            "strategy",
-            "workers",
-            "commits",
-            "ops/commit",
-            "retries",
-            "splits",
-        ]);
-        for r in batched {
-            let b = r.batch.as_ref().expect("filtered on batch");
-            table.add_row(vec![
+        let rows = self.runs.iter().filter_map(|r| {
+            let b = r.batch.as_ref()?;
+            Some(vec![
                 r.scenario.clone(),
                 r.strategy.clone(),
                 r.workers.to_string(),
@@ -558,11 +534,15 @@ impl LabReport {
                 format!("{:.1}", b.ops_per_commit),
                 b.retries.to_string(),
                 b.splits.to_string(),
-            ]);
-        }
-        out.push_str("\nBatches (one commit for several operations):\n");
-        out.push_str(&table.to_string());
-        out.push('\n');
+            ])
+        });
+        let header = ["commits", "ops/commit", "retries", "splits"];
+        render_side_table(
+            out,
+            "Batches (one commit for several operations):",
+            &header,
+            rows,
+        );
     }
 
     /// Failed invariants and error samples, so a red row can be understood without `--json`.
@@ -640,6 +620,31 @@ const COMPACT_LEGEND: &str = "  \
   columns      w = workers, ok/ref/err = succeeded/refused/errors, viol = violations; the baseline's
                verdicts: broke (expected), held this time, held (1 worker). --wide: every column.
 ";
+
+/// A table of some runs' own statistics after the main one: `title`, then scenario, strategy,
+/// workers and `columns`; nothing when there are no `rows`.
+fn render_side_table(
+    out: &mut String,
+    title: &str,
+    columns: &[&str],
+    rows: impl Iterator<Item = Vec<String>>,
+) {
+    let mut table = Table::new();
+    let mut header = vec!["scenario", "strategy", "workers"];
+    header.extend_from_slice(columns);
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    for row in rows {
+        table.add_row(row);
+    }
+    if table.row_count() == 0 {
+        return;
+    }
+    out.push('\n');
+    out.push_str(title);
+    out.push('\n');
+    out.push_str(&table.to_string());
+    out.push('\n');
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,16 @@
 mod support;
 
 use contend_lab::cli::{LabArgs, run_config};
+use contend_lab::report::LabReport;
 use support::server_url;
+
+/// Runs the lab with `args` and all its scenarios, as `contend lab` does.
+async fn lab(args: LabArgs) -> LabReport {
+    let registry = contend_lab::scenario::registry();
+    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
+    let config = args.into_config(&names).expect("valid flags");
+    run_config(&config, &registry).await.expect("lab runs")
+}
 
 async fn withdraw(url: Option<String>) {
     let args = LabArgs {
@@ -17,10 +26,7 @@ async fn withdraw(url: Option<String>) {
         no_progress: true,
         ..LabArgs::default()
     };
-    let registry = contend_lab::scenario::registry();
-    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
-    let config = args.into_config(&names).expect("valid flags");
-    let report = run_config(&config, &registry).await.expect("lab runs");
+    let report = lab(args).await;
     assert_eq!(report.runs.len(), 3, "{report:#?}");
 
     let none = &report.runs[0];
@@ -84,9 +90,7 @@ async fn redis_lock_strategies_are_safe_and_counted() {
         no_progress: true,
         ..LabArgs::default()
     };
-    let registry = contend_lab::scenario::registry();
-    let config = args.into_config(&["withdraw"]).expect("valid flags");
-    let report = run_config(&config, &registry).await.expect("lab runs");
+    let report = lab(args).await;
     assert_eq!(report.runs.len(), 3, "{report:#?}");
     for run in &report.runs {
         assert_eq!(run.violations, 0, "{run:#?}");
@@ -113,10 +117,7 @@ async fn batched_combines(url: Option<String>) {
         no_progress: true,
         ..LabArgs::default()
     };
-    let registry = contend_lab::scenario::registry();
-    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
-    let config = args.into_config(&names).expect("valid flags");
-    let report = run_config(&config, &registry).await.expect("lab runs");
+    let report = lab(args).await;
     assert_eq!(report.runs.len(), 6, "{report:#?}");
     for run in &report.runs {
         assert_eq!(run.violations, 0, "{run:#?}");
