@@ -89,9 +89,69 @@ return 1
 ";
 pub(crate) static RAISE: LazyLock<Script> = LazyLock::new(|| Script::new(RAISE_LUA));
 
+/// Acquire (Redlock, one node): as [`ACQUIRE`], but a refusal also names the holder by a hash
+/// of its token, so that the client can tell a holder with a majority (wait for its release)
+/// from a split vote (back off), and recognise that holder's release notifications.
+///
+/// `KEYS[1]` lock key, `KEYS[2]` fence counter key; `ARGV[1]` token, `ARGV[2]` lease in ms.
+/// Returns `{1, fence, ''}` when granted, `{0, pttl, sha1(holder token)}` when held.
+const REDLOCK_ACQUIRE_LUA: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder then
+  return {0, redis.call('PTTL', KEYS[1]), redis.sha1hex(holder)}
+end
+redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
+return {1, redis.call('INCR', KEYS[2]), ''}
+";
+pub(crate) static REDLOCK_ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(REDLOCK_ACQUIRE_LUA));
+
+/// Release (Redlock, one node): delete the lock only if it still carries our token and, when
+/// `ARGV[2]` names a channel, publish the hash of the token there: waiters count the nodes
+/// that published the same release.
+///
+/// `KEYS[1]` lock key; `ARGV[1]` token, `ARGV[2]` the release channel or `''` (no notification).
+/// Returns 1 when released, 0 when the lock was not ours.
+const REDLOCK_RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if ARGV[2] ~= '' then
+    redis.call('PUBLISH', ARGV[2], redis.sha1hex(ARGV[1]))
+  end
+  return 1
+end
+return 0
+";
+pub(crate) static REDLOCK_RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(REDLOCK_RELEASE_LUA));
+
 /// All scripts, for loading them when a connection is made.
-pub(crate) fn all() -> [&'static Script; 5] {
-    [&ACQUIRE, &RELEASE, &RELEASE_QUIET, &EXTEND, &RAISE]
+pub(crate) fn all() -> Vec<&'static Script> {
+    let scripts: Vec<&'static Script> = vec![
+        &ACQUIRE,
+        &RELEASE,
+        &RELEASE_QUIET,
+        &EXTEND,
+        &RAISE,
+        &REDLOCK_ACQUIRE,
+        &REDLOCK_RELEASE,
+    ];
+    scripts
+}
+
+/// Every script source, for the checks below.
+#[cfg(test)]
+fn sources() -> Vec<&'static str> {
+    let sources = vec![
+        ACQUIRE_LUA,
+        RELEASE_LUA,
+        RELEASE_QUIET_LUA,
+        EXTEND_LUA,
+        RAISE_LUA,
+        REDLOCK_ACQUIRE_LUA,
+        REDLOCK_RELEASE_LUA,
+    ];
+    sources
 }
 
 #[cfg(test)]
@@ -102,15 +162,8 @@ mod tests {
     /// so that `command_count` never counts script-internal calls as client commands.
     #[test]
     fn scripts_only_call_listed_commands() {
-        let sources = [
-            ACQUIRE_LUA,
-            RELEASE_LUA,
-            RELEASE_QUIET_LUA,
-            EXTEND_LUA,
-            RAISE_LUA,
-        ];
         let mut seen = 0;
-        for source in sources {
+        for source in sources() {
             for part in source.split("redis.call('").skip(1) {
                 let name = part.split('\'').next().unwrap_or("").to_ascii_lowercase();
                 seen += 1;
@@ -132,6 +185,6 @@ mod tests {
         let mut hashes: Vec<&str> = all().iter().map(|s| s.get_hash()).collect();
         hashes.sort_unstable();
         hashes.dedup();
-        assert_eq!(hashes.len(), 5);
+        assert_eq!(hashes.len(), sources().len());
     }
 }
