@@ -185,6 +185,10 @@ impl LockClient {
         &self.inner.node
     }
 
+    pub(crate) fn waiters(&self) -> &Waiters {
+        &self.inner.waiters
+    }
+
     /// Tries to take the lock once, without waiting.
     ///
     /// # Errors

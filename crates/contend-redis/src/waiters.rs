@@ -53,7 +53,6 @@ pub(crate) enum Wake {
     /// Every waiting task of the key in this process (read-write locks).
     All,
     /// The task registered under the token the message carries (the head of a fair queue).
-    #[allow(dead_code)]
     Named,
     /// Redlock: each node publishes the same release (its payload names it); one task is woken
     /// once enough of the subscribed nodes published it for a majority to be free.
@@ -237,7 +236,6 @@ impl Waiters {
     }
 
     /// Registers a [`Wake::Named`] waiter: messages carrying `token` wake it.
-    #[allow(dead_code)]
     pub fn register_named(&self, channel: &str, token: &str) -> Interest<'_> {
         let mut interest = self.register(channel, Wake::Named);
         let notify = Arc::new(Notify::new());
@@ -269,7 +267,6 @@ impl Interest<'_> {
 
     /// Notes the messages seen so far, before an attempt: a [`Wake::All`] message after this
     /// makes the next [`Interest::park`] return at once.
-    #[allow(dead_code)]
     pub fn mark(&self) {
         let generation = lock(&self.entry.state).generation;
         self.seen.store(generation, Ordering::SeqCst);
