@@ -272,3 +272,52 @@ async fn redlock_waits_on_notifications_not_by_polling() {
         "{per_two:.2} commands per acquisition over 5 nodes, 2 clients"
     );
 }
+
+/// A node dies while a Redlock waiter waits: the waiter is still woken by the release on the
+/// remaining nodes (not by the holder's 10 s lease or its wait limit), and gets the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redlock_waiter_survives_a_node_dying_mid_wait() {
+    let mut servers = Vec::new();
+    for _ in 0..5 {
+        let Some(server) = common::OwnRedis::start() else {
+            return;
+        };
+        servers.push(server);
+    }
+    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    let lock = contend_redis::Redlock::builder(&urls)
+        .node_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(10);
+    let holder = lock
+        .acquire("k", &LockOptions::new().lease(lease))
+        .await
+        .unwrap();
+    let waiter = {
+        let lock = lock.clone();
+        tokio::spawn(async move {
+            let got = lock
+                .acquire(
+                    "k",
+                    &LockOptions::new().lease(lease).wait(Duration::from_secs(8)),
+                )
+                .await;
+            (got, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    servers[0].kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let released = Instant::now();
+    assert!(holder.release().await.unwrap());
+    let (got, at) = waiter.await.unwrap();
+    let guard = got.expect("the waiter gets the lock on the 4 remaining nodes");
+    let after = at.duration_since(released);
+    assert!(
+        after < Duration::from_secs(2),
+        "woken {after:?} after the release"
+    );
+    guard.release().await.unwrap();
+}
