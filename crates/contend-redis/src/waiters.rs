@@ -549,3 +549,69 @@ impl std::fmt::Debug for Waiters {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    fn entry(wake: Wake, subscribed: &[bool]) -> Entry {
+        Entry {
+            notify: Notify::new(),
+            state: Mutex::new(EntryState {
+                wake,
+                refs: 1,
+                parked: 0,
+                subscribed: subscribed.to_vec(),
+                holder_until: None,
+                idle_since: Instant::now(),
+                generation: 0,
+                named: HashMap::new(),
+                releases: VecDeque::new(),
+            }),
+        }
+    }
+
+    /// Whether a wake-up is waiting for the next `notified()`.
+    fn woken(entry: &Entry) -> bool {
+        entry.notify.notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_redlock_release_wakes_one_waiter_once_a_majority_published_it() {
+        let e = entry(Wake::Quorum, &[true; 5]);
+        e.deliver(0, "a", 3);
+        e.deliver(1, "a", 3);
+        e.deliver(1, "a", 3); // the same node twice counts once
+        assert!(!woken(&e), "woken before a majority was free");
+        e.deliver(2, "a", 3);
+        assert!(woken(&e));
+        // The other nodes' messages of the same release wake nobody else.
+        e.deliver(3, "a", 3);
+        e.deliver(4, "a", 3);
+        assert!(!woken(&e));
+        // Another release counts on its own.
+        e.deliver(0, "b", 3);
+        assert!(!woken(&e));
+    }
+
+    #[test]
+    fn nodes_without_a_subscription_lower_the_count_needed() {
+        // Two of five nodes cannot tell us: any release of a majority holder reaches us from
+        // at least one of the three others.
+        let e = entry(Wake::Quorum, &[true, true, true, false, false]);
+        e.deliver(2, "a", 3);
+        assert!(woken(&e));
+    }
+
+    #[test]
+    fn named_messages_wake_only_their_waiter() {
+        let e = entry(Wake::Named, &[true]);
+        let mine = Arc::new(Notify::new());
+        lock(&e.state).named.insert("me".into(), mine.clone());
+        e.deliver(0, "someone-else", 1);
+        assert!(mine.notified().now_or_never().is_none());
+        e.deliver(0, "me", 1);
+        assert!(mine.notified().now_or_never().is_some());
+    }
+}

@@ -352,7 +352,7 @@ async fn fair_lock_grants_in_arrival_order_across_processes() {
             guard.release().await.unwrap();
         }));
         // Let each waiter join the queue before the next arrives.
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     holder.release().await.unwrap();
     for t in tasks {
