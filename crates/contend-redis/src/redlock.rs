@@ -27,7 +27,7 @@
 //!    be possible, the attempt fails at once with [`Error::LockService`].
 //!
 //! Under contention in one process this costs N commands to acquire and N to release per
-//! acquisition (2N; the lab measured 10.6 at 64 workers over 5 nodes, against 279 when
+//! acquisition (2N; the lab measured 10.6 to 11.0 at 64 workers over 5 nodes, against 279 when
 //! waiters retried every 20 ms).
 //!
 //! # What the fencing token guarantees, and what it does not
