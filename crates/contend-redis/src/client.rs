@@ -11,7 +11,7 @@ use crate::guard::{GuardCore, Holder, LockGuard, SingleNode};
 use crate::node::{Node, Timeouts};
 use crate::options::{Acquiring, LockKeys, LockOptions, drift};
 use crate::scripts;
-use crate::waiters::Waiters;
+use crate::waiters::{Waiters, Wake};
 
 /// Default namespace of every Redis key and channel the locks use.
 pub const DEFAULT_NAMESPACE: &str = "contend";
@@ -64,7 +64,11 @@ impl LockClientBuilder {
             response: self.response_timeout,
         };
         let node = Node::connect(&self.url, timeouts, false).await?;
-        let waiters = Waiters::start(node.client().clone(), node.address().to_string(), timeouts);
+        let waiters = Waiters::start(
+            vec![(node.client().clone(), node.address().to_string())],
+            timeouts,
+            1,
+        );
         Ok(LockClient {
             inner: Arc::new(Inner {
                 holder: Arc::new(SingleNode::new(node.clone(), true)),
@@ -181,6 +185,10 @@ impl LockClient {
         &self.inner.node
     }
 
+    pub(crate) fn waiters(&self) -> &Waiters {
+        &self.inner.waiters
+    }
+
     /// Tries to take the lock once, without waiting.
     ///
     /// # Errors
@@ -223,7 +231,7 @@ impl LockClient {
             token,
         } = Acquiring::begin(&self.inner.namespace, key, options)?;
         let lease_ms = options.lease_ms();
-        let interest = self.inner.waiters.register(&keys.channel);
+        let interest = self.inner.waiters.register(&keys.channel, Wake::One);
         let mut first = true;
         loop {
             let was_subscribed = interest.is_subscribed();

@@ -12,6 +12,11 @@
 //! - [`Redlock`]: the same lock over N independent nodes, granted by a majority (see
 //!   [`redlock`] for what its fencing token does and does not guarantee).
 //! - [`SpinLock`]: the polling `SET NX` baseline, for comparison.
+//! - Beyond mutual exclusion, on one server: [`ReentrantLock`] (the same [`Owner`] nests
+//!   holds), [`Semaphore`] (permits leased one by one, so a crashed holder's permit comes
+//!   back), [`FairLock`] (FIFO, with per-waiter heartbeats so a vanished waiter cannot hang
+//!   the queue) and [`RwLock`] (many readers or one writer, writer preference). Each waits on
+//!   release notifications and reports loss like [`LockGuard`].
 //! - [`command_count`]: commands sent to Redis, from `INFO commandstats`.
 //!
 //! # The safety net
@@ -44,6 +49,7 @@
 
 mod client;
 mod guard;
+mod kinds;
 mod node;
 mod options;
 pub mod redlock;
@@ -56,6 +62,7 @@ mod waiters;
 pub use client::{DEFAULT_NAMESPACE, LockClient, LockClientBuilder};
 pub use contend::fencing::FencingToken;
 pub use guard::{LockGuard, SpinGuard};
+pub use kinds::{FairLock, Owner, ReentrantGuard, ReentrantLock, RwLock, Semaphore, SharedGuard};
 pub use node::NodeError;
 pub use options::{LockOptions, MAX_LEASE, MIN_LEASE, drift};
 pub use redlock::{Redlock, RedlockBuilder};

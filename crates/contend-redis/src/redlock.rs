@@ -6,12 +6,29 @@
 //! 2. Granted when at least `N/2 + 1` nodes granted it and the validity
 //!    `lease - elapsed - drift` (drift = 1 % of the lease + 2 ms) is still positive.
 //! 3. Fencing: every granting node incremented its own counter for the key; the token is the
-//!    largest of them. A second round then raises the counter of every granting node to that
-//!    token, but only where the lock is still ours (the check and the raise are one script).
-//!    The grant stands only if a majority confirmed the raise in time.
-//! 4. Otherwise the lock is released on all nodes, and the attempt repeated after a random
-//!    delay, until the wait time passes. When too many nodes fail outright for a majority to be
-//!    possible, the attempt fails at once with [`Error::LockService`].
+//!    largest of them. A second round then raises the counter of every granting node whose
+//!    counter is lower to that token, but only where the lock is still ours (the check and the
+//!    raise are one script). A node that returned the token itself needs no raise: its counter
+//!    reached the token in the script that granted the lock. The grant stands only if a
+//!    majority holds the token (returned or confirmed) in time. When the nodes' counters agree,
+//!    as they do while every grant is made by all nodes, there is no second round.
+//! 4. Otherwise the grants of the round are released (on the nodes that granted or did not
+//!    answer), and the client waits:
+//!    - a refusal names the holder (a hash of its token). When one holder refused on a
+//!      majority, the client waits for its release without polling: every node publishes the
+//!      release with the holder's hash, each node has a pub/sub subscription per process, and
+//!      one waiting task of the process is woken once enough nodes published it for a
+//!      majority to be free (or when the holder's lease ends, if it crashed). Other tasks of
+//!      the process queue behind the first instead of trying.
+//!    - no holder has a majority (a split vote between racing clients): the client backs off
+//!      for a random delay around [`RedlockBuilder::retry_delay`] and tries again.
+//!
+//!    Every round uses a new owner token. When too many nodes fail outright for a majority to
+//!    be possible, the attempt fails at once with [`Error::LockService`].
+//!
+//! Under contention in one process this costs N commands to acquire and N to release per
+//! acquisition (2N; the lab measured 10.6 to 11.0 at 64 workers over 5 nodes, against 279 when
+//! waiters retried every 20 ms).
 //!
 //! # What the fencing token guarantees, and what it does not
 //! Martin Kleppmann's critique of Redlock ("How to do distributed locking", 2016) stands:
@@ -46,11 +63,11 @@ use futures_util::future::join_all;
 use rand::Rng;
 
 use crate::DEFAULT_NAMESPACE;
-use crate::client::{Attempt, attempt};
 use crate::guard::{GuardCore, Holder, LockGuard};
 use crate::node::{Node, Timeouts, other_failure, timeout_failure};
-use crate::options::{Acquiring, LockKeys, LockOptions, drift};
+use crate::options::{Acquiring, LockKeys, LockOptions, drift, new_token};
 use crate::scripts;
+use crate::waiters::{Waiters, Wake};
 
 /// Settings for a [`Redlock`], made by [`Redlock::builder`].
 #[derive(Debug, Clone)]
@@ -76,8 +93,9 @@ impl RedlockBuilder {
         self
     }
 
-    /// Mean delay between rounds when the lock is held; each delay is drawn at random between
-    /// half and one and a half times this. Default 20 ms.
+    /// Mean delay before another round after a split vote (no client got a majority); each
+    /// delay is drawn at random between half and one and a half times this. A lock held by one
+    /// client is waited for on its release notifications instead. Default 20 ms.
     pub fn retry_delay(mut self, delay: Duration) -> Self {
         self.retry_delay = delay.max(Duration::from_millis(1));
         self
@@ -108,9 +126,18 @@ impl RedlockBuilder {
         }
         let _ = join_all(nodes.iter().map(|n| n.load_scripts())).await;
         let quorum = nodes.len() / 2 + 1;
+        let waiters = Waiters::start(
+            nodes
+                .iter()
+                .map(|n| (n.client().clone(), n.address().to_string()))
+                .collect(),
+            timeouts,
+            quorum,
+        );
         Ok(Redlock {
             inner: Arc::new(Inner {
                 nodes,
+                waiters,
                 quorum,
                 namespace: self.namespace,
                 node_timeout: self.node_timeout,
@@ -140,6 +167,8 @@ pub struct Redlock {
 #[derive(Debug)]
 struct Inner {
     nodes: Vec<Node>,
+    /// One pub/sub subscription per node, shared by the process's waiters.
+    waiters: Waiters,
     quorum: usize,
     namespace: String,
     node_timeout: Duration,
@@ -178,8 +207,9 @@ impl Redlock {
         self.inner.quorum
     }
 
-    /// Takes the lock on a majority of the nodes, retrying after random delays while it is
-    /// held, up to the options' wait time.
+    /// Takes the lock on a majority of the nodes, waiting up to the options' wait time while
+    /// someone else holds it: on the holder's release notifications when one client holds a
+    /// majority, after a short random delay after a split vote.
     ///
     /// # Errors
     /// [`Error::LockNotAcquired`] when the wait time passes; [`Error::LockService`] when so many nodes
@@ -187,49 +217,86 @@ impl Redlock {
     /// invalid key or options.
     ///
     /// # Cancel safety
-    /// Safe while sleeping between rounds. Dropped during a round, partial grants stay until
-    /// their lease ends (nobody holds them).
+    /// Safe while waiting (a release notification handed to it goes to the next waiter).
+    /// Dropped during a round, partial grants stay until their lease ends (nobody holds them).
     pub async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         let Acquiring {
             started,
             deadline,
             keys,
-            token,
+            ..
         } = Acquiring::begin(&self.inner.namespace, key, options)?;
+        let interest = self.inner.waiters.register(&keys.channel, Wake::Quorum);
+        let mut first = true;
         loop {
-            if let Some(guard) = self.round(&keys, &token, options).await? {
-                return Ok(guard);
+            let was_subscribed = interest.is_subscribed();
+            if std::mem::take(&mut first)
+                && let Some(holder_until) = interest.queue_behind()
+            {
+                // Others of this process wait already: queue behind them.
+                interest.park(None, holder_until.min(deadline)).await;
+                continue;
             }
-            let delay = {
-                let mean = self.inner.retry_delay;
-                let mut rng = rand::rng();
-                mean / 2 + mean.mul_f64(rng.random::<f64>())
+            let outcome = self.round(&keys, options).await?;
+            let now = Instant::now();
+            let not_acquired = || Error::LockNotAcquired {
+                key: key.to_string(),
+                waited_ms: started.elapsed().as_millis() as u64,
             };
-            if Instant::now() + delay >= deadline {
-                return Err(Error::LockNotAcquired {
-                    key: key.to_string(),
-                    waited_ms: started.elapsed().as_millis() as u64,
-                });
+            let holder_until = match outcome {
+                Round::Granted(guard) => return Ok(guard),
+                Round::Held(pttl) => {
+                    if now >= deadline {
+                        return Err(not_acquired());
+                    }
+                    // +1 ms: PTTL rounds down. A key without expiry (not ours): one lease.
+                    now + pttl.map_or(options.lease_time(), |ms| Duration::from_millis(ms + 1))
+                }
+                Round::Split => {
+                    let delay = {
+                        let mean = self.inner.retry_delay;
+                        let mut rng = rand::rng();
+                        mean / 2 + mean.mul_f64(rng.random::<f64>())
+                    };
+                    if now + delay >= deadline {
+                        return Err(not_acquired());
+                    }
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
+            if !was_subscribed {
+                // A release between our round and the subscription would be missed: subscribe,
+                // then try again before waiting.
+                interest.subscribe().await?;
+                continue;
             }
-            tokio::time::sleep(delay).await;
+            interest
+                .park(Some(holder_until), holder_until.min(deadline))
+                .await;
         }
     }
 
-    /// One round over all nodes. `Ok(None)`: not granted (already released everywhere).
-    async fn round(
-        &self,
-        keys: &LockKeys,
-        token: &str,
-        options: &LockOptions,
-    ) -> Result<Option<LockGuard>> {
+    /// One round over all nodes, with a new owner token. Not granted: the round's grants are
+    /// already released.
+    async fn round(&self, keys: &LockKeys, options: &LockOptions) -> Result<Round> {
         let inner = &self.inner;
+        let token = new_token();
+        let token = token.as_str();
         let lease = options.lease_time();
         let lease_ms = options.lease_ms();
         let started = Instant::now();
         let results = join_all(inner.nodes.iter().map(|node| async move {
-            match tokio::time::timeout(inner.node_timeout, attempt(node, keys, token, lease_ms))
-                .await
-            {
+            let call = tokio::time::timeout(
+                inner.node_timeout,
+                node.eval::<(i64, i64, String)>(
+                    &scripts::REDLOCK_ACQUIRE,
+                    &[&keys.lock, &keys.fence],
+                    &[&token, &lease_ms],
+                ),
+            )
+            .await;
+            match call {
                 Ok(r) => r,
                 Err(_) => Err(timeout_failure(
                     node.address(),
@@ -240,18 +307,30 @@ impl Redlock {
         }))
         .await;
         let mut granted = Vec::new();
+        let mut held: Vec<(i64, String)> = Vec::new();
+        let mut unsure = Vec::new();
         let mut failures = Vec::new();
         for (i, r) in results.into_iter().enumerate() {
             match r {
-                Ok(Attempt::Granted(fence)) => granted.push((i, fence)),
-                Ok(Attempt::Held(_)) => {}
-                Err(e) => failures.push(e),
+                Ok((1, fence, _)) => granted.push((i, u64::try_from(fence).unwrap_or(0))),
+                Ok((_, pttl, holder)) => held.push((pttl, holder)),
+                Err(e) => {
+                    // The script may have run without our seeing the reply.
+                    unsure.push(i);
+                    failures.push(e);
+                }
             }
         }
         let valid_for = |now: Instant| lease.checked_sub(now - started + drift(lease));
         if granted.len() >= inner.quorum && valid_for(Instant::now()).is_some() {
             let fence = granted.iter().map(|(_, f)| *f).max().unwrap_or(0);
-            let raised = join_all(granted.iter().map(|(i, _)| {
+            // Nodes whose counter is below the token get it raised, while the lock is ours.
+            let behind: Vec<usize> = granted
+                .iter()
+                .filter(|(_, f)| *f < fence)
+                .map(|(i, _)| *i)
+                .collect();
+            let raised = join_all(behind.iter().map(|i| {
                 let node = &inner.nodes[*i];
                 async move {
                     let raise = tokio::time::timeout(
@@ -267,7 +346,8 @@ impl Redlock {
                 }
             }))
             .await;
-            let confirmed = raised.into_iter().filter(|ok| *ok).count();
+            let confirmed =
+                granted.len() - behind.len() + raised.into_iter().filter(|ok| *ok).count();
             if confirmed >= inner.quorum && valid_for(Instant::now()).is_some() {
                 let holder: Arc<dyn Holder> = self.inner.clone();
                 let core = GuardCore::new(
@@ -278,12 +358,18 @@ impl Redlock {
                     holder,
                     options.has_watchdog(),
                 );
-                return Ok(Some(LockGuard::new(core, FencingToken::new(fence))));
+                return Ok(Round::Granted(LockGuard::new(
+                    core,
+                    FencingToken::new(fence),
+                )));
             }
         }
-        // Not granted: undo whatever was granted, on every node (a node that timed out may
-        // have granted it without us seeing the reply).
-        let _ = inner.release_all(keys, token).await;
+        // Not granted: undo the round's grants. Nodes that refused hold someone else's lock
+        // (nothing of ours there). Waiters learn of the release only if it held a majority.
+        let mut undo: Vec<usize> = granted.iter().map(|(i, _)| *i).collect();
+        undo.extend(unsure);
+        let notify = granted.len() >= inner.quorum;
+        let _ = inner.release_on(&undo, keys, token, notify).await;
         let n = inner.nodes.len();
         if failures.len() > n - inner.quorum {
             let answered = n - failures.len();
@@ -300,17 +386,61 @@ impl Redlock {
                 ),
             ));
         }
-        Ok(None)
+        // One holder refused on a majority: wait for its release, until its lease ends.
+        let mut by_holder: Vec<(&str, usize, i64)> = Vec::new();
+        for (pttl, holder) in &held {
+            match by_holder.iter_mut().find(|(h, _, _)| h == holder) {
+                Some(entry) => {
+                    entry.1 += 1;
+                    entry.2 = entry.2.max(*pttl);
+                }
+                None => by_holder.push((holder, 1, *pttl)),
+            }
+        }
+        Ok(
+            match by_holder.into_iter().find(|(_, n, _)| *n >= inner.quorum) {
+                Some((_, _, pttl)) => Round::Held(u64::try_from(pttl).ok()),
+                None => Round::Split,
+            },
+        )
     }
 }
 
+/// What one round over the nodes gave.
+enum Round {
+    Granted(LockGuard),
+    /// One client holds a majority; its remaining lease in ms (`None`: no expiry).
+    Held(Option<u64>),
+    /// Nobody holds a majority (racing clients split the nodes).
+    Split,
+}
+
 impl Inner {
-    /// Releases on every node; returns how many released a lock that carried the token.
-    async fn release_all(&self, keys: &LockKeys, token: &str) -> Result<usize> {
-        let results = join_all(self.nodes.iter().map(|node| async move {
-            match tokio::time::timeout(self.node_timeout, node.release_script(keys, token, true))
-                .await
-            {
+    /// Releases on the nodes at `indexes` (publishing the release when `notify`); returns how
+    /// many released a lock that carried the token.
+    async fn release_on(
+        &self,
+        indexes: &[usize],
+        keys: &LockKeys,
+        token: &str,
+        notify: bool,
+    ) -> Result<usize> {
+        if indexes.is_empty() {
+            return Ok(0);
+        }
+        let channel = if notify { keys.channel.as_str() } else { "" };
+        let results = join_all(indexes.iter().map(|i| async move {
+            let node = &self.nodes[*i];
+            let call = tokio::time::timeout(
+                self.node_timeout,
+                node.eval::<i64>(
+                    &scripts::REDLOCK_RELEASE,
+                    &[&keys.lock],
+                    &[&token, &channel],
+                ),
+            )
+            .await;
+            match call {
                 Ok(r) => r,
                 Err(_) => Err(timeout_failure(
                     node.address(),
@@ -334,7 +464,7 @@ impl Inner {
             }
         }
         match first_error {
-            Some(e) if errors == self.nodes.len() => Err(e),
+            Some(e) if errors == indexes.len() => Err(e),
             _ => Ok(released),
         }
     }
@@ -389,6 +519,9 @@ impl Holder for Inner {
     }
 
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move { Ok(self.release_all(keys, token).await? >= self.quorum) })
+        Box::pin(async move {
+            let all: Vec<usize> = (0..self.nodes.len()).collect();
+            Ok(self.release_on(&all, keys, token, true).await? >= self.quorum)
+        })
     }
 }

@@ -192,3 +192,132 @@ async fn a_killed_server_gives_errors_not_hangs_or_double_grants() {
     }
     assert!(recovered, "the client did not reconnect");
 }
+
+/// Acquisitions per task in the Redlock runs (each task's first round fails: amortised here).
+const REDLOCK_ROUNDS: usize = 12;
+
+/// Redlock over five servers of our own: commands per acquisition under contention, one
+/// process (all waiters share one subscription per node) and two.
+async fn redlock_commands_per_acquisition(
+    urls: &[String],
+    locks: &[contend_redis::Redlock],
+) -> f64 {
+    let before = command_count(urls).await.unwrap();
+    let in_section = Arc::new(AtomicUsize::new(0));
+    let acquisitions = Arc::new(AtomicU64::new(0));
+    let options = LockOptions::new()
+        .lease(Duration::from_secs(5))
+        .wait(Duration::from_secs(30));
+    let mut tasks = Vec::new();
+    for i in 0..CONTENDERS {
+        let lock = locks[i % locks.len()].clone();
+        let (in_section, acquisitions) = (in_section.clone(), acquisitions.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..REDLOCK_ROUNDS {
+                let guard = lock.acquire("hot", &options).await.expect("acquire");
+                assert_eq!(in_section.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                in_section.fetch_sub(1, Ordering::SeqCst);
+                acquisitions.fetch_add(1, Ordering::SeqCst);
+                assert!(guard.release().await.expect("release"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let after = command_count(urls).await.unwrap();
+    let n = acquisitions.load(Ordering::SeqCst);
+    assert_eq!(n, (CONTENDERS * REDLOCK_ROUNDS) as u64);
+    let per = (after - before) as f64 / n as f64;
+    eprintln!(
+        "redlock over {} nodes, {} client(s): {} commands for {n} acquisitions = {per:.2}",
+        urls.len(),
+        locks.len(),
+        after - before
+    );
+    per
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_waits_on_notifications_not_by_polling() {
+    let mut servers = Vec::new();
+    for _ in 0..5 {
+        let Some(server) = common::OwnRedis::start() else {
+            return;
+        };
+        servers.push(server);
+    }
+    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    let connect = || async {
+        contend_redis::Redlock::builder(&urls)
+            .node_timeout(Duration::from_millis(500))
+            .connect()
+            .await
+            .unwrap()
+    };
+    let one = [connect().await];
+    // One process: N commands to acquire and N to release, plus a failed first round per task
+    // and the subscriptions: at most 2N + 2 (polling every 20 ms cost over 60).
+    let per = redlock_commands_per_acquisition(&urls, &one).await;
+    assert!(
+        per <= 12.0,
+        "{per:.2} commands per acquisition over 5 nodes"
+    );
+    // Two processes race for each release: the loser's round is extra, but nobody polls.
+    let two = [one[0].clone(), connect().await];
+    let per_two = redlock_commands_per_acquisition(&urls, &two).await;
+    assert!(
+        per_two <= 20.0,
+        "{per_two:.2} commands per acquisition over 5 nodes, 2 clients"
+    );
+}
+
+/// A node dies while a Redlock waiter waits: the waiter is still woken by the release on the
+/// remaining nodes (not by the holder's 10 s lease or its wait limit), and gets the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redlock_waiter_survives_a_node_dying_mid_wait() {
+    let mut servers = Vec::new();
+    for _ in 0..5 {
+        let Some(server) = common::OwnRedis::start() else {
+            return;
+        };
+        servers.push(server);
+    }
+    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    let lock = contend_redis::Redlock::builder(&urls)
+        .node_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(10);
+    let holder = lock
+        .acquire("k", &LockOptions::new().lease(lease))
+        .await
+        .unwrap();
+    let waiter = {
+        let lock = lock.clone();
+        tokio::spawn(async move {
+            let got = lock
+                .acquire(
+                    "k",
+                    &LockOptions::new().lease(lease).wait(Duration::from_secs(8)),
+                )
+                .await;
+            (got, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    servers[0].kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let released = Instant::now();
+    assert!(holder.release().await.unwrap());
+    let (got, at) = waiter.await.unwrap();
+    let guard = got.expect("the waiter gets the lock on the 4 remaining nodes");
+    let after = at.duration_since(released);
+    assert!(
+        after < Duration::from_secs(2),
+        "woken {after:?} after the release"
+    );
+    guard.release().await.unwrap();
+}
