@@ -28,11 +28,11 @@
 //! type in a batch share one read, are decided one after the other on the running state (a
 //! refusal changes nothing, so it needs no savepoint), and one write stores the result.
 //!
-//! All the operations of a batch have the same canonical (sorted, deduplicated) key set, and
-//! each reads its rows in that order ([`crate::strategy::Operation::read`]'s contract), so a
-//! batch takes its row locks exactly as one `pessimistic` operation would: two batches (of two
-//! processes, say) cannot lock the same rows in opposite orders. Deadlocks that arise anyway
-//! (from other code) are retried.
+//! All the operations of a batch have the same canonical (sorted, deduplicated) key set
+//! (unless they name a domain, below), and each reads its rows in that order
+//! ([`crate::strategy::Operation::read`]'s contract), so a batch takes its row locks exactly as
+//! one `pessimistic` operation would: two batches (of two processes, say) cannot lock the same
+//! rows in opposite orders. Deadlocks that arise anyway (from other code) are retried.
 //!
 //! # Failures
 //! - An operation that fails with a conflict (deadlock, lock timeout, serialization or version
@@ -60,9 +60,22 @@
 //! started. [`crate::strategy::Executor::batch_stats`] counts commits, batch sizes, retries
 //! and splits.
 //!
+//! # Domains: one batch over several key sets
+//! By default operations are combined only with operations on exactly the same key set (one
+//! hot account; one pair of accounts in either direction). Transfers among a few accounts
+//! have many key sets that share rows, so their batches would queue on each other's row locks
+//! one commit at a time. An operation that names a domain
+//! ([`crate::strategy::Operation::batch_domain`]) joins the one queue of that domain instead:
+//! a batch takes the domain's operations whatever their keys, sorts them by key set (arrival
+//! order is kept within a set; operations of one batch are concurrent, so any order is one in
+//! which they could have run), and runs them group by group in one transaction with one
+//! commit. The groups lock their rows in key order, but a row of a later group may sort before
+//! one already locked: another process's batch or transaction on the same rows can then
+//! deadlock with it, and the deadlock is retried like any conflict.
+//!
 //! # Limits
-//! - Operations are combined only with operations on exactly the same key set (one hot
-//!   account; one pair of accounts in either direction).
+//! - Without a domain, operations are combined only with operations on exactly the same key
+//!   set.
 //! - On PostgreSQL, each operation's savepoint is a subtransaction; a batch of more than 64
 //!   writing operations overflows a backend's subtransaction cache, which makes other
 //!   sessions' snapshots slower while it runs. Keep [`BatchOptions::max_size`] moderate where
@@ -207,6 +220,8 @@ trait Job<DB: Database>: Send + 'static {
     ) -> BoxFuture<'c, (Step, usize)>;
     /// For downcasting to the operation's own type.
     fn as_any(&mut self) -> &mut dyn std::any::Any;
+    /// The operation's canonical key set, joined (operations of one domain differ in it).
+    fn keys(&self) -> &str;
     /// Whether the last [`Job::step`] ended in the operation's own error.
     fn refused(&self) -> bool;
     /// Answers the caller with the outcome kept by the last [`Job::step`] (after a commit).
@@ -225,6 +240,7 @@ struct Report {
 
 struct Pending<DB: Database, O: Operation<DB>> {
     op: Arc<O>,
+    keys: String,
     lock: &'static str,
     outcome: Option<Result<O::Output, O::Error>>,
     reply: oneshot::Sender<Executed<O::Output, O::Error>>,
@@ -267,6 +283,9 @@ impl<DB: Database, O: Operation<DB>> Job<DB> for Pending<DB, O> {
                 self.outcome = Some(outcome);
                 let mut grouped = 0;
                 for job in rest.iter_mut() {
+                    if job.keys() != self.keys {
+                        break;
+                    }
                     let Some(next) = job.as_any().downcast_mut::<Pending<DB, O>>() else {
                         break;
                     };
@@ -313,6 +332,10 @@ impl<DB: Database, O: Operation<DB>> Job<DB> for Pending<DB, O> {
 
     fn as_any(&mut self) -> &mut dyn std::any::Any {
         self
+    }
+
+    fn keys(&self) -> &str {
+        &self.keys
     }
 
     fn refused(&self) -> bool {
@@ -448,10 +471,15 @@ impl<DB: Database> Batcher<DB> {
         };
         // The caller's connection is not needed while it waits: the combiner has its own.
         session.release();
-        let key = format!("{}\u{1f}{}", db.url(), keys.join("\u{1f}"));
+        let keys = keys.join("\u{1f}");
+        let key = match op.batch_domain() {
+            Some(domain) => format!("{}\u{1e}{domain}", db.url()),
+            None => format!("{}\u{1f}{keys}", db.url()),
+        };
         let (reply, answer) = oneshot::channel();
         let job = Box::new(Pending {
             op,
+            keys,
             lock,
             outcome: None,
             reply,
@@ -558,7 +586,12 @@ impl<DB: Database> Combiner<DB> {
                     return;
                 }
                 let n = queue.pending.len().min(self.batch.max_size);
-                queue.pending.drain(..n).collect()
+                let mut jobs: Jobs<DB> = queue.pending.drain(..n).collect();
+                // A domain's operations grouped by key set (stable: arrival order within a
+                // set), so that a group shares one read and one write, and rows are locked in
+                // key order. On a key set's own queue this changes nothing.
+                jobs.sort_by(|a, b| a.keys().cmp(b.keys()));
+                jobs
             };
             // A panicking operation must not leave the queue without a combiner: the jobs of
             // that batch are dropped (their callers are told the outcome is unknown) and the

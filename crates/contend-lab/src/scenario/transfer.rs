@@ -199,8 +199,16 @@ impl Operation for ApplyPlan {
         })
     }
 
-    /// `batched`: decided on the rows as the plans before it in the batch left them (all the
-    /// operations of a batch have the same key set, so the same rows in the same order); a
+    /// `batched`: one queue for all the plans on these tables (a few accounts, a few
+    /// products), whatever their rows, so that one commit serves transfers between any pairs.
+    fn batch_domain(&self) -> Option<String> {
+        let mut tables: Vec<&str> = self.plan.moves.iter().map(|m| m.table.as_str()).collect();
+        tables.dedup();
+        Some(tables.join(","))
+    }
+
+    /// `batched`: decided on the rows as the plans before it in its group left them (the
+    /// operations of a group have the same key set, so the same rows in the same order); a
     /// refusal changes nothing.
     fn apply(&self, rows: &mut Rows) -> Option<Result<(), LabError>> {
         let new = match self.plan.decide(&rows.values) {

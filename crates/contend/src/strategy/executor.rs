@@ -175,6 +175,16 @@ pub trait Operation<DB: Database = Any>: Send + Sync + 'static {
         None
     }
 
+    /// For `batched`: the queue this operation joins. `None` (the default): the operations on
+    /// exactly its key set (one hot account; one pair of accounts). `Some(domain)`: every
+    /// operation of the same domain, whatever its keys (all the transfers among a few
+    /// accounts), so that one commit serves them all. A batch of a domain runs its operations
+    /// grouped by key set (consecutive ones of a type with [`Operation::apply`] share one read
+    /// and one write), the groups in key order; see [`crate::batch`] for what that costs.
+    fn batch_domain(&self) -> Option<String> {
+        None
+    }
+
     /// For `batched`, with [`Operation::apply`]: writes `state` (absolute values) after
     /// [`Operation::apply`] decided one or more operations of this type on it. Called on the
     /// first operation of such a group. `None` (the default) when there is no such form.
