@@ -256,7 +256,9 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
             bin,
             strategy: Strategy::Atomic,
             clients: workers,
-            duration: Duration::from_secs_f64(secs.max(2.0)),
+            // Twice as long: requests through the delayed link are slow, and the load after
+            // the last kill shows the recovery.
+            duration: Duration::from_secs_f64((secs * 2.0).max(4.0)),
             // Keys held by a killed instance stay in flight for their lease (120 s): clients
             // give up on those after this and report them unknown.
             grace: Duration::from_secs(3),

@@ -40,16 +40,24 @@ struct Announce {
     inner: Arc<dyn LockService>,
     keys: usize,
     granted: AtomicUsize,
+    tokens: std::sync::Mutex<Vec<String>>,
 }
 
 impl LockService for Announce {
     fn acquire<'a>(&'a self, key: &'a str) -> BoxFuture<'a, contend::Result<Box<dyn HeldLock>>> {
         Box::pin(async move {
             let held = self.inner.acquire(key).await?;
+            let token = held
+                .fencing_token()
+                .map_or("none".to_string(), |t| t.to_string());
+            let token = {
+                let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+                // `account 3: token 17` reads better than the whole lock key.
+                let account = key.rsplit(':').next().unwrap_or(key);
+                tokens.push(format!("account {account}: {token}"));
+                tokens.join(", ")
+            };
             if self.granted.fetch_add(1, Ordering::SeqCst) + 1 == self.keys {
-                let token = held
-                    .fencing_token()
-                    .map_or("none".to_string(), |t| t.to_string());
                 {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "HOLDING {token}");
@@ -115,6 +123,7 @@ pub async fn hold(
         inner,
         keys: 2,
         granted: AtomicUsize::new(0),
+        tokens: std::sync::Mutex::new(Vec::new()),
     });
     let executor: Executor = lab_executor()
         .lock_wait(Duration::from_secs(10))
@@ -141,7 +150,7 @@ pub async fn hold(
 pub struct Frozen {
     /// The holder's operation id.
     pub op: u64,
-    /// Its fencing token (`none` for the spin lock).
+    /// Its fencing tokens per lock key (`none` for the spin lock).
     pub token: String,
     /// When its lease ran out while it was frozen.
     pub lease_over: Instant,

@@ -472,7 +472,7 @@ async fn inject_fault(
                     .iter()
                     .map(|(s, f)| match f {
                         Ok(f) => format!(
-                            "{s}: token {}, {}seen stopped, then `{}`",
+                            "{s}: tokens {}, {}seen stopped, then `{}`",
                             f.token,
                             if f.seen_stopped { "" } else { "NOT " },
                             f.said
@@ -526,7 +526,7 @@ fn frozen_effect(
     let late = u64::from(f.answer == Answer::Ok && others > 0);
     let detail = format!(
         "{others} operations on the holder's accounts committed between its lease's end and its \
-         resumption; its late write (token {}) was {}",
+         resumption; its late write (tokens {}) was {}",
         f.token,
         if f.answer == Answer::Ok {
             "APPLIED (a double write under one lock)"

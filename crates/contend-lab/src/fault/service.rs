@@ -59,6 +59,9 @@ const ADMIN: &str = "faults-admin-token";
 const UP: Duration = Duration::from_millis(2);
 const DOWN: Duration = Duration::from_millis(25);
 
+/// How long a client keeps retrying one operation.
+const OP_BUDGET: Duration = Duration::from_millis(1500);
+
 /// One `contend serve` process and its port.
 struct Instance {
     port: u16,
@@ -159,8 +162,8 @@ fn classify(answer: Result<(reqwest::StatusCode, String), reqwest::Error>) -> An
     }
 }
 
-/// One client: operations until `end`, each retried on the other instance until settled or
-/// `give_up`.
+/// One client: operations until `end`, each retried on the other instance until settled, for
+/// [`OP_BUDGET`] at most and not after `give_up`.
 #[allow(clippy::too_many_arguments)]
 async fn client(
     http: reqwest::Client,
@@ -182,7 +185,10 @@ async fn client(
         let body = json!({"from": from_id, "to": group.accounts[to].0, "amount": id});
         let mut op = Tracker::new(id);
         let mut instance = (id % 2) as usize;
-        while !op.settled() && Instant::now() < give_up {
+        // A client's patience with one operation: after it, the operation is left unknown
+        // (or failed) and the client moves on, as a caller with a deadline does.
+        let deadline = give_up.min(Instant::now() + OP_BUDGET);
+        while !op.settled() && Instant::now() < deadline {
             let mut request = http
                 .post(format!("http://127.0.0.1:{}/transfers", ports[instance]))
                 .bearer_auth(token)
@@ -299,8 +305,8 @@ pub async fn run_instance_kill(
         tasks.push(set);
     }
 
-    // The killer: SIGKILL at 20, 40, 60 and 80 % of the load, alternating instances, each
-    // started again on its port at once.
+    // The killer: SIGKILL at 15, 30, 45 and 60 % of the load, alternating instances, each
+    // started again on its port at once (the rest of the load shows the recovery).
     let instances = Arc::new(Mutex::new(instances));
     let mut log = FaultLog {
         recovers: true,
@@ -308,7 +314,7 @@ pub async fn run_instance_kill(
     };
     let mut signalled = 0;
     let mut problems = Vec::new();
-    for (k, fraction) in [0.2, 0.4, 0.6, 0.8].into_iter().enumerate() {
+    for (k, fraction) in [0.15, 0.3, 0.45, 0.6].into_iter().enumerate() {
         tokio::time::sleep_until((start + phase.duration.mul_f64(fraction)).into()).await;
         let i = k % 2;
         let mut all = instances.lock().await;
