@@ -267,8 +267,8 @@ pub async fn restart_db(url: &str, window: &Window, command: &str) -> FaultLog {
     sleep_until(window.at(0.25).into()).await;
     log.in_flight.push(window.in_flight());
     let t0 = Instant::now();
-    log.injected.push(t0);
-    let (ok, output) = shell(command).await;
+    let (ok, output, outage) = run_watching(command, || db_answers(url)).await;
+    log.injected.push(outage.map_or(t0, |(down, _)| down));
     let took = t0.elapsed();
     let after = until_ok(Duration::from_secs(30), || async {
         let db = admin(url).await?;
@@ -278,8 +278,9 @@ pub async fn restart_db(url: &str, window: &Window, command: &str) -> FaultLog {
     log.observed = ok && after.is_some_and(|a| a > before);
     log.effect = match after {
         Some(a) if a > before => format!(
-            "`{command}` took {:.1} s; a new server process (its start time moved on by {:.1} s)",
+            "`{command}` took {:.1} s; {}; a new server process (its start time moved on by {:.1} s)",
             took.as_secs_f64(),
+            outage_text(outage),
             (a - before) as f64
                 / if url_backend(url) == Some(Backend::MySql) {
                     1.0
@@ -297,6 +298,73 @@ pub async fn restart_db(url: &str, window: &Window, command: &str) -> FaultLog {
         }
     };
     log
+}
+
+/// Whether a fresh connection to the database at `url` answers a query (within 1 s).
+async fn db_answers(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    sqlx::any::install_default_drivers();
+    tokio::time::timeout(Duration::from_secs(1), async {
+        let mut conn = sqlx::AnyConnection::connect(url).await?;
+        sqlx::query("SELECT 1").execute(&mut conn).await?;
+        let _ = conn.close().await;
+        anyhow::Ok(())
+    })
+    .await?
+}
+
+/// Runs `command` while probing the server every 20 ms: whether the command succeeded, its
+/// output's tail, and the outage the probe saw (first refusal, first answer after it), if any.
+/// The outage, not the command's start, is when the fault hit.
+async fn run_watching<F, Fut>(command: &str, probe: F) -> (bool, String, Option<(Instant, Instant)>)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let run = shell(command);
+    tokio::pin!(run);
+    let mut result = None;
+    let mut down: Option<Instant> = None;
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        if result.is_none() {
+            tokio::select! {
+                r = &mut run => result = Some(r),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let up = probe().await.is_ok();
+        let now = Instant::now();
+        match (down, up) {
+            (None, false) => down = Some(now),
+            (Some(d), true) => {
+                if result.is_none() {
+                    result = Some((&mut run).await);
+                }
+                let (ok, output) = result.unwrap_or_default();
+                return (ok, output, Some((d, now)));
+            }
+            _ => {}
+        }
+        // Done, and the probe never saw it down (or it never came back): no outage to report.
+        if let Some((ok, output)) = &result
+            && (down.is_none() || now >= give_up)
+        {
+            return (*ok, output.clone(), None);
+        }
+    }
+}
+
+fn outage_text(outage: Option<(Instant, Instant)>) -> String {
+    match outage {
+        Some((down, up)) => format!(
+            "the server refused connections for {:.2} s (probed every 20 ms)",
+            (up - down).as_secs_f64()
+        ),
+        None => "the probe never saw it refuse a connection".into(),
+    }
 }
 
 fn url_backend(url: &str) -> Option<Backend> {
@@ -341,16 +409,18 @@ pub async fn restart_redis(url: &str, window: &Window, command: &str) -> FaultLo
     sleep_until(window.at(0.25).into()).await;
     log.in_flight.push(window.in_flight());
     let t0 = Instant::now();
-    log.injected.push(t0);
-    let (ok, output) = shell(command).await;
+    let (ok, output, outage) =
+        run_watching(command, || async { redis_run_id(url).await.map(|_| ()) }).await;
+    log.injected.push(outage.map_or(t0, |(down, _)| down));
     let took = t0.elapsed();
     let after = until_ok(Duration::from_secs(20), || redis_run_id(url)).await;
     log.observed = ok && after.as_ref().is_some_and(|a| *a != before);
     log.effect = match &after {
         Some(a) if *a != before => format!(
-            "`{command}` took {:.1} s; a new Redis process (run id changed), its keys and fence \
-             counters gone (no persistence)",
-            took.as_secs_f64()
+            "`{command}` took {:.1} s; {}; a new Redis process (run id changed), its keys and \
+             fence counters gone (no persistence)",
+            took.as_secs_f64(),
+            outage_text(outage)
         ),
         Some(_) => format!("`{command}` (ok: {ok}): same run id, not restarted. {output}"),
         None => format!("`{command}` (ok: {ok}): Redis did not come back within 20 s. {output}"),
