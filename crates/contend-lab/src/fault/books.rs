@@ -202,10 +202,12 @@ impl Books {
             invariant(
                 "ledger_matches_balances",
                 mismatched.len() as u64,
-                if mismatched.is_empty() {
-                    format!("{ACCOUNTS} accounts match their ledger")
-                } else {
-                    mismatched.join("; ")
+                match mismatched.first() {
+                    None => format!("{ACCOUNTS} accounts match their ledger"),
+                    Some(first) => format!(
+                        "{} of {ACCOUNTS} accounts differ from their ledger (lost updates), e.g. {first}",
+                        mismatched.len()
+                    ),
                 },
             ),
         ])

@@ -135,6 +135,7 @@ fn error_kind(e: &LabError) -> String {
                 format!("database error {}", db.code().unwrap_or_default())
             }
             Error::Database(_) => "connection lost".into(),
+            Error::TransactionBroken(_) => "transaction broken".into(),
             other => other.to_string().chars().take(40).collect(),
         },
     }
