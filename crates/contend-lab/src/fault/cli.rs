@@ -255,7 +255,8 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
             url: dbs[0].1.clone(),
             bin,
             strategy: Strategy::Atomic,
-            clients: workers,
+            // Twice the workers: more requests are open on an instance when it is killed.
+            clients: workers * 2,
             // Twice as long: requests through the delayed link are slow, and the load after
             // the last kill shows the recovery.
             duration: Duration::from_secs_f64((secs * 2.0).max(4.0)),
@@ -385,7 +386,7 @@ mod tests {
         assert_eq!(skipped.len(), 3, "{skipped:?}");
         assert!(phases.iter().all(|p| match p {
             Planned::Db(p) => p.workers == 8,
-            Planned::Service(p) => p.clients == 8,
+            Planned::Service(p) => p.clients == 16,
         }));
 
         let (phases, _) = plan(&parse(&[

@@ -49,8 +49,9 @@ pub struct ServicePhase {
     pub grace: Duration,
 }
 
-/// Accounts per group.
-const ACCOUNTS: usize = 8;
+/// Accounts per group: enough that requests seldom wait for each other's row locks, so that a
+/// kill finds them working (some between commit and answer) rather than queued.
+const ACCOUNTS: usize = 32;
 /// Their opening balance (transfers are never refused).
 const OPENING: i64 = 1_000_000_000_000;
 /// The admin token of the instances (they listen on 127.0.0.1 only, for this run only).
@@ -58,6 +59,9 @@ const ADMIN: &str = "faults-admin-token";
 /// Request and answer delays on the instances' database link.
 const UP: Duration = Duration::from_millis(2);
 const DOWN: Duration = Duration::from_millis(25);
+
+/// When the instances are killed, as fractions of the load (the last 40% shows the recovery).
+const KILLS_AT: [f64; 6] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6];
 
 /// How long a client keeps retrying one operation.
 const OP_BUDGET: Duration = Duration::from_millis(1500);
@@ -124,8 +128,7 @@ async fn create_accounts(
     port: u16,
     tag: &str,
 ) -> anyhow::Result<Vec<(i64, String)>> {
-    let mut out = Vec::new();
-    for i in 0..ACCOUNTS {
+    let one = |i: usize| async move {
         let body: Value = http
             .post(format!("http://127.0.0.1:{port}/accounts"))
             .bearer_auth(ADMIN)
@@ -141,9 +144,9 @@ async fn create_accounts(
         let token = body["token"]
             .as_str()
             .ok_or_else(|| anyhow::anyhow!("no token in {body}"))?;
-        out.push((id, token.to_string()));
-    }
-    Ok(out)
+        anyhow::Ok((id, token.to_string()))
+    };
+    futures_util::future::try_join_all((0..ACCOUNTS).map(one)).await
 }
 
 /// What one HTTP attempt's answer tells the client.
@@ -305,7 +308,7 @@ pub async fn run_instance_kill(
         tasks.push(set);
     }
 
-    // The killer: SIGKILL at 15, 30, 45 and 60 % of the load, alternating instances, each
+    // The killer: SIGKILL at 10, 20, ... 60 % of the load, alternating instances, each
     // started again on its port at once (the rest of the load shows the recovery).
     let instances = Arc::new(Mutex::new(instances));
     let mut log = FaultLog {
@@ -314,7 +317,7 @@ pub async fn run_instance_kill(
     };
     let mut signalled = 0;
     let mut problems = Vec::new();
-    for (k, fraction) in [0.15, 0.3, 0.45, 0.6].into_iter().enumerate() {
+    for (k, fraction) in KILLS_AT.into_iter().enumerate() {
         tokio::time::sleep_until((start + phase.duration.mul_f64(fraction)).into()).await;
         let i = k % 2;
         let mut all = instances.lock().await;
@@ -348,14 +351,16 @@ pub async fn run_instance_kill(
         }
         results.push((records, errors));
     }
-    log.observed = signalled == 4 && problems.is_empty();
+    log.observed = signalled == KILLS_AT.len() && problems.is_empty();
     log.effect = format!(
         "SIGKILL of one of two `contend serve` instances ({}, shared {backend}, their database \
-         link delayed {} ms each request and {} ms each answer), 4 times alternating, each \
-         started again at once: {signalled} of 4 ended by signal 9{}",
+         link delayed {} ms each request and {} ms each answer), {} times alternating, each \
+         started again at once: {signalled} of {} ended by signal 9{}",
         phase.strategy,
         UP.as_millis(),
         DOWN.as_millis(),
+        KILLS_AT.len(),
+        KILLS_AT.len(),
         if problems.is_empty() {
             String::new()
         } else {
