@@ -20,8 +20,9 @@ struct Cli {
 enum Command {
     /// Fire concurrent requests at every strategy and backend, check invariants, report speed.
     Lab(contend_lab::cli::LabArgs),
-    /// Inject faults (killed connections, latency, restarts) during load and check every
-    /// acknowledged operation against the final state (`scripts/faults` runs it).
+    /// Inject faults during load (killed connections, latency, database and Redis restarts, a
+    /// frozen lock holder, killed service instances) and check every acknowledged operation
+    /// against the final state (`scripts/faults` runs it).
     Faults(contend_lab::fault::cli::FaultArgs),
     /// Run the isolation-anomaly suite against a database at every isolation level.
     Anomalies(contend_anomalies::cli::AnomaliesArgs),

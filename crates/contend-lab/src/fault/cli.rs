@@ -36,12 +36,13 @@ pub struct FaultArgs {
     /// Shell command that kills and restarts the Redis node of --redis-url.
     #[arg(long)]
     pub restart_redis: Option<String>,
-    /// Faults to inject: kill-connections, latency, db-restart, redis-restart, instance-kill
-    /// (default: every one whose servers and commands are given).
+    /// Faults to inject: kill-connections, latency, db-restart, redis-restart, lock-freeze,
+    /// instance-kill (default: every one whose servers and commands are given).
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<String>,
     /// Strategies (default: none, mutex, atomic, pessimistic, optimistic, serializable; without
-    /// --quick also advisory and batched; redis and redlock under redis-restart).
+    /// --quick also advisory and batched; redis and redlock under redis-restart, redis,
+    /// redis-spin and redlock under lock-freeze, atomic behind the instances of instance-kill).
     #[arg(long, value_delimiter = ',')]
     pub strategy: Vec<String>,
     /// The small size CI runs (3 s per phase, 8 workers per strategy).
