@@ -20,6 +20,10 @@ struct Cli {
 enum Command {
     /// Fire concurrent requests at every strategy and backend, check invariants, report speed.
     Lab(contend_lab::cli::LabArgs),
+    /// Inject faults during load (killed connections, latency, database and Redis restarts, a
+    /// frozen lock holder, killed service instances) and check every acknowledged operation
+    /// against the final state (`scripts/faults` runs it).
+    Faults(contend_lab::fault::cli::FaultArgs),
     /// Run the isolation-anomaly suite against a database at every isolation level.
     Anomalies(contend_anomalies::cli::AnomaliesArgs),
     /// Run the reference HTTP service (bank, shop, booking).
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Lab(args) => contend_lab::cli::run(args).await,
+            Command::Faults(args) => contend_lab::fault::cli::run(args).await,
             Command::Anomalies(args) => contend_anomalies::cli::run(args).await,
             Command::Serve(args) => contend_service::cli::run(args).await,
         }

@@ -11,10 +11,13 @@
 //! - [`report`]: the table, the JSON document, verdicts and the exit status; [`html`]: the
 //!   self-contained HTML page (charts, crossings, timeline, table).
 //! - [`lockstats`]: the Redis lock services of the lock strategies and what they cost.
+//! - [`fault`]: faults during load (`contend faults`): injectors, the workload's ledger, the
+//!   run loop and its report.
 
 pub mod cli;
 pub mod config;
 pub mod db_target;
+pub mod fault;
 pub mod html;
 pub mod http_target;
 pub mod lockstats;

@@ -282,6 +282,20 @@ pub(crate) async fn apply(ctx: &Ctx, session: &mut Session, plan: Plan) -> OpRep
     execute(ctx, session, op).await.1
 }
 
+/// Applies `plan` under `ctx.strategy`, with the operation's own result next to its report
+/// (the fault suite tells a lost answer from a definite failure by the error).
+pub(crate) async fn apply_result(
+    ctx: &Ctx,
+    session: &mut Session,
+    plan: Plan,
+) -> (Result<(), LabError>, OpReport) {
+    let op = ApplyPlan {
+        plan,
+        backend: ctx.db.backend(),
+    };
+    execute(ctx, session, op).await
+}
+
 /// The transfer scenario.
 #[derive(Debug, Default)]
 pub struct Transfer;
