@@ -11,10 +11,13 @@
 //! - [`report`]: the table, the JSON document, verdicts and the exit status; [`html`]: the
 //!   self-contained HTML page (charts, crossings, timeline, table).
 //! - [`lockstats`]: the Redis lock services of the lock strategies and what they cost.
+//! - [`history`]: operation histories recorded under load (the `append` scenario) and their
+//!   check for isolation anomalies (G0, G1a, G1b, G1c, G-single, G2), as Elle checks them.
 
 pub mod cli;
 pub mod config;
 pub mod db_target;
+pub mod history;
 pub mod html;
 pub mod http_target;
 pub mod lockstats;
