@@ -8,6 +8,7 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Cell, CellAlignment, Color, ColumnConstraint, ContentArrangement, Table};
 use serde::Serialize;
 
+use crate::history::HistoryReport;
 use crate::scenario::Invariant;
 
 /// Latency percentiles of a run, in milliseconds.
@@ -77,6 +78,10 @@ pub struct RunReport {
     /// Lock costs, for lock-based strategies.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lock: Option<LockStats>,
+    /// The checked history, for a scenario that records one (`append`): operations, anomalies
+    /// found (also counted in `violations`) and their kinds, the check's time, witnesses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryReport>,
     /// The run's verdict, as in the table.
     pub verdict: String,
     /// Which repetition this is (0-based; present with `--repeat` above 1).
@@ -148,6 +153,7 @@ impl RunReport {
             expected_safe,
             invariants: Vec::new(),
             lock,
+            history: None,
             verdict: String::new(),
             repeat: None,
             error_samples: Vec::new(),
@@ -241,6 +247,13 @@ pub(crate) const WIDE_COLUMNS: [&str; 15] = [
 ];
 
 impl RunReport {
+    /// The anomalies of the run's checked history (`3`), or `-` when it recorded none.
+    pub(crate) fn anomalies_text(&self) -> String {
+        self.history
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |h| h.anomalies.to_string())
+    }
+
     /// The conflicts by kind as `"3 deadlock, 1 busy"`, or `-` when there were none.
     pub(crate) fn conflicts_text(&self) -> String {
         if self.conflicts.is_empty() {
@@ -377,25 +390,33 @@ impl LabReport {
         let mut out = String::new();
         for backend in backends {
             let mut table = Table::new();
+            let mut header = vec![
+                "scenario",
+                "strategy",
+                "w",
+                "ops/s",
+                "p50 ms",
+                "p99 ms",
+                "ok/ref/err",
+                "retries",
+                "viol",
+            ];
+            let runs: Vec<&RunReport> = self.runs.iter().filter(|r| r.backend == backend).collect();
+            // Anomalies of checked histories (part of `viol`), shown when a run has one.
+            let histories = runs.iter().any(|r| r.history.is_some());
+            if histories {
+                header.push("anom");
+            }
+            header.push("verdict");
+            let columns = header.len();
             table
                 .load_preset(UTF8_FULL_CONDENSED)
                 .set_content_arrangement(ContentArrangement::Dynamic)
                 .set_width(COMPACT_WIDTH)
-                .set_header(vec![
-                    "scenario",
-                    "strategy",
-                    "w",
-                    "ops/s",
-                    "p50 ms",
-                    "p99 ms",
-                    "ok/ref/err",
-                    "retries",
-                    "viol",
-                    "verdict",
-                ]);
-            for r in self.runs.iter().filter(|r| r.backend == backend) {
+                .set_header(header);
+            for r in runs {
                 let num = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
-                table.add_row(vec![
+                let mut row = vec![
                     Cell::new(&r.scenario),
                     Cell::new(&r.strategy),
                     num(r.workers.to_string()),
@@ -405,10 +426,14 @@ impl LabReport {
                     num(format!("{}/{}/{}", r.succeeded, r.refused, r.errors)),
                     num(r.retries.to_string()),
                     num(r.violations.to_string()),
-                    Cell::new(short_verdict(&r.verdict)).fg(row_color(r)),
-                ]);
+                ];
+                if histories {
+                    row.push(num(r.anomalies_text()));
+                }
+                row.push(Cell::new(short_verdict(&r.verdict)).fg(row_color(r)));
+                table.add_row(row);
             }
-            for column in table.column_iter_mut().take(9) {
+            for column in table.column_iter_mut().take(columns - 1) {
                 column.set_constraint(ColumnConstraint::ContentWidth);
             }
             if !out.is_empty() {
@@ -424,15 +449,21 @@ impl LabReport {
     /// The full table of [`LabReport::render`].
     fn wide_table(&self) -> String {
         let mut table = Table::new();
+        let histories = self.runs.iter().any(|r| r.history.is_some());
+        let mut header = WIDE_COLUMNS.to_vec();
+        if histories {
+            // Anomalies of checked histories (part of `violations`), before the verdict.
+            header.insert(header.len() - 1, "anomalies");
+        }
         table
             .load_preset(UTF8_FULL_CONDENSED)
             .set_content_arrangement(ContentArrangement::Dynamic)
-            .set_header(WIDE_COLUMNS.to_vec());
+            .set_header(header);
         for r in &self.runs {
             let conflicts = r.conflicts_text();
             let color = row_color(r);
             let num = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
-            table.add_row(vec![
+            let mut row = vec![
                 Cell::new(&r.scenario),
                 Cell::new(&r.strategy),
                 Cell::new(&r.backend),
@@ -448,7 +479,11 @@ impl LabReport {
                 num(format!("{:.2}", r.latency_ms.p99)),
                 num(r.violations.to_string()),
                 Cell::new(&r.verdict).fg(color),
-            ]);
+            ];
+            if histories {
+                row.insert(row.len() - 1, num(r.anomalies_text()));
+            }
+            table.add_row(row);
         }
         let mut out = table.to_string();
         out.push('\n');
@@ -517,6 +552,14 @@ impl LabReport {
             let head = format!("  {}/{}/{}w:", r.scenario, r.strategy, r.workers);
             for inv in r.invariants.iter().filter(|i| !i.ok) {
                 let _ = writeln!(lines, "{head} {} violated: {}", inv.name, inv.detail);
+            }
+            if let Some(h) = r.history.as_ref().filter(|h| h.anomalies > 0) {
+                let _ = writeln!(lines, "{head} history anomalies: {}", h.kinds_text());
+                for w in &h.witnesses {
+                    for line in w.lines() {
+                        let _ = writeln!(lines, "    {line}");
+                    }
+                }
             }
             for e in &r.error_samples {
                 let _ = writeln!(lines, "{head} error: {e}");
@@ -615,6 +658,7 @@ mod tests {
                 violations,
             }],
             lock: None,
+            history: None,
             verdict,
             repeat: None,
             error_samples: vec![],

@@ -237,9 +237,9 @@ pub(super) fn check(history: &History) -> Analysis {
                 witness: format!(
                     "incompatible order of key {key}: {} read {}, {} read {}; neither is a \
                      prefix of the other",
-                    ops[reader].describe(reader),
+                    ops[reader].who(reader),
                     show_list(list),
-                    ops[longest_reader].describe(longest_reader),
+                    ops[longest_reader].who(longest_reader),
                     show_list(longest)
                 ),
             });

@@ -179,22 +179,31 @@ impl Op {
         self.process == FINAL_PROCESS
     }
 
-    /// The operation in words: `op 12 (worker 3, ok, 1.204-1.377 ms: r 7 [.. 5 9], a 7 12)`.
-    /// Long lists show their length and last values only.
-    pub fn describe(&self, id: usize) -> String {
+    /// Who ran the operation, how it ended and when: `op 12 (worker 3, ok, 1.204-1.377 ms)`.
+    pub fn who(&self, id: usize) -> String {
         let who = if self.is_final() {
             "final read".to_string()
         } else {
             format!("worker {}", self.process)
         };
         let ms = |ns: u64| ns as f64 / 1e6;
-        let mut s = format!(
-            "op {id} ({who}, {}, {:.3}-{:.3} ms:",
+        format!(
+            "op {id} ({who}, {}, {:.3}-{:.3} ms)",
             self.status.as_str(),
             ms(self.invoked_ns),
             ms(self.completed_ns)
-        );
-        for (i, m) in self.mops.iter().enumerate() {
+        )
+    }
+
+    /// The operation in words: `op 12 (worker 3, ok, 1.204-1.377 ms: r 7 [.. 5 9], a 7 12)`.
+    /// Long lists show their length and last values only; after 6 micro-operations, the
+    /// number of the others.
+    pub fn describe(&self, id: usize) -> String {
+        const SHOWN: usize = 6;
+        let mut s = self.who(id);
+        s.pop();
+        s.push(':');
+        for (i, m) in self.mops.iter().take(SHOWN).enumerate() {
             s.push_str(if i == 0 { " " } else { ", " });
             match m {
                 Mop::Read { key, list: Some(l) } => {
@@ -207,6 +216,9 @@ impl Op {
                     let _ = write!(s, "a {key} {value}");
                 }
             }
+        }
+        if self.mops.len() > SHOWN {
+            let _ = write!(s, ", .. {} more", self.mops.len() - SHOWN);
         }
         s.push(')');
         s
