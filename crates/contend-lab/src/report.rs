@@ -775,6 +775,69 @@ mod tests {
     }
 
     #[test]
+    fn a_checked_history_adds_its_anomalies_to_the_tables_and_details() {
+        let mut report = LabReport::default();
+        let mut r = run("serializable", true, 0, 0);
+        (r.scenario, r.backend, r.workers) =
+            ("get_or_create".into(), "http(postgres)".into(), 1024);
+        (r.succeeded, r.refused, r.errors, r.retries) = (999_000, 900, 100, 123_456);
+        r.latency_ms.p99 = 98_765.43;
+        report.runs.push(r);
+        let mut none = run("none", false, 12_345, 0);
+        (none.scenario, none.backend) = ("append".into(), "http(postgres)".into());
+        none.history = Some(HistoryReport {
+            operations: 301,
+            ok: 301,
+            anomalies: 1_234,
+            kinds: BTreeMap::from([("G2".to_string(), 4), ("lost-update".to_string(), 1_230)]),
+            witnesses: vec![
+                "G2 cycle of 2 operations: op 3 -rw-> op 5 -rw-> op 3\n  op 3 (...)".into(),
+            ],
+            ..HistoryReport::default()
+        });
+        report.runs.push(none);
+        let compact = report.render_compact();
+        for line in compact.lines().take_while(|l| !l.starts_with("Details")) {
+            assert!(
+                line.chars().count() <= usize::from(COMPACT_WIDTH),
+                "{line}\n{compact}"
+            );
+        }
+        let header = compact
+            .lines()
+            .find(|l| l.contains("scenario"))
+            .unwrap_or_default();
+        assert!(
+            header.contains("viol") && header.contains("anom"),
+            "{compact}"
+        );
+        let row = compact
+            .lines()
+            .find(|l| l.contains("append"))
+            .unwrap_or_default();
+        assert!(row.contains("12345") && row.contains("1234"), "{row}");
+        assert!(
+            compact.contains("append/none/8w: history anomalies: 4 G2, 1230 lost-update"),
+            "{compact}"
+        );
+        assert!(compact.contains("    G2 cycle of 2 operations: op 3 -rw-> op 5 -rw-> op 3"));
+        let wide = report.render();
+        assert!(
+            wide.lines().nth(1).unwrap_or("").contains("anomalies"),
+            "{wide}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+        assert_eq!(json["runs"][1]["history"]["anomalies"], 1_234);
+        assert_eq!(json["runs"][1]["history"]["kinds"]["G2"], 4);
+        assert!(json["runs"][0].get("history").is_none());
+
+        // Without a history, the tables are as before: no anomalies column.
+        report.runs.pop();
+        assert!(!report.render_compact().contains("anom"));
+        assert!(!report.render().contains("anomalies"));
+    }
+
+    #[test]
     fn judging_and_failing_a_run() {
         let empty = || RunReport::empty("withdraw", "atomic", "postgres", 8, true, None);
         let held = Invariant {
