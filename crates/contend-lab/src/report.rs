@@ -508,6 +508,9 @@ impl LabReport {
         if compact {
             out.push_str(COMPACT_LEGEND);
         }
+        if self.runs.iter().any(|r| r.history.is_some()) {
+            out.push_str(HISTORY_LEGEND);
+        }
         out.push_str(&self.summary());
     }
 
@@ -627,6 +630,11 @@ How to read this:
 const COMPACT_LEGEND: &str = "  \
   columns      w = workers, ok/ref/err = succeeded/refused/errors, viol = violations; the baseline's
                verdicts: broke (expected), held this time, held (1 worker). --wide: every column.
+";
+
+const HISTORY_LEGEND: &str = "  \
+  anomalies    (anom) isolation anomalies in the run's recorded history (G0, G1a, G1b, G1c, G-single,
+               G2, incompatible-order, lost-update), each also counted as a violation.
 ";
 
 #[cfg(test)]

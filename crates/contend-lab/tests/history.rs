@@ -116,3 +116,36 @@ async fn none_cycles_safe_clean(db: TestDb) {
 }
 
 on_backends!(append_history => none_cycles_safe_clean);
+
+/// The lock-service strategies (`redis`, `redis-spin`, `redlock`) on the append scenario: no
+/// anomaly under the same load (SQLite; the locks are what is tested).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_services_show_no_anomaly() {
+    let (Some(redis), Some(redlock)) = (
+        contend_test_support::env_url("CONTEND_REDIS_URL"),
+        contend_test_support::env_url("CONTEND_REDLOCK_URLS"),
+    ) else {
+        return;
+    };
+    let args = LabArgs {
+        scenario: Some("append".into()),
+        strategy: Some("redis,redis-spin,redlock".into()),
+        workers: Some(WORKERS.into()),
+        operations: Some(OPERATIONS),
+        redis_url: Some(redis),
+        redlock_urls: Some(redlock),
+        no_progress: true,
+        ..LabArgs::default()
+    };
+    let registry = contend_lab::scenario::registry();
+    let config = args.into_config(&["append"]).expect("valid flags");
+    let report = run_config(&config, &registry).await.expect("lab runs");
+    assert_eq!(report.runs.len(), 3, "{:?}", report.skipped);
+    for run in &report.runs {
+        let history = run.history.as_ref().expect("history");
+        assert_eq!(history.anomalies, 0, "{}: {history:#?}", run.strategy);
+        assert_eq!(run.violations, 0, "{run:#?}");
+        assert_eq!(run.errors, 0, "{run:#?}");
+        assert_eq!(run.verdict, "SAFE");
+    }
+}

@@ -87,6 +87,25 @@ impl Analysis {
         counts
     }
 
+    /// The first anomaly of each kind found, cycles first (G0, G1c, G-single, G2), then G1a,
+    /// G1b, lost update, incompatible order.
+    pub fn examples(&self) -> Vec<&Anomaly> {
+        use AnomalyKind::*;
+        [
+            G0,
+            G1c,
+            GSingle,
+            G2,
+            G1a,
+            G1b,
+            LostUpdate,
+            IncompatibleOrder,
+        ]
+        .into_iter()
+        .filter_map(|kind| self.anomalies.iter().find(|a| a.kind == kind))
+        .collect()
+    }
+
     /// Anomalies of the kind named `kind` (`G-single`, ...).
     pub fn count(&self, kind: &str) -> u64 {
         self.anomalies

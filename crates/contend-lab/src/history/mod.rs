@@ -363,12 +363,12 @@ pub struct HistoryReport {
     /// Whether the cycle search ran out of its budget (some cycles may be unclassified or
     /// counted once for their component).
     pub truncated: bool,
-    /// The first few anomalies' witnesses, in words.
+    /// Witnesses in words: the first anomaly of each kind found, cycles first (at most 4).
     pub witnesses: Vec<String>,
 }
 
 /// Witnesses kept in a [`HistoryReport`].
-const MAX_WITNESSES: usize = 3;
+const MAX_WITNESSES: usize = 4;
 
 impl HistoryReport {
     /// The report of `history`, checked as `analysis` in `took`.
@@ -387,8 +387,8 @@ impl HistoryReport {
             check_ms: took.as_secs_f64() * 1e3,
             truncated: analysis.truncated,
             witnesses: analysis
-                .anomalies
-                .iter()
+                .examples()
+                .into_iter()
                 .take(MAX_WITNESSES)
                 .map(|a| a.witness.clone())
                 .collect(),

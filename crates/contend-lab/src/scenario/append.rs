@@ -33,6 +33,7 @@
 //! - `history`: the recorded history (with a final read of every key) has no anomaly; each
 //!   anomaly found counts as one violation, its kind and witness in the report.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
@@ -377,16 +378,20 @@ impl Scenario for Append {
 
             let mut history = recorder.take();
             // Acknowledged appends missing from their key's final list.
+            let kept: HashSet<(u64, Value)> = finals
+                .iter()
+                .flat_map(|m| match m {
+                    Mop::Read { key, list: Some(l) } => l.iter().map(|v| (*key, *v)).collect(),
+                    _ => Vec::new(),
+                })
+                .collect();
             let mut lost = Vec::new();
             for op in history.ops.iter().filter(|o| o.status == Status::Ok) {
                 for m in &op.mops {
-                    if let Mop::Append { key, value } = m {
-                        let kept = finals.iter().any(|f| {
-                            matches!(f, Mop::Read { key: k, list: Some(l) } if k == key && l.contains(value))
-                        });
-                        if !kept {
-                            lost.push(format!("{value} of key {key}"));
-                        }
+                    if let Mop::Append { key, value } = m
+                        && !kept.contains(&(*key, *value))
+                    {
+                        lost.push(format!("{value} of key {key}"));
                     }
                 }
             }
@@ -412,7 +417,7 @@ impl Scenario for Append {
                 if analysis.anomalies.is_empty() {
                     "no anomaly".to_string()
                 } else {
-                    let first = analysis.anomalies[0].witness.lines().next().unwrap_or("");
+                    let first = analysis.examples()[0].witness.lines().next().unwrap_or("");
                     format!("{}; first: {first}", report.kinds_text())
                 }
             );
