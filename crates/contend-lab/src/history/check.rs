@@ -271,15 +271,23 @@ pub(super) fn check(history: &History) -> Analysis {
         if op.status != Status::Ok {
             continue;
         }
+        let appended: HashSet<Key> = op
+            .mops
+            .iter()
+            .filter_map(|m| match m {
+                Mop::Append { key, .. } => Some(*key),
+                Mop::Read { .. } => None,
+            })
+            .collect();
+        if appended.is_empty() {
+            continue;
+        }
         for m in &op.mops {
             if let Mop::Read {
                 key,
                 list: Some(list),
             } = m
-                && op
-                    .mops
-                    .iter()
-                    .any(|a| matches!(a, Mop::Append { key: k, .. } if k == key))
+                && appended.contains(key)
             {
                 let entry = same_version
                     .entry((*key, list.len(), list.last().copied()))
