@@ -23,7 +23,9 @@ pub struct LabArgs {
     #[arg(long, env = "DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
 
-    /// Scenarios to run, comma separated, or `all` [default: all].
+    /// Scenarios to run, comma separated, or `all` [default: all]: withdraw, transfer, order,
+    /// booking, get_or_create, queue, append (records every operation's history and checks it
+    /// for isolation anomalies: G0, G1a, G1b, G1c, G-single, G2; each counts as a violation).
     #[arg(long, value_name = "LIST")]
     pub scenario: Option<String>,
 

@@ -214,6 +214,9 @@ impl Target for DbTarget {
             operations: spec.operations,
             executor: self.executor.clone(),
             run_id: format!("lab{:08x}", rand::random::<u32>()),
+            history: scenario
+                .records_history()
+                .then(|| Arc::new(crate::history::Recorder::new(spec.workers))),
         };
         scenario.setup(&ctx).await.map_err(SetupError::Failed)?;
         self.warm_pool(spec.workers).await;
@@ -311,5 +314,9 @@ impl TargetRun for DbRun {
 
     fn teardown(&self) -> impl Future<Output = anyhow::Result<()>> + Send {
         self.scenario.teardown(&self.ctx)
+    }
+
+    fn history(&self) -> Option<crate::history::HistoryReport> {
+        self.ctx.history.as_ref()?.report()
     }
 }

@@ -726,17 +726,27 @@ fn verdict_class(r: &RunReport) -> &'static str {
 }
 
 fn table(report: &LabReport) -> String {
+    // Anomalies of checked histories (part of the violations), shown when a run has one.
+    let histories = report.runs.iter().any(|r| r.history.is_some());
     let mut s = String::from(
         "<table><thead><tr><th>scenario</th><th>strategy</th><th>backend</th><th>workers</th>\
          <th>ops</th><th>succeeded</th><th>refused</th><th>retries</th><th>conflicts</th>\
-         <th>errors</th><th>ops/s</th><th>p50 ms</th><th>p99 ms</th><th>violations</th>\
-         <th>verdict</th></tr></thead><tbody>",
+         <th>errors</th><th>ops/s</th><th>p50 ms</th><th>p99 ms</th><th>violations</th>",
     );
+    if histories {
+        s.push_str("<th>anomalies</th>");
+    }
+    s.push_str("<th>verdict</th></tr></thead><tbody>");
     for r in &report.runs {
         let conflicts = r.conflicts_text();
+        let anomalies = if histories {
+            format!(r#"<td class="n">{}</td>"#, r.anomalies_text())
+        } else {
+            String::new()
+        };
         let _ = write!(
             s,
-            r#"<tr><td>{}</td><td><span class="dot" style="background:{}"></span>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td><td class="n">{}</td><td class="n">{:.0}</td><td class="n">{:.2}</td><td class="n">{:.2}</td><td class="n">{}</td><td class="v {}" title="{}">{}</td></tr>"#,
+            r#"<tr><td>{}</td><td><span class="dot" style="background:{}"></span>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td><td class="n">{}</td><td class="n">{:.0}</td><td class="n">{:.2}</td><td class="n">{:.2}</td><td class="n">{}</td>{anomalies}<td class="v {}" title="{}">{}</td></tr>"#,
             esc(&r.scenario),
             color(&r.strategy),
             esc(&r.strategy),
@@ -797,6 +807,18 @@ fn table(report: &LabReport) -> String {
                 esc(&inv.name),
                 esc(&inv.detail)
             );
+        }
+        if let Some(h) = r.history.as_ref().filter(|h| h.anomalies > 0) {
+            let _ = write!(
+                details,
+                "<li><b>{}</b>: history anomalies: {}",
+                esc(&head),
+                esc(&h.kinds_text())
+            );
+            for w in &h.witnesses {
+                let _ = write!(details, "<pre>{}</pre>", esc(w));
+            }
+            details.push_str("</li>");
         }
         for e in &r.error_samples {
             let _ = write!(details, "<li><b>{}</b>: error: {}</li>", esc(&head), esc(e));

@@ -13,11 +13,14 @@
 //! - [`lockstats`]: the Redis lock services of the lock strategies and what they cost.
 //! - [`fault`]: faults during load (`contend faults`): injectors, the workload's ledger, the
 //!   run loop and its report.
+//! - [`history`]: operation histories recorded under load (the `append` scenario) and their
+//!   check for isolation anomalies (G0, G1a, G1b, G1c, G-single, G2), as Elle checks them.
 
 pub mod cli;
 pub mod config;
 pub mod db_target;
 pub mod fault;
+pub mod history;
 pub mod html;
 pub mod http_target;
 pub mod lockstats;

@@ -8,6 +8,7 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Cell, CellAlignment, Color, ColumnConstraint, ContentArrangement, Table};
 use serde::Serialize;
 
+use crate::history::HistoryReport;
 use crate::scenario::Invariant;
 
 /// Latency percentiles of a run, in milliseconds.
@@ -97,6 +98,10 @@ pub struct RunReport {
     /// How operations were combined, for `batched`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchReport>,
+    /// The checked history, for a scenario that records one (`append`): operations, anomalies
+    /// found (also counted in `violations`) and their kinds, the check's time, witnesses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryReport>,
     /// The run's verdict, as in the table.
     pub verdict: String,
     /// Which repetition this is (0-based; present with `--repeat` above 1).
@@ -169,6 +174,7 @@ impl RunReport {
             invariants: Vec::new(),
             lock,
             batch: None,
+            history: None,
             verdict: String::new(),
             repeat: None,
             error_samples: Vec::new(),
@@ -262,6 +268,13 @@ pub(crate) const WIDE_COLUMNS: [&str; 15] = [
 ];
 
 impl RunReport {
+    /// The anomalies of the run's checked history (`3`), or `-` when it recorded none.
+    pub(crate) fn anomalies_text(&self) -> String {
+        self.history
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |h| h.anomalies.to_string())
+    }
+
     /// The conflicts by kind as `"3 deadlock, 1 busy"`, or `-` when there were none.
     pub(crate) fn conflicts_text(&self) -> String {
         if self.conflicts.is_empty() {
@@ -398,25 +411,33 @@ impl LabReport {
         let mut out = String::new();
         for backend in backends {
             let mut table = Table::new();
+            let mut header = vec![
+                "scenario",
+                "strategy",
+                "w",
+                "ops/s",
+                "p50 ms",
+                "p99 ms",
+                "ok/ref/err",
+                "retries",
+                "viol",
+            ];
+            let runs: Vec<&RunReport> = self.runs.iter().filter(|r| r.backend == backend).collect();
+            // Anomalies of checked histories (part of `viol`), shown when a run has one.
+            let histories = runs.iter().any(|r| r.history.is_some());
+            if histories {
+                header.push("anom");
+            }
+            header.push("verdict");
+            let columns = header.len();
             table
                 .load_preset(UTF8_FULL_CONDENSED)
                 .set_content_arrangement(ContentArrangement::Dynamic)
                 .set_width(COMPACT_WIDTH)
-                .set_header(vec![
-                    "scenario",
-                    "strategy",
-                    "w",
-                    "ops/s",
-                    "p50 ms",
-                    "p99 ms",
-                    "ok/ref/err",
-                    "retries",
-                    "viol",
-                    "verdict",
-                ]);
-            for r in self.runs.iter().filter(|r| r.backend == backend) {
+                .set_header(header);
+            for r in runs {
                 let num = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
-                table.add_row(vec![
+                let mut row = vec![
                     Cell::new(&r.scenario),
                     Cell::new(&r.strategy),
                     num(r.workers.to_string()),
@@ -426,10 +447,14 @@ impl LabReport {
                     num(format!("{}/{}/{}", r.succeeded, r.refused, r.errors)),
                     num(r.retries.to_string()),
                     num(r.violations.to_string()),
-                    Cell::new(short_verdict(&r.verdict)).fg(row_color(r)),
-                ]);
+                ];
+                if histories {
+                    row.push(num(r.anomalies_text()));
+                }
+                row.push(Cell::new(short_verdict(&r.verdict)).fg(row_color(r)));
+                table.add_row(row);
             }
-            for column in table.column_iter_mut().take(9) {
+            for column in table.column_iter_mut().take(columns - 1) {
                 column.set_constraint(ColumnConstraint::ContentWidth);
             }
             if !out.is_empty() {
@@ -445,15 +470,21 @@ impl LabReport {
     /// The full table of [`LabReport::render`].
     fn wide_table(&self) -> String {
         let mut table = Table::new();
+        let histories = self.runs.iter().any(|r| r.history.is_some());
+        let mut header = WIDE_COLUMNS.to_vec();
+        if histories {
+            // Anomalies of checked histories (part of `violations`), before the verdict.
+            header.insert(header.len() - 1, "anomalies");
+        }
         table
             .load_preset(UTF8_FULL_CONDENSED)
             .set_content_arrangement(ContentArrangement::Dynamic)
-            .set_header(WIDE_COLUMNS.to_vec());
+            .set_header(header);
         for r in &self.runs {
             let conflicts = r.conflicts_text();
             let color = row_color(r);
             let num = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
-            table.add_row(vec![
+            let mut row = vec![
                 Cell::new(&r.scenario),
                 Cell::new(&r.strategy),
                 Cell::new(&r.backend),
@@ -469,7 +500,11 @@ impl LabReport {
                 num(format!("{:.2}", r.latency_ms.p99)),
                 num(r.violations.to_string()),
                 Cell::new(&r.verdict).fg(color),
-            ]);
+            ];
+            if histories {
+                row.insert(row.len() - 1, num(r.anomalies_text()));
+            }
+            table.add_row(row);
         }
         let mut out = table.to_string();
         out.push('\n');
@@ -494,6 +529,9 @@ impl LabReport {
         out.push_str(LEGEND);
         if compact {
             out.push_str(COMPACT_LEGEND);
+        }
+        if self.runs.iter().any(|r| r.history.is_some()) {
+            out.push_str(HISTORY_LEGEND);
         }
         out.push_str(&self.summary());
     }
@@ -552,6 +590,14 @@ impl LabReport {
             let head = format!("  {}/{}/{}w:", r.scenario, r.strategy, r.workers);
             for inv in r.invariants.iter().filter(|i| !i.ok) {
                 let _ = writeln!(lines, "{head} {} violated: {}", inv.name, inv.detail);
+            }
+            if let Some(h) = r.history.as_ref().filter(|h| h.anomalies > 0) {
+                let _ = writeln!(lines, "{head} history anomalies: {}", h.kinds_text());
+                for w in &h.witnesses {
+                    for line in w.lines() {
+                        let _ = writeln!(lines, "    {line}");
+                    }
+                }
             }
             for e in &r.error_samples {
                 let _ = writeln!(lines, "{head} error: {e}");
@@ -645,6 +691,10 @@ fn render_side_table(
     out.push_str(&table.to_string());
     out.push('\n');
 }
+const HISTORY_LEGEND: &str = "  \
+  anomalies    (anom) isolation anomalies in the run's recorded history (G0, G1a, G1b, G1c, G-single,
+               G2, incompatible-order, lost-update), each also counted as a violation.
+";
 
 #[cfg(test)]
 mod tests {
@@ -676,6 +726,7 @@ mod tests {
             }],
             lock: None,
             batch: None,
+            history: None,
             verdict,
             repeat: None,
             error_samples: vec![],
@@ -789,6 +840,69 @@ mod tests {
                 .any(|l| l.chars().count() > usize::from(COMPACT_WIDTH)),
             "the full table is the wide one"
         );
+    }
+
+    #[test]
+    fn a_checked_history_adds_its_anomalies_to_the_tables_and_details() {
+        let mut report = LabReport::default();
+        let mut r = run("serializable", true, 0, 0);
+        (r.scenario, r.backend, r.workers) =
+            ("get_or_create".into(), "http(postgres)".into(), 1024);
+        (r.succeeded, r.refused, r.errors, r.retries) = (999_000, 900, 100, 123_456);
+        r.latency_ms.p99 = 98_765.43;
+        report.runs.push(r);
+        let mut none = run("none", false, 12_345, 0);
+        (none.scenario, none.backend) = ("append".into(), "http(postgres)".into());
+        none.history = Some(HistoryReport {
+            operations: 301,
+            ok: 301,
+            anomalies: 1_234,
+            kinds: BTreeMap::from([("G2".to_string(), 4), ("lost-update".to_string(), 1_230)]),
+            witnesses: vec![
+                "G2 cycle of 2 operations: op 3 -rw-> op 5 -rw-> op 3\n  op 3 (...)".into(),
+            ],
+            ..HistoryReport::default()
+        });
+        report.runs.push(none);
+        let compact = report.render_compact();
+        for line in compact.lines().take_while(|l| !l.starts_with("Details")) {
+            assert!(
+                line.chars().count() <= usize::from(COMPACT_WIDTH),
+                "{line}\n{compact}"
+            );
+        }
+        let header = compact
+            .lines()
+            .find(|l| l.contains("scenario"))
+            .unwrap_or_default();
+        assert!(
+            header.contains("viol") && header.contains("anom"),
+            "{compact}"
+        );
+        let row = compact
+            .lines()
+            .find(|l| l.contains("append"))
+            .unwrap_or_default();
+        assert!(row.contains("12345") && row.contains("1234"), "{row}");
+        assert!(
+            compact.contains("append/none/8w: history anomalies: 4 G2, 1230 lost-update"),
+            "{compact}"
+        );
+        assert!(compact.contains("    G2 cycle of 2 operations: op 3 -rw-> op 5 -rw-> op 3"));
+        let wide = report.render();
+        assert!(
+            wide.lines().nth(1).unwrap_or("").contains("anomalies"),
+            "{wide}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+        assert_eq!(json["runs"][1]["history"]["anomalies"], 1_234);
+        assert_eq!(json["runs"][1]["history"]["kinds"]["G2"], 4);
+        assert!(json["runs"][0].get("history").is_none());
+
+        // Without a history, the tables are as before: no anomalies column.
+        report.runs.pop();
+        assert!(!report.render_compact().contains("anom"));
+        assert!(!report.render().contains("anomalies"));
     }
 
     #[test]

@@ -161,6 +161,12 @@ pub trait TargetRun: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// The report of the run's checked history, for a run that recorded one (asked after the
+    /// check; the default: none).
+    fn history(&self) -> Option<crate::history::HistoryReport> {
+        None
+    }
+
     /// Why the run fails whatever its invariants say (the HTTP target: answers that were 500),
     /// asked after the check.
     fn failure(&self) -> Option<String> {
@@ -315,6 +321,7 @@ async fn run_one<T: Target>(
     stats.fill(&mut report, elapsed);
     run.after_load(&mut report).await;
     let invariants = run.check(&totals).await;
+    report.history = run.history();
     if let Err(e) = run.teardown().await {
         tracing::warn!(
             scenario = T::scenario_name(scenario),

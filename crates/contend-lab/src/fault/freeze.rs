@@ -135,6 +135,7 @@ pub async fn hold(
         operations: 1,
         executor,
         run_id: books.accounts.clone(),
+        history: None,
     };
     let mut session = db.session();
     let (result, _) = apply_result(&ctx, &mut session, books.plan(op)).await;

@@ -357,6 +357,7 @@ pub async fn run_phase(
                 operations: 0,
                 executor: executor.clone(),
                 run_id: books.accounts.clone(),
+                history: None,
             };
             workers.spawn(worker(
                 ctx,

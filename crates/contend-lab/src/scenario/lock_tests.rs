@@ -19,6 +19,7 @@ use contend::strategy::Strategy;
 use contend::{Backend, BoxFuture, Db};
 use contend_redis::{LockClient, LockGuard, LockOptions, Redlock};
 
+use super::append::Append;
 use super::booking::Booking;
 use super::get_or_create::GetOrCreate;
 use super::order::Order;
@@ -257,6 +258,8 @@ fn ctx(db: &Db, strategy: Strategy, locks: Arc<dyn LockService>) -> Ctx {
         operations: 40,
         executor: executor(strategy, Some(locks)),
         run_id: format!("t{:08x}", rand::random::<u32>()),
+        // Scenarios that record no history ignore it.
+        history: Some(Arc::new(crate::history::Recorder::new(2))),
     }
 }
 
@@ -297,6 +300,7 @@ async fn stale_token_refused(backend: Backend) {
         Arc::new(Booking::new()),
         Arc::new(GetOrCreate::new()),
         Arc::new(Queue::new()),
+        Arc::new(Append::new()),
     ];
     for scenario in scenarios {
         let lock = Arc::new(SetToken {

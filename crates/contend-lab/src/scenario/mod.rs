@@ -7,6 +7,7 @@
 //! `atomic`), and `execute` runs it with the lab's one [`Executor`] under the run's strategy:
 //! no scenario dispatches on the strategy itself.
 
+pub mod append;
 pub mod booking;
 mod claim;
 pub mod get_or_create;
@@ -29,6 +30,7 @@ pub fn registry() -> Vec<Arc<dyn Scenario>> {
         Arc::new(booking::Booking::new()),
         Arc::new(get_or_create::GetOrCreate::new()),
         Arc::new(queue::Queue::new()),
+        Arc::new(append::Append::new()),
     ]
 }
 
@@ -53,6 +55,9 @@ pub struct Ctx {
     pub executor: Executor,
     /// A short unique name for this run, to prefix tables or keys with if needed.
     pub run_id: String,
+    /// The run's history recorder, for a scenario that records one
+    /// ([`Scenario::records_history`]); `None` for the others.
+    pub history: Option<Arc<crate::history::Recorder>>,
 }
 
 /// What happened to one operation.
@@ -123,6 +128,12 @@ pub trait Scenario: Send + Sync + 'static {
 
     /// `Ok` if this scenario can run `strategy` on `backend`, or the reason it is skipped.
     fn supports(&self, strategy: Strategy, backend: Backend) -> Result<(), String>;
+
+    /// Whether this scenario records each operation's history into `ctx.history` and checks it
+    /// (the runner then makes a recorder per run). The default: no.
+    fn records_history(&self) -> bool {
+        false
+    }
 
     /// Creates (or recreates) its tables and data, sized for `ctx.operations`.
     fn setup<'a>(&'a self, ctx: &'a Ctx) -> BoxFuture<'a, anyhow::Result<()>>;

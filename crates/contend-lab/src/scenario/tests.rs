@@ -119,6 +119,9 @@ pub(crate) async fn drive_with(
         operations,
         executor: executor(strategy, lock),
         run_id: format!("t{:08x}", rand::random::<u32>()),
+        history: scenario
+            .records_history()
+            .then(|| Arc::new(crate::history::Recorder::new(workers))),
     });
     scenario.setup(&ctx).await.expect("setup");
     let next = Arc::new(AtomicU64::new(0));
@@ -273,6 +276,7 @@ macro_rules! prove_on_backends {
     };
 }
 
+use super::append::Append;
 use super::booking::Booking;
 use super::get_or_create::GetOrCreate;
 use super::order::Order;
@@ -302,6 +306,7 @@ prove_on_backends!(
     REPEATS
 );
 prove_on_backends!(queue, Queue::new(), WORKERS, OPERATIONS, REPEATS);
+prove_on_backends!(append, Append::new(), WORKERS, OPERATIONS, REPEATS);
 
 #[test]
 fn registry_names_are_unique() {
