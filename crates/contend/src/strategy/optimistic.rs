@@ -57,11 +57,11 @@ pub fn check(rows_affected: u64) -> Result<()> {
     }
 }
 
-/// A retry policy for optimistic writes: many quick attempts with jittered backoff (a lost race
-/// costs one re-read), at most 10 s in all. Every conflict kind is retried.
+/// A retry policy for optimistic writes: quick attempts with jittered backoff (a lost race
+/// costs one re-read), for at most 10 s in all, with no attempt limit. Every conflict kind is
+/// retried.
 pub fn retry_policy() -> RetryPolicy {
     RetryPolicy::new()
-        .max_attempts(200)
         .base_delay(Duration::from_micros(200))
         .max_delay(Duration::from_millis(20))
         .max_elapsed(Duration::from_secs(10))
