@@ -155,13 +155,14 @@ impl DbTarget {
     }
 }
 
-/// The lab's strategy executor, without lock services: transactions retried on any conflict
-/// for up to 30 s (a time budget, no attempt limit: [`contend::retry`]), locks waited for as
-/// long as the Redis locks wait ([`crate::lockstats::WAIT`]).
+/// The lab's strategy executor, without lock services: locks waited for as long as the Redis
+/// locks wait ([`crate::lockstats::WAIT`]), transactions retried on any conflict for up to twice
+/// that (a time budget, no attempt limit: [`contend::retry`]), so that an attempt whose lock
+/// wait ran out is still retried once its rollback has released what it held.
 pub fn lab_executor() -> Executor {
     Executor::new()
         .lock_wait(crate::lockstats::WAIT)
-        .options(TxOptions::new().retry(RetryPolicy::new()))
+        .options(TxOptions::new().retry(RetryPolicy::new().max_elapsed(2 * crate::lockstats::WAIT)))
 }
 
 /// [`lab_executor`] with every configured lock service behind a [`CountingLock`].

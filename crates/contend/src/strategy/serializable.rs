@@ -32,13 +32,14 @@ use crate::retry::RetryPolicy;
 use crate::tx::TxOptions;
 
 /// The retry policy of [`options`]: serialization failures, deadlocks, Galera certification
-/// failures, lock timeouts and busy errors, with jittered backoff from 0.5 ms to 50 ms, for at
-/// most 15 s in all (no attempt limit: see [`crate::retry`]).
+/// failures, lock timeouts and busy errors, with jittered backoff from 0.5 ms doubling up to
+/// 500 ms (so that after a run of lost rounds 64 contenders spread over half a second instead
+/// of colliding again), for at most 30 s in all (no attempt limit: see [`crate::retry`]).
 pub fn retry_policy() -> RetryPolicy {
     RetryPolicy::new()
         .base_delay(Duration::from_micros(500))
-        .max_delay(Duration::from_millis(50))
-        .max_elapsed(Duration::from_secs(15))
+        .max_delay(Duration::from_millis(500))
+        .max_elapsed(Duration::from_secs(30))
         .only(&[
             ConflictKind::Serialization,
             ConflictKind::Deadlock,
