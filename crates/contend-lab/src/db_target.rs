@@ -314,16 +314,11 @@ impl TargetRun for DbRun {
         out.handoff_p50_ms = counters.handoff_p50_ms();
     }
 
-    fn check<'a>(
-        &'a self,
-        totals: &'a Totals,
-    ) -> impl Future<Output = anyhow::Result<Vec<Invariant>>> + Send + 'a {
-        async move {
-            // On a cluster, the checks read the first node: wait until it has applied what
-            // the workers committed on the others.
-            self.ctx.db.catch_up().await?;
-            self.scenario.check(&self.ctx, totals).await
-        }
+    async fn check(&self, totals: &Totals) -> anyhow::Result<Vec<Invariant>> {
+        // On a cluster, the checks read the first node: wait until it has applied what the
+        // workers committed on the others.
+        self.ctx.db.catch_up().await?;
+        self.scenario.check(&self.ctx, totals).await
     }
 
     fn teardown(&self) -> impl Future<Output = anyhow::Result<()>> + Send {

@@ -306,10 +306,8 @@ pub(crate) fn cluster_of(urls: &[String], infos: &[NodeInfo]) -> Result<Cluster>
 /// PostgreSQL or SQLite URLs.
 pub fn check_urls(urls: &[String]) -> Result<Backend> {
     let Some(first) = urls.first() else {
-        return Err(Error::InvalidUrl {
-            url: String::new(),
-            reason: "no URL given".into(),
-        });
+        // No URL at all: the same error as any URL that names no backend.
+        return Backend::from_url("");
     };
     let backend = Backend::from_url(first)?;
     for url in &urls[1..] {
