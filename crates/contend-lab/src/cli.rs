@@ -26,8 +26,8 @@ pub struct LabArgs {
     #[arg(long, env = "DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
 
-    /// On a cluster, run the strategies that cannot be safe there (`advisory`, `serializable`
-    /// on Galera) instead of skipping them with the reason, to show how they fail; they are
+    /// On a cluster, run the strategies that cannot be safe there (`advisory`, `serializable`,
+    /// `mutex` on Galera) instead of skipping them with the reason, to show how they fail; they are
     /// then judged as unsafe baselines.
     #[arg(long)]
     pub allow_unsafe_on_cluster: bool,

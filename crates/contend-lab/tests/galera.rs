@@ -16,7 +16,7 @@ async fn galera_refuses_unsafe_strategies_safe_ones_hold_the_baseline_breaks() {
     let args = LabArgs {
         database_url: Some(urls),
         scenario: Some("withdraw".into()),
-        strategy: Some("none,atomic,pessimistic,optimistic,advisory,serializable".into()),
+        strategy: Some("none,atomic,pessimistic,optimistic,advisory,serializable,mutex".into()),
         workers: Some("16".into()),
         operations: Some(300),
         no_progress: true,
@@ -33,6 +33,7 @@ async fn galera_refuses_unsafe_strategies_safe_ones_hold_the_baseline_breaks() {
     for (strategy, reason) in [
         ("advisory", "GET_LOCK is local to the node"),
         ("serializable", "write skew between nodes"),
+        ("mutex", "the read is stale"),
     ] {
         let skipped = report
             .skipped

@@ -556,12 +556,14 @@ impl<DB: Database> Db<DB> {
         sqlx::query_scalar(AssertSqlSafe(self.inner.backend.sql(sql).into_owned()))
     }
 
-    /// Runs several `;`-separated statements without parameters (schema setup and the like).
+    /// Runs several `;`-separated statements without parameters (schema setup and the like),
+    /// always on the first node (so that schema changes and the data loaded after them are
+    /// made in order on one node).
     ///
     /// # Errors
     /// The first statement's error.
     pub async fn execute_script(&self, sql: &str) -> Result<()> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.inner.pool.acquire().await?;
         DB::execute_raw(&mut conn, sql.to_string()).await?;
         Ok(())
     }

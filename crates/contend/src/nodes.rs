@@ -40,9 +40,15 @@
 //!   `pessimistic`, `batched`) stay safe: what the node-local lock does not stop, certification
 //!   aborts, and the executor retries it;
 //! - `advisory` (`GET_LOCK`) is not a lock between nodes at all (two nodes grant the same lock
-//!   at once) and `serializable` orders transactions of one node only (certification checks
-//!   what was written, not what was read, so write skew between nodes goes through); the
-//!   executor refuses both on a Galera cluster ([`crate::strategy::Executor::check_db`]);
+//!   at once), `serializable` orders transactions of one node only (certification checks
+//!   what was written, not what was read, so write skew between nodes goes through), and
+//!   `mutex` reads outside its write's transaction, on a node that may not have applied the
+//!   previous holder's commit yet (measured: lost updates in every lab scenario at 64
+//!   workers); the executor refuses the three on a Galera cluster
+//!   ([`crate::strategy::Executor::check_db`]);
+//! - a row lock on a row that does not exist yet (a gap lock guarding an insert) is node-local
+//!   too, and certification sees two inserts of the same thing only through a primary or
+//!   unique key: give such tables one;
 //! - reads on one node may not yet show what another node committed a moment ago (replication
 //!   is synchronous up to certification, applying is not). [`Db::catch_up`] waits until every
 //!   node has applied what the cluster had committed when it was called.
@@ -94,6 +100,7 @@ impl Cluster {
     /// use contend::strategy::Strategy;
     /// let galera = Cluster::Galera { nodes: 3, size: 3 };
     /// assert!(galera.unsafe_strategy(Strategy::Advisory).is_some());
+    /// assert!(galera.unsafe_strategy(Strategy::Mutex).is_some());
     /// assert!(galera.unsafe_strategy(Strategy::Pessimistic).is_none());
     /// assert!(Cluster::Single.unsafe_strategy(Strategy::Advisory).is_none());
     /// ```
@@ -105,6 +112,13 @@ impl Cluster {
             Strategy::Advisory => Some(
                 "GET_LOCK is local to the node that grants it, so two nodes grant the same lock \
                  at once and it excludes nothing between them",
+            ),
+            Strategy::Mutex => Some(
+                "the in-process lock orders the operations, but `mutex` reads outside the write's \
+                 transaction, and a node may not yet have applied the previous holder's commit \
+                 (Galera applies after certification, asynchronously): the read is stale and the \
+                 write, in a later transaction, is certified against a snapshot that already \
+                 includes that commit, so the lost update goes through",
             ),
             Strategy::Serializable => Some(
                 "SERIALIZABLE orders the transactions of one node only; certification checks \

@@ -406,7 +406,7 @@ impl<DB: Database> Executor<DB> {
 
     /// [`Executor::check`] for the database `db` is connected to, which also refuses the
     /// strategies that cannot be safe on its cluster ([`crate::nodes::Cluster::unsafe_strategy`]:
-    /// `advisory` and `serializable` on a Galera cluster), unless
+    /// `advisory`, `serializable` and `mutex` on a Galera cluster), unless
     /// [`Executor::allow_unsafe_on_cluster`] was set. [`Executor::run`] checks this first.
     ///
     /// ```
