@@ -2,7 +2,9 @@
 //! point that runs the lab and prints the table or the JSON document.
 //!
 //! Exit status: 0 when every strategy expected to be safe was; 1 when one showed a violation or
-//! unexpected errors; 2 (an `Err` from [`run`]) for bad flags or an error that stopped the lab.
+//! unexpected errors; 3 when none did but operations of safe strategies gave up under
+//! contention (their retry budget ran out, [`LabReport::exit_code`]); 2 (an `Err` from [`run`])
+//! for bad flags or an error that stopped the lab.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -19,9 +21,16 @@ use crate::scenario::Scenario;
 /// Arguments of `contend lab`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct LabArgs {
-    /// Database to run against [default: embedded SQLite in a temporary file].
+    /// Database to run against [default: embedded SQLite in a temporary file]; or the nodes of
+    /// one Galera cluster, comma separated (workers are spread over them round robin).
     #[arg(long, env = "DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
+
+    /// On a cluster, run the strategies that cannot be safe there (`advisory`, `serializable`,
+    /// `mutex` on Galera) instead of skipping them with the reason, to show how they fail; they are
+    /// then judged as unsafe baselines.
+    #[arg(long)]
+    pub allow_unsafe_on_cluster: bool,
 
     /// Scenarios to run, comma separated, or `all` [default: all]: withdraw, transfer, order,
     /// booking, get_or_create, queue, append (records every operation's history and checks it
@@ -180,6 +189,7 @@ impl LabArgs {
         }
         config.html = self.html;
         config.wide = self.wide;
+        config.allow_unsafe_on_cluster = self.allow_unsafe_on_cluster;
         config.progress = !self.no_progress && !self.json;
         Ok(config)
     }
@@ -240,11 +250,7 @@ pub async fn run_with(args: LabArgs, registry: Vec<Arc<dyn Scenario>>) -> anyhow
     let config = args.into_config(&names)?;
     let report = run_config(&config, &registry).await?;
     emit(&config, &report)?;
-    Ok(if report.failed() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(ExitCode::from(report.exit_code()))
 }
 
 /// Runs a validated configuration: connects the lock services it names, then the runs.

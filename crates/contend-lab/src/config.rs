@@ -56,8 +56,12 @@ impl Load {
 /// The lab's validated settings.
 #[derive(Debug, Clone)]
 pub struct LabConfig {
-    /// The database URL; `None` means a temporary SQLite file made (and removed) by the lab.
+    /// The database URL (or the nodes of one Galera cluster, comma separated); `None` means a
+    /// temporary SQLite file made (and removed) by the lab.
     pub database_url: Option<String>,
+    /// Run strategies that cannot be safe on the database's cluster, as unsafe baselines,
+    /// instead of skipping them (`--allow-unsafe-on-cluster`).
+    pub allow_unsafe_on_cluster: bool,
     /// Scenario names to run, in order (empty: all that exist).
     pub scenarios: Vec<String>,
     /// Strategies to run, in order.
@@ -89,6 +93,7 @@ impl Default for LabConfig {
     fn default() -> Self {
         LabConfig {
             database_url: None,
+            allow_unsafe_on_cluster: false,
             scenarios: Vec::new(),
             strategies: Strategy::ALL.to_vec(),
             workers: DEFAULT_WORKERS.to_vec(),
@@ -246,12 +251,21 @@ pub fn check_redis_url(flag: &str, url: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Checks a database URL names a supported backend.
+/// Checks a database URL names a supported backend; a comma-separated list must name nodes of
+/// one backend that can have several (MySQL/MariaDB: the nodes of a Galera cluster, confirmed
+/// when the lab connects).
+///
+/// ```
+/// use contend_lab::config::check_database_url;
+/// assert!(check_database_url("mysql://root@127.0.0.1:1/app,mysql://root@127.0.0.1:2/app").is_ok());
+/// assert!(check_database_url("postgres://h1/app,postgres://h2/app").is_err());
+/// ```
 ///
 /// # Errors
-/// An unsupported scheme.
+/// An unsupported scheme, backends mixed, or several URLs of a backend without clusters.
 pub fn check_database_url(url: &str) -> Result<Backend, ConfigError> {
-    Backend::from_url(url).map_err(|e| bad(format!("--database-url: {e}")))
+    let urls = contend::nodes::split_urls(url);
+    contend::nodes::check_urls(&urls).map_err(|e| bad(format!("--database-url: {e}")))
 }
 
 /// Checks scenario names against those that exist (`all` means every one).

@@ -58,9 +58,12 @@ pub async fn run_lab(
     locks: &LockServices,
 ) -> anyhow::Result<LabReport> {
     let max_workers = config.workers.iter().copied().max().unwrap_or(1);
-    let target = DbTarget::connect(config.database_url.as_deref(), max_workers, locks).await?;
+    let mut target = DbTarget::connect(config.database_url.as_deref(), max_workers, locks).await?;
+    if config.allow_unsafe_on_cluster {
+        target.allow_unsafe_on_cluster();
+    }
     let report = runner::run(config, &target, scenarios).await;
-    target.db.pool().close().await;
+    target.db.close().await;
     report
 }
 
@@ -73,13 +76,16 @@ pub struct DbTarget {
     executor: Executor,
     /// The counting wrapper of each lock service the executor has.
     counting: HashMap<Strategy, Arc<CountingLock>>,
+    /// Whether strategies that cannot be safe on the cluster run (as unsafe baselines).
+    allow_unsafe_on_cluster: bool,
     /// The temporary SQLite file's folder, removed on drop.
     _tempdir: Option<tempfile::TempDir>,
 }
 
 impl DbTarget {
-    /// Connects to `url` with a pool of `max_workers + 2` connections, or makes a temporary
-    /// SQLite file (removed when the target is dropped) when `url` is `None`.
+    /// Connects to `url` with a pool of `max_workers + 2` connections (per node, for the nodes of
+    /// a Galera cluster, over which the workers' sessions are spread round robin), or makes a
+    /// temporary SQLite file (removed when the target is dropped) when `url` is `None`.
     ///
     /// # Errors
     /// The database cannot be reached or the temporary file cannot be made.
@@ -112,13 +118,25 @@ impl DbTarget {
         };
         let (executor, counting) = executor(locks);
         Ok(DbTarget {
-            backend: db.backend().name(),
+            backend: if db.cluster().is_galera() {
+                "galera"
+            } else {
+                db.backend().name()
+            },
             db,
             locks: locks.clone(),
             executor,
             counting,
+            allow_unsafe_on_cluster: false,
             _tempdir: tempdir,
         })
+    }
+
+    /// Runs the strategies that cannot be safe on the database's cluster instead of skipping
+    /// them, judged as unsafe baselines (`--allow-unsafe-on-cluster`).
+    pub fn allow_unsafe_on_cluster(&mut self) {
+        self.allow_unsafe_on_cluster = true;
+        self.executor = self.executor.clone().allow_unsafe_on_cluster(true);
     }
 
     /// The database under test.
@@ -138,12 +156,14 @@ impl DbTarget {
     }
 }
 
-/// The lab's strategy executor, without lock services: transactions retried on any conflict (30
-/// attempts), locks waited for as long as the Redis locks wait ([`crate::lockstats::WAIT`]).
+/// The lab's strategy executor, without lock services: locks waited for as long as the Redis
+/// locks wait ([`crate::lockstats::WAIT`]), transactions retried on any conflict for up to twice
+/// that (a time budget, no attempt limit: [`contend::retry`]), so that an attempt whose lock
+/// wait ran out is still retried once its rollback has released what it held.
 pub fn lab_executor() -> Executor {
     Executor::new()
         .lock_wait(crate::lockstats::WAIT)
-        .options(TxOptions::new().retry(RetryPolicy::new().max_attempts(30)))
+        .options(TxOptions::new().retry(RetryPolicy::new().max_elapsed(2 * crate::lockstats::WAIT)))
 }
 
 /// [`lab_executor`] with every configured lock service behind a [`CountingLock`].
@@ -175,6 +195,18 @@ impl Target for DbTarget {
     fn supports(&self, scenario: &Arc<dyn Scenario>, strategy: Strategy) -> Result<(), String> {
         let backend = self.db.backend();
         strategy.supported_on(backend).map_err(str::to_string)?;
+        if !self.allow_unsafe_on_cluster
+            && let Some(reason) = self.db.cluster().unsafe_strategy(strategy)
+        {
+            let refused = contend::Error::UnsafeOnCluster {
+                strategy,
+                cluster: self.db.cluster().to_string(),
+                reason,
+            };
+            return Err(format!(
+                "refused: {refused} (--allow-unsafe-on-cluster runs it)"
+            ));
+        }
         scenario.supports(strategy, backend)?;
         if strategy.needs_redis() {
             match self.locks.get(&strategy) {
@@ -187,7 +219,7 @@ impl Target for DbTarget {
     }
 
     fn expected_safe(&self, strategy: Strategy) -> bool {
-        strategy.expected_safe()
+        strategy.expected_safe() && self.db.cluster().unsafe_strategy(strategy).is_none()
     }
 
     fn reports_locks(&self, strategy: Strategy) -> bool {
@@ -219,6 +251,9 @@ impl Target for DbTarget {
                 .then(|| Arc::new(crate::history::Recorder::new(spec.workers))),
         };
         scenario.setup(&ctx).await.map_err(SetupError::Failed)?;
+        // On a cluster, the data written on the first node is applied everywhere before the
+        // workers read it on theirs.
+        self.db.catch_up().await.map_err(SetupError::failed)?;
         self.warm_pool(spec.workers).await;
         let commands = match service.and_then(|s| s.commands) {
             Some(counter) => counter.total().await.ok().map(|n| (counter, n)),
@@ -305,11 +340,11 @@ impl TargetRun for DbRun {
         out.handoff_p50_ms = counters.handoff_p50_ms();
     }
 
-    fn check<'a>(
-        &'a self,
-        totals: &'a Totals,
-    ) -> impl Future<Output = anyhow::Result<Vec<Invariant>>> + Send + 'a {
-        self.scenario.check(&self.ctx, totals)
+    async fn check(&self, totals: &Totals) -> anyhow::Result<Vec<Invariant>> {
+        // On a cluster, the checks read the first node: wait until it has applied what the
+        // workers committed on the others.
+        self.ctx.db.catch_up().await?;
+        self.scenario.check(&self.ctx, totals).await
     }
 
     fn teardown(&self) -> impl Future<Output = anyhow::Result<()>> + Send {

@@ -731,7 +731,7 @@ fn table(report: &LabReport) -> String {
     let mut s = String::from(
         "<table><thead><tr><th>scenario</th><th>strategy</th><th>backend</th><th>workers</th>\
          <th>ops</th><th>succeeded</th><th>refused</th><th>retries</th><th>conflicts</th>\
-         <th>errors</th><th>ops/s</th><th>p50 ms</th><th>p99 ms</th><th>violations</th>",
+         <th>errors</th><th>gave up</th><th>ops/s</th><th>p50 ms</th><th>p99 ms</th><th>violations</th>",
     );
     if histories {
         s.push_str("<th>anomalies</th>");
@@ -746,7 +746,7 @@ fn table(report: &LabReport) -> String {
         };
         let _ = write!(
             s,
-            r#"<tr><td>{}</td><td><span class="dot" style="background:{}"></span>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td><td class="n">{}</td><td class="n">{:.0}</td><td class="n">{:.2}</td><td class="n">{:.2}</td><td class="n">{}</td>{anomalies}<td class="v {}" title="{}">{}</td></tr>"#,
+            r#"<tr><td>{}</td><td><span class="dot" style="background:{}"></span>{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td>{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{:.0}</td><td class="n">{:.2}</td><td class="n">{:.2}</td><td class="n">{}</td>{anomalies}<td class="v {}" title="{}">{}</td></tr>"#,
             esc(&r.scenario),
             color(&r.strategy),
             esc(&r.strategy),
@@ -758,6 +758,7 @@ fn table(report: &LabReport) -> String {
             r.retries,
             esc(&conflicts),
             r.errors,
+            r.gave_up,
             r.throughput_ops_s,
             r.latency_ms.p50,
             r.latency_ms.p99,

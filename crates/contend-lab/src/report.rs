@@ -80,6 +80,10 @@ pub struct RunReport {
     pub conflicts: BTreeMap<String, u64>,
     /// Operations that failed.
     pub errors: u64,
+    /// Operations that gave up under contention: their conflicts outlasted the retry budget (a
+    /// time limit), or a lock was not acquired within its wait. Rolled back, nothing written;
+    /// counted apart from `errors` and judged by their own rule (see [`LabReport::exit_code`]).
+    pub gave_up: u64,
     /// Wall time of the load phase, in seconds.
     pub duration_s: f64,
     /// `operations / duration_s`.
@@ -166,6 +170,7 @@ impl RunReport {
             retries: 0,
             conflicts: BTreeMap::new(),
             errors: 0,
+            gave_up: 0,
             duration_s: 0.0,
             throughput_ops_s: 0.0,
             latency_ms: Latency::default(),
@@ -249,7 +254,7 @@ pub const COMPACT_WIDTH: u16 = 120;
 /// The colour of a run's verdict in the tables: red when it fails the lab, green when a safe
 /// strategy held, yellow when the baseline broke (as expected).
 /// The columns of the full table (`--wide`), in order.
-pub(crate) const WIDE_COLUMNS: [&str; 15] = [
+pub(crate) const WIDE_COLUMNS: [&str; 16] = [
     "scenario",
     "strategy",
     "backend",
@@ -260,6 +265,7 @@ pub(crate) const WIDE_COLUMNS: [&str; 15] = [
     "retries",
     "conflicts",
     "errors",
+    "gave up",
     "ops/s",
     "p50 ms",
     "p99 ms",
@@ -373,6 +379,35 @@ impl LabReport {
         self.runs.iter().any(|r| r.failed)
     }
 
+    /// Operations of strategies expected to be safe that gave up under contention, over all
+    /// runs (the unsafe baseline's do not count: nothing is promised of it).
+    pub fn gave_up(&self) -> u64 {
+        self.runs
+            .iter()
+            .filter(|r| r.expected_safe)
+            .map(|r| r.gave_up)
+            .sum()
+    }
+
+    /// The lab's exit status: 1 when a run failed ([`LabReport::failed`]: a safe strategy
+    /// broke an invariant or hit errors), else 3 when operations of safe strategies gave up
+    /// under contention ([`LabReport::gave_up`]: the strategy held, but the load outlasted its
+    /// retry budget), else 0. (2 is for bad flags and runs that could not start.)
+    ///
+    /// ```
+    /// let report = contend_lab::report::LabReport::default();
+    /// assert_eq!(report.exit_code(), 0);
+    /// ```
+    pub fn exit_code(&self) -> u8 {
+        if self.failed() {
+            1
+        } else if self.gave_up() > 0 {
+            3
+        } else {
+            0
+        }
+    }
+
     /// The JSON document, pretty-printed.
     ///
     /// # Errors
@@ -381,7 +416,7 @@ impl LabReport {
         serde_json::to_string_pretty(self)
     }
 
-    /// The full table (all fifteen columns, `contend lab --wide`), then the lock table, the
+    /// The full table (all sixteen columns, `contend lab --wide`), then the lock table, the
     /// details, the skipped combinations, the legend and a one-paragraph summary.
     pub fn render(&self) -> String {
         let mut out = self.wide_table();
@@ -398,8 +433,8 @@ impl LabReport {
     }
 
     /// The compact table: per backend (in the order the runs came), a `Backend: ...` line and a
-    /// table of scenario, strategy, workers, ops/s, p50 and p99, ok/refused/errors, retries,
-    /// violations and a short verdict ([`short_verdict`]). Only the verdict wraps, to keep it
+    /// table of scenario, strategy, workers, ops/s, p50 and p99, ok/refused/errors, gave up,
+    /// retries, violations and a short verdict ([`short_verdict`]). Only the verdict wraps, to keep it
     /// within [`COMPACT_WIDTH`] columns.
     fn compact_table(&self) -> String {
         let mut backends: Vec<&str> = Vec::new();
@@ -419,10 +454,14 @@ impl LabReport {
                 "p50 ms",
                 "p99 ms",
                 "ok/ref/err",
-                "retries",
-                "viol",
             ];
             let runs: Vec<&RunReport> = self.runs.iter().filter(|r| r.backend == backend).collect();
+            // Operations that gave up under contention, shown when a run has some.
+            let gave_up = runs.iter().any(|r| r.gave_up > 0);
+            if gave_up {
+                header.push("gave up");
+            }
+            header.extend(["retries", "viol"]);
             // Anomalies of checked histories (part of `viol`), shown when a run has one.
             let histories = runs.iter().any(|r| r.history.is_some());
             if histories {
@@ -445,9 +484,12 @@ impl LabReport {
                     num(format!("{:.2}", r.latency_ms.p50)),
                     num(format!("{:.2}", r.latency_ms.p99)),
                     num(format!("{}/{}/{}", r.succeeded, r.refused, r.errors)),
-                    num(r.retries.to_string()),
-                    num(r.violations.to_string()),
                 ];
+                if gave_up {
+                    row.push(num(r.gave_up.to_string()));
+                }
+                row.push(num(r.retries.to_string()));
+                row.push(num(r.violations.to_string()));
                 if histories {
                     row.push(num(r.anomalies_text()));
                 }
@@ -495,6 +537,7 @@ impl LabReport {
                 num(r.retries.to_string()),
                 Cell::new(conflicts),
                 num(r.errors.to_string()),
+                num(r.gave_up.to_string()),
                 num(format!("{:.0}", r.throughput_ops_s)),
                 num(format!("{:.2}", r.latency_ms.p50)),
                 num(format!("{:.2}", r.latency_ms.p99)),
@@ -646,6 +689,13 @@ impl LabReport {
         if failed > 0 {
             out.push_str("\nFAILED: a strategy expected to be safe broke an invariant or hit errors (see Details).");
         }
+        let gave_up = self.gave_up();
+        if gave_up > 0 {
+            let _ = write!(
+                out,
+                "\nGAVE UP: {gave_up} operations of safe strategies gave up under contention (their retry budget ran out); exit status 3 unless something failed."
+            );
+        }
         out.push('\n');
         out
     }
@@ -659,7 +709,12 @@ How to read this:
                and makes the lab exit with status 1.
   cost         ops/s and p99 show what safety costs; retries and conflicts are work thrown away
                (optimistic, serializable re-run the transaction); lock-based strategies queue on
-               the hot row. succeeded + refused + errors = ops; refused is a business \"no\" (no money left).
+               the hot row. succeeded + refused + errors + gave up = ops; refused is a business
+               \"no\" (no money left).
+  gave up      (contention) an operation whose conflicts outlasted its retry budget (a time
+               limit, not a count) or whose lock wait ran out: rolled back, nothing written, not
+               an error. Exit status: 1 when a safe strategy broke or hit errors, else 3 when
+               operations of safe strategies gave up, else 0.
 ";
 
 const COMPACT_LEGEND: &str = "  \
@@ -713,6 +768,7 @@ mod tests {
             retries: 0,
             conflicts: BTreeMap::new(),
             errors,
+            gave_up: 0,
             duration_s: 1.0,
             throughput_ops_s: 100.0,
             latency_ms: Latency::default(),
@@ -755,6 +811,23 @@ mod tests {
         );
         assert!(text.contains("ERRORS (BUG)"), "{text}");
         assert!(text.contains("FAILED"), "{text}");
+    }
+
+    #[test]
+    fn the_compact_table_shows_gave_up_only_when_something_gave_up() {
+        let mut report = LabReport {
+            runs: vec![run("pessimistic", true, 0, 0)],
+            skipped: Vec::new(),
+        };
+        let header = |r: &LabReport| r.render_compact().lines().nth(2).unwrap_or("").to_string();
+        assert!(!header(&report).contains("gave up"), "{}", header(&report));
+        report.runs[0].gave_up = 3;
+        assert!(header(&report).contains("gave up"), "{}", header(&report));
+        assert!(
+            report.render_compact().contains("┆       3 ┆"),
+            "{}",
+            report.render_compact()
+        );
     }
 
     #[test]
@@ -972,6 +1045,7 @@ mod tests {
             "retries",
             "conflicts",
             "errors",
+            "gave_up",
             "duration_s",
             "throughput_ops_s",
             "latency_ms",

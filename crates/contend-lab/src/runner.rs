@@ -368,6 +368,7 @@ pub(crate) struct WorkerStats {
     succeeded: u64,
     refused: u64,
     errors: u64,
+    gave_up: u64,
     retries: u64,
     conflicts: BTreeMap<ConflictKind, u64>,
     fenced_rejections: u64,
@@ -382,6 +383,7 @@ impl WorkerStats {
             succeeded: 0,
             refused: 0,
             errors: 0,
+            gave_up: 0,
             retries: 0,
             conflicts: BTreeMap::new(),
             fenced_rejections: 0,
@@ -396,6 +398,13 @@ impl WorkerStats {
         match op.outcome {
             Outcome::Succeeded => self.succeeded += 1,
             Outcome::Refused => self.refused += 1,
+            Outcome::GaveUp(message) => {
+                self.gave_up += 1;
+                add_sample(
+                    &mut self.error_samples,
+                    format!("gave up (contention): {message}"),
+                );
+            }
             Outcome::Error(message) => {
                 self.errors += 1;
                 add_sample(&mut self.error_samples, message);
@@ -413,6 +422,7 @@ impl WorkerStats {
         self.succeeded += other.succeeded;
         self.refused += other.refused;
         self.errors += other.errors;
+        self.gave_up += other.gave_up;
         self.retries += other.retries;
         for (kind, n) in other.conflicts {
             *self.conflicts.entry(kind).or_default() += n;
@@ -435,17 +445,19 @@ impl WorkerStats {
             succeeded: self.succeeded,
             refused: self.refused,
             errors: self.errors,
+            gave_up: self.gave_up,
         }
     }
 
     /// Writes the counts, retries, conflicts, throughput over `elapsed`, latency, error samples
     /// and (when `report` has lock statistics) fenced rejections into `report`.
     pub(crate) fn fill(self, report: &mut RunReport, elapsed: Duration) {
-        let operations = self.succeeded + self.refused + self.errors;
+        let operations = self.succeeded + self.refused + self.errors + self.gave_up;
         report.operations = operations;
         report.succeeded = self.succeeded;
         report.refused = self.refused;
         report.errors = self.errors;
+        report.gave_up = self.gave_up;
         report.retries = self.retries;
         report.conflicts = self
             .conflicts

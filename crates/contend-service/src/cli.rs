@@ -13,7 +13,9 @@ use crate::{AppState, Config};
 /// Arguments of `contend serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Database URL: sqlite:PATH, postgres://..., mysql://... or mariadb://...
+    /// Database URL: sqlite:PATH, postgres://..., mysql://... or mariadb://...; or the nodes of
+    /// one Galera cluster, comma separated (connections are spread over them round robin, each
+    /// node with its own pool of --max-connections).
     #[arg(
         long,
         env = "DATABASE_URL",

@@ -55,9 +55,11 @@ pub(crate) fn executor(
 /// it is `redis-spin` (a baseline the service does not offer).
 pub(crate) fn check_supported(state: &AppState, strategy: Strategy) -> Result<(), ApiError> {
     let backend = state.inner.db.backend();
-    let why = match state.inner.executor.check(strategy, backend) {
+    let why = match state.inner.executor.check_db(strategy, &state.inner.db) {
         Ok(()) if strategy != Strategy::RedisSpin => return Ok(()),
         Ok(()) => "strategy `redis-spin` is not offered by the service".to_string(),
+        // On a Galera cluster: `advisory` and `serializable`, with the reason.
+        Err(e @ contend::Error::UnsafeOnCluster { .. }) => e.to_string(),
         Err(_) => match (strategy.supported_on(backend), strategy) {
             (Err(why), _) => format!("strategy `{strategy}` is not supported here: {why}"),
             (Ok(()), Strategy::Redis) => {

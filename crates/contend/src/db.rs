@@ -1,8 +1,10 @@
 //! [`Db`]: one pooled handle for SQLite, PostgreSQL and MySQL/MariaDB, chosen by URL, with the
-//! session settings each backend needs for safe concurrent use.
+//! session settings each backend needs for safe concurrent use; over one server or the nodes
+//! of a Galera cluster ([`crate::nodes`]).
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -12,7 +14,8 @@ use sqlx::query::{Query, QueryScalar};
 use sqlx::{Any, AssertSqlSafe, ConnectOptions, Connection, Executor, Pool};
 
 use crate::backend::{Backend, Database, address_of, redact_url, sqlite::DEFAULT_BUSY_TIMEOUT_MS};
-use crate::error::{Error, Result};
+use crate::error::{ConflictKind, Error, Result};
+use crate::nodes::{self, Cluster};
 use crate::session::Session;
 use crate::tx::{self, Again, Attempted, Once, Tx, TxError, TxOptions};
 
@@ -46,7 +49,14 @@ impl<DB: Database> Clone for Db<DB> {
 
 #[derive(Debug)]
 struct Inner<DB: Database> {
+    /// The first node's pool.
     pool: Pool<DB>,
+    /// The pools of the other nodes of a cluster (empty for one server).
+    others: Vec<Pool<DB>>,
+    /// The round-robin counter of [`Db::acquire`] over `pool` and `others`.
+    next: AtomicUsize,
+    /// What the pools are connected to.
+    cluster: Cluster,
     backend: Backend,
     url: String,
     busy_timeout_ms: u64,
@@ -122,21 +132,66 @@ impl DbBuilder {
         self
     }
 
-    /// Opens the pool and one connection, so that a bad address fails here, clearly.
+    /// Opens the pool (one per node) and one connection to each node, so that a bad address
+    /// fails here, clearly. A MySQL/MariaDB server is asked whether it is a Galera node
+    /// ([`Db::cluster`]); several URLs must be the nodes of one Galera cluster
+    /// ([`crate::nodes`]).
     ///
     /// SQLite files are created if missing, and every SQLite connection gets WAL journaling,
     /// `synchronous = NORMAL`, foreign keys and the busy timeout.
     ///
     /// # Errors
-    /// [`Error::InvalidUrl`] for a URL that names no supported backend or cannot be parsed;
-    /// [`Error::Connect`] naming the backend and address when the server cannot be reached in
-    /// time or refuses the login.
+    /// [`Error::InvalidUrl`] for a URL that names no supported backend or cannot be parsed, and
+    /// for several URLs that are not the nodes of one Galera cluster; [`Error::Connect`]
+    /// naming the backend and address when a server cannot be reached in time or refuses the
+    /// login.
+    ///
+    /// # Cancel safety
+    /// Dropping the future drops the pools opened so far.
     pub async fn connect(self) -> Result<Db> {
         sqlx::any::install_default_drivers();
-        let backend = Backend::from_url(&self.url)?;
-        let (url, memory) = normalize_url(backend, &self.url);
-        let options = AnyConnectOptions::from_str(&url).map_err(|e| Error::InvalidUrl {
-            url: redact_url(&self.url),
+        let urls = nodes::split_urls(&self.url);
+        let backend = nodes::check_urls(&urls)?;
+        let mut pools = Vec::with_capacity(urls.len());
+        for url in &urls {
+            pools.push(self.connect_node(backend, url).await?);
+        }
+        let cluster = if backend == Backend::MySql {
+            let mut infos = Vec::with_capacity(pools.len());
+            for (pool, url) in pools.iter().zip(&urls) {
+                infos.push(probe_node(pool, backend, url).await?);
+            }
+            nodes::cluster_of(&urls, &infos)?
+        } else {
+            Cluster::Single
+        };
+        let mut pools = pools.into_iter();
+        let pool = pools.next().expect("check_urls: at least one URL");
+        Ok(Db {
+            inner: Arc::new(Inner {
+                pool,
+                others: pools.collect(),
+                next: AtomicUsize::new(0),
+                cluster,
+                backend,
+                url: urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                busy_timeout_ms: self.busy_timeout.as_millis() as u64,
+                writer: (backend == Backend::Sqlite && self.writer_queue)
+                    .then(|| tokio::sync::Mutex::new(())),
+                turn_timeout: self.acquire_timeout,
+            }),
+        })
+    }
+
+    /// The pool of one node (or the one server) at `url`.
+    async fn connect_node(&self, backend: Backend, url: &str) -> Result<Pool<Any>> {
+        let (normalized, memory) = normalize_url(backend, url);
+        let options = AnyConnectOptions::from_str(&normalized).map_err(|e| Error::InvalidUrl {
+            url: redact_url(url),
             reason: e.to_string(),
         })?;
         let busy_ms = self.busy_timeout.as_millis() as u64;
@@ -164,7 +219,7 @@ impl DbBuilder {
         // The pool retries refused connections until its acquire timeout and then reports only
         // "pool timed out". Open one connection directly first, so that an unreachable server or
         // a refused login reports the real cause ("connection refused", "access denied", ...).
-        let address = address_of(&self.url);
+        let address = address_of(url);
         let connect_error = |source| Error::Connect {
             backend,
             address: address.clone(),
@@ -186,23 +241,29 @@ impl DbBuilder {
             }
         }
         let connect = pool.connect_with(options);
-        let pool = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(pool)) => pool,
-            Ok(Err(source)) => return Err(connect_error(source)),
-            Err(_) => return Err(connect_error(timed_out())),
-        };
-        Ok(Db {
-            inner: Arc::new(Inner {
-                pool,
-                backend,
-                url: redact_url(&self.url),
-                busy_timeout_ms: busy_ms,
-                writer: (backend == Backend::Sqlite && self.writer_queue)
-                    .then(|| tokio::sync::Mutex::new(())),
-                turn_timeout: self.acquire_timeout,
-            }),
-        })
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(pool)) => Ok(pool),
+            Ok(Err(source)) => Err(connect_error(source)),
+            Err(_) => Err(connect_error(timed_out())),
+        }
     }
+}
+
+/// Asks the MySQL/MariaDB node behind `pool` whether it is a Galera node.
+async fn probe_node<DB: Database>(
+    pool: &Pool<DB>,
+    backend: Backend,
+    url: &str,
+) -> Result<nodes::NodeInfo> {
+    let probe = async {
+        let mut conn = pool.acquire().await?;
+        nodes::probe::<DB>(&mut conn).await
+    };
+    probe.await.map_err(|source| Error::Connect {
+        backend,
+        address: address_of(url),
+        source,
+    })
 }
 
 /// `mariadb://` becomes `mysql://` (same protocol); SQLite files get `mode=rwc` so that they are
@@ -228,7 +289,8 @@ fn normalize_url(backend: Backend, url: &str) -> (String, bool) {
 }
 
 impl Db<Any> {
-    /// Connects with default settings. See [`DbBuilder::connect`].
+    /// Connects with default settings. See [`DbBuilder::connect`]. `url` may be a
+    /// comma-separated list of the nodes of one Galera cluster ([`crate::nodes`]).
     ///
     /// # Errors
     /// As [`DbBuilder::connect`].
@@ -237,7 +299,9 @@ impl Db<Any> {
     }
 
     /// Starts configuring a connection to `url`: `sqlite:PATH`, `sqlite::memory:`,
-    /// `postgres://user:pass@host:port/db`, `mysql://...` or `mariadb://...`.
+    /// `postgres://user:pass@host:port/db`, `mysql://...` or `mariadb://...`; or to the nodes of
+    /// one Galera cluster, `mysql://node1/db,mysql://node2/db,...` ([`crate::nodes`]). Pool
+    /// settings apply to each node's pool.
     pub fn builder(url: &str) -> DbBuilder {
         DbBuilder {
             url: url.to_string(),
@@ -286,6 +350,9 @@ impl<DB: Database> Db<DB> {
         Ok(Db {
             inner: Arc::new(Inner {
                 pool,
+                others: Vec::new(),
+                next: AtomicUsize::new(0),
+                cluster: Cluster::Single,
                 backend,
                 url,
                 busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
@@ -295,27 +362,185 @@ impl<DB: Database> Db<DB> {
         })
     }
 
+    /// Like [`Db::from_pool`] for the nodes of one cluster, one pool per node, in the order
+    /// [`Db::acquire`] takes them; and it asks MySQL/MariaDB servers whether they are Galera
+    /// nodes ([`Db::cluster`]), which [`Db::from_pool`] (not async) cannot. One pool is fine:
+    /// a single Galera node is then recognised as one.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+    /// use sqlx::MySqlPool;
+    /// let mut pools = Vec::new();
+    /// for url in ["mysql://app@10.0.0.1/app", "mysql://app@10.0.0.2/app", "mysql://app@10.0.0.3/app"] {
+    ///     pools.push(MySqlPool::connect(url).await?);
+    /// }
+    /// let db = contend::Db::from_pools(pools).await?;
+    /// assert!(db.cluster().is_galera());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Db::from_pool`]; [`Error::InvalidUrl`] for no pool, pools of different backends, or
+    /// several pools that are not nodes of one Galera cluster; [`Error::Connect`] when a node
+    /// cannot be asked.
+    ///
+    /// # Cancel safety
+    /// Dropping the future drops the pools.
+    pub async fn from_pools(pools: Vec<Pool<DB>>) -> Result<Db<DB>> {
+        let mut pools = pools.into_iter();
+        let Some(first) = pools.next() else {
+            return Err(Error::InvalidUrl {
+                url: String::new(),
+                reason: "no pool given".into(),
+            });
+        };
+        let others: Vec<Pool<DB>> = pools.collect();
+        let db = Db::from_pool(first)?;
+        let backend = db.backend();
+        let mut urls = vec![db.url().to_string()];
+        for pool in &others {
+            let url =
+                DB::url_of(pool).map_or_else(|| format!("{backend} pool"), |u| redact_url(&u));
+            if DB::backend_of(pool)? != backend {
+                return Err(Error::InvalidUrl {
+                    url,
+                    reason: format!(
+                        "the nodes of one database must be of one backend, and the first pool is {backend}"
+                    ),
+                });
+            }
+            urls.push(url);
+        }
+        if !others.is_empty() && backend != Backend::MySql {
+            return Err(Error::InvalidUrl {
+                url: urls.join(","),
+                reason: format!(
+                    "several pools are accepted only for the nodes of a MariaDB Galera cluster, not for {backend}"
+                ),
+            });
+        }
+        let cluster = if backend == Backend::MySql {
+            let mut infos = vec![probe_node(db.pool(), backend, &urls[0]).await?];
+            for (pool, url) in others.iter().zip(&urls[1..]) {
+                infos.push(probe_node(pool, backend, url).await?);
+            }
+            nodes::cluster_of(&urls, &infos)?
+        } else {
+            Cluster::Single
+        };
+        let inner = Arc::into_inner(db.inner).expect("a Db just made has no clones");
+        Ok(Db {
+            inner: Arc::new(Inner {
+                others,
+                cluster,
+                url: urls.join(","),
+                ..inner
+            }),
+        })
+    }
+
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.inner.backend
     }
 
-    /// The URL, with its password redacted.
+    /// What this `Db` is connected to: one server, or nodes of a Galera cluster
+    /// ([`crate::nodes`]).
+    pub fn cluster(&self) -> &Cluster {
+        &self.inner.cluster
+    }
+
+    /// Every node's pool, the first node's first (one for a single server).
+    pub fn pools(&self) -> impl Iterator<Item = &Pool<DB>> {
+        std::iter::once(&self.inner.pool).chain(self.inner.others.iter())
+    }
+
+    /// Closes every node's pool: waits for the connections in use to come back, closes them all,
+    /// and makes further acquisitions fail.
+    ///
+    /// # Cancel safety
+    /// As sqlx's `Pool::close`: dropping the future leaves the pools closed to new acquisitions.
+    pub async fn close(&self) {
+        for pool in self.pools() {
+            pool.close().await;
+        }
+    }
+
+    /// On a Galera cluster, waits until every node has applied all that the cluster had
+    /// committed when this was called, so that reads on any node see it (a causal read,
+    /// `wsrep_sync_wait`, on one connection of each node). Nothing to do on one server, where
+    /// it returns at once. Call it between writing on some nodes and reading on others
+    /// (after loading data, before checking a result).
+    ///
+    /// # Errors
+    /// A node that cannot be reached, or a wait past the cluster's causal read timeout.
+    ///
+    /// # Cancel safety
+    /// Safe to drop: a connection interrupted mid-statement is closed, not returned.
+    pub async fn catch_up(&self) -> Result<()> {
+        if !self.inner.cluster.is_galera() {
+            return Ok(());
+        }
+        for pool in self.pools() {
+            // Its own connection, closed afterwards: never a pooled one left with the setting.
+            let mut conn = pool.acquire().await?;
+            conn.close_on_drop();
+            DB::execute_raw(
+                &mut conn,
+                "SET SESSION wsrep_sync_wait = 1; SELECT 1".into(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The error of a failed `COMMIT`, classified: on a Galera node a deadlock reported by
+    /// `COMMIT` (which takes no row locks, so InnoDB cannot have found one) is a certification
+    /// conflict ([`ConflictKind::Certification`]).
+    pub(crate) fn commit_error(&self, err: Error) -> Error {
+        match err {
+            Error::Conflict {
+                kind: ConflictKind::Deadlock,
+                source,
+            } if self.inner.cluster.is_galera() => Error::Conflict {
+                kind: ConflictKind::Certification,
+                source,
+            },
+            other => other,
+        }
+    }
+
+    /// The URL, with its password redacted (the nodes' URLs, comma separated, for a cluster).
     pub fn url(&self) -> &str {
         &self.inner.url
     }
 
-    /// The connection pool, for statements outside a transaction (autocommit).
+    /// The connection pool, for statements outside a transaction (autocommit); over several
+    /// nodes, the first node's pool ([`Db::pools`] has them all, [`Db::acquire`] takes them in
+    /// turn).
     pub fn pool(&self) -> &Pool<DB> {
         &self.inner.pool
     }
 
-    /// Takes a connection from the pool for autocommit work.
+    /// Takes a connection from the pool for autocommit work. Over several nodes, each call
+    /// takes the next node in turn (round robin, as a load balancer would).
     ///
     /// # Errors
     /// [`Error::Unavailable`] when none becomes free within the acquire timeout.
+    ///
+    /// # Cancel safety
+    /// Safe to drop: no connection is taken.
     pub async fn acquire(&self) -> Result<PoolConnection<DB>> {
-        self.inner.pool.acquire().await.map_err(Error::from)
+        let pool = if self.inner.others.is_empty() {
+            &self.inner.pool
+        } else {
+            let n = self.inner.others.len() + 1;
+            match self.inner.next.fetch_add(1, Ordering::Relaxed) % n {
+                0 => &self.inner.pool,
+                i => &self.inner.others[i - 1],
+            }
+        };
+        pool.acquire().await.map_err(Error::from)
     }
 
     /// A query with `?` placeholders rewritten for this backend (see [`Backend::sql`]).
@@ -331,12 +556,14 @@ impl<DB: Database> Db<DB> {
         sqlx::query_scalar(AssertSqlSafe(self.inner.backend.sql(sql).into_owned()))
     }
 
-    /// Runs several `;`-separated statements without parameters (schema setup and the like).
+    /// Runs several `;`-separated statements without parameters (schema setup and the like),
+    /// always on the first node (so that schema changes and the data loaded after them are
+    /// made in order on one node).
     ///
     /// # Errors
     /// The first statement's error.
     pub async fn execute_script(&self, sql: &str) -> Result<()> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.inner.pool.acquire().await?;
         DB::execute_raw(&mut conn, sql.to_string()).await?;
         Ok(())
     }

@@ -32,16 +32,28 @@ pub enum ConflictKind {
     Busy,
     /// An optimistic version check found that another transaction changed the row first.
     Version,
+    /// A Galera cluster aborted the transaction at `COMMIT` because a conflicting transaction
+    /// of another node was ordered first (a certification failure, or a brute-force abort that
+    /// surfaced at `COMMIT`). The server reports it as a deadlock (`1213`, SQLSTATE `40001`,
+    /// "Deadlock found when trying to get lock"); contend tells it apart by where it happened:
+    /// on a connection to a Galera node ([`crate::nodes::Cluster::Galera`]) and at `COMMIT`,
+    /// where InnoDB never reports a deadlock of its own (`COMMIT` takes no row locks).
+    ///
+    /// A brute-force abort that hits an earlier statement of the transaction comes back with
+    /// the same number, SQLSTATE and message as a local InnoDB deadlock, so it is reported as
+    /// [`ConflictKind::Deadlock`]: nothing in the error tells the two apart.
+    Certification,
 }
 
 impl ConflictKind {
     /// Every kind, in a stable order (for reports).
-    pub const ALL: [ConflictKind; 5] = [
+    pub const ALL: [ConflictKind; 6] = [
         ConflictKind::Serialization,
         ConflictKind::Deadlock,
         ConflictKind::LockTimeout,
         ConflictKind::Busy,
         ConflictKind::Version,
+        ConflictKind::Certification,
     ];
 
     /// The snake_case name used in reports and JSON (`serialization`, `deadlock`, ...).
@@ -56,6 +68,7 @@ impl ConflictKind {
             ConflictKind::LockTimeout => "lock_timeout",
             ConflictKind::Busy => "busy",
             ConflictKind::Version => "version",
+            ConflictKind::Certification => "certification",
         }
     }
 }
@@ -146,6 +159,18 @@ pub enum Error {
     /// an error. The source is the lock crate's own error (`contend_redis::NodeError` for Redis).
     #[error("lock service error: {0}")]
     LockService(#[source] BoxError),
+    /// The strategy cannot keep its promise on this database cluster (a Galera cluster's
+    /// node-local locks), so it was refused before anything ran. See
+    /// [`crate::strategy::Executor::check_db`].
+    #[error("strategy `{strategy}` is not safe on {cluster}: {reason}")]
+    UnsafeOnCluster {
+        /// The strategy refused.
+        strategy: crate::strategy::Strategy,
+        /// The cluster, in words (`a Galera cluster of 3 nodes`).
+        cluster: String,
+        /// Why the strategy cannot be safe there.
+        reason: &'static str,
+    },
     /// The caller's transaction body gave up with its own error: rolled back, not retried.
     #[error("{0}")]
     Aborted(#[source] BoxError),
@@ -193,6 +218,20 @@ impl Error {
             ),
             _ => false,
         }
+    }
+
+    /// True when the operation gave up under contention rather than failed: a conflict that
+    /// its retry budget did not outlast ([`Error::conflict`]), or a lock not acquired within
+    /// its wait. Running it again later may succeed; nothing is wrong with it or the data.
+    ///
+    /// ```
+    /// use contend::{ConflictKind, Error};
+    /// assert!(Error::Conflict { kind: ConflictKind::Deadlock, source: None }.is_contention());
+    /// assert!(Error::LockNotAcquired { key: "k".into(), waited_ms: 5000 }.is_contention());
+    /// assert!(!Error::NestedTransaction.is_contention());
+    /// ```
+    pub fn is_contention(&self) -> bool {
+        matches!(self, Error::Conflict { .. } | Error::LockNotAcquired { .. })
     }
 
     /// The unique-constraint violation behind this error, if it is one (any backend).

@@ -14,6 +14,7 @@
 //!   [`Tx::on_commit`] defers side effects until the commit; [`TxOptions`] sets the
 //!   [`IsolationLevel`], timeouts and a [`RetryPolicy`] for conflicts ([`ConflictKind`]).
 //! - Functions that must run inside a transaction take `&mut Tx` (see [`tx`]).
+//! - One `Db` can spread its connections over the nodes of a Galera cluster ([`nodes`]).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
@@ -45,6 +46,7 @@ pub mod fencing;
 pub mod idempotency;
 pub mod isolation;
 pub mod lock;
+pub mod nodes;
 pub mod retry;
 pub mod session;
 pub mod strategy;

@@ -627,7 +627,7 @@ where
     let mut held = held;
     let conn = match held.as_mut().and_then(|slot| slot.take()) {
         Some(conn) => conn,
-        None => db.pool().acquire().await.map_err(Error::from)?,
+        None => db.acquire().await?,
     };
     // SQLite: wait for this process's turn to write, so that the process's own writers queue
     // here in order instead of in the busy handler. The connection is taken first: a writer
@@ -673,7 +673,7 @@ where
                 let hooks = std::mem::take(&mut tx.hooks);
                 Ok((value, hooks.into_iter().map(|(_, h)| h).collect()))
             }
-            Err(err) => Err(err.into()),
+            Err(err) => Err(db.commit_error(err).into()),
         },
         Ok(_) => {
             let _ = tx.finish("ROLLBACK").await;

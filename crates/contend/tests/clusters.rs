@@ -259,6 +259,181 @@ async fn galera_get_lock_is_not_cluster_wide() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Galera through contend: several nodes behind one Db, certification conflicts classified
+// ---------------------------------------------------------------------------------------------
+
+/// A table `(id INT PRIMARY KEY, v BIGINT)` with rows 1 and 2 at 0, made through `db`, applied on
+/// every node before it returns.
+async fn galera_rows(db: &contend::Db) -> String {
+    let table = common::table("galera_cert");
+    db.execute_script(&format!(
+        "CREATE TABLE {table} (id INT PRIMARY KEY, v BIGINT NOT NULL) ENGINE=InnoDB; \
+         INSERT INTO {table} VALUES (1, 0), (2, 0)"
+    ))
+    .await
+    .expect("create table");
+    db.catch_up().await.expect("catch up");
+    table
+}
+
+/// A comma-separated list of the nodes is one `Db` over all of them: recognised as a Galera
+/// cluster, each acquisition on the next node in turn. A list that adds a server outside the
+/// cluster is refused, naming that server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn galera_nodes_are_one_db_taken_in_turn() {
+    let Some(nodes) = galera_nodes() else {
+        return;
+    };
+    let db = contend::Db::connect(&nodes.join(","))
+        .await
+        .expect("connect");
+    let n = nodes.len();
+    assert_eq!(
+        db.cluster(),
+        &contend::nodes::Cluster::Galera {
+            nodes: n,
+            size: n as u32
+        }
+    );
+    let mut ports = Vec::new();
+    for _ in 0..2 * n {
+        let mut conn = db.acquire().await.expect("acquire");
+        let port: i64 = sqlx::query_scalar("SELECT CAST(@@port AS SIGNED)")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("port");
+        ports.push(port);
+    }
+    let first: Vec<i64> = ports[..n].to_vec();
+    let mut distinct = first.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), n, "each node once per round: {ports:?}");
+    assert_eq!(ports[n..], first[..], "the same order again: {ports:?}");
+    db.close().await;
+
+    // A server of its own (the single MariaDB) in the list is refused, by its URL.
+    if let Some(single) = common::server_url(contend::Backend::MySql) {
+        let list = format!("{},{single}", nodes[0]);
+        let e = contend::Db::connect(&list)
+            .await
+            .expect_err("not one cluster");
+        let text = e.to_string();
+        assert!(
+            text.contains(&contend::backend::redact_url(&single))
+                && text.contains("wsrep_on = OFF"),
+            "{text}"
+        );
+    }
+}
+
+/// A transaction on node 1 updates a row and, while it is open, node 2 updates the same row and
+/// commits. Node 1's `COMMIT` then fails with 1213 / 40001 (certification, or the brute-force
+/// abort of node 1's transaction surfacing at `COMMIT`), which contend classifies as a
+/// certification conflict, not a deadlock. The baseline below shows a real InnoDB deadlock on a
+/// Galera node still classified as a deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn galera_commit_conflict_is_a_certification_conflict() {
+    let Some(nodes) = galera_nodes() else {
+        return;
+    };
+    let db = contend::Db::connect(&nodes[0])
+        .await
+        .expect("connect node 1");
+    assert!(
+        matches!(db.cluster(), contend::nodes::Cluster::Galera { nodes: 1, size } if *size >= 2),
+        "one node of a cluster: {:?}",
+        db.cluster()
+    );
+    let table = galera_rows(&db).await;
+    let mut other = my_connect(&nodes[1]).await;
+    my_exec(&mut other, "SET SESSION wsrep_sync_wait = 1")
+        .await
+        .expect("causal reads");
+    let node2 = std::sync::Arc::new(tokio::sync::Mutex::new(other));
+    let t = table.clone();
+    let run = tokio::time::timeout(
+        STEP,
+        db.run(&contend::TxOptions::new(), move |tx| {
+            let (t, node2) = (t.clone(), node2.clone());
+            Box::pin(async move {
+                tx.query(&format!("UPDATE {t} SET v = v + 10 WHERE id = 1"))
+                    .execute(tx.conn())
+                    .await?;
+                // Node 2 writes the same row and commits while node 1's transaction is open.
+                let mut node2 = node2.lock().await;
+                my_exec(
+                    &mut node2,
+                    &format!("UPDATE {t} SET v = v + 1 WHERE id = 1"),
+                )
+                .await
+                .expect("node 2 commits first");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok::<_, contend::Error>(())
+            })
+        }),
+    )
+    .await
+    .expect("node 1's transaction ends");
+    let error = run.result.expect_err("node 1 cannot commit");
+    assert_eq!(
+        error.conflict(),
+        Some(contend::ConflictKind::Certification),
+        "{error}"
+    );
+    assert_eq!(run.conflicts, vec![contend::ConflictKind::Certification]);
+    db.catch_up().await.expect("catch up");
+    let v: i64 = db
+        .query_scalar(&format!("SELECT v FROM {table} WHERE id = 1"))
+        .fetch_one(db.pool())
+        .await
+        .expect("read back");
+    assert_eq!(v, 1, "only node 2's write is kept");
+
+    // Baseline: two transactions of node 1 lock rows 1 and 2 in opposite orders. InnoDB picks
+    // a victim at its second UPDATE: a deadlock, on the same node, with the same error number.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let tx_in_order = |first: i32, second: i32| {
+        let (db, table, barrier) = (db.clone(), table.clone(), barrier.clone());
+        async move {
+            db.run(&contend::TxOptions::new(), move |tx| {
+                let (table, barrier) = (table.clone(), barrier.clone());
+                Box::pin(async move {
+                    tx.query(&format!("UPDATE {table} SET v = v + 1 WHERE id = {first}"))
+                        .execute(tx.conn())
+                        .await?;
+                    barrier.wait().await;
+                    tx.query(&format!("UPDATE {table} SET v = v + 1 WHERE id = {second}"))
+                        .execute(tx.conn())
+                        .await?;
+                    Ok::<_, contend::Error>(())
+                })
+            })
+            .await
+        }
+    };
+    let (a, b) = tokio::time::timeout(STEP, async {
+        tokio::join!(tx_in_order(1, 2), tx_in_order(2, 1))
+    })
+    .await
+    .expect("the deadlock is resolved");
+    let kinds: Vec<_> = [a.result, b.result]
+        .into_iter()
+        .filter_map(|r| r.err())
+        .map(|e| e.conflict())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![Some(contend::ConflictKind::Deadlock)],
+        "one victim, a deadlock"
+    );
+    db.execute_script(&format!("DROP TABLE {table}"))
+        .await
+        .expect("drop table");
+    db.close().await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // pgbouncer (transaction pooling) in front of PostgreSQL
 // ---------------------------------------------------------------------------------------------
 

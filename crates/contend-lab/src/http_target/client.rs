@@ -69,6 +69,12 @@ impl ApiError {
         )
     }
 
+    /// The service gave up under contention: conflicts its retries did not outlast, or a lock
+    /// not acquired in time (503 `contention` / `lock_timeout`).
+    pub(super) fn is_contention(&self) -> bool {
+        matches!(self.code.as_str(), "contention" | "lock_timeout")
+    }
+
     /// The server does not run the strategy asked for in the header (or does not know it).
     pub(super) fn is_strategy_refusal(&self) -> bool {
         matches!(

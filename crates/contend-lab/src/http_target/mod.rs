@@ -9,7 +9,8 @@
 //! show none.
 //!
 //! How answers count: 2xx succeeded; 409 with a business code (`insufficient_funds`,
-//! `out_of_stock`, `seat_taken`) refused; 503 an error (the worker pauses briefly, honouring
+//! `out_of_stock`, `seat_taken`) refused; 503 `contention` or `lock_timeout` gave up under
+//! contention, any other 503 an error (after either the worker pauses briefly, honouring
 //! `Retry-After` up to [`RETRY_AFTER_CAP`]); a 500 is a bug of the service: counted as an error
 //! and it fails the run whatever the strategy. A `422 strategy_unsupported` or
 //! `400 unknown_strategy` at setup skips the combination with the server's reason. Retries and
@@ -128,11 +129,7 @@ pub async fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
     let config = args.into_config(&SCENARIOS)?;
     let report = run_targets(&config, &targets, &admin_token).await?;
     crate::cli::emit(&config, &report)?;
-    Ok(if report.failed() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(ExitCode::from(report.exit_code()))
 }
 
 /// Runs every scenario x strategy x worker count of `config` against `targets` (base URLs, as
@@ -513,8 +510,9 @@ enum After {
 }
 
 /// How the answer to an operation counts: 2xx succeeded; 409 with a business code
-/// refused; anything else an error, with a pause after a 503 (its `Retry-After`, at most
-/// [`RETRY_AFTER_CAP`]) and a service bug for a 500.
+/// refused; 503 `contention` / `lock_timeout` gave up (contention); anything else an error;
+/// a pause after a 503 (its `Retry-After`, at most [`RETRY_AFTER_CAP`]) and a service bug for
+/// a 500.
 fn counts_as(reply: &Reply) -> (Outcome, After) {
     let error = || Outcome::Error(reply.unexpected().to_string());
     match reply.status {
@@ -527,7 +525,11 @@ fn counts_as(reply: &Reply) -> (Outcome, After) {
                 .retry_after
                 .unwrap_or(RETRY_AFTER_CAP)
                 .min(RETRY_AFTER_CAP);
-            (error(), After::Pause(pause))
+            let outcome = match reply.api_error() {
+                Some(e) if e.is_contention() => Outcome::GaveUp(reply.unexpected().to_string()),
+                _ => error(),
+            };
+            (outcome, After::Pause(pause))
         }
         StatusCode::INTERNAL_SERVER_ERROR => (error(), After::ServerError),
         _ => (error(), After::Nothing),
@@ -736,6 +738,8 @@ mod tests {
             After::Pause(RETRY_AFTER_CAP),
             "Retry-After is capped"
         );
+        let (outcome, _) = counts_as(&reply(503, &error("contention"), Some(0)));
+        assert!(matches!(outcome, Outcome::GaveUp(_)), "{outcome:?}");
         let (_, after) = counts_as(&reply(503, "busy", Some(0)));
         assert_eq!(after, After::Pause(Duration::ZERO));
         let (outcome, after) = counts_as(&reply(500, "boom", None));

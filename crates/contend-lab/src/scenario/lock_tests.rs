@@ -435,6 +435,7 @@ async fn paused_holder_refused(
         succeeded: 1,
         refused: 0,
         errors: 1,
+        gave_up: 0,
     };
     assert_invariants(scenario.as_ref(), &ctx, &totals, &what).await;
     scenario.teardown(&ctx).await.expect("teardown");

@@ -67,7 +67,11 @@ pub enum Outcome {
     Succeeded,
     /// A business "no": insufficient funds, sold out, seat taken, no job left.
     Refused,
-    /// It failed: retries exhausted, an unexpected database error, a lock not acquired.
+    /// It gave up under contention: its conflicts outlasted the retry budget, or a lock was
+    /// not acquired within the wait ([`contend::Error::is_contention`]). Nothing was written
+    /// and nothing is wrong; it is counted apart from errors.
+    GaveUp(String),
+    /// It failed: an unexpected database error, a stale fencing token, an unreachable server.
     Error(String),
 }
 
@@ -105,6 +109,8 @@ pub struct Totals {
     pub refused: u64,
     /// Operations that failed.
     pub errors: u64,
+    /// Operations that gave up under contention (rolled back, nothing written).
+    pub gave_up: u64,
 }
 
 /// The result of one invariant check.
@@ -225,7 +231,10 @@ where
             if done.attempts == 0 {
                 conflicts.extend(e.conflict());
             }
-            Outcome::Error(e.to_string())
+            match e {
+                LabError::Db(db) if db.is_contention() => Outcome::GaveUp(e.to_string()),
+                _ => Outcome::Error(e.to_string()),
+            }
         }
     };
     let report = OpReport {

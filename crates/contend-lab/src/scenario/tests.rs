@@ -142,6 +142,10 @@ pub(crate) async fn drive_with(
                 match report.outcome {
                     Outcome::Succeeded => totals.succeeded += 1,
                     Outcome::Refused => totals.refused += 1,
+                    Outcome::GaveUp(e) => {
+                        totals.gave_up += 1;
+                        errors.push(format!("gave up (contention): {e}"));
+                    }
                     Outcome::Error(e) => {
                         totals.errors += 1;
                         errors.push(e);
@@ -159,6 +163,7 @@ pub(crate) async fn drive_with(
         totals.succeeded += t.succeeded;
         totals.refused += t.refused;
         totals.errors += t.errors;
+        totals.gave_up += t.gave_up;
         errors.extend(e);
         fenced_rejections += f;
     }

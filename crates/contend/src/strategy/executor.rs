@@ -255,6 +255,7 @@ pub struct Executor<DB: Database = Any> {
     services: HashMap<Strategy, Arc<dyn LockService>>,
     batch: BatchOptions,
     batcher: Batcher<DB>,
+    allow_unsafe_on_cluster: bool,
     _db: std::marker::PhantomData<fn() -> DB>,
 }
 
@@ -267,6 +268,7 @@ impl<DB: Database> Clone for Executor<DB> {
             services: self.services.clone(),
             batch: self.batch,
             batcher: self.batcher.clone(),
+            allow_unsafe_on_cluster: self.allow_unsafe_on_cluster,
             _db: std::marker::PhantomData,
         }
     }
@@ -279,6 +281,7 @@ impl<DB: Database> std::fmt::Debug for Executor<DB> {
             .field("options", &self.options)
             .field("lock_services", &self.services.keys().collect::<Vec<_>>())
             .field("batch", &self.batch)
+            .field("allow_unsafe_on_cluster", &self.allow_unsafe_on_cluster)
             .finish()
     }
 }
@@ -290,19 +293,23 @@ impl<DB: Database> Default for Executor<DB> {
 }
 
 /// The retry policy of strategies that do not expect conflicts: deadlocks (two transactions that
-/// locked in different orders elsewhere) and SQLite busy errors only.
+/// locked in different orders elsewhere), Galera certification failures (a node-local row lock
+/// lost to another node's commit) and SQLite busy errors only; 10 s in all, no attempt limit.
 fn base_retry() -> RetryPolicy {
     RetryPolicy::new()
-        .max_attempts(20)
         .max_delay(Duration::from_millis(50))
         .max_elapsed(Duration::from_secs(10))
-        .only(&[ConflictKind::Deadlock, ConflictKind::Busy])
+        .only(&[
+            ConflictKind::Deadlock,
+            ConflictKind::Certification,
+            ConflictKind::Busy,
+        ])
 }
 
 impl<DB: Database> Executor<DB> {
     /// An executor with a lock wait of 5 s, no lock services, and the default transaction
-    /// options of the lock-taking strategies (retry deadlocks and SQLite busy errors, 20
-    /// attempts, 10 s at most).
+    /// options of the lock-taking strategies (retry deadlocks, Galera certification failures
+    /// and SQLite busy errors for 10 s at most).
     pub fn new() -> Self {
         let lock_wait = Duration::from_secs(5);
         Executor {
@@ -312,6 +319,7 @@ impl<DB: Database> Executor<DB> {
             services: HashMap::new(),
             batch: BatchOptions::new(),
             batcher: Batcher::new(),
+            allow_unsafe_on_cluster: false,
             _db: std::marker::PhantomData,
         }
     }
@@ -359,6 +367,14 @@ impl<DB: Database> Executor<DB> {
         self
     }
 
+    /// Runs strategies that cannot be safe on the database's cluster instead of refusing them
+    /// ([`Executor::check_db`]): for showing the failure (the lab's
+    /// `--allow-unsafe-on-cluster`), never for serving requests. Default `false`.
+    pub fn allow_unsafe_on_cluster(mut self, allow: bool) -> Self {
+        self.allow_unsafe_on_cluster = allow;
+        self
+    }
+
     /// The settings of the `batched` strategy ([`Executor::batch`]).
     pub fn batch_options(&self) -> BatchOptions {
         self.batch
@@ -393,6 +409,38 @@ impl<DB: Database> Executor<DB> {
             return Err(Error::Unsupported {
                 backend,
                 what: format!("strategy `{strategy}` without a lock service configured for it"),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Executor::check`] for the database `db` is connected to, which also refuses the
+    /// strategies that cannot be safe on its cluster ([`crate::nodes::Cluster::unsafe_strategy`]:
+    /// `advisory`, `serializable` and `mutex` on a Galera cluster), unless
+    /// [`Executor::allow_unsafe_on_cluster`] was set. [`Executor::run`] checks this first.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+    /// use contend::{Db, strategy::{Executor, Strategy}};
+    /// let db = Db::connect("sqlite::memory:").await?;
+    /// let executor: Executor = Executor::new();
+    /// assert!(executor.check_db(Strategy::Pessimistic, &db).is_ok());
+    /// // On a Galera cluster: Err(Error::UnsafeOnCluster { strategy: Advisory, reason: "GET_LOCK is local ..", .. })
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Executor::check`]; [`Error::UnsafeOnCluster`] naming the strategy, the cluster and
+    /// the reason.
+    pub fn check_db(&self, strategy: Strategy, db: &crate::Db<DB>) -> Result<()> {
+        self.check(strategy, db.backend())?;
+        if !self.allow_unsafe_on_cluster
+            && let Some(reason) = db.cluster().unsafe_strategy(strategy)
+        {
+            return Err(Error::UnsafeOnCluster {
+                strategy,
+                cluster: db.cluster().to_string(),
+                reason,
             });
         }
         Ok(())
@@ -441,7 +489,8 @@ impl<DB: Database> Executor<DB> {
     ///
     /// # Errors
     /// In [`Executed::result`]: the operation's own errors; [`Error::Unsupported`] when the
-    /// strategy cannot run here ([`Executor::check`]) or `atomic` is asked of an operation
+    /// strategy cannot run here ([`Executor::check`]), [`Error::UnsafeOnCluster`] when it
+    /// cannot be safe on the database's cluster ([`Executor::check_db`]), or `atomic` is asked of an operation
     /// without [`Operation::atomic`]; lock timeouts and conflicts that the retry policy did
     /// not resolve; [`Error::StaleFencingToken`] for a lock holder that had lost its lock.
     ///
@@ -461,7 +510,7 @@ impl<DB: Database> Executor<DB> {
         O: Operation<DB>,
     {
         let backend = session.db().backend();
-        if let Err(e) = self.check(strategy, backend) {
+        if let Err(e) = self.check_db(strategy, session.db()) {
             return Executed::failed(e.into(), Duration::ZERO);
         }
         let base = self.options.clone().lock_timeout(self.lock_wait);

@@ -31,17 +31,19 @@ use crate::isolation::IsolationLevel;
 use crate::retry::RetryPolicy;
 use crate::tx::TxOptions;
 
-/// The retry policy of [`options`]: serialization failures, deadlocks and busy errors, up to 100
-/// attempts with jittered backoff from 0.5 ms to 50 ms, at most 15 s in all.
+/// The retry policy of [`options`]: serialization failures, deadlocks, Galera certification
+/// failures, lock timeouts and busy errors, with jittered backoff from 0.5 ms doubling up to
+/// 500 ms (so that after a run of lost rounds 64 contenders spread over half a second instead
+/// of colliding again), for at most 30 s in all (no attempt limit: see [`crate::retry`]).
 pub fn retry_policy() -> RetryPolicy {
     RetryPolicy::new()
-        .max_attempts(100)
         .base_delay(Duration::from_micros(500))
-        .max_delay(Duration::from_millis(50))
-        .max_elapsed(Duration::from_secs(15))
+        .max_delay(Duration::from_millis(500))
+        .max_elapsed(Duration::from_secs(30))
         .only(&[
             ConflictKind::Serialization,
             ConflictKind::Deadlock,
+            ConflictKind::Certification,
             ConflictKind::Busy,
             ConflictKind::LockTimeout,
         ])
