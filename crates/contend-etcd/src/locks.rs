@@ -24,6 +24,9 @@ pub const DEFAULT_NAMESPACE: &str = "contend";
 /// election.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// The shortest time one try of a request is given (see [`EtcdLocksBuilder::request_timeout`]).
+const MIN_TRY: Duration = Duration::from_millis(500);
+
 /// Settings of [`EtcdLocks`], given to [`EtcdLocks::builder`].
 #[derive(Debug, Clone)]
 pub struct EtcdLocksBuilder {
@@ -59,8 +62,10 @@ impl EtcdLocksBuilder {
 
     /// How long one request (grant, lock, range, release) is tried, across members and
     /// elections, before [`EtcdError::Unavailable`] or [`EtcdError::NoQuorum`]: the bound
-    /// on how long a call takes when the cluster has lost its quorum. Default 3 s (a leader
-    /// election takes about 1 s with etcd's default settings).
+    /// on how long a call takes when the cluster has lost its quorum. Each try gets a third of
+    /// it (at least 500 ms), so that a request lost with a dying leader is sent again. Default
+    /// 5 s: with etcd's default settings a dead leader is noticed after 1 s and replaced within
+    /// about 2 s more.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -250,7 +255,7 @@ impl EtcdLocks {
             namespace: DEFAULT_NAMESPACE.to_string(),
             lease_ttl: Duration::from_secs(10),
             wait: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
         }
     }
 
@@ -355,7 +360,10 @@ impl Inner {
         loop {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let left = self.request_timeout.saturating_sub(started.elapsed());
-            let last = match tokio::time::timeout(left, f(self.client.clone())).await {
+            // One try never takes the whole budget: a request forwarded to a leader that just
+            // died is never answered, and the next try reaches the new one.
+            let try_for = left.min((self.request_timeout / 3).max(MIN_TRY));
+            let last = match tokio::time::timeout(try_for, f(self.client.clone())).await {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(e)) => match classify(&e) {
                     Failure::Fatal | Failure::LeaseGone => {
@@ -370,7 +378,7 @@ impl Inner {
                         e.to_string()
                     }
                 },
-                Err(_) => format!("no answer within {} ms", ms(left)),
+                Err(_) => format!("no answer within {} ms", ms(try_for)),
             };
             if started.elapsed() + RETRY_PAUSE >= self.request_timeout {
                 let waited_ms = ms(started.elapsed());
