@@ -44,8 +44,9 @@
 //!
 //! # Requests per acquisition
 //! Uncontended: one transaction to lock, one delete to release (plus a keepalive per third
-//! of the TTL for the whole client). A waiter adds one range and one watch per predecessor it
-//! outlives, and one range when woken. [`EtcdLocks::requests`] counts them.
+//! of the TTL for the whole client). A waiter adds one watch on the key just before its own
+//! and one range when woken (again a watch and a range if a waiter ahead of it gave up).
+//! [`EtcdLocks::requests`] counts them.
 
 mod error;
 mod lease;

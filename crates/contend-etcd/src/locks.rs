@@ -9,8 +9,8 @@ use contend::BoxFuture;
 use contend::fencing::FencingToken;
 use contend::lock::{HeldLock, LockService};
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions,
-    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use tokio::sync::watch;
 
@@ -170,13 +170,14 @@ fn check_url(url: &str) -> Result<String, EtcdError> {
 /// # The recipe
 /// The client holds one lease, granted on first use and kept alive by a background task (a
 /// keepalive every third of the TTL). To lock `K`, one transaction writes a key of its own
-/// under `<namespace>/lock/<K>/`, attached to the lease, and reads the oldest key under that
-/// prefix: if that is its own key, the lock is granted (one request). Otherwise the waiter
-/// watches only the key created just before its own (by create revision) and is woken when
-/// that key is deleted, a release or an expired lease: waiters are served in arrival order,
-/// without polling and without waking everyone at once. The **fencing token** is the create
-/// revision of the waiter's key: etcd's revision grows with every write to the cluster, so a
-/// later grant of the same lock always has a larger token.
+/// under `<namespace>/lock/<K>/`, attached to the lease, and reads the two newest keys under
+/// that prefix: if its own is the only one, the lock is granted (one request). Otherwise the
+/// waiter watches only the key created just before its own (by create revision; the same
+/// transaction names it) and is woken when that key is deleted, a release or an expired lease:
+/// waiters are served in arrival order, without polling and without waking everyone at once. A
+/// waiter sends the transaction, one watch, one range when woken, and the release. The
+/// **fencing token** is the create revision of the waiter's key: etcd's revision grows with
+/// every write to the cluster, so a later grant of the same lock always has a larger token.
 ///
 /// # Failures
 /// Requests go to any reachable member (`http://` URLs of the cluster); one that fails on an
@@ -426,17 +427,18 @@ impl Inner {
     /// key there. Returns its create revision (the fencing token).
     async fn lock(&self, prefix: &str, own: &[u8], lease: &Lease) -> Result<i64, EtcdError> {
         let lease_id = lease.id();
-        let first = GetOptions::new()
+        let last_two = GetOptions::new()
             .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(1)
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(2)
             .with_keys_only();
         // Put, read back our key (its create revision, also when a retried put finds it
-        // already written), and the oldest key of the lock: one round trip.
+        // already written), and the two newest keys of the lock: inside the transaction ours
+        // is the newest, so the other one is the key to wait for. One round trip.
         let txn = Txn::new().and_then([
             TxnOp::put(own, "", Some(PutOptions::new().with_lease(lease_id))),
             TxnOp::get(own, Some(GetOptions::new().with_keys_only())),
-            TxnOp::get(prefix, Some(first)),
+            TxnOp::get(prefix, Some(last_two.clone())),
         ]);
         let answer = self
             .call("lock", |mut c| {
@@ -461,42 +463,49 @@ impl Inner {
             // Written and gone in the same transaction cannot happen; the lease must be gone.
             return Err(EtcdError::LeaseLost);
         };
-        let oldest = match responses.get(2) {
-            Some(TxnOpResponse::Get(first)) => first.kvs().first().map(KeyValue::create_revision),
+        let from = answer.header().map_or(0, |h| h.revision()) + 1;
+        // The key to wait for first, when the transaction already tells it.
+        let mut next = match responses.get(2) {
+            Some(TxnOpResponse::Get(newest)) => match newest.kvs() {
+                [only] if only.create_revision() == mine => return Ok(mine),
+                [ours, before] if ours.create_revision() == mine => {
+                    Some((before.key().to_vec(), from))
+                }
+                // A retried put: ours is not the newest any more; look below.
+                _ => None,
+            },
             _ => None,
         };
-        if oldest == Some(mine) {
-            return Ok(mine);
-        }
         // Wait for the key created just before ours, until ours is the oldest.
-        let last_two = GetOptions::new()
-            .with_prefix()
-            .with_max_create_revision(mine)
-            .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_limit(2)
-            .with_keys_only();
+        let last_two = last_two.with_max_create_revision(mine);
         loop {
-            let range = self
-                .call("lock wait", |mut c| {
-                    let options = last_two.clone();
-                    async move { c.get(prefix, Some(options)).await }
-                })
-                .await?;
-            let kvs = range.kvs();
-            match kvs.first() {
-                Some(kv) if kv.create_revision() == mine => {}
-                // Our key is gone: the lease expired while we waited.
-                _ => {
-                    lease.mark_lost();
-                    return Err(EtcdError::LeaseLost);
+            let (before, from) = match next.take() {
+                Some(found) => found,
+                None => {
+                    let range = self
+                        .call("lock wait", |mut c| {
+                            let options = last_two.clone();
+                            async move { c.get(prefix, Some(options)).await }
+                        })
+                        .await?;
+                    let kvs = range.kvs();
+                    match kvs.first() {
+                        Some(kv) if kv.create_revision() == mine => {}
+                        // Our key is gone: the lease expired while we waited.
+                        _ => {
+                            lease.mark_lost();
+                            return Err(EtcdError::LeaseLost);
+                        }
+                    }
+                    let Some(before) = kvs.get(1) else {
+                        return Ok(mine);
+                    };
+                    let from = range.header().map_or(0, |h| h.revision()) + 1;
+                    (before.key().to_vec(), from)
                 }
-            }
-            let Some(before) = kvs.get(1) else {
-                return Ok(mine);
             };
-            let from = range.header().map_or(0, |h| h.revision()) + 1;
             tokio::select! {
-                waited = self.deleted(before.key(), from) => waited?,
+                waited = self.deleted(&before, from) => waited?,
                 () = lease.lost() => return Err(EtcdError::LeaseLost),
             }
         }
@@ -658,7 +667,9 @@ impl Drop for EtcdGuard {
             return;
         }
         self.released.send_replace(true);
-        self.inner.clone().delete_later(std::mem::take(&mut self.own));
+        self.inner
+            .clone()
+            .delete_later(std::mem::take(&mut self.own));
     }
 }
 

@@ -60,10 +60,20 @@ async fn start_cluster() -> Option<Cluster> {
             .args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(dir.path().join(format!("m{i}")))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new"])
+            .args([
+                "--initial-cluster",
+                &cluster,
+                "--initial-cluster-state",
+                "new",
+            ])
             .args(["--initial-cluster-token", &token, "--unsafe-no-fsync"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -72,10 +82,7 @@ async fn start_cluster() -> Option<Cluster> {
             .expect("start etcd");
         members.push(Member { url, child });
     }
-    let cluster = Cluster {
-        members,
-        _dir: dir,
-    };
+    let cluster = Cluster { members, _dir: dir };
     let urls = cluster.urls();
     let started = Instant::now();
     loop {
@@ -116,7 +123,9 @@ impl Cluster {
                 continue;
             };
             if let Ok(status) = c.status().await
-                && status.header().is_some_and(|h| h.member_id() == status.leader())
+                && status
+                    .header()
+                    .is_some_and(|h| h.member_id() == status.leader())
             {
                 return i;
             }
@@ -165,7 +174,10 @@ async fn one_member_down_still_works_two_down_refuse_quickly() {
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         held.release().await.unwrap();
-        let next = waiter.await.unwrap().expect("waiter granted with 1 of 3 down");
+        let next = waiter
+            .await
+            .unwrap()
+            .expect("waiter granted with 1 of 3 down");
         assert!(next > last);
         last = next;
         // The waiter's guard was dropped in its task: wait for its release to land.
