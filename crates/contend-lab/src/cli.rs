@@ -66,6 +66,11 @@ pub struct LabArgs {
     #[arg(long, env = "REDLOCK_URLS", value_name = "URLS")]
     pub redlock_urls: Option<String>,
 
+    /// etcd client URLs for the `etcd` strategy, comma separated (the members of one cluster,
+    /// e.g. http://127.0.0.1:2379,http://127.0.0.1:22379,http://127.0.0.1:32379).
+    #[arg(long, env = "ETCD_URLS", value_name = "URLS")]
+    pub etcd_urls: Option<String>,
+
     /// Write the JSON document to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -175,6 +180,16 @@ impl LabArgs {
                 )));
             }
             config.redlock_urls = urls;
+        }
+        if let Some(urls) = self.etcd_urls.filter(|u| !u.trim().is_empty()) {
+            let urls: Vec<String> = config::split_list(&urls)
+                .into_iter()
+                .map(String::from)
+                .collect();
+            for url in &urls {
+                config::check_etcd_url(url)?;
+            }
+            config.etcd_urls = urls;
         }
         config.json = self.json;
         config.output = self.output;

@@ -76,6 +76,8 @@ pub struct LabConfig {
     pub redis_url: Option<String>,
     /// Redis nodes for `redlock`.
     pub redlock_urls: Vec<String>,
+    /// etcd members for `etcd`.
+    pub etcd_urls: Vec<String>,
     /// Write the JSON document to stdout instead of the table.
     pub json: bool,
     /// Also write the JSON document to this file.
@@ -104,6 +106,7 @@ impl Default for LabConfig {
             repeat: 1,
             redis_url: None,
             redlock_urls: Vec::new(),
+            etcd_urls: Vec::new(),
             json: false,
             output: None,
             html: None,
@@ -236,6 +239,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
 /// Checks a Redis URL's scheme.
 ///
 /// # Errors
+/// An `--etcd-urls` entry that is not an etcd client URL (`http://host:port`).
+pub fn check_etcd_url(url: &str) -> Result<(), ConfigError> {
+    let ok = url.strip_prefix("http://").is_some_and(|rest| {
+        rest.trim_end_matches('/')
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(format!(
+            "--etcd-urls: `{url}` is not an etcd client URL (expected http://host:port)"
+        )))
+    }
+}
+
 /// A URL that does not start with `redis://`, `rediss://` or `redis+unix://`.
 pub fn check_redis_url(flag: &str, url: &str) -> Result<(), ConfigError> {
     let ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
@@ -351,6 +370,9 @@ mod tests {
     #[test]
     fn urls() {
         assert!(check_redis_url("--redis-url", "http://x").is_err());
+        assert!(check_etcd_url("http://127.0.0.1:2379").is_ok());
+        assert!(check_etcd_url("redis://127.0.0.1:2379").is_err());
+        assert!(check_etcd_url("http://127.0.0.1").is_err());
         assert!(check_redis_url("--redis-url", "redis://127.0.0.1:6379/0").is_ok());
         assert!(check_database_url("oracle://x").is_err());
     }

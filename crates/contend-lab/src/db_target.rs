@@ -37,6 +37,7 @@ pub type LockServices = HashMap<Strategy, Result<LockService, String>>;
 pub fn missing_redis_reason(strategy: Strategy) -> String {
     match strategy {
         Strategy::Redlock => "needs --redlock-urls (or REDLOCK_URLS)".into(),
+        Strategy::Etcd => "needs --etcd-urls (or ETCD_URLS)".into(),
         _ => "needs --redis-url (or REDIS_URL)".into(),
     }
 }
@@ -208,7 +209,7 @@ impl Target for DbTarget {
             ));
         }
         scenario.supports(strategy, backend)?;
-        if strategy.needs_redis() {
+        if strategy.needs_lock_service() {
             match self.locks.get(&strategy) {
                 Some(Ok(_)) => {}
                 Some(Err(reason)) => return Err(reason.clone()),
@@ -223,7 +224,7 @@ impl Target for DbTarget {
     }
 
     fn reports_locks(&self, strategy: Strategy) -> bool {
-        strategy.needs_redis()
+        strategy.needs_lock_service()
     }
 
     async fn setup(
@@ -232,11 +233,11 @@ impl Target for DbTarget {
         spec: RunSpec,
     ) -> Result<DbRun, SetupError> {
         let service = match self.locks.get(&spec.strategy) {
-            Some(Ok(service)) if spec.strategy.needs_redis() => Some(service.clone()),
+            Some(Ok(service)) if spec.strategy.needs_lock_service() => Some(service.clone()),
             _ => None,
         };
         let counters = match self.counting.get(&spec.strategy) {
-            Some(counting) if spec.strategy.needs_redis() => Some(counting.start_run()),
+            Some(counting) if spec.strategy.needs_lock_service() => Some(counting.start_run()),
             _ => None,
         };
         let ctx = Ctx {

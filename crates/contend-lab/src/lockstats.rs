@@ -3,7 +3,9 @@
 //! and `redlock` (quorum of N nodes, fencing token) lock services ([`contend_redis::RedisLocks`],
 //! built by [`lock_services`]); a [`contend::lock::LockService`] wrapper that counts grants and
 //! measures handoff (release to the next waiter's grant) per run; and the command counter that
-//! tells how many Redis commands each run sent.
+//! tells how many Redis commands each run sent. The `etcd` strategy ([`contend_etcd::EtcdLocks`],
+//! `--etcd-urls`) is built here too, with the same lease and wait; its counter is the number of
+//! requests the lab's etcd client sent.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +16,7 @@ use contend::BoxFuture;
 use contend::fencing::FencingToken;
 use contend::lock::{HeldLock, LockService as Service};
 use contend::strategy::Strategy;
+use contend_etcd::EtcdLocks;
 use contend_redis::{LockClient, LockOptions, RedisLocks, Redlock, SpinLock};
 use hdrhistogram::Histogram;
 
@@ -53,11 +56,11 @@ fn counter(urls: Vec<String>) -> Option<Arc<dyn CommandCounter>> {
     Some(Arc::new(RedisCommandCounter { urls }))
 }
 
-/// The lock services for the Redis strategies `config` asks for: each one connected, or the
-/// reason it is skipped (no URL given).
+/// The lock services for the Redis and etcd strategies `config` asks for: each one connected,
+/// or the reason it is skipped (no URL given).
 ///
 /// # Errors
-/// A Redis server given on the command line cannot be reached: the lab stops (exit status 2)
+/// A Redis server or etcd cluster given on the command line cannot be reached: the lab stops (exit status 2)
 /// rather than report every Redis run as failed.
 ///
 /// # Cancel safety
@@ -110,7 +113,35 @@ pub async fn lock_services(config: &LabConfig) -> anyhow::Result<LockServices> {
             service.ok_or_else(|| missing_redis_reason(strategy)),
         );
     }
+    if wanted(Strategy::Etcd) {
+        let service = if config.etcd_urls.is_empty() {
+            Err(missing_redis_reason(Strategy::Etcd))
+        } else {
+            let locks = EtcdLocks::builder(&config.etcd_urls)
+                .namespace(NAMESPACE)
+                .lease_ttl(LEASE)
+                .wait(WAIT)
+                .connect()
+                .await
+                .map_err(|e| anyhow::anyhow!("--etcd-urls: {e}"))?;
+            Ok(LockService {
+                lock: Arc::new(locks.clone()),
+                commands: Some(Arc::new(EtcdRequestCounter(locks))),
+            })
+        };
+        services.insert(Strategy::Etcd, service);
+    }
     Ok(services)
+}
+
+/// Counts the requests the lab's etcd client sent ([`EtcdLocks::requests`]): its lock
+/// transactions, ranges, watches, deletes and lease keepalives.
+pub struct EtcdRequestCounter(EtcdLocks);
+
+impl CommandCounter for EtcdRequestCounter {
+    fn total(&self) -> BoxFuture<'_, anyhow::Result<u64>> {
+        Box::pin(async move { Ok(self.0.requests()) })
+    }
 }
 
 /// Grants and handoffs of one run.

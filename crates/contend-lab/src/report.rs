@@ -47,7 +47,9 @@ pub struct LockStats {
     /// Locks granted.
     pub acquisitions: u64,
     /// Commands the Redis servers executed during the run (from `INFO commandstats`, summed
-    /// over the nodes; `INFO` itself not counted). Other clients of the same servers count too.
+    /// over the nodes; `INFO` itself not counted; other clients of the same servers count
+    /// too), or for `etcd` the requests the lab's etcd client sent (each try, watch and
+    /// keepalive; [`contend_etcd::EtcdLocks::requests`]).
     pub redis_commands: u64,
     /// `redis_commands / acquisitions`.
     pub commands_per_acquisition: f64,
@@ -595,7 +597,7 @@ impl LabReport {
         });
         let header = [
             "acquisitions",
-            "redis cmds",
+            "cmds",
             "cmds/acq",
             "handoff p50 ms",
             "fenced rejections",

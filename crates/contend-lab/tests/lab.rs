@@ -158,3 +158,44 @@ async fn mysql_batched_combines_operations_and_keeps_invariants() {
         batched_combines(Some(url)).await;
     }
 }
+
+/// `etcd` guards the withdraw hot row under 32 workers on the shared etcd cluster: no
+/// violation, one grant per operation, and the client's requests counted per grant (a watch
+/// wakes each waiter: at most 4 requests per grant plus keepalives, however many wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_strategy_is_safe_and_counted() {
+    let Some(etcd) = server_url("CONTEND_ETCD_URLS") else {
+        return;
+    };
+    let args = LabArgs {
+        scenario: Some("withdraw".into()),
+        strategy: Some("etcd".into()),
+        workers: Some("32".into()),
+        operations: Some(200),
+        etcd_urls: Some(etcd),
+        no_progress: true,
+        ..LabArgs::default()
+    };
+    let report = lab(args).await;
+    assert_eq!(report.runs.len(), 1, "{report:#?}");
+    let run = &report.runs[0];
+    assert_eq!((run.violations, run.errors), (0, 0), "{run:#?}");
+    assert_eq!(run.verdict, "SAFE");
+    let lock = run.lock.as_ref().expect("lock statistics");
+    assert_eq!(lock.acquisitions, run.operations, "{run:#?}");
+    assert!(
+        (1.0..4.5).contains(&lock.commands_per_acquisition),
+        "{lock:?}"
+    );
+    assert_eq!(lock.fenced_rejections, 0, "{lock:?}");
+}
+
+#[test]
+fn etcd_urls_are_checked() {
+    let args = LabArgs {
+        etcd_urls: Some("127.0.0.1:2379".into()),
+        ..LabArgs::default()
+    };
+    let e = args.into_config(&["withdraw"]).unwrap_err();
+    assert!(e.to_string().contains("--etcd-urls"), "{e}");
+}

@@ -28,7 +28,11 @@ pub struct ServeArgs {
     /// Comma-separated Redis URLs for the `redlock` strategy.
     #[arg(long, env = "REDLOCK_URLS", value_delimiter = ',')]
     pub redlock_urls: Vec<String>,
-    /// Prefix of this service's Redis keys (instances that share a database must share it).
+    /// Comma-separated etcd client URLs (the members of one cluster) for the `etcd` strategy.
+    #[arg(long, env = "ETCD_URLS", value_delimiter = ',')]
+    pub etcd_urls: Vec<String>,
+    /// Prefix of this service's Redis and etcd keys (instances that share a database must share
+    /// it).
     #[arg(
         long,
         env = "CONTEND_REDIS_NAMESPACE",
@@ -39,7 +43,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CONTEND_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Default concurrency strategy: none, mutex, atomic, pessimistic, optimistic, serializable,
-    /// advisory, redis, redlock, batched.
+    /// advisory, redis, redlock, etcd, batched.
     #[arg(long, env = "CONTEND_STRATEGY", default_value = "atomic")]
     pub strategy: String,
     /// Accept `X-Concurrency-Strategy` to pick a strategy per request.
@@ -145,6 +149,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             RedisLocks::redlock(&args.redlock_urls, &args.redis_namespace)
                 .await
                 .context("--redlock-urls")?,
+        );
+    }
+    let etcd_urls: Vec<&str> = args
+        .etcd_urls
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if !etcd_urls.is_empty() {
+        config.etcd = Some(
+            crate::redis_locks::etcd(&etcd_urls, &args.redis_namespace)
+                .await
+                .context("--etcd-urls")?,
         );
     }
     let state = AppState::new(config);

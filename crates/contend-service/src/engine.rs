@@ -21,7 +21,7 @@ use crate::error::ApiError;
 use crate::idempotency::{self, Outcome};
 use crate::{AppState, ReqSession};
 
-/// How long a request waits for a row, advisory, in-process or Redis lock before 503.
+/// How long a request waits for a row, advisory, in-process, Redis or etcd lock before 503.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// One write of the service: an operation whose output is the body of its success response.
@@ -32,11 +32,12 @@ pub(crate) trait Write: Operation<Error = contend::Error, Output: serde::Seriali
     }
 }
 
-/// The service's executor: the lock wait of every request, and the Redis lock services the
-/// instance was given.
+/// The service's executor: the lock wait of every request, and the Redis and etcd lock
+/// services the instance was given.
 pub(crate) fn executor(
     redis: Option<&crate::redis_locks::RedisLocks>,
     redlock: Option<&crate::redis_locks::RedisLocks>,
+    etcd: Option<&contend_etcd::EtcdLocks>,
 ) -> Executor {
     let mut executor = Executor::new().lock_wait(LOCK_WAIT);
     if let Some(locks) = redis {
@@ -44,6 +45,9 @@ pub(crate) fn executor(
     }
     if let Some(locks) = redlock {
         executor = executor.lock_service(Strategy::Redlock, locks.service());
+    }
+    if let Some(locks) = etcd {
+        executor = executor.lock_service(Strategy::Etcd, Arc::new(locks.clone()));
     }
     executor
 }
@@ -67,6 +71,9 @@ pub(crate) fn check_supported(state: &AppState, strategy: Strategy) -> Result<()
             }
             (Ok(()), Strategy::Redlock) => {
                 "strategy `redlock` needs the server to run with --redlock-urls".to_string()
+            }
+            (Ok(()), Strategy::Etcd) => {
+                "strategy `etcd` needs the server to run with --etcd-urls".to_string()
             }
             (Ok(()), _) => format!("strategy `{strategy}` is not offered by the service"),
         },
@@ -195,5 +202,6 @@ fn takes_locks(strategy: Strategy) -> bool {
             | Strategy::Redis
             | Strategy::RedisSpin
             | Strategy::Redlock
+            | Strategy::Etcd
     )
 }

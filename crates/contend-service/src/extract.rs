@@ -23,7 +23,7 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const STRATEGY_HEADER: &str = "x-concurrency-strategy";
 
 /// The strategy names of the contract, in its order.
-pub const STRATEGY_NAMES: [&str; 10] = [
+pub const STRATEGY_NAMES: [&str; 11] = [
     "none",
     "mutex",
     "atomic",
@@ -33,6 +33,7 @@ pub const STRATEGY_NAMES: [&str; 10] = [
     "advisory",
     "redis",
     "redlock",
+    "etcd",
     "batched",
 ];
 

@@ -86,6 +86,8 @@ pub struct Config {
     pub redis: Option<RedisLocks>,
     /// Redlock settings (`--redlock-urls`).
     pub redlock: Option<RedisLocks>,
+    /// etcd lock settings (`--etcd-urls`).
+    pub etcd: Option<contend_etcd::EtcdLocks>,
     /// How long a successful account-token lookup is remembered ([`auth::TokenCache`]); zero
     /// looks every token up on every request.
     pub token_cache_ttl: Duration,
@@ -106,6 +108,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(10),
             redis: None,
             redlock: None,
+            etcd: None,
             token_cache_ttl: TOKEN_CACHE_TTL,
             limits: Limits::default(),
         }
@@ -311,7 +314,11 @@ impl AppState {
                 shutdown_grace: config.shutdown_grace,
                 limits: config.limits,
                 metrics: Arc::new(Metrics::default()),
-                executor: engine::executor(config.redis.as_ref(), config.redlock.as_ref()),
+                executor: engine::executor(
+                    config.redis.as_ref(),
+                    config.redlock.as_ref(),
+                    config.etcd.as_ref(),
+                ),
                 sessions: Sessions::new(pool_size),
             }),
         }

@@ -1,8 +1,9 @@
-//! The Redis lock services of the `redis` and `redlock` strategies: a Redis lock per key (single
-//! node, or a Redlock quorum), as [`contend_redis::RedisLocks`] with the service's lease and
-//! lock wait. The strategy executor takes them in canonical order and checks each grant's
-//! fencing token in the writing transaction ([`contend::fencing::fence`]), so that a holder
-//! whose lease ran out while it was paused cannot overwrite the next holder's work.
+//! The lock services of the `redis`, `redlock` and `etcd` strategies: a Redis lock per key
+//! (single node, or a Redlock quorum), as [`contend_redis::RedisLocks`], or an etcd lock
+//! ([`contend_etcd::EtcdLocks`], [`etcd`]), with the service's lease and lock wait. The
+//! strategy executor takes them in canonical order and checks each grant's fencing token in the
+//! writing transaction ([`contend::fencing::fence`]), so that a holder whose lease ran out while
+//! it was paused cannot overwrite the next holder's work.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,4 +70,25 @@ impl RedisLocks {
     pub(crate) fn service(&self) -> Arc<dyn LockService> {
         self.locks.clone()
     }
+}
+
+/// Connects to the etcd cluster of the `etcd` strategy (client URLs of its members): the same
+/// lease ([`LEASE`]) and lock wait ([`LOCK_WAIT`]) as the Redis locks; `namespace` prefixes
+/// every etcd key (instances that share data must share it).
+///
+/// # Errors
+/// Bad URLs, or a cluster that does not answer (no quorum reachable).
+///
+/// # Cancel safety
+/// Safe to drop: nothing is held yet.
+pub async fn etcd<S: AsRef<str>>(
+    urls: &[S],
+    namespace: &str,
+) -> contend::Result<contend_etcd::EtcdLocks> {
+    contend_etcd::EtcdLocks::builder(urls)
+        .namespace(namespace)
+        .lease_ttl(LEASE)
+        .wait(LOCK_WAIT)
+        .connect()
+        .await
 }

@@ -135,7 +135,7 @@ async fn cluster(kind: Kind, strategy: Strategy, instances: usize) -> (TestDb, V
             strategy,
             allow_header: false,
             max_connections: 12,
-            redis_namespace: strategy.needs_redis().then(|| namespace.clone()),
+            redis_namespace: strategy.needs_lock_service().then(|| namespace.clone()),
         };
         servers.push(Server::start(&db.url, options).await);
     }
@@ -224,6 +224,9 @@ async fn all(kind: Kind) {
     }
     if common::redlock_urls().is_some() {
         strategies.push(Strategy::Redlock);
+    }
+    if common::etcd_urls().is_some() {
+        strategies.push(Strategy::Etcd);
     }
     for s in strategies {
         safe(kind, s, 2).await;

@@ -330,7 +330,7 @@ pub(crate) fn invariant(name: &str, violations: u64, detail: String) -> Invarian
     }
 }
 
-/// The fence table of the lock-service strategies (`redis`, `redis-spin`, `redlock`): the
+/// The fence table of the lock-service strategies (`redis`, `redis-spin`, `redlock`, `etcd`): the
 /// executor fences every key with its grant's token ([`contend::fencing::fence`]) in the
 /// operation's transaction; scenarios create the table in setup and remove their rows in
 /// teardown.
@@ -341,7 +341,7 @@ pub(crate) mod fenced {
 
     /// Creates the fence table when `ctx.strategy` is a lock-based one (call from setup).
     pub(crate) async fn setup(ctx: &Ctx) -> anyhow::Result<()> {
-        if ctx.strategy.needs_redis() {
+        if ctx.strategy.needs_lock_service() {
             fencing::ensure_schema(&ctx.db).await?;
         }
         Ok(())
@@ -351,7 +351,7 @@ pub(crate) mod fenced {
     /// a lock-based one (call from teardown). The fence table itself stays: other runs and
     /// other programs share it.
     pub(crate) async fn teardown(ctx: &Ctx, resources: &[String]) -> anyhow::Result<()> {
-        if !ctx.strategy.needs_redis() {
+        if !ctx.strategy.needs_lock_service() {
             return Ok(());
         }
         for chunk in resources.chunks(100) {

@@ -181,7 +181,7 @@ pub(crate) async fn drive_with(
 pub(crate) fn safe_strategies(scenario: &dyn Scenario, backend: Backend) -> Vec<Strategy> {
     Strategy::ALL
         .into_iter()
-        .filter(|s| s.expected_safe() && !s.needs_redis())
+        .filter(|s| s.expected_safe() && !s.needs_lock_service())
         .filter(|s| scenario.supports(*s, backend).is_ok())
         .collect()
 }

@@ -57,7 +57,7 @@ impl Scenario for Counter {
                      INSERT INTO {t} (id, v) VALUES (1, 0)"
                 ))
                 .await?;
-            if ctx.strategy.needs_redis() {
+            if ctx.strategy.needs_lock_service() {
                 contend::fencing::ensure_schema(&ctx.db).await?;
             }
             Ok(())

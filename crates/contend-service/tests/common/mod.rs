@@ -170,6 +170,11 @@ pub fn redlock_urls() -> Option<Vec<String>> {
     contend_test_support::env_urls("CONTEND_REDLOCK_URLS")
 }
 
+/// `CONTEND_ETCD_URLS`, when set.
+pub fn etcd_urls() -> Option<Vec<String>> {
+    contend_test_support::env_urls("CONTEND_ETCD_URLS")
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -203,6 +208,13 @@ impl Server {
                 let locks = contend_service::redis_locks::RedisLocks::redlock(&urls, ns).await;
                 config.redlock = Some(locks.expect("connect redlock"));
             }
+        }
+        if options.strategy == Strategy::Etcd
+            && let Some(ns) = &options.redis_namespace
+            && let Some(urls) = etcd_urls()
+        {
+            let locks = contend_service::redis_locks::etcd(&urls, ns).await;
+            config.etcd = Some(locks.expect("connect etcd"));
         }
         let state = AppState::new(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

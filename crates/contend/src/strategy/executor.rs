@@ -14,7 +14,7 @@
 //! | `optimistic` | read, then write with version checks; version conflicts retried |
 //! | `serializable` | read + write at SERIALIZABLE; serialization failures retried |
 //! | `advisory` | advisory locks on the keys (sorted), then read + write |
-//! | `redis`, `redis-spin`, `redlock` | a [`LockService`] lock per key (sorted), then one transaction that fences every key with its grant's token first, then read + write |
+//! | `redis`, `redis-spin`, `redlock`, `etcd` | a [`LockService`] lock per key (sorted), then one transaction that fences every key with its grant's token first, then read + write |
 //! | `batched` | queued with concurrent operations on the same keys; each batch is one transaction in which every operation reads with the row-lock clause and writes inside its own savepoint; one commit ([`crate::batch`]) |
 //!
 //! The executor knows nothing of the operation's tables or types: a PostgreSQL user's operation
@@ -346,7 +346,7 @@ impl<DB: Database> Executor<DB> {
         self
     }
 
-    /// Uses `service` for `strategy` (`redis`, `redis-spin`, `redlock`).
+    /// Uses `service` for `strategy` (`redis`, `redis-spin`, `redlock`, `etcd`).
     pub fn lock_service(mut self, strategy: Strategy, service: Arc<dyn LockService>) -> Self {
         self.services.insert(strategy, service);
         self
@@ -405,7 +405,7 @@ impl<DB: Database> Executor<DB> {
                 what: format!("strategy `{strategy}`: {why}"),
             });
         }
-        if strategy.needs_redis() && !self.services.contains_key(&strategy) {
+        if strategy.needs_lock_service() && !self.services.contains_key(&strategy) {
             return Err(Error::Unsupported {
                 backend,
                 what: format!("strategy `{strategy}` without a lock service configured for it"),
@@ -621,7 +621,7 @@ impl<DB: Database> Executor<DB> {
                 let waited = *waited.lock().unwrap_or_else(|e| e.into_inner());
                 Executed::from_attempts(run, waited, false)
             }
-            Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock => {
+            Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock | Strategy::Etcd => {
                 let service = self.services[&strategy].clone();
                 self.fenced(service.as_ref(), session, &base, op).await
             }

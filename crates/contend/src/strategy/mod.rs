@@ -13,6 +13,7 @@
 //! | `redis` | a Redis lock with a fencing token | yes | yes | yes |
 //! | `redis-spin` | a Redis `SET NX` spin lock (slow baseline) | yes | yes | yes |
 //! | `redlock` | a Redis quorum lock with a fencing token | yes | yes | yes |
+//! | `etcd` | an etcd lock (lease, waiters woken by a watch) fenced by its key's revision | yes | yes | yes |
 //! | `batched` | concurrent operations on the same keys combined into one transaction under row locks ([`crate::batch`]) | yes | yes | yes |
 //!
 //! # Running an operation under any strategy
@@ -177,6 +178,9 @@ pub enum Strategy {
     RedisSpin,
     /// Redlock over several Redis nodes, with a fencing token.
     Redlock,
+    /// An etcd lock (lease with keepalive, waiters ordered by create revision and woken by a
+    /// watch), fenced by its key's create revision (`contend-etcd`).
+    Etcd,
     /// Concurrent operations on the same keys combined into one transaction, each under row
     /// locks and its own savepoint, one commit for all ([`crate::batch`]).
     Batched,
@@ -184,7 +188,7 @@ pub enum Strategy {
 
 impl Strategy {
     /// Every strategy, baseline first.
-    pub const ALL: [Strategy; 11] = [
+    pub const ALL: [Strategy; 12] = [
         Strategy::None,
         Strategy::Mutex,
         Strategy::Atomic,
@@ -195,6 +199,7 @@ impl Strategy {
         Strategy::Redis,
         Strategy::RedisSpin,
         Strategy::Redlock,
+        Strategy::Etcd,
         Strategy::Batched,
     ];
 
@@ -218,6 +223,7 @@ impl Strategy {
             Strategy::Redis => "redis",
             Strategy::RedisSpin => "redis-spin",
             Strategy::Redlock => "redlock",
+            Strategy::Etcd => "etcd",
             Strategy::Batched => "batched",
         }
     }
@@ -239,6 +245,19 @@ impl Strategy {
             self,
             Strategy::Redis | Strategy::RedisSpin | Strategy::Redlock
         )
+    }
+
+    /// Whether the strategy takes its locks from a [`crate::lock::LockService`] (Redis or
+    /// etcd), configured with [`Executor::lock_service`], and fences its writes with the grants'
+    /// tokens.
+    ///
+    /// ```
+    /// use contend::strategy::Strategy;
+    /// assert!(Strategy::Etcd.needs_lock_service() && !Strategy::Etcd.needs_redis());
+    /// assert!(Strategy::Redlock.needs_lock_service() && !Strategy::Advisory.needs_lock_service());
+    /// ```
+    pub fn needs_lock_service(self) -> bool {
+        self.needs_redis() || matches!(self, Strategy::Etcd)
     }
 
     /// `Ok` when `backend` can run this strategy, or the reason it cannot.
@@ -267,7 +286,7 @@ impl fmt::Display for Strategy {
 /// The error of parsing an unknown strategy name.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "unknown strategy `{0}` (expected one of: none, mutex, atomic, pessimistic, optimistic, serializable, advisory, redis, redis-spin, redlock, batched)"
+    "unknown strategy `{0}` (expected one of: none, mutex, atomic, pessimistic, optimistic, serializable, advisory, redis, redis-spin, redlock, etcd, batched)"
 )]
 pub struct UnknownStrategy(pub String);
 
