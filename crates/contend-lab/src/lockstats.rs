@@ -3,7 +3,7 @@
 //! and `redlock` (quorum of N nodes, fencing token) lock services ([`contend_redis::RedisLocks`],
 //! built by [`lock_services`]); a [`contend::lock::LockService`] wrapper that counts grants and
 //! measures handoff (release to the next waiter's grant) per run; and the command counter that
-//! tells how many Redis commands each run sent. The `etcd` strategy ([`contend_etcd::EtcdLocks`],
+//! tells how many Redis commands each run sent. The `etcd` strategy (`contend_etcd::EtcdLocks`,
 //! `--etcd-urls`) is built here too, with the same lease and wait; its counter is the number of
 //! requests the lab's etcd client sent.
 
@@ -16,6 +16,7 @@ use contend::BoxFuture;
 use contend::fencing::FencingToken;
 use contend::lock::{HeldLock, LockService as Service};
 use contend::strategy::Strategy;
+#[cfg(feature = "etcd")]
 use contend_etcd::EtcdLocks;
 use contend_redis::{LockClient, LockOptions, RedisLocks, Redlock, SpinLock};
 use hdrhistogram::Histogram;
@@ -114,30 +115,48 @@ pub async fn lock_services(config: &LabConfig) -> anyhow::Result<LockServices> {
         );
     }
     if wanted(Strategy::Etcd) {
-        let service = if config.etcd_urls.is_empty() {
-            Err(missing_redis_reason(Strategy::Etcd))
-        } else {
-            let locks = EtcdLocks::builder(&config.etcd_urls)
-                .namespace(NAMESPACE)
-                .lease_ttl(LEASE)
-                .wait(WAIT)
-                .connect()
-                .await
-                .map_err(|e| anyhow::anyhow!("--etcd-urls: {e}"))?;
-            Ok(LockService {
-                lock: Arc::new(locks.clone()),
-                commands: Some(Arc::new(EtcdRequestCounter(locks))),
-            })
-        };
-        services.insert(Strategy::Etcd, service);
+        services.insert(Strategy::Etcd, etcd_service(config).await?);
     }
     Ok(services)
 }
 
-/// Counts the requests the lab's etcd client sent ([`EtcdLocks::requests`]): its lock
+/// The lock service of the `etcd` strategy, or why there is none (no `--etcd-urls`).
+#[cfg(feature = "etcd")]
+async fn etcd_service(config: &LabConfig) -> anyhow::Result<Result<LockService, String>> {
+    Ok(if config.etcd_urls.is_empty() {
+        Err(missing_redis_reason(Strategy::Etcd))
+    } else {
+        let locks = EtcdLocks::builder(&config.etcd_urls)
+            .namespace(NAMESPACE)
+            .lease_ttl(LEASE)
+            .wait(WAIT)
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("--etcd-urls: {e}"))?;
+        Ok(LockService {
+            lock: Arc::new(locks.clone()),
+            commands: Some(Arc::new(EtcdRequestCounter(locks))),
+        })
+    })
+}
+
+/// Without the `etcd` feature: the strategy is skipped, saying how to get it.
+#[cfg(not(feature = "etcd"))]
+async fn etcd_service(_config: &LabConfig) -> anyhow::Result<Result<LockService, String>> {
+    Ok(Err(NO_ETCD.to_string()))
+}
+
+/// Why the `etcd` strategy is missing from a build without the `etcd` feature.
+#[cfg(not(feature = "etcd"))]
+pub const NO_ETCD: &str = "this contend was built without etcd support: build it with \
+     `--features etcd` (needs protoc: Debian `protobuf-compiler`)";
+
+/// Counts the requests the lab's etcd client sent (`EtcdLocks::requests`): its lock
 /// transactions, ranges, watches, deletes and lease keepalives.
+#[cfg(feature = "etcd")]
 pub struct EtcdRequestCounter(EtcdLocks);
 
+#[cfg(feature = "etcd")]
 impl CommandCounter for EtcdRequestCounter {
     fn total(&self) -> BoxFuture<'_, anyhow::Result<u64>> {
         Box::pin(async move { Ok(self.0.requests()) })

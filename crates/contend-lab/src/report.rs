@@ -49,7 +49,7 @@ pub struct LockStats {
     /// Commands the Redis servers executed during the run (from `INFO commandstats`, summed
     /// over the nodes; `INFO` itself not counted; other clients of the same servers count
     /// too), or for `etcd` the requests the lab's etcd client sent (each try, watch and
-    /// keepalive; [`contend_etcd::EtcdLocks::requests`]).
+    /// keepalive; `contend_etcd::EtcdLocks::requests`).
     pub redis_commands: u64,
     /// `redis_commands / acquisitions`.
     pub commands_per_acquisition: f64,

@@ -162,6 +162,7 @@ async fn mysql_batched_combines_operations_and_keeps_invariants() {
 /// `etcd` guards the withdraw hot row under 32 workers on the shared etcd cluster: no
 /// violation, one grant per operation, and the client's requests counted per grant (a watch
 /// wakes each waiter: at most 4 requests per grant plus keepalives, however many wait).
+#[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_strategy_is_safe_and_counted() {
     let Some(etcd) = server_url("CONTEND_ETCD_URLS") else {

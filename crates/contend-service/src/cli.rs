@@ -157,11 +157,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .map(|u| u.trim())
         .filter(|u| !u.is_empty())
         .collect();
+    #[cfg(feature = "etcd")]
     if !etcd_urls.is_empty() {
         config.etcd = Some(
             crate::redis_locks::etcd(&etcd_urls, &args.redis_namespace)
                 .await
                 .context("--etcd-urls")?,
+        );
+    }
+    #[cfg(not(feature = "etcd"))]
+    if !etcd_urls.is_empty() {
+        anyhow::bail!(
+            "--etcd-urls: this contend was built without etcd support: build it with \
+             `--features etcd` (needs protoc: Debian `protobuf-compiler`)"
         );
     }
     let state = AppState::new(config);

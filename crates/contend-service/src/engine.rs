@@ -37,7 +37,7 @@ pub(crate) trait Write: Operation<Error = contend::Error, Output: serde::Seriali
 pub(crate) fn executor(
     redis: Option<&crate::redis_locks::RedisLocks>,
     redlock: Option<&crate::redis_locks::RedisLocks>,
-    etcd: Option<&contend_etcd::EtcdLocks>,
+    etcd: Option<&crate::redis_locks::EtcdLocks>,
 ) -> Executor {
     let mut executor = Executor::new().lock_wait(LOCK_WAIT);
     if let Some(locks) = redis {
@@ -47,7 +47,7 @@ pub(crate) fn executor(
         executor = executor.lock_service(Strategy::Redlock, locks.service());
     }
     if let Some(locks) = etcd {
-        executor = executor.lock_service(Strategy::Etcd, Arc::new(locks.clone()));
+        executor = executor.lock_service(Strategy::Etcd, locks.0.clone());
     }
     executor
 }

@@ -86,8 +86,8 @@ pub struct Config {
     pub redis: Option<RedisLocks>,
     /// Redlock settings (`--redlock-urls`).
     pub redlock: Option<RedisLocks>,
-    /// etcd lock settings (`--etcd-urls`).
-    pub etcd: Option<contend_etcd::EtcdLocks>,
+    /// The etcd lock service (`--etcd-urls`; `redis_locks::etcd` with the `etcd` feature).
+    pub etcd: Option<redis_locks::EtcdLocks>,
     /// How long a successful account-token lookup is remembered ([`auth::TokenCache`]); zero
     /// looks every token up on every request.
     pub token_cache_ttl: Duration,

@@ -81,14 +81,24 @@ impl RedisLocks {
 ///
 /// # Cancel safety
 /// Safe to drop: nothing is held yet.
-pub async fn etcd<S: AsRef<str>>(
-    urls: &[S],
-    namespace: &str,
-) -> contend::Result<contend_etcd::EtcdLocks> {
-    contend_etcd::EtcdLocks::builder(urls)
+#[cfg(feature = "etcd")]
+pub async fn etcd<S: AsRef<str>>(urls: &[S], namespace: &str) -> contend::Result<EtcdLocks> {
+    let locks = contend_etcd::EtcdLocks::builder(urls)
         .namespace(namespace)
         .lease_ttl(LEASE)
         .wait(LOCK_WAIT)
         .connect()
-        .await
+        .await?;
+    Ok(EtcdLocks(Arc::new(locks)))
+}
+
+/// The lock service of the `etcd` strategy: `contend_etcd::EtcdLocks` in a build with the
+/// `etcd` feature (`etcd` connects it).
+#[derive(Clone)]
+pub struct EtcdLocks(pub Arc<dyn contend::lock::LockService>);
+
+impl std::fmt::Debug for EtcdLocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdLocks")
+    }
 }

@@ -209,6 +209,7 @@ impl Server {
                 config.redlock = Some(locks.expect("connect redlock"));
             }
         }
+        #[cfg(feature = "etcd")]
         if options.strategy == Strategy::Etcd
             && let Some(ns) = &options.redis_namespace
             && let Some(urls) = etcd_urls()
