@@ -21,6 +21,13 @@
 #   POSTGRES_URL  default $CONTEND_PG_URL
 #   SECONDS       per measurement, default 5
 #   ROUNDS=5  CLIENTS="32 64"  SCENARIOS="withdraw transfer"
+# Measured 2026-11-30 on the shared 2-core dev machine while a test run used it too (release build, test
+# server: fsync=off, synchronous_commit=off; ROUNDS=5, 3 s per run; medians, spread min-max; 0 violations in
+# every lab run; withdraw batches held 27 (32 workers) and 49 (64) operations per commit, transfer 27 and 47):
+#   withdraw  32: 82,645 (58,102-112,762) vs pgbench 17,784 (17,434-18,543)   4.65x
+#   withdraw  64: 122,072 (105,557-145,258) vs 15,374 (14,307-16,684)         7.94x
+#   transfer  32: 21,356 (14,853-23,267) vs 1,721 (1,669-1,788)               12.41x
+#   transfer  64: 32,119 (26,963-38,342) vs 1,128 (1,121-1,182)               28.47x
 # Needs: cargo, pgbench and psql (postgresql-client), jq.
 # Exit status: 0 when every lab run kept its invariants, 1 when one did not, 2 when a tool or run
 # fails. (The ratio is reported, not enforced: it depends on the server's commit cost.)
