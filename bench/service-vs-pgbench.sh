@@ -18,7 +18,9 @@
 #   SECONDS       per run, default 5
 #   CLIENTS="16 64"  concurrent HTTP connections = pgbench clients, one or more counts
 #   POOL=N        the service's --max-connections (default 8; three quarters serve requests)
-#   ROUNDS=N      service/pgbench pairs per client count and workload (default 3)
+#   ROUNDS=N      service/pgbench pairs per client count and workload (default 5)
+#   CONTEND_BIN   the contend binary to measure (default: build the release binary); to compare
+#                 two builds, run the script once with each
 #   PIN=1         PostgreSQL on CPU 0, service, wrk and pgbench on CPU 1 (needs 2+ CPUs and the
 #                 right to change the server's CPU affinity: same user, or root): the database
 #                 then has a core of its own, as on a database server, instead of sharing both
@@ -50,7 +52,7 @@ URL=${1:-${CONTEND_PG_URL:-postgres://postgres@127.0.0.1:55432/app}}
 SECS=${2:-5}
 CLIENT_COUNTS=${CLIENTS:-16 64}
 POOL=${POOL:-8}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 PIN=${PIN:-0}
 THREADS=2
 ACCOUNTS=100
@@ -64,8 +66,12 @@ done
 case "$URL" in postgres://*|postgresql://*) ;; *) echo "service-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
 
 echo "building the release binary..." >&2
-cargo build --release -q -p contend-cli
-BIN=target/release/contend
+if [ -n "${CONTEND_BIN:-}" ]; then
+  BIN=$CONTEND_BIN
+else
+  cargo build --release -q -p contend-cli
+  BIN=${CARGO_TARGET_DIR:-target}/release/contend
+fi
 
 # A database of our own on the same server: URL with the database name replaced.
 DBNAME=bench_svc_$$_$RANDOM
