@@ -241,6 +241,27 @@ impl Strategy {
         )
     }
 
+    /// Whether the strategy waits for a lock before or at the start of its transaction: an
+    /// in-process mutex, an advisory lock, a lock-service lock, or `pessimistic`'s locking
+    /// read. [`Executed::lock_wait`] of such a run is that wait (a metric of lock contention);
+    /// for the others it is zero, or under `batched` the time queued for a batch.
+    ///
+    /// ```
+    /// use contend::strategy::Strategy;
+    /// assert!(Strategy::Pessimistic.takes_locks() && Strategy::Redis.takes_locks());
+    /// assert!(!Strategy::Optimistic.takes_locks() && !Strategy::Batched.takes_locks());
+    /// ```
+    pub fn takes_locks(self) -> bool {
+        !matches!(
+            self,
+            Strategy::None
+                | Strategy::Atomic
+                | Strategy::Optimistic
+                | Strategy::Serializable
+                | Strategy::Batched
+        )
+    }
+
     /// `Ok` when `backend` can run this strategy, or the reason it cannot.
     ///
     /// ```
