@@ -45,11 +45,12 @@ pub mod serializable;
 use std::fmt;
 use std::str::FromStr;
 
+use futures_util::future::BoxFuture;
 use sqlx::Any;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Database};
 
 pub use executor::{Executed, Executor, Operation};
 
@@ -134,6 +135,113 @@ impl Value {
         }
     }
 }
+
+/// The few statements the building blocks ([`atomic`], [`pessimistic`], [`optimistic`],
+/// [`get_or_create`]) run on a database's own connection: implemented for every sqlx database
+/// contend supports (`sqlx::Postgres`, `sqlx::MySql`, `sqlx::Sqlite`, each behind its cargo
+/// feature, and `sqlx::Any`). Users never call it; it is what lets a building block take a
+/// `Tx<sqlx::Postgres>` and a `uuid::Uuid` key as well as a `Tx` (Any) and an `i64`.
+///
+/// Keys are any type sqlx can bind for the database: the building blocks take
+/// `K: sqlx::Encode<'k, DB> + sqlx::Type<DB> + Send`.
+pub trait BlockDatabase: Database {
+    /// Binds `value` as the next parameter of `query`.
+    fn bind_value<'q>(
+        query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+        value: &Value,
+    ) -> Query<'q, Self, <Self as sqlx::Database>::Arguments>;
+
+    /// Runs `query` on `conn` and returns the number of rows it affected.
+    ///
+    /// # Cancel safety
+    /// As sqlx's `execute`: if dropped, the statement may or may not have run.
+    fn execute_query<'c, 'q: 'c>(
+        conn: &'c mut Self::Connection,
+        query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+    ) -> BoxFuture<'c, Result<u64, sqlx::Error>>;
+
+    /// Runs `query` on `conn` and returns its first row, if any.
+    ///
+    /// # Cancel safety
+    /// As sqlx's `fetch_optional`.
+    fn fetch_optional_query<'c, 'q: 'c>(
+        conn: &'c mut Self::Connection,
+        query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+    ) -> BoxFuture<'c, Result<Option<Self::Row>, sqlx::Error>>;
+
+    /// Runs an `INSERT` on `conn` and returns the rows it affected and the id the database
+    /// generated, where the driver reports one (MySQL's `LAST_INSERT_ID()`, SQLite's rowid;
+    /// `None` on PostgreSQL, which has `RETURNING`).
+    ///
+    /// # Cancel safety
+    /// As sqlx's `execute`.
+    fn execute_insert<'c, 'q: 'c>(
+        conn: &'c mut Self::Connection,
+        query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+    ) -> BoxFuture<'c, Result<(u64, Option<i64>), sqlx::Error>>;
+
+    /// Column `index` of `row` as an `i64` (a `BIGINT`).
+    ///
+    /// # Errors
+    /// sqlx's decoding error.
+    fn get_i64(row: &Self::Row, index: usize) -> Result<i64, sqlx::Error>;
+}
+
+macro_rules! impl_block_database {
+    ($db:ty, last_insert_id: |$done:ident| $last:expr) => {
+        impl BlockDatabase for $db {
+            fn bind_value<'q>(
+                query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+                value: &Value,
+            ) -> Query<'q, Self, <Self as sqlx::Database>::Arguments> {
+                match value {
+                    Value::Int(v) => query.bind(*v),
+                    Value::Text(v) => query.bind(v.clone()),
+                    Value::Null => query.bind(Option::<i64>::None),
+                }
+            }
+
+            fn execute_query<'c, 'q: 'c>(
+                conn: &'c mut Self::Connection,
+                query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+            ) -> BoxFuture<'c, Result<u64, sqlx::Error>> {
+                Box::pin(async move { Ok(query.execute(conn).await?.rows_affected()) })
+            }
+
+            fn fetch_optional_query<'c, 'q: 'c>(
+                conn: &'c mut Self::Connection,
+                query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+            ) -> BoxFuture<'c, Result<Option<Self::Row>, sqlx::Error>> {
+                Box::pin(query.fetch_optional(conn))
+            }
+
+            fn execute_insert<'c, 'q: 'c>(
+                conn: &'c mut Self::Connection,
+                query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+            ) -> BoxFuture<'c, Result<(u64, Option<i64>), sqlx::Error>> {
+                Box::pin(async move {
+                    let $done = query.execute(conn).await?;
+                    Ok(($done.rows_affected(), $last))
+                })
+            }
+
+            fn get_i64(row: &Self::Row, index: usize) -> Result<i64, sqlx::Error> {
+                sqlx::Row::try_get(row, index)
+            }
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+impl_block_database!(sqlx::Postgres, last_insert_id: |done| {
+    let _ = &done;
+    None
+});
+#[cfg(feature = "mysql")]
+impl_block_database!(sqlx::MySql, last_insert_id: |done| i64::try_from(done.last_insert_id()).ok());
+#[cfg(feature = "sqlite")]
+impl_block_database!(sqlx::Sqlite, last_insert_id: |done| Some(done.last_insert_rowid()));
+impl_block_database!(sqlx::Any, last_insert_id: |done| done.last_insert_id());
 
 impl From<i64> for Value {
     fn from(v: i64) -> Self {
