@@ -1,19 +1,26 @@
 //! The concurrency-control strategies, side by side: which ones exist, which backends can run
 //! each, and which are safe. The building blocks live in the submodules.
 //!
-//! | strategy | prevents lost updates by | SQLite | PostgreSQL | MySQL/MariaDB |
-//! |---|---|---|---|---|
-//! | `none` | nothing (unsafe baseline) | yes | yes | yes |
-//! | `mutex` | an in-process lock per key: one process only | yes | yes | yes |
-//! | `atomic` | a conditional `UPDATE` computed in the database | yes | yes | yes |
-//! | `pessimistic` | row locks taken before reading, in canonical order | `BEGIN IMMEDIATE` | `FOR UPDATE` | `FOR UPDATE` |
-//! | `optimistic` | a version column checked by the write, retried | yes | yes | yes |
-//! | `serializable` | SERIALIZABLE isolation, retried | yes | yes | yes |
-//! | `advisory` | a database advisory lock per key | no | `pg_advisory_xact_lock` | `GET_LOCK` |
-//! | `redis` | a Redis lock with a fencing token | yes | yes | yes |
-//! | `redis-spin` | a Redis `SET NX` spin lock (slow baseline) | yes | yes | yes |
-//! | `redlock` | a Redis quorum lock with a fencing token | yes | yes | yes |
-//! | `batched` | concurrent operations on the same keys combined into one transaction under row locks ([`crate::batch`]) | yes | yes | yes |
+//! | strategy | prevents lost updates by | SQLite | PostgreSQL | MySQL/MariaDB | PostgreSQL via pgbouncer |
+//! |---|---|---|---|---|---|
+//! | `none` | nothing (unsafe baseline) | yes | yes | yes | yes |
+//! | `mutex` | an in-process lock per key: one process only | yes | yes | yes | yes |
+//! | `atomic` | a conditional `UPDATE` computed in the database | yes | yes | yes | yes |
+//! | `pessimistic` | row locks taken before reading, in canonical order | yes (`BEGIN IMMEDIATE`) | yes (`FOR UPDATE`) | yes (`FOR UPDATE`) | yes (`FOR UPDATE`) |
+//! | `optimistic` | a version column checked by the write, retried | yes | yes | yes | yes |
+//! | `serializable` | SERIALIZABLE isolation, retried | yes | yes | yes | yes |
+//! | `advisory` | a database advisory lock per key | no | yes (`pg_advisory_xact_lock`) | yes (`GET_LOCK`) | yes (`pg_advisory_xact_lock`) |
+//! | `redis` | a Redis lock with a fencing token | yes | yes | yes | yes |
+//! | `redis-spin` | a Redis `SET NX` spin lock (slow baseline) | yes | yes | yes | yes |
+//! | `redlock` | a Redis quorum lock with a fencing token | yes | yes | yes | yes |
+//! | `batched` | concurrent operations on the same keys combined into one transaction under row locks ([`crate::batch`]) | yes | yes | yes | yes |
+//!
+//! "yes"/"no" is what [`Executor::check`] allows (the lock-service strategies with a
+//! [`crate::lock::LockService`] configured); the crate's test `support_table.rs` keeps this
+//! table and README's in step with it. "PostgreSQL via pgbouncer" is a [`crate::Db`] told it is
+//! behind a transaction pooler ([`crate::DbBuilder::transaction_pooler`], `?pgbouncer=true`):
+//! its transactions are what the pooler keeps on one server connection, so every strategy runs
+//! there; [`advisory::SessionLock`] is refused.
 //!
 //! # Running an operation under any strategy
 //! [`Executor::run`] runs an [`Operation`] (keys, a read, a decision and write, optionally a
