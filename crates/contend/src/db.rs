@@ -162,7 +162,20 @@ impl DbBuilder {
     /// ```
     ///
     /// [`connect`](DbBuilder::connect) fails with [`Error::InvalidUrl`] when it is asked of a
-    /// database other than PostgreSQL.
+    /// database other than PostgreSQL, or for a `pgbouncer` parameter that is not `true`/`1` or
+    /// `false`/`0`, before connecting:
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use contend::{Db, Error};
+    /// let sqlite = Db::builder("sqlite::memory:").transaction_pooler(true).connect().await;
+    /// assert!(matches!(sqlite, Err(Error::InvalidUrl { .. })));
+    /// let mysql = Db::connect("mysql://root@127.0.0.1:1/app?pgbouncer=true").await;
+    /// assert!(matches!(mysql, Err(Error::InvalidUrl { .. })));
+    /// let typo = Db::connect("postgres://app@127.0.0.1:1/app?pgbouncer=maybe").await;
+    /// assert!(matches!(typo, Err(Error::InvalidUrl { .. })));
+    /// # }
+    /// ```
     pub fn transaction_pooler(mut self, pooler: bool) -> Self {
         self.pooler = Some(pooler);
         self

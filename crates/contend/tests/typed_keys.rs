@@ -85,7 +85,7 @@ macro_rules! typed_suite {
             async fn counter_never_overdraws() {
                 let Some(db) = open().await else { return };
                 let [key, ..] = keys();
-                let t = accounts(&db, &[key.clone()], 100).await;
+                let t = accounts(&db, std::slice::from_ref(&key), 100).await;
                 let counter = Counter::new(&t, "id", "n").unwrap();
                 let mut tasks = Vec::new();
                 for task in 0..TASKS {
@@ -169,7 +169,7 @@ macro_rules! typed_suite {
 
             async fn increments(db: &Db<D>, checked: bool) -> i64 {
                 let [key, ..] = keys();
-                let t = Arc::new(accounts(db, &[key.clone()], 0).await);
+                let t = Arc::new(accounts(db, std::slice::from_ref(&key), 0).await);
                 let mut tasks = Vec::new();
                 for _ in 0..TASKS {
                     let (db, t, key) = (db.clone(), t.clone(), key.clone());
