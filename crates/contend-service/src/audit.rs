@@ -162,7 +162,9 @@ pub async fn audit(State(state): State<AppState>, Auth(auth): Auth) -> Result<Ou
     responses((status = 200, body = Health), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn healthz(State(state): State<AppState>) -> Result<Outcome, ApiError> {
     let db = &state.inner.db;
-    let ping = db.query_scalar::<i64>("SELECT 1").fetch_one(db.pool());
+    // Without parameters, in the simple query protocol: one round trip, and safe behind a
+    // transaction pooler.
+    let ping = db.execute_script("SELECT 1");
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => Ok(Outcome::json(
             StatusCode::OK,

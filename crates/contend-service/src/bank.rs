@@ -507,8 +507,11 @@ async fn fetch_account_on(
 /// Fetches an account outside a transaction (existence checks, GET).
 async fn fetch_account(state: &AppState, id: i64) -> Result<Option<Account>, ApiError> {
     let db = &state.inner.db;
-    let mut conn = db.acquire().await?;
-    Ok(load_account(&mut conn, db.backend(), id, "").await?)
+    let backend = db.backend();
+    Ok(db
+        .session()
+        .autocommit(move |conn| Box::pin(load_account(conn, backend, id, "")))
+        .await?)
 }
 
 /// `POST /accounts`
@@ -779,7 +782,10 @@ pub async fn list_transfers(
     if let Some(limit) = limit {
         query = query.bind(limit);
     }
-    let rows = query.fetch_all(db.pool()).await?;
+    let rows = db
+        .session()
+        .autocommit(|c| Box::pin(async move { Ok::<_, contend::Error>(query.fetch_all(c).await?) }))
+        .await?;
     let mut transfers = Vec::with_capacity(rows.len());
     for row in &rows {
         transfers.push(Transfer {

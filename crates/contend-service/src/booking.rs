@@ -256,12 +256,15 @@ pub async fn create_booking(
             // This path reads through the pool first: let the request's connection go.
             drop(session);
             auth.require_account(body.account)?;
-            let seats: Option<i64> = st
-                .inner
-                .db
+            let db = &st.inner.db;
+            let query = db
                 .query_scalar("SELECT seats FROM events WHERE id = ?")
-                .bind(event)
-                .fetch_optional(st.inner.db.pool())
+                .bind(event);
+            let seats: Option<i64> = db
+                .session()
+                .autocommit(|c| {
+                    Box::pin(async move { Ok::<_, contend::Error>(query.fetch_optional(c).await?) })
+                })
                 .await?;
             let seats = seats.ok_or_else(|| event_missing(event))?;
             engine::check_supported(&st, strategy)?;

@@ -15,13 +15,21 @@ use crate::{AppState, Config};
 pub struct ServeArgs {
     /// Database URL: sqlite:PATH, postgres://..., mysql://... or mariadb://...; or the nodes of
     /// one Galera cluster, comma separated (connections are spread over them round robin, each
-    /// node with its own pool of --max-connections).
+    /// node with its own pool of --max-connections). A PostgreSQL reached through a transaction
+    /// pooler (pgbouncer `pool_mode = transaction`) takes `?pgbouncer=true` (see
+    /// `contend::DbBuilder::transaction_pooler`) and --migrate-url.
     #[arg(
         long,
         env = "DATABASE_URL",
         default_value = "sqlite:contend-service.db"
     )]
     pub database_url: String,
+    /// The URL the schema migrations are applied on (default: --database-url). Required when
+    /// --database-url goes through a transaction pooler: the migrator holds a session
+    /// advisory lock and runs statements outside transactions, which such a pooler cannot
+    /// carry; give a direct URL of the same database.
+    #[arg(long, env = "CONTEND_MIGRATE_URL")]
+    pub migrate_url: Option<String>,
     /// Redis URL for the `redis` strategy.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
@@ -114,7 +122,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .test_before_acquire(args.test_before_acquire)
         .connect()
         .await?;
-    crate::migrate::run(&db).await?;
+    match &args.migrate_url {
+        Some(url) => {
+            let direct = contend::Db::builder(url)
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(3))
+                .connect()
+                .await?;
+            let migrated = crate::migrate::run(&direct).await;
+            direct.pool().close().await;
+            migrated?;
+        }
+        None if db.transaction_pooler() => anyhow::bail!(
+            "--database-url goes through a transaction pooler (pgbouncer=true): the migrations \
+             need a direct connection to the same database, give it with --migrate-url"
+        ),
+        None => crate::migrate::run(&db).await?,
+    }
     let admin_token = match args.admin_token {
         Some(t) if !t.is_empty() => t,
         _ => {

@@ -184,24 +184,9 @@ pub(crate) async fn execute<W: Write>(
     if done.attempts > 0 {
         let metrics = &state.inner.metrics;
         metrics.transaction(strategy, done.attempts, &done.conflicts);
-        if takes_locks(strategy) {
+        if strategy.takes_locks() {
             metrics.lock_wait(strategy, done.lock_wait);
         }
     }
     Ok(done.result?)
-}
-
-/// Whether `strategy` waits for locks before or at the start of its transaction (what
-/// [`contend::strategy::Executed::lock_wait`] measures).
-fn takes_locks(strategy: Strategy) -> bool {
-    matches!(
-        strategy,
-        Strategy::Mutex
-            | Strategy::Pessimistic
-            | Strategy::Advisory
-            | Strategy::Redis
-            | Strategy::RedisSpin
-            | Strategy::Redlock
-            | Strategy::Etcd
-    )
 }

@@ -114,8 +114,13 @@ async fn load_product(
 
 async fn fetch_product(state: &AppState, sku: &str) -> Result<Option<Product>, ApiError> {
     let db = &state.inner.db;
-    let mut conn = db.acquire().await?;
-    Ok(load_product(&mut conn, db.backend(), sku, "").await?)
+    let (backend, sku) = (db.backend(), sku.to_string());
+    Ok(db
+        .session()
+        .autocommit(move |conn| {
+            Box::pin(async move { load_product(conn, backend, &sku, "").await })
+        })
+        .await?)
 }
 
 struct OrderOp {

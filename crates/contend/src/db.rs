@@ -64,6 +64,8 @@ struct Inner<DB: Database> {
     writer: Option<tokio::sync::Mutex<()>>,
     /// How long a transaction waits for its turn in `writer` when it sets no lock timeout.
     turn_timeout: Duration,
+    /// Behind a transaction pooler ([`DbBuilder::transaction_pooler`]).
+    pooler: bool,
 }
 
 /// Settings for [`Db`], made by [`Db::builder`].
@@ -77,6 +79,7 @@ pub struct DbBuilder {
     busy_timeout: Duration,
     test_before_acquire: bool,
     writer_queue: bool,
+    pooler: Option<bool>,
 }
 
 impl DbBuilder {
@@ -132,6 +135,62 @@ impl DbBuilder {
         self
     }
 
+    /// PostgreSQL: whether the server is reached through a pooler in transaction pooling mode
+    /// (pgbouncer `pool_mode = transaction`, and the like), which hands the client's server
+    /// connection to other clients whenever no transaction is open. Default `false`, or what the
+    /// URL's `pgbouncer=true` parameter says (the name Prisma uses; it is removed from the URL
+    /// before sqlx sees it). The setting given here wins over the URL's.
+    ///
+    /// Behind such a pooler only what lives inside one transaction is safe, so `Db` then:
+    /// - keeps no named-statement cache (`statement-cache-capacity=0`) and clears the server
+    ///   connection's prepared statements (`DEALLOCATE ALL`) in the same round trip as every
+    ///   `BEGIN`, `COMMIT` and `ROLLBACK`, so that a statement prepared by one client never meets
+    ///   another (the pooler of Debian 12, pgbouncer 1.18, cannot carry prepared statements);
+    /// - runs what would be autocommit statements ([`Session::autocommit`], the building blocks'
+    ///   one-statement forms, the idempotency store) inside `BEGIN` ... `COMMIT`: sqlx prepares
+    ///   a statement and executes it in two round trips, between which the pooler may give the
+    ///   server connection to someone else;
+    /// - refuses session-scoped state: [`crate::strategy::advisory::SessionLock`] fails with
+    ///   [`Error::Unsupported`] (the lock would stay on a pooled server connection that other
+    ///   clients are then handed, and its release would run on another one). Timeouts are
+    ///   `SET LOCAL` and advisory locks `pg_advisory_xact_lock`, which end with the transaction.
+    ///
+    /// Statements that the application runs on [`Db::pool`] itself, outside a transaction, are
+    /// not covered: run them in a transaction or through [`Session::autocommit`]. The pooler
+    /// must accept (or ignore) the `extra_float_digits` startup parameter that sqlx sends:
+    /// pgbouncer's `ignore_startup_parameters = extra_float_digits`.
+    ///
+    /// ```no_run
+    /// # async fn f() -> contend::Result<()> {
+    /// let db = contend::Db::builder("postgres://app@127.0.0.1:6432/app")
+    ///     .transaction_pooler(true)
+    ///     .connect()
+    ///     .await?;
+    /// assert!(db.transaction_pooler());
+    /// // the same: contend::Db::connect("postgres://app@127.0.0.1:6432/app?pgbouncer=true")
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`connect`](DbBuilder::connect) fails with [`Error::InvalidUrl`] when it is asked of a
+    /// database other than PostgreSQL, or for a `pgbouncer` parameter that is not `true`/`1` or
+    /// `false`/`0`, before connecting:
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use contend::{Db, Error};
+    /// let sqlite = Db::builder("sqlite::memory:").transaction_pooler(true).connect().await;
+    /// assert!(matches!(sqlite, Err(Error::InvalidUrl { .. })));
+    /// let mysql = Db::connect("mysql://root@127.0.0.1:1/app?pgbouncer=true").await;
+    /// assert!(matches!(mysql, Err(Error::InvalidUrl { .. })));
+    /// let typo = Db::connect("postgres://app@127.0.0.1:1/app?pgbouncer=maybe").await;
+    /// assert!(matches!(typo, Err(Error::InvalidUrl { .. })));
+    /// # }
+    /// ```
+    pub fn transaction_pooler(mut self, pooler: bool) -> Self {
+        self.pooler = Some(pooler);
+        self
+    }
+
     /// Opens the pool (one per node) and one connection to each node, so that a bad address
     /// fails here, clearly. A MySQL/MariaDB server is asked whether it is a Galera node
     /// ([`Db::cluster`]); several URLs must be the nodes of one Galera cluster
@@ -141,20 +200,36 @@ impl DbBuilder {
     /// `synchronous = NORMAL`, foreign keys and the busy timeout.
     ///
     /// # Errors
-    /// [`Error::InvalidUrl`] for a URL that names no supported backend or cannot be parsed, and
-    /// for several URLs that are not the nodes of one Galera cluster; [`Error::Connect`]
-    /// naming the backend and address when a server cannot be reached in time or refuses the
-    /// login.
+    /// [`Error::InvalidUrl`] for a URL that names no supported backend or cannot be parsed,
+    /// for several URLs that are not the nodes of one Galera cluster, and for a transaction
+    /// pooler ([`DbBuilder::transaction_pooler`]) asked of a database other than PostgreSQL;
+    /// [`Error::Connect`] naming the backend and address when a server cannot be reached in
+    /// time or refuses the login.
     ///
     /// # Cancel safety
     /// Dropping the future drops the pools opened so far.
     pub async fn connect(self) -> Result<Db> {
         sqlx::any::install_default_drivers();
-        let urls = nodes::split_urls(&self.url);
+        let mut urls = Vec::new();
+        let mut url_pooler = false;
+        for url in nodes::split_urls(&self.url) {
+            let (url, pooler) = pooler_param(&url)?;
+            url_pooler |= pooler;
+            urls.push(url);
+        }
         let backend = nodes::check_urls(&urls)?;
+        let pooler = self.pooler.unwrap_or(url_pooler);
+        if pooler && backend != Backend::Postgres {
+            return Err(Error::InvalidUrl {
+                url: redact_url(&self.url),
+                reason: format!(
+                    "a transaction pooler (pgbouncer=true) is a PostgreSQL setting, not one of {backend}"
+                ),
+            });
+        }
         let mut pools = Vec::with_capacity(urls.len());
         for url in &urls {
-            pools.push(self.connect_node(backend, url).await?);
+            pools.push(self.connect_node(backend, url, pooler).await?);
         }
         let cluster = if backend == Backend::MySql {
             let mut infos = Vec::with_capacity(pools.len());
@@ -183,13 +258,21 @@ impl DbBuilder {
                 writer: (backend == Backend::Sqlite && self.writer_queue)
                     .then(|| tokio::sync::Mutex::new(())),
                 turn_timeout: self.acquire_timeout,
+                pooler,
             }),
         })
     }
 
-    /// The pool of one node (or the one server) at `url`.
-    async fn connect_node(&self, backend: Backend, url: &str) -> Result<Pool<Any>> {
-        let (normalized, memory) = normalize_url(backend, url);
+    /// The pool of one node (or the one server) at `url`; behind a transaction pooler without
+    /// a statement cache.
+    async fn connect_node(&self, backend: Backend, url: &str, pooler: bool) -> Result<Pool<Any>> {
+        let with_options = if pooler {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}statement-cache-capacity=0")
+        } else {
+            url.to_string()
+        };
+        let (normalized, memory) = normalize_url(backend, &with_options);
         let options = AnyConnectOptions::from_str(&normalized).map_err(|e| Error::InvalidUrl {
             url: redact_url(url),
             reason: e.to_string(),
@@ -266,6 +349,40 @@ async fn probe_node<DB: Database>(
     })
 }
 
+/// `url` without its `pgbouncer` parameter, and whether that parameter asked for a transaction
+/// pooler (`true`/`1` or `false`/`0`).
+fn pooler_param(url: &str) -> Result<(String, bool)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), false));
+    };
+    let mut pooler = false;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("pgbouncer", value)) => {
+                pooler = match value {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    other => {
+                        return Err(Error::InvalidUrl {
+                            url: redact_url(url),
+                            reason: format!("pgbouncer={other}: expected true or false"),
+                        });
+                    }
+                }
+            }
+            _ if pair == "pgbouncer" => pooler = true,
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, pooler))
+}
+
 /// `mariadb://` becomes `mysql://` (same protocol); SQLite files get `mode=rwc` so that they are
 /// created when missing. Returns whether the URL is an in-memory SQLite database.
 fn normalize_url(backend: Backend, url: &str) -> (String, bool) {
@@ -311,6 +428,7 @@ impl Db<Any> {
             busy_timeout: Duration::from_millis(DEFAULT_BUSY_TIMEOUT_MS),
             test_before_acquire: true,
             writer_queue: true,
+            pooler: None,
         }
     }
 }
@@ -358,6 +476,7 @@ impl<DB: Database> Db<DB> {
                 busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
                 writer: (backend == Backend::Sqlite).then(|| tokio::sync::Mutex::new(())),
                 turn_timeout,
+                pooler: false,
             }),
         })
     }
@@ -435,6 +554,58 @@ impl<DB: Database> Db<DB> {
                 cluster,
                 url: urls.join(","),
                 ..inner
+            }),
+        })
+    }
+
+    /// Whether this `Db` reaches PostgreSQL through a transaction pooler
+    /// ([`DbBuilder::transaction_pooler`], [`Db::with_transaction_pooler`]).
+    pub fn transaction_pooler(&self) -> bool {
+        self.inner.pooler
+    }
+
+    /// Marks a `Db` made by [`Db::from_pool`] as reached through a transaction pooler, with
+    /// the consequences listed at [`DbBuilder::transaction_pooler`]. Call it right after
+    /// `from_pool`: clones made before keep the old setting. The pool must keep no statement
+    /// cache: build it with `PgConnectOptions::statement_cache_capacity(0)` (and
+    /// `extra_float_digits(None)` if the pooler refuses that startup parameter), and bind
+    /// queries run outside a transaction are the application's to keep inside one.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::str::FromStr;
+    /// use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    /// let options = PgConnectOptions::from_str("postgres://app@127.0.0.1:6432/app")?
+    ///     .statement_cache_capacity(0);
+    /// let pool = PgPoolOptions::new().connect_with(options).await?;
+    /// let db = contend::Db::from_pool(pool)?.with_transaction_pooler(true)?;
+    /// assert!(db.transaction_pooler());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when `pooler` is asked of a database other than PostgreSQL.
+    pub fn with_transaction_pooler(self, pooler: bool) -> Result<Db<DB>> {
+        let backend = self.backend();
+        if pooler && backend != Backend::Postgres {
+            return Err(Error::Unsupported {
+                backend,
+                what: "a transaction pooler (a PostgreSQL setting)".into(),
+            });
+        }
+        let inner = &self.inner;
+        Ok(Db {
+            inner: Arc::new(Inner {
+                pool: inner.pool.clone(),
+                others: inner.others.clone(),
+                next: AtomicUsize::new(0),
+                cluster: inner.cluster.clone(),
+                backend,
+                url: inner.url.clone(),
+                busy_timeout_ms: inner.busy_timeout_ms,
+                writer: inner.writer.as_ref().map(|_| tokio::sync::Mutex::new(())),
+                turn_timeout: inner.turn_timeout,
+                pooler,
             }),
         })
     }

@@ -213,7 +213,11 @@ pub async fn highest<DB: Database>(db: &Db<DB>, resource: &str) -> Result<Option
     check_resource(resource)?;
     let select = format!("SELECT token FROM {FENCE_TABLE} WHERE resource = ?");
     let mut conn = db.acquire().await?;
-    let token = DB::fetch_i64(&mut conn, db.backend(), &select, &[Value::from(resource)]).await?;
+    let (backend, args) = (db.backend(), [Value::from(resource)]);
+    let token: Option<i64> = crate::session::pinned_pooled(db, &mut conn, |c| {
+        crate::session::classified(DB::fetch_i64(c, backend, &select, &args))
+    })
+    .await?;
     Ok(token.map(|t| FencingToken::new(u64::try_from(t).unwrap_or(0))))
 }
 

@@ -104,6 +104,7 @@ use sqlx::Any;
 use crate::backend::{Backend, ColumnKind, Database};
 use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::session::{classified, pinned_pooled};
 use crate::strategy::Value;
 use crate::tx::Tx;
 
@@ -548,7 +549,8 @@ impl<DB: Database> Store<DB> {
     /// winner).
     ///
     /// Runs on one connection from the pool, outside any transaction (every statement
-    /// autocommits): the claim must be visible to concurrent duplicates at once.
+    /// autocommits; behind a transaction pooler each is a transaction of its own): the claim
+    /// must be visible to concurrent duplicates at once.
     ///
     /// # Errors
     /// Database errors; [`Error::Conflict`] ([`crate::ConflictKind::Busy`]) when the key's row
@@ -579,35 +581,29 @@ impl<DB: Database> Store<DB> {
         let mut conn = self.db.acquire().await?;
         for _ in 0..CLAIM_ATTEMPTS {
             let owner = nonce();
-            let inserted = DB::execute_values(
-                &mut conn,
-                backend,
-                &insert,
-                &[
-                    scope.clone(),
-                    idem_key.clone(),
-                    Value::Text(fp.0.clone()),
-                    Value::Text(owner.clone()),
-                    Value::Int(self.lease_until()),
-                ],
-            )
+            let args = [
+                scope.clone(),
+                idem_key.clone(),
+                Value::Text(fp.0.clone()),
+                Value::Text(owner.clone()),
+                Value::Int(self.lease_until()),
+            ];
+            let inserted: Result<u64> = pinned_pooled(&self.db, &mut conn, |c| {
+                classified(DB::execute_values(c, backend, &insert, &args))
+            })
             .await;
             match inserted {
                 Ok(_) => return Ok(Claim::Claimed(self.claimed(key, owner))),
                 Err(e) => {
-                    let e = Error::from(e);
                     if !e.is_unique_violation() {
                         return Err(e);
                     }
                 }
             }
-            let row = DB::fetch_row(
-                &mut conn,
-                backend,
-                &select,
-                &[scope.clone(), idem_key.clone()],
-                &STORED_COLUMNS,
-            )
+            let args = [scope.clone(), idem_key.clone()];
+            let row = pinned_pooled(&self.db, &mut conn, |c| {
+                classified(DB::fetch_row(c, backend, &select, &args, &STORED_COLUMNS))
+            })
             .await?;
             let Some(row) = row else {
                 continue; // released meanwhile: insert again
@@ -633,18 +629,16 @@ impl<DB: Database> Store<DB> {
             }
             // The lease expired (its process died): take the key over, atomically.
             let owner = nonce();
-            let taken = DB::execute_values(
-                &mut conn,
-                backend,
-                &take_over,
-                &[
-                    Value::Text(owner.clone()),
-                    Value::Int(self.lease_until()),
-                    scope.clone(),
-                    idem_key.clone(),
-                    Value::Text(stored.owner),
-                ],
-            )
+            let args = [
+                Value::Text(owner.clone()),
+                Value::Int(self.lease_until()),
+                scope.clone(),
+                idem_key.clone(),
+                Value::Text(stored.owner),
+            ];
+            let taken = pinned_pooled(&self.db, &mut conn, |c| {
+                classified(DB::execute_values(c, backend, &take_over, &args))
+            })
             .await?;
             if taken == 1 {
                 return Ok(Claim::Claimed(self.claimed(key, owner)));
@@ -679,12 +673,14 @@ impl<DB: Database> Store<DB> {
     /// One autocommit statement: dropped, it either ran or did not.
     pub async fn complete(&self, claimed: &Claimed, outcome: &Outcome) -> Result<bool> {
         let mut conn = self.db.acquire().await?;
-        let done = DB::execute_values(
-            &mut conn,
+        let (backend, sql, args) = (
             self.db.backend(),
-            &claimed.complete_sql(),
-            &claimed.complete_args(outcome),
-        )
+            claimed.complete_sql(),
+            claimed.complete_args(outcome),
+        );
+        let done = pinned_pooled(&self.db, &mut conn, |c| {
+            classified(DB::execute_values(c, backend, &sql, &args))
+        })
         .await?;
         Ok(done == 1)
     }
@@ -704,8 +700,11 @@ impl<DB: Database> Store<DB> {
             self.table
         );
         let mut conn = self.db.acquire().await?;
-        let done =
-            DB::execute_values(&mut conn, self.db.backend(), &sql, &claimed.owner_args()).await?;
+        let (backend, args) = (self.db.backend(), claimed.owner_args());
+        let done = pinned_pooled(&self.db, &mut conn, |c| {
+            classified(DB::execute_values(c, backend, &sql, &args))
+        })
+        .await?;
         Ok(done == 1)
     }
 }

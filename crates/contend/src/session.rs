@@ -77,6 +77,10 @@ impl<DB: Database> Session<DB> {
 
     /// Runs statements outside a transaction (each its own autocommit) on the held connection.
     ///
+    /// Behind a transaction pooler ([`crate::DbBuilder::transaction_pooler`]) the body runs
+    /// inside `BEGIN` ... `COMMIT` instead (`ROLLBACK` when it fails): only a transaction keeps
+    /// a statement's prepare and execute round trips on one server connection.
+    ///
     /// # Errors
     /// [`crate::Error::Unavailable`] when no connection can be acquired; the body's error.
     ///
@@ -92,8 +96,11 @@ impl<DB: Database> Session<DB> {
             None => self.db.acquire().await?,
         };
         let mut guard = CloseUnlessDone(Some(conn));
-        let result = body(guard.0.as_mut().expect("connection present")).await;
-        self.conn = guard.0.take();
+        let conn = guard.0.as_mut().expect("connection present");
+        let (result, fit) = pinned(&self.db, conn, body).await;
+        if fit {
+            self.conn = guard.0.take();
+        }
         result
     }
 
@@ -154,4 +161,64 @@ impl<DB: Database> Session<DB> {
         options.session_busy_timeout_ms = Some(self.db.busy_timeout_ms());
         tx::run(&self.db, Some(&mut self.conn), &options, body).await
     }
+}
+
+/// What clears a PostgreSQL server connection's prepared statements, run behind a transaction
+/// pooler in the same round trip as `BEGIN`, `COMMIT` and `ROLLBACK`.
+pub(crate) const POOLER_RESET: &str = "DEALLOCATE ALL";
+
+/// Runs `body` on `conn` as autocommit work: as it is, or behind a transaction pooler inside
+/// `BEGIN` ... `COMMIT` (`ROLLBACK` when it fails), each with [`POOLER_RESET`]. Returns the
+/// body's result and whether the connection is fit for reuse (`false` after a failed `COMMIT`
+/// or `ROLLBACK`: the caller must not keep or pool it).
+pub(crate) async fn pinned<DB, T, E, F>(
+    db: &Db<DB>,
+    conn: &mut DB::Connection,
+    body: F,
+) -> (Result<T, E>, bool)
+where
+    DB: Database,
+    E: From<Error>,
+    F: for<'c> FnOnce(&'c mut DB::Connection) -> BoxFuture<'c, Result<T, E>>,
+{
+    if !db.transaction_pooler() {
+        return (body(conn).await, true);
+    }
+    if let Err(e) = DB::execute_raw(conn, format!("BEGIN; {POOLER_RESET}")).await {
+        return (Err(Error::from(e).into()), false);
+    }
+    let result = body(&mut *conn).await;
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    match DB::execute_raw(conn, format!("{end}; {POOLER_RESET}")).await {
+        Ok(()) => (result, true),
+        Err(e) => match result {
+            Ok(_) => (Err(Error::from(e).into()), false),
+            Err(body_error) => (Err(body_error), false),
+        },
+    }
+}
+
+/// [`pinned`] on a pooled connection, which is closed instead of pooled when it is not fit.
+pub(crate) async fn pinned_pooled<DB, T, E, F>(
+    db: &Db<DB>,
+    conn: &mut PoolConnection<DB>,
+    body: F,
+) -> Result<T, E>
+where
+    DB: Database,
+    E: From<Error>,
+    F: for<'c> FnOnce(&'c mut DB::Connection) -> BoxFuture<'c, Result<T, E>>,
+{
+    let (result, fit) = pinned(db, conn, body).await;
+    if !fit {
+        conn.close_on_drop();
+    }
+    result
+}
+
+/// `future`'s database error converted into [`Error`] (classified).
+pub(crate) fn classified<'c, T: Send + 'c>(
+    future: BoxFuture<'c, Result<T, sqlx::Error>>,
+) -> BoxFuture<'c, Result<T>> {
+    Box::pin(async move { future.await.map_err(Error::from) })
 }

@@ -254,6 +254,9 @@ pub struct Tx<DB: Database = Any> {
     finished: bool,
     restore: Option<String>,
     lock_timeout: Option<Duration>,
+    /// Behind a transaction pooler: every `BEGIN`, `COMMIT` and `ROLLBACK` also clears the
+    /// server connection's prepared statements ([`crate::DbBuilder::transaction_pooler`]).
+    pooler: bool,
 }
 
 impl<DB: Database> std::fmt::Debug for Tx<DB> {
@@ -283,6 +286,7 @@ impl<DB: Database> Tx<DB> {
         conn: PoolConnection<DB>,
         backend: Backend,
         options: &TxOptions,
+        pooler: bool,
     ) -> Result<Tx<DB>> {
         let (sql, restore) = backend.dialect().begin(options)?;
         let mut tx = Tx {
@@ -293,11 +297,14 @@ impl<DB: Database> Tx<DB> {
             finished: false,
             restore,
             lock_timeout: options.lock_timeout,
+            pooler,
         };
+        let sql = tx.pooled(sql);
         if let Err(e) = tx.raw(sql).await {
             // Whatever part of the BEGIN took effect is undone; if that fails the connection is
             // closed on drop.
-            let rolled_back = match tx.raw("ROLLBACK".into()).await {
+            let rollback = tx.pooled("ROLLBACK".into());
+            let rolled_back = match tx.raw(rollback).await {
                 Ok(()) => true,
                 // SQLite answers ROLLBACK with an error when BEGIN did not start a transaction
                 // (`BEGIN IMMEDIATE` busy): it answered, so the connection is fine and worth
@@ -323,6 +330,17 @@ impl<DB: Database> Tx<DB> {
         Ok(())
     }
 
+    /// `sql` (a `BEGIN`, `COMMIT` or `ROLLBACK`), followed behind a transaction pooler by the
+    /// statement that clears the server connection's prepared statements, in the same round
+    /// trip: the pooler cannot hand the connection over in between.
+    fn pooled(&self, sql: String) -> String {
+        if self.pooler {
+            format!("{sql}; {}", crate::session::POOLER_RESET)
+        } else {
+            sql
+        }
+    }
+
     /// Ends the transaction with `COMMIT` or `ROLLBACK`, undoes session settings, and marks the
     /// connection fit for the pool.
     async fn finish(&mut self, end: &'static str) -> Result<()> {
@@ -333,7 +351,8 @@ impl<DB: Database> Tx<DB> {
             // swallowed a database error would "commit" nothing and its hooks would run. Any
             // statement but COMMIT/ROLLBACK fails in an aborted transaction, so a `SELECT 1` in
             // the same round trip as the COMMIT tells the two apart.
-            match self.raw("SELECT 1; COMMIT".into()).await {
+            let commit = self.pooled("SELECT 1; COMMIT".into());
+            match self.raw(commit).await {
                 Err(e) if has_sqlstate(&e, "25P02") => Err(Error::TransactionBroken(
                     "PostgreSQL had aborted the transaction after a database error that the body \
                      did not return; it was rolled back, not committed",
@@ -341,12 +360,14 @@ impl<DB: Database> Tx<DB> {
                 other => other,
             }
         } else {
-            self.raw(end.to_string()).await
+            let end = self.pooled(end.to_string());
+            self.raw(end).await
         };
         if result.is_err() && commit {
             // A failed COMMIT may leave the transaction open (SQLite busy): roll it back, and
             // keep the connection out of the pool if even that fails.
-            if self.raw("ROLLBACK".into()).await.is_err() {
+            let rollback = self.pooled("ROLLBACK".into());
+            if self.raw(rollback).await.is_err() {
                 return result;
             }
         } else if result.is_err() {
@@ -659,7 +680,7 @@ where
         }
         _ => options,
     };
-    let mut tx = Tx::begin(conn, db.backend(), options).await?;
+    let mut tx = Tx::begin(conn, db.backend(), options, db.transaction_pooler()).await?;
     let Some(run) = body.call(&mut tx) else {
         let _ = tx.finish("ROLLBACK").await;
         return Err(Error::TransactionBroken(

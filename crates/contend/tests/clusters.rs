@@ -3,6 +3,10 @@
 //! pgbouncer in transaction pooling mode. Each hazard is set against the same steps on a single
 //! server, where the assertion about the cluster fails, so the tests can tell the two apart.
 //!
+//! The last tests are contend's own answer behind pgbouncer: a `Db` told it is behind a
+//! transaction pooler (`?pgbouncer=true`) refuses session advisory locks and runs every
+//! strategy of the executor under concurrent load, where the same `Db` without the setting fails.
+//!
 //! Servers: `CONTEND_GALERA_URLS` (the nodes, comma separated), `CONTEND_PGBOUNCER_URL` and
 //! `CONTEND_PG_URL` (the PostgreSQL behind it), `CONTEND_MYSQL_URL` (the single-server baseline).
 //! A test whose variables are unset prints "skipped: ..." unless servers are required
@@ -691,4 +695,356 @@ async fn pgbouncer_transaction_advisory_lock_is_safe() {
     );
     a.close().await.expect("close A");
     b.close().await.expect("close B");
+}
+
+// ---------------------------------------------------------------------------------------------
+// contend behind pgbouncer: `DbBuilder::transaction_pooler` (`?pgbouncer=true`)
+// ---------------------------------------------------------------------------------------------
+
+/// `url` with `pgbouncer=true` appended.
+fn pooled_url(url: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}pgbouncer=true")
+}
+
+async fn contend_db(url: &str, pooler: bool) -> contend::Db {
+    tokio::time::timeout(
+        STEP,
+        contend::Db::builder(url)
+            .transaction_pooler(pooler)
+            .max_connections(16)
+            .connect(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("connect to {url}: timed out"))
+    .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// The hazard of `pgbouncer_session_advisory_lock_belongs_to_a_pooled_server_connection` is what
+/// contend refuses: on a `Db` behind a transaction pooler `SessionLock::acquire` fails with a
+/// clear error (and takes nothing), while the same call on a direct connection takes the lock.
+/// `lock_xact`, the transaction-scoped lock, works through the pooler and excludes a second
+/// client while the first transaction holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_contend_refuses_session_locks_and_keeps_transaction_locks() {
+    use contend::strategy::advisory::{self, SessionLock};
+    let Some((bouncer, direct)) = pgbouncer_urls() else {
+        return;
+    };
+    let key = format!("pgbouncer-{}", lock_key());
+    let wait = Duration::from_millis(200);
+
+    // Baseline: directly, a session lock is the client's.
+    let direct_db = contend_db(&direct, false).await;
+    let lock = SessionLock::acquire(&direct_db, &key, wait)
+        .await
+        .expect("a session lock on a direct connection");
+    lock.release().await.expect("release");
+
+    // Behind pgbouncer, with the pooler setting (from the URL): refused, clearly.
+    let pooled = contend::Db::connect(&pooled_url(&bouncer))
+        .await
+        .expect("connect through pgbouncer");
+    assert!(pooled.transaction_pooler());
+    let err = SessionLock::acquire(&pooled, &key, wait)
+        .await
+        .expect_err("a session lock behind a transaction pooler");
+    let message = err.to_string();
+    assert!(
+        matches!(err, contend::Error::Unsupported { .. })
+            && message.contains("transaction pooler")
+            && message.contains("lock_xact"),
+        "{message}"
+    );
+    // Nothing was taken: the direct client gets the lock at once.
+    let lock = SessionLock::acquire(&direct_db, &key, wait)
+        .await
+        .expect("nothing held after the refusal");
+    lock.release().await.expect("release");
+
+    // The transaction-scoped lock through the pooler: A holds it, B waits in vain, then gets it.
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let a = {
+        let (pooled, key) = (pooled.clone(), key.clone());
+        tokio::spawn(async move {
+            pooled
+                .transaction(|tx| {
+                    Box::pin(async move {
+                        advisory::lock_xact(tx, &key, None).await?;
+                        let _ = held_tx.send(());
+                        let _ = done_rx.await;
+                        Ok::<_, contend::Error>(())
+                    })
+                })
+                .await
+        })
+    };
+    held_rx.await.expect("A took the lock");
+    let b = {
+        let key = key.clone();
+        pooled
+            .transaction(|tx| {
+                Box::pin(async move { advisory::lock_xact(tx, &key, Some(wait)).await })
+            })
+            .await
+    };
+    assert_eq!(
+        b.expect_err("B must not get the lock A holds").conflict(),
+        Some(contend::ConflictKind::LockTimeout)
+    );
+    let _ = done_tx.send(());
+    a.await.expect("A panicked").expect("A's transaction");
+    let key2 = key.clone();
+    pooled
+        .transaction(|tx| Box::pin(async move { advisory::lock_xact(tx, &key2, Some(wait)).await }))
+        .await
+        .expect("B gets the lock once A committed");
+}
+
+/// Withdraw 1 from a hot account: the executor's operation for the pgbouncer runs below, with
+/// a one-statement form so that `atomic` runs in autocommit (inside `BEGIN` ... `COMMIT` behind
+/// the pooler).
+struct HotWithdraw {
+    table: String,
+}
+
+#[derive(Debug)]
+enum Refusal {
+    Insufficient,
+    Db(contend::Error),
+}
+
+impl From<contend::Error> for Refusal {
+    fn from(e: contend::Error) -> Self {
+        Refusal::Db(e)
+    }
+}
+
+impl From<sqlx::Error> for Refusal {
+    fn from(e: sqlx::Error) -> Self {
+        Refusal::Db(e.into())
+    }
+}
+
+impl contend::TxError for Refusal {
+    fn conflict(&self) -> Option<contend::ConflictKind> {
+        match self {
+            Refusal::Db(e) => e.conflict(),
+            Refusal::Insufficient => None,
+        }
+    }
+}
+
+impl contend::strategy::Operation for HotWithdraw {
+    type State = (i64, i64);
+    type Output = ();
+    type Error = Refusal;
+
+    fn keys(&self) -> Vec<String> {
+        vec![format!("{}:1", self.table)]
+    }
+
+    fn read<'c>(
+        &'c self,
+        conn: &'c mut sqlx::AnyConnection,
+        lock: &'static str,
+    ) -> contend::BoxFuture<'c, Result<(i64, i64), Refusal>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT balance, version FROM {} WHERE id = $1{lock}",
+                self.table
+            );
+            let row = sqlx::query(AssertSqlSafe(sql))
+                .bind(1_i64)
+                .fetch_one(conn)
+                .await?;
+            tokio::task::yield_now().await;
+            Ok((row.try_get(0)?, row.try_get(1)?))
+        })
+    }
+
+    fn write<'c>(
+        &'c self,
+        tx: &'c mut contend::Tx,
+        &(balance, version): &'c (i64, i64),
+        checked: bool,
+    ) -> contend::BoxFuture<'c, Result<(), Refusal>> {
+        Box::pin(async move {
+            if balance < 1 {
+                return Err(Refusal::Insufficient);
+            }
+            let sql = format!(
+                "UPDATE {} SET balance = $1, version = version + 1 \
+                 WHERE id = 1 AND (NOT $2 OR version = $3)",
+                self.table
+            );
+            let done = sqlx::query(AssertSqlSafe(sql))
+                .bind(balance - 1)
+                .bind(checked)
+                .bind(version)
+                .execute(tx.conn())
+                .await?;
+            contend::strategy::optimistic::check(done.rows_affected())?;
+            Ok(())
+        })
+    }
+
+    fn atomic_statement<'c>(
+        &'c self,
+        conn: &'c mut sqlx::AnyConnection,
+    ) -> Option<contend::BoxFuture<'c, Result<(), Refusal>>> {
+        Some(Box::pin(async move {
+            let sql = format!(
+                "UPDATE {} SET balance = balance - 1 WHERE id = 1 AND balance >= $1",
+                self.table
+            );
+            let done = sqlx::query(AssertSqlSafe(sql))
+                .bind(1_i64)
+                .execute(conn)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Err(Refusal::Insufficient);
+            }
+            Ok(())
+        }))
+    }
+}
+
+/// What a run of [`hot_withdrawals`] ended with.
+#[derive(Debug)]
+struct HotRun {
+    succeeded: u64,
+    errors: Vec<String>,
+    /// Start balance minus the final balance: equal to `succeeded` unless updates were lost.
+    withdrawn: i64,
+}
+
+/// `workers` tasks, each with a session of its own, withdraw 1 `per_worker` times from one
+/// account holding more than enough, under `strategy`, through `db`.
+async fn hot_withdrawals(
+    db: &contend::Db,
+    direct: &str,
+    strategy: contend::strategy::Strategy,
+    workers: usize,
+    per_worker: u64,
+) -> HotRun {
+    use contend::strategy::Executor;
+    use std::sync::Arc;
+    let table = common::table("pgb_hot");
+    let start = (workers as i64) * (per_worker as i64) * 2;
+    // Setup and the final read run on a direct connection: only the load goes through pgbouncer.
+    let mut admin = pg_connect(direct).await;
+    pg_exec(
+        &mut admin,
+        &format!(
+            "CREATE TABLE {table} (id BIGINT PRIMARY KEY, balance BIGINT NOT NULL, \
+             version BIGINT NOT NULL); INSERT INTO {table} VALUES (1, {start}, 0)"
+        ),
+    )
+    .await;
+    let executor: Executor = Executor::new().lock_wait(Duration::from_secs(10));
+    let op = Arc::new(HotWithdraw {
+        table: table.clone(),
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (db, executor, op) = (db.clone(), executor.clone(), op.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut session = db.session();
+            let (mut ok, mut errors) = (0, Vec::new());
+            for _ in 0..per_worker {
+                let done = executor.run(strategy, &mut session, op.clone()).await;
+                match done.result {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        errors.push(format!("{e:?}"));
+                        session.release();
+                    }
+                }
+            }
+            (ok, errors)
+        }));
+    }
+    let mut run = HotRun {
+        succeeded: 0,
+        errors: Vec::new(),
+        withdrawn: 0,
+    };
+    for task in tasks {
+        let (ok, errors) = tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("a worker hung")
+            .expect("a worker panicked");
+        run.succeeded += ok;
+        run.errors.extend(errors);
+    }
+    let left: i64 = pg_row(
+        &mut admin,
+        &format!("SELECT balance FROM {table} WHERE id = 1"),
+    )
+    .await
+    .get(0);
+    run.withdrawn = start - left;
+    pg_exec(&mut admin, &format!("DROP TABLE {table}")).await;
+    run
+}
+
+/// Every strategy the executor runs without a lock service works through pgbouncer on a `Db`
+/// told it is behind a transaction pooler: 16 workers on one hot row, no errors, and every
+/// success withdrew exactly 1 (no lost update; `none`, the unsafe baseline, is only required
+/// to run). The same load on a `Db` without the setting fails: sqlx's named prepared
+/// statements meet other clients' on the pooled server connections ("prepared statement
+/// \"sqlx_s_1\" already exists" / "does not exist").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_executor_runs_every_strategy_with_the_pooler_setting() {
+    use contend::strategy::Strategy;
+    let Some((bouncer, direct)) = pgbouncer_urls() else {
+        return;
+    };
+    const WORKERS: usize = 16;
+    const PER_WORKER: u64 = 15;
+    let executor: contend::strategy::Executor = contend::strategy::Executor::new();
+
+    let unaware = contend_db(&bouncer, false).await;
+    let mut failures = 0;
+    for strategy in [Strategy::Pessimistic, Strategy::Atomic] {
+        let run = hot_withdrawals(&unaware, &direct, strategy, WORKERS, PER_WORKER).await;
+        failures += run.errors.len();
+    }
+    eprintln!(
+        "without the pooler setting: {failures} of {} operations failed",
+        2 * WORKERS as u64 * PER_WORKER
+    );
+    assert!(
+        failures > 0,
+        "without the pooler setting every operation went through pgbouncer: the test cannot \
+         tell the setting's effect"
+    );
+    unaware.pool().close().await;
+
+    let pooled = contend_db(&bouncer, true).await;
+    for strategy in Strategy::ALL {
+        if strategy.needs_redis() {
+            continue; // lock services are tested through the lab (contend-lab)
+        }
+        if executor.check(strategy, pooled.backend()).is_err() {
+            continue;
+        }
+        let run = hot_withdrawals(&pooled, &direct, strategy, WORKERS, PER_WORKER).await;
+        assert!(
+            run.errors.is_empty(),
+            "{strategy} through pgbouncer: {} errors, first {:?}",
+            run.errors.len(),
+            run.errors.first()
+        );
+        assert_eq!(run.succeeded, WORKERS as u64 * PER_WORKER, "{strategy}");
+        if strategy.expected_safe() {
+            assert_eq!(
+                run.withdrawn, run.succeeded as i64,
+                "{strategy} through pgbouncer lost updates"
+            );
+        }
+    }
+    pooled.pool().close().await;
 }

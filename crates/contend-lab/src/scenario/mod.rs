@@ -296,14 +296,38 @@ pub(crate) fn sum_bigint(backend: Backend, expr: &str) -> String {
 /// Runs `sql` (with `?` placeholders) and returns its rows as pairs of `BIGINT`s.
 pub(crate) async fn pairs(db: &Db, sql: &str) -> contend::Result<Vec<(i64, i64)>> {
     let sql = db.backend().sql(sql).into_owned();
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .fetch_all(db.pool())
-        .await?)
+    let q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+    db.session()
+        .autocommit(|c| Box::pin(async move { Ok(q.fetch_all(c).await?) }))
+        .await
 }
 
 /// `SELECT` one `BIGINT` (autocommit).
 pub(crate) async fn scalar(db: &Db, sql: &str) -> contend::Result<i64> {
-    Ok(db.query_scalar(sql).fetch_one(db.pool()).await?)
+    fetch_scalar(db, db.query_scalar(sql)).await
+}
+
+/// Fetches the one value of `q` (autocommit). Statements outside the workers' operations go
+/// through [`contend::Session::autocommit`] rather than the pool, so that behind a transaction
+/// pooler (pgbouncer) they run inside a transaction, the only place where the pooler keeps a
+/// statement's prepare and execute on one server connection.
+pub(crate) async fn fetch_scalar(
+    db: &Db,
+    q: sqlx::query::QueryScalar<'static, sqlx::Any, i64, sqlx::any::AnyArguments>,
+) -> contend::Result<i64> {
+    db.session()
+        .autocommit(|c| Box::pin(async move { Ok(q.fetch_one(c).await?) }))
+        .await
+}
+
+/// Runs `q` (autocommit, as [`fetch_scalar`]) and returns the rows it affected.
+pub(crate) async fn exec(
+    db: &Db,
+    q: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
+) -> contend::Result<u64> {
+    db.session()
+        .autocommit(|c| Box::pin(async move { Ok(q.execute(c).await?.rows_affected()) }))
+        .await
 }
 
 /// Drops `tables` if they exist.
@@ -364,7 +388,7 @@ pub(crate) mod fenced {
             for r in chunk {
                 q = q.bind(r.clone());
             }
-            q.execute(ctx.db.pool()).await?;
+            super::exec(&ctx.db, q).await?;
         }
         Ok(())
     }

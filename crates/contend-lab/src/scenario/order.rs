@@ -90,17 +90,13 @@ impl Scenario for Order {
                 t.orders
             ))
             .await?;
-            db.query(&format!("INSERT INTO {} VALUES (?, ?, 0)", t.product))
-                .bind(PRODUCT)
-                .bind(Order::stock(ctx.operations))
-                .execute(db.pool())
-                .await?;
+            let product = db.query(&format!("INSERT INTO {} VALUES (?, ?, 0)", t.product));
+            let stock = Order::stock(ctx.operations);
+            super::exec(db, product.bind(PRODUCT).bind(stock)).await?;
             for id in 1..=ACCOUNTS {
-                db.query(&format!("INSERT INTO {} VALUES (?, ?, 0)", t.account))
-                    .bind(id)
-                    .bind(Order::money(ctx.operations))
-                    .execute(db.pool())
-                    .await?;
+                let account = db.query(&format!("INSERT INTO {} VALUES (?, ?, 0)", t.account));
+                let money = Order::money(ctx.operations);
+                super::exec(db, account.bind(id).bind(money)).await?;
             }
             fenced::setup(ctx).await
         })

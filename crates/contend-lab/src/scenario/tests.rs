@@ -1,6 +1,7 @@
 //! Scenario tests: for each scenario, the unsafe baseline breaks an invariant under concurrent
 //! load, and every safe strategy keeps all invariants over repeated runs, on SQLite always and on
-//! PostgreSQL/MariaDB when `CONTEND_PG_URL` / `CONTEND_MYSQL_URL` are set.
+//! PostgreSQL/MariaDB when `CONTEND_PG_URL` / `CONTEND_MYSQL_URL` are set, and on PostgreSQL
+//! through pgbouncer (transaction pooling) when `CONTEND_PGBOUNCER_URL` is set.
 //!
 //! A small driver stands in for the lab runner: W tasks take operation numbers from a shared
 //! counter, then the scenario checks its invariants.
@@ -20,7 +21,21 @@ use super::{Ctx, Invariant, Outcome, Scenario, Totals};
 /// configured. Panics when it is not configured and servers are required
 /// (`contend_test_support::servers_required`).
 pub(crate) async fn open(backend: Backend) -> Option<(Db, Option<tempfile::TempDir>)> {
+    open_on(backend, false).await
+}
+
+/// [`open`], or with `pgbouncer` the PostgreSQL behind `CONTEND_PGBOUNCER_URL` (transaction
+/// pooling), with contend's pooler setting (`?pgbouncer=true`).
+pub(crate) async fn open_on(
+    backend: Backend,
+    pgbouncer: bool,
+) -> Option<(Db, Option<tempfile::TempDir>)> {
     let (url, dir) = match backend {
+        Backend::Postgres if pgbouncer => {
+            let url = contend_test_support::env_url("CONTEND_PGBOUNCER_URL")?;
+            let sep = if url.contains('?') { '&' } else { '?' };
+            (format!("{url}{sep}pgbouncer=true"), None)
+        }
         Backend::Sqlite => {
             let dir = tempfile::tempdir().expect("temporary folder");
             let url = format!("sqlite:{}", dir.path().join("lab.db").display());
@@ -195,7 +210,19 @@ pub(crate) async fn prove(
     operations: u64,
     repeats: usize,
 ) {
-    let Some((db, _dir)) = open(backend).await else {
+    prove_on(scenario, backend, false, workers, operations, repeats).await;
+}
+
+/// [`prove`], through pgbouncer when `pgbouncer` (see [`open_on`]).
+pub(crate) async fn prove_on(
+    scenario: Arc<dyn Scenario>,
+    backend: Backend,
+    pgbouncer: bool,
+    workers: usize,
+    operations: u64,
+    repeats: usize,
+) {
+    let Some((db, _dir)) = open_on(backend, pgbouncer).await else {
         return;
     };
     if scenario.supports(Strategy::None, backend).is_ok() {
@@ -259,6 +286,20 @@ macro_rules! prove_on_backends {
                 prove(
                     Arc::new($scenario),
                     Backend::Postgres,
+                    $workers,
+                    $ops,
+                    $repeats,
+                )
+                .await;
+            }
+
+            /// PostgreSQL through pgbouncer in transaction pooling mode.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pgbouncer() {
+                prove_on(
+                    Arc::new($scenario),
+                    Backend::Postgres,
+                    true,
                     $workers,
                     $ops,
                     $repeats,

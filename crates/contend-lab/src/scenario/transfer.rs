@@ -352,16 +352,10 @@ impl Scenario for Transfer {
             ))
             .await?;
             for id in 1..=ACCOUNTS {
-                db.query(&format!("INSERT INTO {acc} VALUES (?, ?, 0)"))
-                    .bind(id)
-                    .bind(OPENING)
-                    .execute(db.pool())
-                    .await?;
-                db.query(&format!("INSERT INTO {ledger} VALUES (?, ?)"))
-                    .bind(id)
-                    .bind(OPENING)
-                    .execute(db.pool())
-                    .await?;
+                let account = db.query(&format!("INSERT INTO {acc} VALUES (?, ?, 0)"));
+                super::exec(db, account.bind(id).bind(OPENING)).await?;
+                let entry = db.query(&format!("INSERT INTO {ledger} VALUES (?, ?)"));
+                super::exec(db, entry.bind(id).bind(OPENING)).await?;
             }
             fenced::setup(ctx).await
         })

@@ -46,11 +46,7 @@ fn lock_key(t: &str) -> String {
 
 async fn read_balance(db: &Db, t: &str) -> contend::Result<i64> {
     let sql = format!("SELECT balance FROM {t} WHERE id = ?");
-    Ok(db
-        .query_scalar(&sql)
-        .bind(ACCOUNT)
-        .fetch_one(db.pool())
-        .await?)
+    super::fetch_scalar(db, db.query_scalar(&sql).bind(ACCOUNT)).await
 }
 
 /// One withdrawal of 1 from the account of `table`: read balance and version, decide in Rust,
@@ -197,13 +193,8 @@ impl Scenario for Withdraw {
             ))
             .await?;
             let b = Withdraw::starting_balance(ctx.operations);
-            db.query(&format!(
-                "INSERT INTO {t} (id, balance, version) VALUES (?, ?, 0)"
-            ))
-            .bind(ACCOUNT)
-            .bind(b)
-            .execute(db.pool())
-            .await?;
+            let insert = format!("INSERT INTO {t} (id, balance, version) VALUES (?, ?, 0)");
+            super::exec(db, db.query(&insert).bind(ACCOUNT).bind(b)).await?;
             fenced::setup(ctx).await
         })
     }

@@ -123,6 +123,12 @@ impl TestDb {
         }
     }
 
+    /// The URL of this test's database on the server behind `base` (another address of the
+    /// same server, such as a pgbouncer in front of it).
+    pub fn url_through(&self, base: &str) -> String {
+        replace_db(base, &self.name)
+    }
+
     /// Drops the database (server backends).
     pub async fn drop_db(self) {
         if self.kind == Kind::Sqlite {
@@ -188,13 +194,32 @@ impl Default for Options {
 
 impl Server {
     pub async fn start(url: &str, options: Options) -> Server {
+        Server::start_migrated_on(url, None, options).await
+    }
+
+    /// [`Server::start`], with the migrations applied on `migrate_url` when given (a direct
+    /// URL of the database that `url` reaches through a transaction pooler).
+    pub async fn start_migrated_on(
+        url: &str,
+        migrate_url: Option<&str>,
+        options: Options,
+    ) -> Server {
         let db = contend::Db::builder(url)
             .max_connections(options.max_connections)
             .acquire_timeout(Duration::from_secs(3))
             .connect()
             .await
             .expect("connect");
-        contend_service::migrate::run(&db).await.expect("migrate");
+        match migrate_url {
+            Some(direct) => {
+                let direct = contend::Db::connect(direct).await.expect("connect direct");
+                contend_service::migrate::run(&direct)
+                    .await
+                    .expect("migrate");
+                direct.pool().close().await;
+            }
+            None => contend_service::migrate::run(&db).await.expect("migrate"),
+        }
         let mut config = Config::new(db, ADMIN);
         config.strategy = options.strategy;
         config.allow_strategy_header = options.allow_header;

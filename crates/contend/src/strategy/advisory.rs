@@ -10,7 +10,10 @@
 //! - [`SessionLock`]: session-scoped, held on one pooled connection until
 //!   [`SessionLock::release`] (PostgreSQL `pg_advisory_lock`/`pg_advisory_unlock`, MariaDB
 //!   `GET_LOCK`/`RELEASE_LOCK`). Dropped without release, its connection is closed, which makes
-//!   the server release the lock: a session lock never leaks into the pool.
+//!   the server release the lock: a session lock never leaks into the pool. Refused behind a
+//!   transaction pooler ([`crate::DbBuilder::transaction_pooler`]): pgbouncer in transaction
+//!   mode gives the server connection, with the lock on it, to other clients between
+//!   transactions. [`lock_xact`] is safe there.
 //!
 //! Keys are strings hashed to 64 bits ([`key_id`]); PostgreSQL takes the number, MariaDB a
 //! name made from it ([`mysql_lock_name`]). SQLite has no advisory locks
@@ -175,8 +178,10 @@ impl SessionLock {
     /// ```
     ///
     /// # Errors
-    /// [`Error::Unsupported`] on SQLite; [`Error::LockNotAcquired`] when another session holds
-    /// it past `wait`; connection and database errors.
+    /// [`Error::Unsupported`] on SQLite, and on a `Db` behind a transaction pooler
+    /// ([`crate::DbBuilder::transaction_pooler`]), where a session lock is not the client's;
+    /// [`Error::LockNotAcquired`] when another session holds it past `wait`; connection and
+    /// database errors.
     ///
     /// # Cancel safety
     /// Dropped while waiting or after taking the lock, the connection is closed, never pooled
@@ -185,6 +190,16 @@ impl SessionLock {
         let backend = db.backend();
         if !matches!(backend, Backend::Postgres | Backend::MySql) {
             return Err(unsupported(backend));
+        }
+        if db.transaction_pooler() {
+            return Err(Error::Unsupported {
+                backend,
+                what: "session-scoped advisory locks behind a transaction pooler: the lock \
+                       would belong to a pooled server connection that other clients are \
+                       handed between transactions, and its release would run on another one \
+                       (use `advisory::lock_xact` inside a transaction)"
+                    .into(),
+            });
         }
         let started = Instant::now();
         let mut lock = SessionLock {

@@ -28,15 +28,13 @@
 //! # Ok(()) }
 //! ```
 
-use sqlx::any::AnyArguments;
 use sqlx::query::Query;
-use sqlx::{Any, AnyConnection};
+use sqlx::{AssertSqlSafe, Encode, Type};
 
-use super::{Ident, InvalidIdent};
-use crate::backend::Backend;
+use super::{BlockDatabase, Ident, InvalidIdent, Value};
 use crate::db::Db;
 use crate::error::{Error, Result};
-use crate::session::Session;
+use crate::session::{Session, classified};
 use crate::tx::Tx;
 
 /// Runs a conditional write and says whether it applied (changed at least one row).
@@ -47,14 +45,17 @@ use crate::tx::Tx;
 /// # Cancel safety
 /// One statement: if dropped inside a transaction, the transaction's own cancel safety applies;
 /// in autocommit the statement either committed or did not.
-pub async fn apply(
-    conn: &mut AnyConnection,
-    query: Query<'static, Any, AnyArguments>,
+pub async fn apply<DB: BlockDatabase>(
+    conn: &mut DB::Connection,
+    query: Query<'_, DB, <DB as sqlx::Database>::Arguments>,
 ) -> Result<bool> {
-    Ok(query.execute(conn).await?.rows_affected() > 0)
+    Ok(DB::execute_query(conn, query).await? > 0)
 }
 
 /// A numeric column guarded against going below zero, changed only by in-database arithmetic.
+///
+/// Its rows are found by a key of any type sqlx binds for the database (`i64`, text, a
+/// `uuid::Uuid` on PostgreSQL, ...); the column is a `BIGINT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counter {
     table: Ident,
@@ -63,7 +64,7 @@ pub struct Counter {
 }
 
 impl Counter {
-    /// The column `column` of `table`, whose rows are found by the `BIGINT` key `key_column`.
+    /// The column `column` of `table`, whose rows are found by the key column `key_column`.
     ///
     /// # Errors
     /// [`InvalidIdent`] when a name is not a plain SQL identifier.
@@ -97,6 +98,24 @@ impl Counter {
         Ok(())
     }
 
+    /// The conditional `UPDATE` for `backend` with its parameters bound.
+    fn sub_query<'k, DB, K>(
+        &self,
+        backend: crate::Backend,
+        suffix: &str,
+        key: K,
+        amount: i64,
+    ) -> Query<'static, DB, <DB as sqlx::Database>::Arguments>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB>,
+    {
+        let sql = format!("{}{suffix}", self.sub_sql());
+        let q = sqlx::query(AssertSqlSafe(backend.sql(&sql).into_owned()));
+        let q = DB::bind_value(q, &Value::Int(amount)).bind(key);
+        DB::bind_value(q, &Value::Int(amount))
+    }
+
     /// Subtracts `amount` if the value is at least `amount`, in one autocommit statement.
     /// Returns whether it applied (`false`: not enough, or no such row).
     ///
@@ -105,37 +124,38 @@ impl Counter {
     ///
     /// # Cancel safety
     /// One autocommit statement: when dropped it either committed or did not; nothing partial.
-    pub async fn try_sub_now(&self, db: &Db, key: i64, amount: i64) -> Result<bool> {
-        Self::check_amount(amount)?;
-        let q = db
-            .query(&self.sub_sql())
-            .bind(amount)
-            .bind(key)
-            .bind(amount);
-        Ok(q.execute(db.pool()).await?.rows_affected() > 0)
+    pub async fn try_sub_now<'k, DB, K>(&self, db: &Db<DB>, key: K, amount: i64) -> Result<bool>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Send,
+    {
+        self.try_sub_in(&mut db.session(), key, amount).await
     }
 
     /// Like [`Counter::try_sub_now`], on a [`Session`]'s held connection (one autocommit
-    /// statement).
+    /// statement; behind a transaction pooler, in a transaction of its own).
     ///
     /// # Errors
     /// [`Error::Aborted`] for an `amount` that is not positive; database errors, classified.
     ///
     /// # Cancel safety
     /// As [`Session::autocommit`]: an interrupted statement's connection is closed, not kept.
-    pub async fn try_sub_in(&self, session: &mut Session, key: i64, amount: i64) -> Result<bool> {
+    pub async fn try_sub_in<'k, DB, K>(
+        &self,
+        session: &mut Session<DB>,
+        key: K,
+        amount: i64,
+    ) -> Result<bool>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Send,
+    {
         Self::check_amount(amount)?;
-        let q = session
-            .db()
-            .query(&self.sub_sql())
-            .bind(amount)
-            .bind(key)
-            .bind(amount);
-        session
-            .autocommit(|conn| {
-                Box::pin(async move { Ok(q.execute(conn).await?.rows_affected() > 0) })
-            })
-            .await
+        let q = self.sub_query(session.db().backend(), "", key, amount);
+        let done = session
+            .autocommit(|conn| classified(DB::execute_query(conn, q)))
+            .await?;
+        Ok(done > 0)
     }
 
     /// Subtracts `amount` inside the caller's transaction if the value is at least `amount`, and
@@ -145,37 +165,60 @@ impl Counter {
     /// `UPDATE ... RETURNING`, so the value is read back in the same transaction, where the row
     /// is still locked by this update.
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use contend::{Db, strategy::atomic::Counter};
+    /// use sqlx::SqlitePool;
+    /// // A typed pool and a text key: any key type sqlx binds for the database.
+    /// let db = Db::from_pool(SqlitePool::connect("sqlite::memory:").await?)?;
+    /// db.execute_script("CREATE TABLE stock (sku TEXT PRIMARY KEY, left_ BIGINT NOT NULL);
+    ///                    INSERT INTO stock VALUES ('mug', 3)").await?;
+    /// let stock = Counter::new("stock", "sku", "left_")?;
+    /// let left = db.transaction(|tx| Box::pin(async move {
+    ///     stock.try_sub(tx, "mug", 2).await
+    /// })).await?;
+    /// assert_eq!(left, Some(1));
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`Error::Aborted`] for an `amount` that is not positive; database errors, classified.
     ///
     /// # Cancel safety
     /// As the caller's transaction: dropped, it rolls back.
-    pub async fn try_sub(&self, tx: &mut Tx, key: i64, amount: i64) -> Result<Option<i64>> {
+    pub async fn try_sub<'k, DB, K>(
+        &self,
+        tx: &mut Tx<DB>,
+        key: K,
+        amount: i64,
+    ) -> Result<Option<i64>>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Send + Clone,
+    {
         Self::check_amount(amount)?;
         let Counter {
             table,
             key_column,
             column,
         } = self;
-        match tx.backend() {
-            Backend::MySql => {
-                let q = tx
-                    .query(&self.sub_sql())
-                    .bind(amount)
-                    .bind(key)
-                    .bind(amount);
-                if q.execute(tx.conn()).await?.rows_affected() == 0 {
-                    return Ok(None);
-                }
-                let sql = format!("SELECT {column} FROM {table} WHERE {key_column} = ?");
-                let value: i64 = tx.query_scalar(&sql).bind(key).fetch_one(tx.conn()).await?;
-                Ok(Some(value))
-            }
-            _ => {
-                let sql = format!("{} RETURNING {column}", self.sub_sql());
-                let q = tx.query_scalar(&sql).bind(amount).bind(key).bind(amount);
-                Ok(q.fetch_optional(tx.conn()).await?)
-            }
+        let backend = tx.backend();
+        if backend.dialect().returning() {
+            let q = self.sub_query(backend, &format!(" RETURNING {column}"), key, amount);
+            return match DB::fetch_optional_query(tx.conn(), q).await? {
+                Some(row) => Ok(Some(DB::get_i64(&row, 0)?)),
+                None => Ok(None),
+            };
+        }
+        let q = self.sub_query(backend, "", key.clone(), amount);
+        if DB::execute_query(tx.conn(), q).await? == 0 {
+            return Ok(None);
+        }
+        let sql = format!("SELECT {column} FROM {table} WHERE {key_column} = ?");
+        let q = sqlx::query(AssertSqlSafe(backend.sql(&sql).into_owned())).bind(key);
+        match DB::fetch_optional_query(tx.conn(), q).await? {
+            Some(row) => Ok(Some(DB::get_i64(&row, 0)?)),
+            None => Ok(None),
         }
     }
 
@@ -187,14 +230,18 @@ impl Counter {
     ///
     /// # Cancel safety
     /// As the caller's transaction: dropped, it rolls back.
-    pub async fn add(&self, tx: &mut Tx, key: i64, amount: i64) -> Result<bool> {
+    pub async fn add<'k, DB, K>(&self, tx: &mut Tx<DB>, key: K, amount: i64) -> Result<bool>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Send,
+    {
         let Counter {
             table,
             key_column,
             column,
         } = self;
         let sql = format!("UPDATE {table} SET {column} = {column} + ? WHERE {key_column} = ?");
-        let q = tx.query(&sql).bind(amount).bind(key);
-        Ok(q.execute(tx.conn()).await?.rows_affected() > 0)
+        let q = DB::bind_value(tx.query(&sql), &Value::Int(amount)).bind(key);
+        Ok(DB::execute_query(tx.conn(), q).await? > 0)
     }
 }

@@ -30,10 +30,14 @@
 //! # Ok(()) }
 //! ```
 
-use super::{Ident, InvalidIdent, Value};
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, Encode, Type};
+
+use super::{BlockDatabase, Ident, InvalidIdent, Value};
 use crate::backend::Backend;
 use crate::db::Db;
 use crate::error::{ConflictKind, Error, Result};
+use crate::session::pinned_pooled;
 use crate::tx::Tx;
 
 /// How [`GetOrCreate`] handles the race.
@@ -54,7 +58,8 @@ pub struct Found {
     pub created: bool,
 }
 
-/// A table with a generated `BIGINT` id column and a unique text key column.
+/// A table with a generated `BIGINT` id column and a unique key column (of any type sqlx
+/// binds for the database: text, a `uuid::Uuid` on PostgreSQL, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GetOrCreate {
     table: Ident,
@@ -62,8 +67,16 @@ pub struct GetOrCreate {
     key_column: Ident,
 }
 
-fn lost_row(key: &str) -> Error {
-    tracing::debug!(key, "unique conflict but the existing row is not visible");
+/// The message of [`lost_insert`].
+const LOST_INSERT: &str = "the key exists (unique violation)";
+
+/// Inside the savepoint of [`GetOrCreate::get_or_create_in`]: the insert met the key's row.
+fn lost_insert() -> Error {
+    Error::aborted(LOST_INSERT)
+}
+
+fn lost_row() -> Error {
+    tracing::debug!("unique conflict but the existing row is not visible");
     Error::Conflict {
         kind: ConflictKind::Serialization,
         source: None,
@@ -95,79 +108,71 @@ impl GetOrCreate {
         }
         let marks = vec!["?"; cols.len()].join(", ");
         let (table, id, key) = (&self.table, &self.id_column, &self.key_column);
+        let dialect = backend.dialect();
         let mut sql = format!("INSERT INTO {table} ({}) VALUES ({marks})", cols.join(", "));
-        match (method, backend) {
-            (Method::CatchUnique, Backend::MySql) => {}
-            (Method::CatchUnique, _) => sql.push_str(&format!(" RETURNING {id}")),
-            (Method::OnConflict, Backend::MySql) => {
-                sql.push_str(&format!(" ON DUPLICATE KEY UPDATE {id} = {id}"))
-            }
-            (Method::OnConflict, _) => {
-                sql.push_str(&format!(" ON CONFLICT ({key}) DO NOTHING RETURNING {id}"))
-            }
+        if method == Method::OnConflict {
+            sql.push_str(&dialect.on_conflict_do_nothing(key.as_str(), id.as_str()));
         }
-        Ok(sql)
+        if dialect.returning() {
+            sql.push_str(&format!(" RETURNING {id}"));
+        }
+        Ok(backend.sql(&sql).into_owned())
     }
 
+    /// The read of the row after a lost race; inside a transaction it reads the latest
+    /// committed row ([`crate::backend::Dialect::current_read`]: a locking read on MariaDB,
+    /// whose plain read could use an older snapshot).
     fn select_sql(&self, backend: Backend, in_tx: bool) -> String {
-        let lock = if in_tx && backend == Backend::MySql {
-            " LOCK IN SHARE MODE"
+        let lock = if in_tx {
+            backend.dialect().current_read()
         } else {
             ""
         };
-        format!(
+        let sql = format!(
             "SELECT {} FROM {} WHERE {} = ?{lock}",
             self.id_column, self.table, self.key_column
-        )
+        );
+        backend.sql(&sql).into_owned()
     }
 
-    /// Inserts and returns the new id, or `None` when the key already exists.
-    async fn insert(
+    /// The read of the id of the row with `key`, bound.
+    fn find_query<'k, DB, K>(
         &self,
-        conn: &mut sqlx::AnyConnection,
         backend: Backend,
-        key: &str,
+        key: K,
+        in_tx: bool,
+    ) -> Query<'static, DB, <DB as sqlx::Database>::Arguments>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB>,
+    {
+        sqlx::query(AssertSqlSafe(self.select_sql(backend, in_tx))).bind(key)
+    }
+
+    /// The insert of a row with `key` and `defaults`, bound.
+    fn insert_query<'k, DB, K>(
+        &self,
+        backend: Backend,
+        key: K,
         defaults: &[(&str, Value)],
         method: Method,
-    ) -> Result<Option<i64>> {
+    ) -> Result<Query<'static, DB, <DB as sqlx::Database>::Arguments>>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB>,
+    {
         let sql = self.insert_sql(backend, defaults, method)?;
-        let mut q =
-            sqlx::query(sqlx::AssertSqlSafe(backend.sql(&sql).into_owned())).bind(key.to_string());
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(key);
         for (_, v) in defaults {
-            q = v.bind_to(q);
+            q = DB::bind_value(q, v);
         }
-        if backend == Backend::MySql {
-            let done = match q.execute(&mut *conn).await {
-                Ok(done) => done,
-                Err(e) => {
-                    let e = Error::from(e);
-                    return if e.is_unique_violation() {
-                        Ok(None)
-                    } else {
-                        Err(e)
-                    };
-                }
-            };
-            // With `ON DUPLICATE KEY UPDATE id = id` an existing row reports no new insert id.
-            let id = done.last_insert_id().filter(|&id| id > 0);
-            return Ok(id.filter(|_| done.rows_affected() == 1));
-        }
-        use sqlx::Row;
-        match q.fetch_optional(&mut *conn).await {
-            Ok(row) => Ok(row.map(|r| r.try_get::<i64, _>(0)).transpose()?),
-            Err(e) => {
-                let e = Error::from(e);
-                if e.is_unique_violation() {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        Ok(q)
     }
 
     /// Finds the row with `key`, or creates it with the `defaults` columns, in autocommit
-    /// statements. Never fails because of the race, never creates a second row.
+    /// statements (behind a transaction pooler, each in a transaction of its own). Never fails
+    /// because of the race, never creates a second row. `key` is any type sqlx binds for the
+    /// database.
     ///
     /// # Errors
     /// [`Error::Aborted`] when a default names a column that is not a plain identifier; a
@@ -176,29 +181,30 @@ impl GetOrCreate {
     /// # Cancel safety
     /// Each statement is autocommit: dropped, either the row was created or it was not, and a
     /// later call finds it.
-    pub async fn get_or_create(
+    pub async fn get_or_create<'k, DB, K>(
         &self,
-        db: &Db,
-        key: &str,
+        db: &Db<DB>,
+        key: K,
         defaults: &[(&str, Value)],
         method: Method,
-    ) -> Result<Found> {
-        let mut conn = db.acquire().await?;
+    ) -> Result<Found>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Send + Sync + Clone,
+    {
         let backend = db.backend();
-        if let Some(id) = self
-            .insert(&mut conn, backend, key, defaults, method)
-            .await?
-        {
+        let returning = backend.dialect().returning();
+        let q = self.insert_query(backend, key.clone(), defaults, method)?;
+        let mut conn = db.acquire().await?;
+        let inserted =
+            pinned_pooled(db, &mut conn, |c| Box::pin(insert::<DB>(c, q, returning))).await?;
+        if let Some(id) = inserted {
             return Ok(Found { id, created: true });
         }
-        let sql = self.select_sql(backend, false);
-        let id: Option<i64> = db
-            .query_scalar(&sql)
-            .bind(key.to_string())
-            .fetch_optional(&mut *conn)
-            .await?;
+        let q = self.find_query(backend, key, false);
+        let id = pinned_pooled(db, &mut conn, |c| Box::pin(find::<DB>(c, q))).await?;
         id.map(|id| Found { id, created: false })
-            .ok_or_else(|| lost_row(key))
+            .ok_or_else(lost_row)
     }
 
     /// Like [`GetOrCreate::get_or_create`], inside the caller's transaction (the insert runs in a
@@ -210,45 +216,38 @@ impl GetOrCreate {
     ///
     /// # Cancel safety
     /// As the caller's transaction: dropped, it rolls back.
-    pub async fn get_or_create_in(
+    pub async fn get_or_create_in<'k, DB, K>(
         &self,
-        tx: &mut Tx,
-        key: &str,
+        tx: &mut Tx<DB>,
+        key: K,
         defaults: &[(&str, Value)],
         method: Method,
-    ) -> Result<Found> {
+    ) -> Result<Found>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Send + Sync + Clone,
+    {
         let backend = tx.backend();
+        let returning = backend.dialect().returning();
+        let q = self.insert_query(backend, key.clone(), defaults, method)?;
         let inserted = match method {
-            Method::OnConflict => {
-                self.insert(tx.conn(), backend, key, defaults, method)
-                    .await?
-            }
+            Method::OnConflict => insert::<DB>(tx.conn(), q, returning).await?,
             Method::CatchUnique => {
-                let sql = self.insert_sql(backend, defaults, method)?;
-                let owned_key = key.to_string();
-                let values: Vec<Value> = defaults.iter().map(|(_, v)| v.clone()).collect();
+                // Inside the savepoint a unique violation must roll the savepoint back, so it
+                // is returned as an error there and caught here.
                 let result: Result<i64> = tx
-                    .savepoint(move |tx| {
+                    .savepoint(|tx| {
                         Box::pin(async move {
-                            // Inside the savepoint a unique violation must roll the savepoint
-                            // back, so it is returned as an error here and caught below.
-                            let mut q = tx.query(&sql).bind(owned_key);
-                            for v in &values {
-                                q = v.bind_to(q);
-                            }
-                            if backend == Backend::MySql {
-                                let done = q.execute(tx.conn()).await?;
-                                Ok(done.last_insert_id().unwrap_or(0))
-                            } else {
-                                use sqlx::Row;
-                                let row = q.fetch_one(tx.conn()).await?;
-                                Ok(row.try_get::<i64, _>(0)?)
+                            match insert::<DB>(tx.conn(), q, returning).await? {
+                                Some(id) => Ok(id),
+                                None => Err(lost_insert()),
                             }
                         })
                     })
                     .await;
                 match result {
                     Ok(id) => Some(id),
+                    Err(Error::Aborted(e)) if e.to_string() == LOST_INSERT => None,
                     Err(e) if e.is_unique_violation() => None,
                     Err(e) => return Err(e),
                 }
@@ -257,13 +256,49 @@ impl GetOrCreate {
         if let Some(id) = inserted {
             return Ok(Found { id, created: true });
         }
-        let sql = self.select_sql(backend, true);
-        let id: Option<i64> = tx
-            .query_scalar(&sql)
-            .bind(key.to_string())
-            .fetch_optional(tx.conn())
-            .await?;
-        id.map(|id| Found { id, created: false })
-            .ok_or_else(|| lost_row(key))
+        let q = self.find_query(backend, key, true);
+        find::<DB>(tx.conn(), q)
+            .await?
+            .map(|id| Found { id, created: false })
+            .ok_or_else(lost_row)
+    }
+}
+
+/// Runs a read of [`GetOrCreate::find_query`]: the id, if the row exists.
+async fn find<DB: BlockDatabase>(
+    conn: &mut DB::Connection,
+    query: Query<'static, DB, <DB as sqlx::Database>::Arguments>,
+) -> Result<Option<i64>> {
+    match DB::fetch_optional_query(conn, query).await? {
+        Some(row) => Ok(Some(DB::get_i64(&row, 0)?)),
+        None => Ok(None),
+    }
+}
+
+/// Runs an insert of [`GetOrCreate::insert_query`]: the new id, or `None` when the key
+/// already exists. `returning`: whether the insert ends with `RETURNING id`.
+async fn insert<DB: BlockDatabase>(
+    conn: &mut DB::Connection,
+    query: Query<'static, DB, <DB as sqlx::Database>::Arguments>,
+    returning: bool,
+) -> Result<Option<i64>> {
+    let unique_is_none = |e: sqlx::Error| {
+        let e = Error::from(e);
+        if e.is_unique_violation() {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    if !returning {
+        return match DB::execute_insert(conn, query).await {
+            // With `ON DUPLICATE KEY UPDATE id = id` an existing row reports no new id.
+            Ok((rows, id)) => Ok(id.filter(|&id| id > 0 && rows == 1)),
+            Err(e) => unique_is_none(e),
+        };
+    }
+    match DB::fetch_optional_query(conn, query).await {
+        Ok(row) => Ok(row.map(|r| DB::get_i64(&r, 0)).transpose()?),
+        Err(e) => unique_is_none(e),
     }
 }

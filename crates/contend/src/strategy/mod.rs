@@ -1,20 +1,28 @@
 //! The concurrency-control strategies, side by side: which ones exist, which backends can run
 //! each, and which are safe. The building blocks live in the submodules.
 //!
-//! | strategy | prevents lost updates by | SQLite | PostgreSQL | MySQL/MariaDB |
-//! |---|---|---|---|---|
-//! | `none` | nothing (unsafe baseline) | yes | yes | yes |
-//! | `mutex` | an in-process lock per key: one process only | yes | yes | yes |
-//! | `atomic` | a conditional `UPDATE` computed in the database | yes | yes | yes |
-//! | `pessimistic` | row locks taken before reading, in canonical order | `BEGIN IMMEDIATE` | `FOR UPDATE` | `FOR UPDATE` |
-//! | `optimistic` | a version column checked by the write, retried | yes | yes | yes |
-//! | `serializable` | SERIALIZABLE isolation, retried | yes | yes | yes |
-//! | `advisory` | a database advisory lock per key | no | `pg_advisory_xact_lock` | `GET_LOCK` |
-//! | `redis` | a Redis lock with a fencing token | yes | yes | yes |
-//! | `redis-spin` | a Redis `SET NX` spin lock (slow baseline) | yes | yes | yes |
-//! | `redlock` | a Redis quorum lock with a fencing token | yes | yes | yes |
-//! | `etcd` | an etcd lock (lease, waiters woken by a watch) fenced by its key's revision | yes | yes | yes |
-//! | `batched` | concurrent operations on the same keys combined into one transaction under row locks ([`crate::batch`]) | yes | yes | yes |
+//! | strategy | prevents lost updates by | SQLite | PostgreSQL | MySQL/MariaDB | PostgreSQL via pgbouncer | Galera (several nodes) |
+//! |---|---|---|---|---|---|---|
+//! | `none` | nothing (unsafe baseline) | yes | yes | yes | yes | yes (baseline) |
+//! | `mutex` | an in-process lock per key: one process only | yes | yes | yes | yes | no (refused) |
+//! | `atomic` | a conditional `UPDATE` computed in the database | yes | yes | yes | yes | yes |
+//! | `pessimistic` | row locks taken before reading, in canonical order | yes (`BEGIN IMMEDIATE`) | yes (`FOR UPDATE`) | yes (`FOR UPDATE`) | yes (`FOR UPDATE`) | yes |
+//! | `optimistic` | a version column checked by the write, retried | yes | yes | yes | yes | yes |
+//! | `serializable` | SERIALIZABLE isolation, retried | yes | yes | yes | yes | no (refused) |
+//! | `advisory` | a database advisory lock per key | no | yes (`pg_advisory_xact_lock`) | yes (`GET_LOCK`) | yes (`pg_advisory_xact_lock`) | no (refused) |
+//! | `redis` | a Redis lock with a fencing token | yes | yes | yes | yes | yes |
+//! | `redis-spin` | a Redis `SET NX` spin lock (slow baseline) | yes | yes | yes | yes | yes |
+//! | `redlock` | a Redis quorum lock with a fencing token | yes | yes | yes | yes | yes |
+//! | `etcd` | an etcd lock (lease, waiters woken by a watch) fenced by its key's revision | yes | yes | yes | yes | yes |
+//! | `batched` | concurrent operations on the same keys combined into one transaction under row locks ([`crate::batch`]) | yes | yes | yes | yes | yes |
+//!
+//! "yes"/"no" is what [`Executor::check`] allows (the lock-service strategies with a
+//! [`crate::lock::LockService`] configured; on Galera also what [`Executor::check_db`] refuses
+//! there, [`crate::nodes::Cluster::unsafe_strategy`]); the crate's test `support_table.rs` keeps this
+//! table and README's in step with it. "PostgreSQL via pgbouncer" is a [`crate::Db`] told it is
+//! behind a transaction pooler ([`crate::DbBuilder::transaction_pooler`], `?pgbouncer=true`):
+//! its transactions are what the pooler keeps on one server connection, so every strategy runs
+//! there; [`advisory::SessionLock`] is refused.
 //!
 //! # Running an operation under any strategy
 //! [`Executor::run`] runs an [`Operation`] (keys, a read, a decision and write, optionally a
@@ -46,11 +54,12 @@ pub mod serializable;
 use std::fmt;
 use std::str::FromStr;
 
+use futures_util::future::BoxFuture;
 use sqlx::Any;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Database};
 
 pub use executor::{Executed, Executor, Operation};
 
@@ -135,6 +144,113 @@ impl Value {
         }
     }
 }
+
+/// The few statements the building blocks ([`atomic`], [`pessimistic`], [`optimistic`],
+/// [`get_or_create`]) run on a database's own connection: implemented for every sqlx database
+/// contend supports (`sqlx::Postgres`, `sqlx::MySql`, `sqlx::Sqlite`, each behind its cargo
+/// feature, and `sqlx::Any`). Users never call it; it is what lets a building block take a
+/// `Tx<sqlx::Postgres>` and a `uuid::Uuid` key as well as a `Tx` (Any) and an `i64`.
+///
+/// Keys are any type sqlx can bind for the database: the building blocks take
+/// `K: sqlx::Encode<'k, DB> + sqlx::Type<DB> + Send`.
+pub trait BlockDatabase: Database {
+    /// Binds `value` as the next parameter of `query`.
+    fn bind_value<'q>(
+        query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+        value: &Value,
+    ) -> Query<'q, Self, <Self as sqlx::Database>::Arguments>;
+
+    /// Runs `query` on `conn` and returns the number of rows it affected.
+    ///
+    /// # Cancel safety
+    /// As sqlx's `execute`: if dropped, the statement may or may not have run.
+    fn execute_query<'c, 'q: 'c>(
+        conn: &'c mut Self::Connection,
+        query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+    ) -> BoxFuture<'c, Result<u64, sqlx::Error>>;
+
+    /// Runs `query` on `conn` and returns its first row, if any.
+    ///
+    /// # Cancel safety
+    /// As sqlx's `fetch_optional`.
+    fn fetch_optional_query<'c, 'q: 'c>(
+        conn: &'c mut Self::Connection,
+        query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+    ) -> BoxFuture<'c, Result<Option<Self::Row>, sqlx::Error>>;
+
+    /// Runs an `INSERT` on `conn` and returns the rows it affected and the id the database
+    /// generated, where the driver reports one (MySQL's `LAST_INSERT_ID()`, SQLite's rowid;
+    /// `None` on PostgreSQL, which has `RETURNING`).
+    ///
+    /// # Cancel safety
+    /// As sqlx's `execute`.
+    fn execute_insert<'c, 'q: 'c>(
+        conn: &'c mut Self::Connection,
+        query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+    ) -> BoxFuture<'c, Result<(u64, Option<i64>), sqlx::Error>>;
+
+    /// Column `index` of `row` as an `i64` (a `BIGINT`).
+    ///
+    /// # Errors
+    /// sqlx's decoding error.
+    fn get_i64(row: &Self::Row, index: usize) -> Result<i64, sqlx::Error>;
+}
+
+macro_rules! impl_block_database {
+    ($db:ty, last_insert_id: |$done:ident| $last:expr) => {
+        impl BlockDatabase for $db {
+            fn bind_value<'q>(
+                query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+                value: &Value,
+            ) -> Query<'q, Self, <Self as sqlx::Database>::Arguments> {
+                match value {
+                    Value::Int(v) => query.bind(*v),
+                    Value::Text(v) => query.bind(v.clone()),
+                    Value::Null => query.bind(Option::<i64>::None),
+                }
+            }
+
+            fn execute_query<'c, 'q: 'c>(
+                conn: &'c mut Self::Connection,
+                query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+            ) -> BoxFuture<'c, Result<u64, sqlx::Error>> {
+                Box::pin(async move { Ok(query.execute(conn).await?.rows_affected()) })
+            }
+
+            fn fetch_optional_query<'c, 'q: 'c>(
+                conn: &'c mut Self::Connection,
+                query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+            ) -> BoxFuture<'c, Result<Option<Self::Row>, sqlx::Error>> {
+                Box::pin(query.fetch_optional(conn))
+            }
+
+            fn execute_insert<'c, 'q: 'c>(
+                conn: &'c mut Self::Connection,
+                query: Query<'q, Self, <Self as sqlx::Database>::Arguments>,
+            ) -> BoxFuture<'c, Result<(u64, Option<i64>), sqlx::Error>> {
+                Box::pin(async move {
+                    let $done = query.execute(conn).await?;
+                    Ok(($done.rows_affected(), $last))
+                })
+            }
+
+            fn get_i64(row: &Self::Row, index: usize) -> Result<i64, sqlx::Error> {
+                sqlx::Row::try_get(row, index)
+            }
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+impl_block_database!(sqlx::Postgres, last_insert_id: |done| {
+    let _ = &done;
+    None
+});
+#[cfg(feature = "mysql")]
+impl_block_database!(sqlx::MySql, last_insert_id: |done| i64::try_from(done.last_insert_id()).ok());
+#[cfg(feature = "sqlite")]
+impl_block_database!(sqlx::Sqlite, last_insert_id: |done| Some(done.last_insert_rowid()));
+impl_block_database!(sqlx::Any, last_insert_id: |done| done.last_insert_id());
 
 impl From<i64> for Value {
     fn from(v: i64) -> Self {
@@ -258,6 +374,27 @@ impl Strategy {
     /// ```
     pub fn needs_lock_service(self) -> bool {
         self.needs_redis() || matches!(self, Strategy::Etcd)
+    }
+
+    /// Whether the strategy waits for a lock before or at the start of its transaction: an
+    /// in-process mutex, an advisory lock, a lock-service lock, or `pessimistic`'s locking
+    /// read. [`Executed::lock_wait`] of such a run is that wait (a metric of lock contention);
+    /// for the others it is zero, or under `batched` the time queued for a batch.
+    ///
+    /// ```
+    /// use contend::strategy::Strategy;
+    /// assert!(Strategy::Pessimistic.takes_locks() && Strategy::Redis.takes_locks());
+    /// assert!(!Strategy::Optimistic.takes_locks() && !Strategy::Batched.takes_locks());
+    /// ```
+    pub fn takes_locks(self) -> bool {
+        !matches!(
+            self,
+            Strategy::None
+                | Strategy::Atomic
+                | Strategy::Optimistic
+                | Strategy::Serializable
+                | Strategy::Batched
+        )
     }
 
     /// `Ok` when `backend` can run this strategy, or the reason it cannot.

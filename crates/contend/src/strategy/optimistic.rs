@@ -32,7 +32,9 @@
 
 use std::time::Duration;
 
-use super::{Ident, InvalidIdent, Value};
+use sqlx::{Encode, Type};
+
+use super::{BlockDatabase, Ident, InvalidIdent, Value};
 use crate::error::{ConflictKind, Error, Result};
 use crate::retry::RetryPolicy;
 use crate::tx::{Tx, TxOptions};
@@ -74,7 +76,8 @@ pub fn options() -> TxOptions {
     TxOptions::new().retry(retry_policy())
 }
 
-/// A table with a `BIGINT` key column and a `BIGINT` version column.
+/// A table with a key column (any type sqlx binds for the database: `i64`, text, a
+/// `uuid::Uuid` on PostgreSQL, ...) and a `BIGINT` version column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
     table: Ident,
@@ -102,16 +105,20 @@ impl Versioned {
     ///
     /// # Cancel safety
     /// A read: as the caller's transaction.
-    pub async fn version(&self, tx: &mut Tx, key: i64) -> Result<Option<i64>> {
+    pub async fn version<'k, DB, K>(&self, tx: &mut Tx<DB>, key: K) -> Result<Option<i64>>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Send,
+    {
         let sql = format!(
             "SELECT {} FROM {} WHERE {} = ?",
             self.version_column, self.table, self.key_column
         );
-        Ok(tx
-            .query_scalar(&sql)
-            .bind(key)
-            .fetch_optional(tx.conn())
-            .await?)
+        let q = tx.query(&sql).bind(key);
+        match DB::fetch_optional_query(tx.conn(), q).await? {
+            Some(row) => Ok(Some(DB::get_i64(&row, 0)?)),
+            None => Ok(None),
+        }
     }
 
     /// Sets `assignments` on row `key` and increments its version, only if its version is still
@@ -124,13 +131,17 @@ impl Versioned {
     ///
     /// # Cancel safety
     /// As the caller's transaction: dropped, it rolls back.
-    pub async fn update(
+    pub async fn update<'k, DB, K>(
         &self,
-        tx: &mut Tx,
-        key: i64,
+        tx: &mut Tx<DB>,
+        key: K,
         expected: i64,
         assignments: &[(&str, Value)],
-    ) -> Result<i64> {
+    ) -> Result<i64>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Send,
+    {
         if assignments.is_empty() {
             return Err(Error::aborted(
                 "a versioned update needs at least one column",
@@ -148,10 +159,10 @@ impl Versioned {
         );
         let mut q = tx.query(&sql);
         for (_, value) in assignments {
-            q = value.bind_to(q);
+            q = DB::bind_value(q, value);
         }
-        let done = q.bind(key).bind(expected).execute(tx.conn()).await?;
-        check(done.rows_affected())?;
+        let q = DB::bind_value(q.bind(key), &Value::Int(expected));
+        check(DB::execute_query(tx.conn(), q).await?)?;
         Ok(expected + 1)
     }
 }

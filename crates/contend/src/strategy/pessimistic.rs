@@ -43,9 +43,9 @@
 //! # Ok(()) }
 //! ```
 
-use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Encode, Type};
 
-use super::{Ident, InvalidIdent};
+use super::{BlockDatabase, Ident, InvalidIdent};
 use crate::backend::{Backend, RowLock};
 use crate::error::Result;
 use crate::tx::Tx;
@@ -72,7 +72,8 @@ pub fn lock_clause(backend: Backend, mode: RowLock) -> Result<&'static str> {
     }
 }
 
-/// Rows of one table to lock by `BIGINT` key, and the columns to read while locking them.
+/// Rows of one table to lock by key (any type sqlx binds for the database: `i64`, text, a
+/// `uuid::Uuid` on PostgreSQL, ...), and the columns to read while locking them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockTarget {
     table: Ident,
@@ -105,16 +106,18 @@ impl LockTarget {
         let clause = lock_clause(backend, mode)?;
         let mut cols: Vec<&str> = self.columns.iter().map(Ident::as_str).collect();
         cols.push(self.key_column.as_str());
-        Ok(format!(
+        let sql = format!(
             "SELECT {} FROM {} WHERE {} = ?{clause}",
             cols.join(", "),
             self.table,
             self.key_column
-        ))
+        );
+        Ok(backend.sql(&sql).into_owned())
     }
 
     /// Locks the row with `key` and reads it, or `None` when there is no such row (or, with
-    /// `UpdateSkipLocked`, when another transaction holds it).
+    /// `UpdateSkipLocked`, when another transaction holds it). The row is the database's own
+    /// row type (`PgRow` in a `Tx<sqlx::Postgres>`).
     ///
     /// # Errors
     /// [`crate::Error::Unsupported`] for a mode the backend lacks; a
@@ -123,9 +126,19 @@ impl LockTarget {
     ///
     /// # Cancel safety
     /// As the caller's transaction: dropped, it rolls back and its locks are released.
-    pub async fn lock(&self, tx: &mut Tx, key: i64, mode: RowLock) -> Result<Option<AnyRow>> {
+    pub async fn lock<'k, DB, K>(
+        &self,
+        tx: &mut Tx<DB>,
+        key: K,
+        mode: RowLock,
+    ) -> Result<Option<DB::Row>>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Send,
+    {
         let sql = self.select_sql(tx.backend(), mode)?;
-        Ok(tx.query(&sql).bind(key).fetch_optional(tx.conn()).await?)
+        let q = sqlx::query(AssertSqlSafe(sql)).bind(key);
+        Ok(DB::fetch_optional_query(tx.conn(), q).await?)
     }
 
     /// Locks the rows with `keys` one by one in ascending key order (duplicates once), so that
@@ -137,19 +150,24 @@ impl LockTarget {
     ///
     /// # Cancel safety
     /// As the caller's transaction: dropped, it rolls back and its locks are released.
-    pub async fn lock_many(
+    pub async fn lock_many<'k, DB, K>(
         &self,
-        tx: &mut Tx,
-        keys: &[i64],
+        tx: &mut Tx<DB>,
+        keys: &[K],
         mode: RowLock,
-    ) -> Result<Vec<(i64, AnyRow)>> {
+    ) -> Result<Vec<(K, DB::Row)>>
+    where
+        DB: BlockDatabase,
+        K: Encode<'k, DB> + Type<DB> + Ord + Clone + Send + Sync,
+    {
         let sql = self.select_sql(tx.backend(), mode)?;
         let mut sorted = keys.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
         let mut rows = Vec::with_capacity(sorted.len());
         for key in sorted {
-            if let Some(row) = tx.query(&sql).bind(key).fetch_optional(tx.conn()).await? {
+            let q = sqlx::query(AssertSqlSafe(sql.clone())).bind(key.clone());
+            if let Some(row) = DB::fetch_optional_query(tx.conn(), q).await? {
                 rows.push((key, row));
             }
         }
