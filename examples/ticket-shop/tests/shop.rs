@@ -162,15 +162,20 @@ async fn concurrent_buyers_never_oversell() {
         );
     }
     // The unsafe baseline under the same load: reads outside the transaction, writes blindly.
-    let id = event(&app, TICKETS).await;
-    let (sold, _, other) = rush(&app, &id, "none", BUYERS).await;
-    assert!(other.is_empty(), "none: {other:?}");
-    let (tickets, _) = tickets_of(&pool, &id).await;
-    assert!(
-        tickets > i64::from(TICKETS),
-        "none should oversell: {tickets} tickets for {TICKETS} seats"
-    );
-    assert_eq!(tickets, sold as i64);
+    // A race is a matter of scheduling, so it gets three rushes (on fresh events) to show it.
+    let mut oversold = Vec::new();
+    for _ in 0..3 {
+        let id = event(&app, TICKETS).await;
+        let (sold, _, other) = rush(&app, &id, "none", BUYERS).await;
+        assert!(other.is_empty(), "none: {other:?}");
+        let (tickets, _) = tickets_of(&pool, &id).await;
+        assert_eq!(tickets, sold as i64);
+        oversold.push(tickets);
+        if tickets > i64::from(TICKETS) {
+            return;
+        }
+    }
+    panic!("none should oversell: {oversold:?} tickets for {TICKETS} seats in three rushes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

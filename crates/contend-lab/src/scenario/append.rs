@@ -286,7 +286,7 @@ impl Scenario for Append {
                 for id in chunk {
                     q = q.bind(*id as i64);
                 }
-                q.execute(db.pool()).await?;
+                super::exec(db, q).await?;
             }
             fenced::setup(ctx).await
         })
@@ -364,11 +364,18 @@ impl Scenario for Append {
                 .context("the append scenario needs a history recorder (Ctx::history)")?;
             let t = table(ctx);
             let invoked = recorder.now_ns();
-            let rows: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            // Through the session's autocommit (a transaction behind pgbouncer), as every
+            // statement outside the operations.
+            let q = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT id, list FROM {t} ORDER BY id"
-            )))
-            .fetch_all(ctx.db.pool())
-            .await?;
+            )));
+            let rows: Vec<(i64, String)> = ctx
+                .db
+                .session()
+                .autocommit(|c| {
+                    Box::pin(async move { Ok::<_, contend::Error>(q.fetch_all(c).await?) })
+                })
+                .await?;
             let completed = recorder.now_ns();
             let mut finals = Vec::with_capacity(rows.len());
             for (id, text) in &rows {
