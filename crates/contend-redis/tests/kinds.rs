@@ -135,14 +135,7 @@ async fn child_holder() {
             };
             let fair = FairLock::new(&locks).queue_timeout(timeout);
             let long = options.wait(Duration::from_secs(60));
-            let attempt = fair.acquire(&key, &long);
-            tokio::pin!(attempt);
-            tokio::select! {
-                _ = &mut attempt => panic!("the child should wait"),
-                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-            }
-            ready();
-            let _ = attempt.await;
+            wait_pending(fair.acquire(&key, &long), ready).await;
             return;
         }
         "reader" => {
@@ -152,14 +145,7 @@ async fn child_holder() {
         "waiting-writer" => {
             let rw = RwLock::new(&locks).intent_timeout(Duration::from_millis(600));
             let long = options.wait(Duration::from_secs(60));
-            let attempt = rw.write(&key, &long);
-            tokio::pin!(attempt);
-            tokio::select! {
-                _ = &mut attempt => panic!("the child should wait"),
-                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-            }
-            ready();
-            let _ = attempt.await;
+            wait_pending(rw.write(&key, &long), ready).await;
             return;
         }
         other => panic!("unknown child kind {other}"),
@@ -167,6 +153,18 @@ async fn child_holder() {
     ready();
     tokio::time::sleep(Duration::from_secs(60)).await;
     drop(held);
+}
+
+/// Child side of a waiting attempt: checks that `attempt` is still pending after 300 ms (it
+/// waits behind the parent's holder), signals READY, then waits for the attempt to end.
+async fn wait_pending<T>(attempt: impl std::future::Future<Output = T>, ready: impl FnOnce()) {
+    tokio::pin!(attempt);
+    tokio::select! {
+        _ = &mut attempt => panic!("the child should wait"),
+        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+    }
+    ready();
+    let _ = attempt.await;
 }
 
 /// Refused at once (wait 0)?
