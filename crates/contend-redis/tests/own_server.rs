@@ -27,9 +27,14 @@ impl Held {
 const CONTENDERS: usize = 24;
 const ROUNDS: usize = 6;
 
-/// Runs CONTENDERS tasks (spread over `clients`, as over several processes) that each take the
-/// lock ROUNDS times around a short critical section; returns the number of acquisitions.
-async fn contend(clients: &[LockClient], spin: bool) -> u64 {
+/// Runs CONTENDERS tasks that each take a lock `rounds` times around a short critical section,
+/// asserting one holder at a time; task `i` acquires with `acquirer(i)`. Returns the number of
+/// acquisitions.
+async fn run_contenders<A, Fut>(rounds: usize, acquirer: impl Fn(usize) -> A) -> u64
+where
+    A: Fn(LockOptions) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Held> + Send,
+{
     let in_section = Arc::new(AtomicUsize::new(0));
     let acquisitions = Arc::new(AtomicU64::new(0));
     let options = LockOptions::new()
@@ -37,21 +42,11 @@ async fn contend(clients: &[LockClient], spin: bool) -> u64 {
         .wait(Duration::from_secs(30));
     let mut tasks = Vec::new();
     for i in 0..CONTENDERS {
-        let client = clients[i % clients.len()].clone();
+        let acquire = acquirer(i);
         let (in_section, acquisitions) = (in_section.clone(), acquisitions.clone());
         tasks.push(tokio::spawn(async move {
-            let spinner = SpinLock::new(&client).retry_interval(Duration::from_millis(2));
-            for _ in 0..ROUNDS {
-                let guard = if spin {
-                    Held::Spin(
-                        spinner
-                            .acquire("hot", &options)
-                            .await
-                            .expect("spin acquire"),
-                    )
-                } else {
-                    Held::Lock(client.acquire("hot", &options).await.expect("acquire"))
-                };
+            for _ in 0..rounds {
+                let guard = acquire(options).await;
                 assert_eq!(in_section.fetch_add(1, Ordering::SeqCst), 0, "two holders");
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 in_section.fetch_sub(1, Ordering::SeqCst);
@@ -64,6 +59,31 @@ async fn contend(clients: &[LockClient], spin: bool) -> u64 {
         t.await.expect("task");
     }
     acquisitions.load(Ordering::SeqCst)
+}
+
+/// Runs CONTENDERS tasks (spread over `clients`, as over several processes) that each take the
+/// lock ROUNDS times around a short critical section; returns the number of acquisitions.
+async fn contend(clients: &[LockClient], spin: bool) -> u64 {
+    run_contenders(ROUNDS, |i| {
+        let client = clients[i % clients.len()].clone();
+        let spinner = SpinLock::new(&client).retry_interval(Duration::from_millis(2));
+        move |options: LockOptions| {
+            let (client, spinner) = (client.clone(), spinner.clone());
+            async move {
+                if spin {
+                    Held::Spin(
+                        spinner
+                            .acquire("hot", &options)
+                            .await
+                            .expect("spin acquire"),
+                    )
+                } else {
+                    Held::Lock(client.acquire("hot", &options).await.expect("acquire"))
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// Commands sent per acquisition for one contended run.
@@ -203,31 +223,15 @@ async fn redlock_commands_per_acquisition(
     locks: &[contend_redis::Redlock],
 ) -> f64 {
     let before = command_count(urls).await.unwrap();
-    let in_section = Arc::new(AtomicUsize::new(0));
-    let acquisitions = Arc::new(AtomicU64::new(0));
-    let options = LockOptions::new()
-        .lease(Duration::from_secs(5))
-        .wait(Duration::from_secs(30));
-    let mut tasks = Vec::new();
-    for i in 0..CONTENDERS {
+    let n = run_contenders(REDLOCK_ROUNDS, |i| {
         let lock = locks[i % locks.len()].clone();
-        let (in_section, acquisitions) = (in_section.clone(), acquisitions.clone());
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..REDLOCK_ROUNDS {
-                let guard = lock.acquire("hot", &options).await.expect("acquire");
-                assert_eq!(in_section.fetch_add(1, Ordering::SeqCst), 0, "two holders");
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                in_section.fetch_sub(1, Ordering::SeqCst);
-                acquisitions.fetch_add(1, Ordering::SeqCst);
-                assert!(guard.release().await.expect("release"));
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task");
-    }
+        move |options: LockOptions| {
+            let lock = lock.clone();
+            async move { Held::Lock(lock.acquire("hot", &options).await.expect("acquire")) }
+        }
+    })
+    .await;
     let after = command_count(urls).await.unwrap();
-    let n = acquisitions.load(Ordering::SeqCst);
     assert_eq!(n, (CONTENDERS * REDLOCK_ROUNDS) as u64);
     let per = (after - before) as f64 / n as f64;
     eprintln!(
