@@ -12,15 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use contend::Error;
-use contend_redis::{FairLock, LockClient, LockOptions, Owner, ReentrantLock, RwLock, Semaphore};
-
-async fn client(url: &str, ns: &str) -> LockClient {
-    LockClient::builder(url)
-        .namespace(ns)
-        .connect()
-        .await
-        .expect("connect to redis")
-}
+use contend_redis::{FairLock, LockOptions, Owner, ReentrantLock, RwLock, Semaphore};
 
 /// The lease of the children's locks (renewed by their watchdog while they live).
 const CHILD_LEASE: Duration = Duration::from_millis(600);
@@ -85,7 +77,7 @@ async fn child_holder() {
         var("CONTEND_CHILD_NS"),
         var("CONTEND_CHILD_KEY"),
     );
-    let locks = client(&url, &ns).await;
+    let locks = common::client(&url, &ns).await;
     let options = LockOptions::new().lease(CHILD_LEASE).watchdog(true);
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let ready = || {
@@ -208,7 +200,7 @@ async fn reentrant_lock_nests_counts_and_survives_a_dead_owner() {
         return;
     };
     let ns = common::unique_namespace("reentrant");
-    let locks = client(&url, &ns).await;
+    let locks = common::client(&url, &ns).await;
     let lock = ReentrantLock::new(&locks);
     let (me, other) = (Owner::new(), Owner::new());
     let options = LockOptions::new().wait(Duration::from_secs(5));
@@ -260,7 +252,10 @@ async fn semaphore_bounds_holders_and_a_dead_client_leaks_no_permit() {
         return;
     };
     let ns = common::unique_namespace("semaphore");
-    let clients = [client(&url, &ns).await, client(&url, &ns).await];
+    let clients = [
+        common::client(&url, &ns).await,
+        common::client(&url, &ns).await,
+    ];
     // Twelve tasks in two "processes" share three permits.
     let inside = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
@@ -333,7 +328,10 @@ async fn fair_lock_grants_in_arrival_order_across_processes() {
         return;
     };
     let ns = common::unique_namespace("fair");
-    let clients = [client(&url, &ns).await, client(&url, &ns).await];
+    let clients = [
+        common::client(&url, &ns).await,
+        common::client(&url, &ns).await,
+    ];
     let fair = [FairLock::new(&clients[0]), FairLock::new(&clients[1])];
     let holder = fair[0].acquire("k", &LockOptions::new()).await.unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
@@ -376,7 +374,7 @@ async fn fair_lock_does_not_hang_on_a_vanished_waiter() {
         return;
     };
     let ns = common::unique_namespace("fair-vanished");
-    let locks = client(&url, &ns).await;
+    let locks = common::client(&url, &ns).await;
     let fair = FairLock::new(&locks).queue_timeout(Duration::from_millis(600));
     for (kind, should_get_it) in [("fair-waiter", true), ("fair-waiter-forever", false)] {
         let key = format!("k-{kind}");
@@ -416,7 +414,10 @@ async fn rw_lock_shares_reads_excludes_writes_and_prefers_writers() {
         return;
     };
     let ns = common::unique_namespace("rw");
-    let clients = [client(&url, &ns).await, client(&url, &ns).await];
+    let clients = [
+        common::client(&url, &ns).await,
+        common::client(&url, &ns).await,
+    ];
     let rw = [RwLock::new(&clients[0]), RwLock::new(&clients[1])];
     let a = rw[0].read("k", &now_only()).await.expect("reader a");
     let b = rw[1].read("k", &now_only()).await.expect("reader b shares");
@@ -519,7 +520,7 @@ async fn every_kind_reports_the_loss_of_an_expired_lease() {
         return;
     };
     let ns = common::unique_namespace("kinds-loss");
-    let locks = client(&url, &ns).await;
+    let locks = common::client(&url, &ns).await;
     let short = LockOptions::new().lease(Duration::from_millis(150));
     let reentrant = ReentrantLock::new(&locks)
         .acquire("r", &Owner::new(), &short)
@@ -564,7 +565,7 @@ async fn bad_input_is_refused_clearly() {
     let Some(url) = common::redis_url() else {
         return;
     };
-    let locks = client(&url, &common::unique_namespace("kinds-input")).await;
+    let locks = common::client(&url, &common::unique_namespace("kinds-input")).await;
     let err = Semaphore::new(&locks, "s", 0).unwrap_err();
     assert!(err.to_string().contains("at least one permit"), "{err}");
     assert!(Semaphore::new(&locks, "", 1).is_err());

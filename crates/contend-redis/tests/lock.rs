@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 use contend::Error;
 use contend_redis::{LockClient, LockOptions};
 
-async fn client(url: &str, ns: &str) -> LockClient {
-    LockClient::builder(url)
-        .namespace(ns)
-        .connect()
-        .await
-        .expect("connect to redis")
-}
-
 /// Increments `counter` non-atomically: read, pause, write. Two overlapping calls lose one.
 async fn unsafe_increment(counter: &AtomicU64, in_section: &AtomicUsize, overlaps: &AtomicUsize) {
     if in_section.fetch_add(1, Ordering::SeqCst) > 0 {
@@ -40,7 +32,10 @@ async fn mutual_exclusion_under_contention_and_the_unlocked_baseline_breaks() {
     };
     let ns = common::unique_namespace("mutex");
     // Two clients: waiters in two "processes" compete through Redis, not only in-process.
-    let clients = [client(&url, &ns).await, client(&url, &ns).await];
+    let clients = [
+        common::client(&url, &ns).await,
+        common::client(&url, &ns).await,
+    ];
     let counter = Arc::new(AtomicU64::new(0));
     let in_section = Arc::new(AtomicUsize::new(0));
     let overlaps = Arc::new(AtomicUsize::new(0));
@@ -114,7 +109,7 @@ async fn crashed_holder_is_replaced_after_its_lease() {
     let Some(url) = common::redis_url() else {
         return;
     };
-    let locks = client(&url, &common::unique_namespace("crash")).await;
+    let locks = common::client(&url, &common::unique_namespace("crash")).await;
     let lease = Duration::from_millis(300);
     let crashed = locks
         .acquire("job", &LockOptions::new().lease(lease))
@@ -150,7 +145,7 @@ async fn release_by_a_non_owner_is_refused() {
         return;
     };
     let ns = common::unique_namespace("owner");
-    let locks = client(&url, &ns).await;
+    let locks = common::client(&url, &ns).await;
     let short = LockOptions::new().lease(Duration::from_millis(100));
     let old = locks.acquire("doc", &short).await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -176,7 +171,7 @@ async fn wait_timeout_gives_lock_not_acquired() {
     let Some(url) = common::redis_url() else {
         return;
     };
-    let locks = client(&url, &common::unique_namespace("timeout")).await;
+    let locks = common::client(&url, &common::unique_namespace("timeout")).await;
     let held = locks
         .acquire("busy", &LockOptions::new().lease(Duration::from_secs(10)))
         .await
@@ -211,7 +206,10 @@ async fn renewal_keeps_a_long_critical_section_safe_and_without_it_the_lock_is_t
         return;
     };
     let ns = common::unique_namespace("renew");
-    let (a, b) = (client(&url, &ns).await, client(&url, &ns).await);
+    let (a, b) = (
+        common::client(&url, &ns).await,
+        common::client(&url, &ns).await,
+    );
     let lease = Duration::from_millis(200);
     for watchdog in [true, false] {
         let key = format!("long-{watchdog}");
@@ -258,7 +256,7 @@ async fn renewal_failure_is_observable_by_the_holder() {
         return;
     };
     let ns = common::unique_namespace("lost");
-    let locks = client(&url, &ns).await;
+    let locks = common::client(&url, &ns).await;
     let lease = Duration::from_millis(300);
     let guard = locks
         .acquire("victim", &LockOptions::new().lease(lease).watchdog(true))
@@ -292,7 +290,7 @@ async fn dropping_the_guard_releases_the_lock() {
     let Some(url) = common::redis_url() else {
         return;
     };
-    let locks = client(&url, &common::unique_namespace("drop")).await;
+    let locks = common::client(&url, &common::unique_namespace("drop")).await;
     let options = LockOptions::new().lease(Duration::from_secs(30));
     {
         let _guard = locks.acquire("k", &options).await.unwrap();
@@ -311,7 +309,7 @@ async fn acquire_works_inside_tokio_spawn() {
     let Some(url) = common::redis_url() else {
         return;
     };
-    let locks = client(&url, &common::unique_namespace("send")).await;
+    let locks = common::client(&url, &common::unique_namespace("send")).await;
     let handle = tokio::spawn(async move {
         let g = locks.acquire("spawned", &LockOptions::new()).await?;
         g.release().await
@@ -336,7 +334,7 @@ async fn unreachable_redis_and_bad_input_give_clear_errors() {
     let Some(url) = common::redis_url() else {
         return;
     };
-    let locks = client(&url, &common::unique_namespace("input")).await;
+    let locks = common::client(&url, &common::unique_namespace("input")).await;
     assert!(locks.acquire("", &LockOptions::new()).await.is_err());
     let bad_lease = LockOptions::new().lease(Duration::ZERO);
     assert!(locks.acquire("k", &bad_lease).await.is_err());

@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 
 pub use contend_test_support::env_url;
 
+/// A lock client on `url` in the namespace `ns`; panics when Redis cannot be reached.
+pub async fn client(url: &str, ns: &str) -> contend_redis::LockClient {
+    contend_redis::LockClient::builder(url)
+        .namespace(ns)
+        .connect()
+        .await
+        .expect("connect to redis")
+}
+
 /// `CONTEND_REDIS_URL`.
 pub fn redis_url() -> Option<String> {
     env_url("CONTEND_REDIS_URL")
