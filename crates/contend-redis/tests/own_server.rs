@@ -243,16 +243,22 @@ async fn redlock_commands_per_acquisition(
     per
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redlock_waits_on_notifications_not_by_polling() {
+/// Five redis-server processes of our own and their URLs (kept running while the servers are
+/// held); `None` when redis-server cannot be started (the test is then skipped).
+fn five_own_servers() -> Option<(Vec<common::OwnRedis>, Vec<String>)> {
     let mut servers = Vec::new();
     for _ in 0..5 {
-        let Some(server) = common::OwnRedis::start() else {
-            return;
-        };
-        servers.push(server);
+        servers.push(common::OwnRedis::start()?);
     }
-    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    let urls = servers.iter().map(|s| s.url()).collect();
+    Some((servers, urls))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_waits_on_notifications_not_by_polling() {
+    let Some((_servers, urls)) = five_own_servers() else {
+        return;
+    };
     let connect = || async {
         contend_redis::Redlock::builder(&urls)
             .node_timeout(Duration::from_millis(500))
@@ -281,14 +287,9 @@ async fn redlock_waits_on_notifications_not_by_polling() {
 /// remaining nodes (not by the holder's 10 s lease or its wait limit), and gets the lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redlock_waiter_survives_a_node_dying_mid_wait() {
-    let mut servers = Vec::new();
-    for _ in 0..5 {
-        let Some(server) = common::OwnRedis::start() else {
-            return;
-        };
-        servers.push(server);
-    }
-    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    let Some((mut servers, urls)) = five_own_servers() else {
+        return;
+    };
     let lock = contend_redis::Redlock::builder(&urls)
         .node_timeout(Duration::from_millis(300))
         .connect()
