@@ -107,6 +107,22 @@ fn valid_from(sent: Instant, lease: Duration) -> Instant {
     sent + lease.saturating_sub(drift(lease))
 }
 
+/// Runs an extend `script` (`KEYS[1]` the lock, `ARGV[1]` token, `ARGV[2]` lease in ms; 1 when
+/// extended) and gives the new `valid_until` when it extended.
+async fn extend_lease(
+    node: &Node,
+    script: &redis::Script,
+    keys: &LockKeys,
+    token: &str,
+    lease: Duration,
+) -> Result<Option<Instant>> {
+    let sent = Instant::now();
+    let extended: i64 = node
+        .eval(script, &[&keys.lock], &[&token, &ms(lease)])
+        .await?;
+    Ok((extended == 1).then(|| valid_from(sent, lease)))
+}
+
 fn check_heartbeat(what: &str, timeout: Duration) -> Result<()> {
     if timeout < MIN_HEARTBEAT || timeout > crate::MAX_LEASE {
         return Err(Error::aborted(format!(
@@ -191,18 +207,13 @@ impl Holder for ReentrantHolder {
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Instant>>> {
-        Box::pin(async move {
-            let sent = Instant::now();
-            let extended: i64 = self
-                .node
-                .eval(
-                    &scripts::REENTRANT_EXTEND,
-                    &[&keys.lock],
-                    &[&token, &ms(lease)],
-                )
-                .await?;
-            Ok((extended == 1).then(|| valid_from(sent, lease)))
-        })
+        Box::pin(extend_lease(
+            &self.node,
+            &scripts::REENTRANT_EXTEND,
+            keys,
+            token,
+            lease,
+        ))
     }
 
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
@@ -376,18 +387,13 @@ impl Holder for SharedHolder {
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Instant>>> {
-        Box::pin(async move {
-            let sent = Instant::now();
-            let extended: i64 = self
-                .node
-                .eval(
-                    &scripts::SHARED_EXTEND,
-                    &[&keys.lock],
-                    &[&token, &ms(lease)],
-                )
-                .await?;
-            Ok((extended == 1).then(|| valid_from(sent, lease)))
-        })
+        Box::pin(extend_lease(
+            &self.node,
+            &scripts::SHARED_EXTEND,
+            keys,
+            token,
+            lease,
+        ))
     }
 
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
