@@ -6,7 +6,16 @@
 mod support;
 
 use contend_lab::cli::{LabArgs, run_config};
+use contend_lab::report::LabReport;
 use support::server_url;
+
+/// Runs the lab with `args` over the registry's scenarios.
+async fn run_lab(args: LabArgs) -> LabReport {
+    let registry = contend_lab::scenario::registry();
+    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
+    let config = args.into_config(&names).expect("valid flags");
+    run_config(&config, &registry).await.expect("lab runs")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn galera_refuses_unsafe_strategies_safe_ones_hold_the_baseline_breaks() {
@@ -22,10 +31,7 @@ async fn galera_refuses_unsafe_strategies_safe_ones_hold_the_baseline_breaks() {
         no_progress: true,
         ..LabArgs::default()
     };
-    let registry = contend_lab::scenario::registry();
-    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
-    let config = args.into_config(&names).expect("valid flags");
-    let report = run_config(&config, &registry).await.expect("lab runs");
+    let report = run_lab(args).await;
     let text = report.render();
     println!("{text}");
 
@@ -99,10 +105,7 @@ async fn galera_allow_unsafe_runs_refused_strategies_as_baselines() {
         no_progress: true,
         ..LabArgs::default()
     };
-    let registry = contend_lab::scenario::registry();
-    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
-    let config = args.into_config(&names).expect("valid flags");
-    let report = run_config(&config, &registry).await.expect("lab runs");
+    let report = run_lab(args).await;
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
     let advisory = &report.runs[0];
     assert_eq!(advisory.strategy, "advisory");

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 
 use contend::{Backend, Db};
 
-use crate::scenario::transfer::{Move, Plan};
-use crate::scenario::{Invariant, engine, invariant, pairs, scalar, sum_bigint};
+use crate::scenario::transfer::{BooksReading, Move, Plan, read_books};
+use crate::scenario::{Invariant, engine, invariant, pairs, sum_bigint};
 
 /// Accounts the transfers move money between (few: the operations race on them).
 pub const ACCOUNTS: i64 = 8;
@@ -163,31 +163,12 @@ impl Books {
     /// # Cancel safety
     /// Cancel-safe (reads only).
     pub async fn invariants(&self, db: &Db) -> anyhow::Result<Vec<Invariant>> {
-        let (acc, ledger) = (&self.accounts, &self.ledger);
-        let b = db.backend();
         let expected = ACCOUNTS * OPENING;
-        let total = scalar(
-            db,
-            &format!("SELECT {} FROM {acc}", sum_bigint(b, "balance")),
-        )
-        .await?;
-        let negative = scalar(db, &format!("SELECT COUNT(*) FROM {acc} WHERE balance < 0")).await?;
-        let balances = pairs(db, &format!("SELECT id, balance FROM {acc} ORDER BY id")).await?;
-        let sums = pairs(
-            db,
-            &format!(
-                "SELECT account, {} FROM {ledger} GROUP BY account",
-                sum_bigint(b, "delta")
-            ),
-        )
-        .await?;
-        let mismatched: Vec<String> = balances
-            .iter()
-            .filter_map(|(id, bal)| {
-                let sum = sums.iter().find(|(a, _)| a == id).map_or(0, |(_, s)| *s);
-                (sum != *bal).then(|| format!("account {id}: balance {bal}, ledger {sum}"))
-            })
-            .collect();
+        let BooksReading {
+            total,
+            negative,
+            mismatched,
+        } = read_books(db, &self.accounts, &self.ledger).await?;
         Ok(vec![
             invariant(
                 "total_conserved",

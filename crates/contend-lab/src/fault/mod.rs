@@ -137,3 +137,37 @@ pub struct RunRow {
     /// lost`, `HTTP 503`, ...).
     pub errors: BTreeMap<String, u64>,
 }
+
+impl RunRow {
+    /// A row holding what was counted (`counts`), the recovery time and what the injector
+    /// logged, over two instances; the caller fills in the rest (fault, strategy, backend,
+    /// expectation, violations, recovered, errors) with struct-update syntax.
+    pub(crate) fn measured(
+        counts: &ledger::Counts,
+        log: &inject::FaultLog,
+        recovery: Option<Duration>,
+    ) -> RunRow {
+        RunRow {
+            fault: String::new(),
+            strategy: String::new(),
+            backend: String::new(),
+            expected_safe: false,
+            acknowledged: counts.acknowledged,
+            failed: counts.failed,
+            unknown: counts.unknown,
+            no_answer: counts.no_answer,
+            lost: counts.lost,
+            duplicated: counts.duplicated,
+            violations: 0,
+            violation_details: Vec::new(),
+            recovery_s: recovery.map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
+            recovered: false,
+            instances: 2,
+            injected: log.effect.clone(),
+            fault_observed: log.observed,
+            injections: log.injected.len() as u64,
+            in_flight: log.in_flight.clone(),
+            errors: BTreeMap::new(),
+        }
+    }
+}

@@ -602,22 +602,10 @@ fn row(
         strategy: strategy.as_str().to_string(),
         backend: backend_name(backend).to_string(),
         expected_safe: strategy.safe_across_processes(),
-        acknowledged: counts.acknowledged,
-        failed: counts.failed,
-        unknown: counts.unknown,
-        no_answer: counts.no_answer,
-        lost: counts.lost,
-        duplicated: counts.duplicated,
         violations,
         violation_details: details,
-        recovery_s: recovery.map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
         recovered: !log.recovers || recovery.is_some(),
-        instances: 2,
-        injected: log.effect.clone(),
-        fault_observed: log.observed,
-        injections: log.injected.len() as u64,
-        in_flight: log.in_flight.clone(),
-        errors: BTreeMap::new(),
+        ..RunRow::measured(&counts, log, recovery)
     }
 }
 

@@ -419,22 +419,11 @@ pub async fn run_instance_kill(
             },
             backend: super::backend_name(backend).into(),
             expected_safe: group.keys,
-            acknowledged: counts.acknowledged,
-            failed: counts.failed,
-            unknown: counts.unknown,
-            no_answer: counts.no_answer,
-            lost: counts.lost,
-            duplicated: counts.duplicated,
             violations,
             violation_details: details,
-            recovery_s: recovery.map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
             recovered: recovery.is_some(),
-            instances: 2,
-            injected: log.effect.clone(),
-            fault_observed: log.observed,
-            injections: log.injected.len() as u64,
-            in_flight: log.in_flight.clone(),
             errors,
+            ..RunRow::measured(&counts, &log, recovery)
         });
     }
     // The instances are killed when dropped (kill on drop); their tables stay (throwaway server).

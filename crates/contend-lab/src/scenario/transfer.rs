@@ -10,7 +10,7 @@
 
 use contend::strategy::atomic::Counter;
 use contend::strategy::{Operation, Strategy, optimistic};
-use contend::{Backend, BoxFuture, Error, Session, Tx};
+use contend::{Backend, BoxFuture, Db, Error, Session, Tx};
 use sqlx::AnyConnection;
 
 use super::{
@@ -312,6 +312,46 @@ impl Transfer {
     }
 }
 
+/// What the books' checks read: the total of all balances, how many are negative, and each
+/// account whose balance differs from the sum of its ledger rows (described).
+pub(crate) struct BooksReading {
+    pub total: i64,
+    pub negative: i64,
+    pub mismatched: Vec<String>,
+}
+
+/// Reads the books of accounts table `acc` (id, balance) and ledger `ledger` (account, delta).
+pub(crate) async fn read_books(db: &Db, acc: &str, ledger: &str) -> anyhow::Result<BooksReading> {
+    let b = db.backend();
+    let total = scalar(
+        db,
+        &format!("SELECT {} FROM {acc}", sum_bigint(b, "balance")),
+    )
+    .await?;
+    let negative = scalar(db, &format!("SELECT COUNT(*) FROM {acc} WHERE balance < 0")).await?;
+    let balances = pairs(db, &format!("SELECT id, balance FROM {acc} ORDER BY id")).await?;
+    let sums = pairs(
+        db,
+        &format!(
+            "SELECT account, {} FROM {ledger} GROUP BY account ORDER BY account",
+            sum_bigint(b, "delta")
+        ),
+    )
+    .await?;
+    let mismatched = balances
+        .iter()
+        .filter_map(|(id, bal)| {
+            let sum = sums.iter().find(|(a, _)| a == id).map_or(0, |(_, s)| *s);
+            (sum != *bal).then(|| format!("account {id}: balance {bal}, ledger {sum}"))
+        })
+        .collect();
+    Ok(BooksReading {
+        total,
+        negative,
+        mismatched,
+    })
+}
+
 fn tables(ctx: &Ctx) -> (String, String) {
     (
         table_name(ctx, "transfer"),
@@ -400,32 +440,12 @@ impl Scenario for Transfer {
     ) -> BoxFuture<'a, anyhow::Result<Vec<Invariant>>> {
         Box::pin(async move {
             let (acc, ledger) = tables(ctx);
-            let db = &ctx.db;
-            let b = db.backend();
             let expected = ACCOUNTS * OPENING;
-            let total = scalar(
-                db,
-                &format!("SELECT {} FROM {acc}", sum_bigint(b, "balance")),
-            )
-            .await?;
-            let negative =
-                scalar(db, &format!("SELECT COUNT(*) FROM {acc} WHERE balance < 0")).await?;
-            let balances = pairs(db, &format!("SELECT id, balance FROM {acc} ORDER BY id")).await?;
-            let sums = pairs(
-                db,
-                &format!(
-                    "SELECT account, {} FROM {ledger} GROUP BY account ORDER BY account",
-                    sum_bigint(b, "delta")
-                ),
-            )
-            .await?;
-            let mismatched: Vec<String> = balances
-                .iter()
-                .filter_map(|(id, bal)| {
-                    let sum = sums.iter().find(|(a, _)| a == id).map_or(0, |(_, s)| *s);
-                    (sum != *bal).then(|| format!("account {id}: balance {bal}, ledger {sum}"))
-                })
-                .collect();
+            let BooksReading {
+                total,
+                negative,
+                mismatched,
+            } = read_books(&ctx.db, &acc, &ledger).await?;
             Ok(vec![
                 invariant(
                     "total_conserved",
