@@ -9,7 +9,7 @@ use contend::{Error, Result};
 
 use crate::guard::{GuardCore, Holder, LockGuard, SingleNode};
 use crate::node::{Node, Timeouts};
-use crate::options::{Acquiring, LockKeys, LockOptions, drift};
+use crate::options::{Acquiring, LockKeys, LockOptions, valid_until};
 use crate::scripts;
 use crate::waiters::{Waiters, Wake};
 
@@ -286,7 +286,7 @@ impl LockClient {
         options: &LockOptions,
     ) -> LockGuard {
         let lease = options.lease_time();
-        let valid_until = sent + lease.saturating_sub(drift(lease));
+        let valid_until = valid_until(sent, lease);
         let holder: Arc<dyn Holder> = self.inner.holder.clone();
         let core = GuardCore::new(
             keys,

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::node::Node;
-use crate::options::{LockKeys, drift};
+use crate::options::{LockKeys, valid_until};
 
 /// What a lock implementation does for a guard (single node, Redlock, spin lock).
 pub(crate) trait Holder: Send + Sync + 'static {
@@ -51,16 +51,25 @@ impl Holder for SingleNode {
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Instant>>> {
-        Box::pin(async move {
-            let sent = Instant::now();
-            let extended = self.node.extend_script(keys, token, lease).await?;
-            Ok((extended == 1).then(|| sent + lease.saturating_sub(drift(lease))))
-        })
+        Box::pin(extend_on(&self.node, keys, token, lease))
     }
 
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move { Ok(self.node.release_script(keys, token, self.notify).await? == 1) })
     }
+}
+
+/// Extends the single-node lock `keys` held with `token` on `node` by `lease`: the new
+/// `valid_until`, or `None` when the lock is no longer held with that token.
+pub(crate) async fn extend_on(
+    node: &Node,
+    keys: &LockKeys,
+    token: &str,
+    lease: Duration,
+) -> Result<Option<Instant>> {
+    let sent = Instant::now();
+    let extended = node.extend_script(keys, token, lease).await?;
+    Ok((extended == 1).then(|| valid_until(sent, lease)))
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -27,9 +27,9 @@ use contend::fencing::FencingToken;
 use contend::{BoxFuture, Error, Result};
 
 use crate::LockClient;
-use crate::guard::{GuardCore, Holder, LockGuard, SingleNode};
+use crate::guard::{GuardCore, Holder, LockGuard, SingleNode, extend_on};
 use crate::node::Node;
-use crate::options::{Acquiring, LockKeys, LockOptions, drift, new_token};
+use crate::options::{Acquiring, LockKeys, LockOptions, new_token, valid_until};
 use crate::scripts;
 use crate::waiters::{Interest, Wake};
 
@@ -102,11 +102,6 @@ fn hint(ms: i64) -> Option<u64> {
     u64::try_from(ms).ok()
 }
 
-/// `valid_until` of a grant whose request was sent at `sent`.
-fn valid_from(sent: Instant, lease: Duration) -> Instant {
-    sent + lease.saturating_sub(drift(lease))
-}
-
 /// Runs an extend `script` (`KEYS[1]` the lock, `ARGV[1]` token, `ARGV[2]` lease in ms; 1 when
 /// extended) and gives the new `valid_until` when it extended.
 async fn extend_lease(
@@ -120,7 +115,7 @@ async fn extend_lease(
     let extended: i64 = node
         .eval(script, &[&keys.lock], &[&token, &ms(lease)])
         .await?;
-    Ok((extended == 1).then(|| valid_from(sent, lease)))
+    Ok((extended == 1).then(|| valid_until(sent, lease)))
 }
 
 fn check_heartbeat(what: &str, timeout: Duration) -> Result<()> {
@@ -289,7 +284,7 @@ impl ReentrantLock {
             keys,
             owner.id().to_string(),
             lease,
-            valid_from(sent, lease),
+            valid_until(sent, lease),
             holder,
             options.has_watchdog(),
         );
@@ -523,7 +518,7 @@ fn shared_guard(
             keys,
             token,
             lease,
-            valid_from(sent, lease),
+            valid_until(sent, lease),
             holder,
             options.has_watchdog(),
         ),
@@ -649,11 +644,7 @@ impl Holder for FairHolder {
         token: &'a str,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Option<Instant>>> {
-        Box::pin(async move {
-            let sent = Instant::now();
-            let extended = self.node.extend_script(keys, token, lease).await?;
-            Ok((extended == 1).then(|| valid_from(sent, lease)))
-        })
+        Box::pin(extend_on(&self.node, keys, token, lease))
     }
 
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
@@ -786,7 +777,7 @@ impl FairLock {
             keys,
             token,
             lease,
-            valid_from(sent, lease),
+            valid_until(sent, lease),
             holder,
             options.has_watchdog(),
         );
@@ -1003,7 +994,7 @@ impl RwLock {
             acquiring.keys.clone(),
             acquiring.token.clone(),
             lease,
-            valid_from(sent, lease),
+            valid_until(sent, lease),
             holder,
             options.has_watchdog(),
         );

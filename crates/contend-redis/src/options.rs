@@ -118,6 +118,12 @@ pub fn drift(lease: Duration) -> Duration {
     lease / 100 + Duration::from_millis(2)
 }
 
+/// Until when a lease of `lease` granted by a request sent at `sent` is surely held: the lease
+/// less the clock [`drift`] allowance.
+pub(crate) fn valid_until(sent: std::time::Instant, lease: Duration) -> std::time::Instant {
+    sent + lease.saturating_sub(drift(lease))
+}
+
 /// Checks a lock key: not empty, at most 1024 bytes.
 pub(crate) fn check_key(key: &str) -> Result<()> {
     if key.is_empty() || key.len() > 1024 {

@@ -65,7 +65,7 @@ use rand::Rng;
 use crate::DEFAULT_NAMESPACE;
 use crate::guard::{GuardCore, Holder, LockGuard};
 use crate::node::{Node, Timeouts, other_failure, timeout_failure};
-use crate::options::{Acquiring, LockKeys, LockOptions, drift, new_token};
+use crate::options::{Acquiring, LockKeys, LockOptions, drift, new_token, valid_until};
 use crate::scripts;
 use crate::waiters::{Waiters, Wake};
 
@@ -354,7 +354,7 @@ impl Redlock {
                     keys.clone(),
                     token.to_string(),
                     lease,
-                    started + lease.saturating_sub(drift(lease)),
+                    valid_until(started, lease),
                     holder,
                     options.has_watchdog(),
                 );
@@ -508,7 +508,7 @@ impl Holder for Inner {
                 .checked_sub(started.elapsed() + drift(lease))
                 .is_some();
             if extended >= self.quorum && in_time {
-                return Ok(Some(started + lease.saturating_sub(drift(lease))));
+                return Ok(Some(valid_until(started, lease)));
             }
             match first_error {
                 // Too few answers to tell: the caller may try again while the lock is valid.

@@ -10,7 +10,7 @@ use contend::{Error, Result};
 use crate::LockClient;
 use crate::guard::{GuardCore, Holder, SingleNode, SpinGuard};
 use crate::node::Node;
-use crate::options::{Acquiring, LockOptions, drift};
+use crate::options::{Acquiring, LockOptions, valid_until};
 
 /// A polling Redis lock (the `redis-spin` strategy of the lab).
 ///
@@ -99,14 +99,8 @@ impl SpinLock {
             if set.is_some() {
                 let lease = options.lease_time();
                 let holder: Arc<dyn Holder> = self.inner.holder.clone();
-                let core = GuardCore::new(
-                    keys,
-                    token,
-                    lease,
-                    sent + lease.saturating_sub(drift(lease)),
-                    holder,
-                    false,
-                );
+                let core =
+                    GuardCore::new(keys, token, lease, valid_until(sent, lease), holder, false);
                 return Ok(SpinGuard::new(core));
             }
             if Instant::now() + self.inner.interval > deadline {
