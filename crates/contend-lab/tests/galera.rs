@@ -5,17 +5,8 @@
 
 mod support;
 
-use contend_lab::cli::{LabArgs, run_config};
-use contend_lab::report::LabReport;
-use support::server_url;
-
-/// Runs the lab with `args` over the registry's scenarios.
-async fn run_lab(args: LabArgs) -> LabReport {
-    let registry = contend_lab::scenario::registry();
-    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
-    let config = args.into_config(&names).expect("valid flags");
-    run_config(&config, &registry).await.expect("lab runs")
-}
+use contend_lab::cli::LabArgs;
+use support::{run_lab, server_url};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn galera_refuses_unsafe_strategies_safe_ones_hold_the_baseline_breaks() {

@@ -3,9 +3,12 @@
 //! checker finds none), and the safe strategies that apply produce no anomaly at all under the
 //! same load. SQLite always; PostgreSQL and MariaDB from CONTEND_PG_URL / CONTEND_MYSQL_URL.
 
-use contend_lab::cli::{LabArgs, run_config};
+mod support;
+
+use contend_lab::cli::LabArgs;
 use contend_lab::report::{LabReport, RunReport};
 use contend_test_support::{TestDb, on_backends};
+use support::run_lab;
 
 /// Workers and operations of every run: a few seconds per backend on 2 cores.
 const WORKERS: &str = "8";
@@ -26,10 +29,7 @@ async fn lab(url: &str, strategies: &str) -> LabReport {
         no_progress: true,
         ..LabArgs::default()
     };
-    let registry = contend_lab::scenario::registry();
-    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
-    let config = args.into_config(&names).expect("valid flags");
-    run_config(&config, &registry).await.expect("lab runs")
+    run_lab(args).await
 }
 
 fn cycles(run: &RunReport) -> u64 {
@@ -137,9 +137,7 @@ async fn lock_services_show_no_anomaly() {
         no_progress: true,
         ..LabArgs::default()
     };
-    let registry = contend_lab::scenario::registry();
-    let config = args.into_config(&["append"]).expect("valid flags");
-    let report = run_config(&config, &registry).await.expect("lab runs");
+    let report = run_lab(args).await;
     assert_eq!(report.runs.len(), 3, "{:?}", report.skipped);
     for run in &report.runs {
         let history = run.history.as_ref().expect("history");

@@ -4,17 +4,8 @@
 
 mod support;
 
-use contend_lab::cli::{LabArgs, run_config};
-use contend_lab::report::LabReport;
-use support::server_url;
-
-/// Runs the lab with `args` and all its scenarios, as `contend lab` does.
-async fn lab(args: LabArgs) -> LabReport {
-    let registry = contend_lab::scenario::registry();
-    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
-    let config = args.into_config(&names).expect("valid flags");
-    run_config(&config, &registry).await.expect("lab runs")
-}
+use contend_lab::cli::LabArgs;
+use support::{run_lab, server_url};
 
 async fn withdraw(url: Option<String>) {
     let args = LabArgs {
@@ -26,7 +17,7 @@ async fn withdraw(url: Option<String>) {
         no_progress: true,
         ..LabArgs::default()
     };
-    let report = lab(args).await;
+    let report = run_lab(args).await;
     assert_eq!(report.runs.len(), 3, "{report:#?}");
 
     let none = &report.runs[0];
@@ -90,7 +81,7 @@ async fn redis_lock_strategies_are_safe_and_counted() {
         no_progress: true,
         ..LabArgs::default()
     };
-    let report = lab(args).await;
+    let report = run_lab(args).await;
     assert_eq!(report.runs.len(), 3, "{report:#?}");
     for run in &report.runs {
         assert_eq!(run.violations, 0, "{run:#?}");
@@ -117,7 +108,7 @@ async fn batched_combines(url: Option<String>) {
         no_progress: true,
         ..LabArgs::default()
     };
-    let report = lab(args).await;
+    let report = run_lab(args).await;
     assert_eq!(report.runs.len(), 6, "{report:#?}");
     for run in &report.runs {
         assert_eq!(run.violations, 0, "{run:#?}");
@@ -177,7 +168,7 @@ async fn etcd_strategy_is_safe_and_counted() {
         no_progress: true,
         ..LabArgs::default()
     };
-    let report = lab(args).await;
+    let report = run_lab(args).await;
     assert_eq!(report.runs.len(), 1, "{report:#?}");
     let run = &report.runs[0];
     assert_eq!((run.violations, run.errors), (0, 0), "{run:#?}");

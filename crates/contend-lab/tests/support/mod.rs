@@ -12,6 +12,16 @@ use contend::strategy::{Operation, Strategy};
 use contend::{Backend, BoxFuture, Error, Session, Tx};
 use contend_lab::scenario::{Ctx, Invariant, OpReport, Outcome, Scenario, Totals};
 
+/// Runs the lab with `args` and all its scenarios, as `contend lab` does.
+pub async fn run_lab(args: contend_lab::cli::LabArgs) -> contend_lab::report::LabReport {
+    let registry = contend_lab::scenario::registry();
+    let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
+    let config = args.into_config(&names).expect("valid flags");
+    contend_lab::cli::run_config(&config, &registry)
+        .await
+        .expect("lab runs")
+}
+
 /// The URL in `var`, or `None` after printing why the test is skipped (panics instead when
 /// servers are required: `contend_test_support::servers_required`).
 pub fn server_url(var: &str) -> Option<String> {
