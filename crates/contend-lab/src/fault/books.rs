@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use contend::backend::RowLock;
 use contend::{Backend, Db};
 
 use crate::scenario::transfer::{BooksReading, Move, Plan, read_books};
@@ -122,16 +123,42 @@ impl Books {
     /// Whether operation `op` is in the ledger: what a client asks after an answer was lost,
     /// before it tries again.
     ///
+    /// The answer must be final, or the retry that follows a "no" applies the operation twice:
+    /// a connection the server killed (MariaDB's `KILL CONNECTION` closes the socket at once) or
+    /// one whose bytes a proxy still holds may belong to a transaction that is still
+    /// committing. Every strategy's transaction writes the operation's two account rows, so it
+    /// holds their row locks until it has committed or rolled back; this lookup first takes
+    /// those locks (`FOR UPDATE`, waiting for such a transaction to end) and only then reads the
+    /// ledger with a fresh read.
+    ///
     /// # Cancel safety
-    /// Cancel-safe (one read).
+    /// Cancel-safe (reads only; a dropped call rolls its transaction back).
     pub async fn applied(&self, db: &Db, op: u64) -> contend::Result<bool> {
+        let (from, to) = accounts_of(op);
+        let lock = format!(
+            "SELECT id FROM {} WHERE id IN (?, ?) ORDER BY id {}",
+            self.accounts,
+            db.backend().dialect().row_lock_clause(RowLock::Update)?
+        );
+        let count = format!("SELECT COUNT(*) FROM {} WHERE op = ?", self.ledger);
+        let (lookup_db, op) = (db.clone(), op as i64);
         let n = db
-            .query_scalar::<i64>(&format!(
-                "SELECT COUNT(*) FROM {} WHERE op = ?",
-                self.ledger
-            ))
-            .bind(op as i64)
-            .fetch_one(db.pool())
+            .transaction(|tx| {
+                Box::pin(async move {
+                    lookup_db
+                        .query(&lock)
+                        .bind(from)
+                        .bind(to)
+                        .fetch_all(tx.conn())
+                        .await?;
+                    let n = lookup_db
+                        .query_scalar::<i64>(&count)
+                        .bind(op)
+                        .fetch_one(tx.conn())
+                        .await?;
+                    Ok::<_, contend::Error>(n)
+                })
+            })
             .await?;
         Ok(n > 0)
     }

@@ -347,6 +347,24 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     let ok = report::passed(&report);
+    // Repeated last, where a truncated log (a CI tail) still shows them.
+    for r in report.runs.iter().filter(|r| report::verdict(r).fails()) {
+        eprintln!(
+            "[faults] {}: {} / {} / {} (ack {}, unknown {}, lost {}, dup {}, viol {})",
+            report::verdict(r).label(),
+            r.fault,
+            r.backend,
+            r.strategy,
+            r.acknowledged,
+            r.unknown,
+            r.lost,
+            r.duplicated,
+            r.violations
+        );
+    }
+    for e in &report.errors {
+        eprintln!("[faults] ERROR {e}");
+    }
     eprintln!(
         "[faults] {} in {:.1} s",
         if ok { "passed" } else { "FAILED" },

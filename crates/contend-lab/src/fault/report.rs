@@ -47,7 +47,8 @@ impl Verdict {
         )
     }
 
-    fn text(self) -> &'static str {
+    /// The verdict as the table shows it.
+    pub fn label(self) -> &'static str {
         match self {
             Verdict::Held => "held",
             Verdict::BrokeAsExpected => "broke (expected)",
@@ -118,7 +119,7 @@ pub fn render(report: &FaultReport) -> String {
         ]);
     for r in &report.runs {
         let v = verdict(r);
-        let verdict_cell = Cell::new(v.text());
+        let verdict_cell = Cell::new(v.label());
         table.add_row(vec![
             Cell::new(&r.fault),
             Cell::new(&r.backend),
