@@ -87,7 +87,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -528,6 +528,7 @@ impl<DB: Database> Batcher<DB> {
             retry: options.retry.clone(),
             batch,
             savepoints: AtomicBool::new(false),
+            last_size: AtomicUsize::new(0),
         };
         tokio::spawn(combiner.run(db));
     }
@@ -557,6 +558,9 @@ struct Combiner<DB: Database> {
     /// its own error (one round trip less per operation, and no subtransactions); turned on by
     /// the first such failure, and off again after a batch without one.
     savepoints: AtomicBool,
+    /// How many operations the last batch took: callers that were just answered, whose next
+    /// operations [`Combiner::gather`] waits for.
+    last_size: AtomicUsize,
 }
 
 /// How one attempt at a batch ended.
@@ -586,6 +590,7 @@ impl<DB: Database> Combiner<DB> {
                     return;
                 }
                 let n = queue.pending.len().min(self.batch.max_size);
+                self.last_size.store(n, Ordering::Relaxed);
                 let mut jobs: Jobs<DB> = queue.pending.drain(..n).collect();
                 // A domain's operations grouped by key set (stable: arrival order within a
                 // set), so that a group shares one read and one write, and rows are locked in
@@ -610,8 +615,7 @@ impl<DB: Database> Combiner<DB> {
     /// Waits up to `max_wait` for the queue to fill up to `max_size`.
     async fn collect(&self) {
         if self.batch.max_wait.is_zero() {
-            // Let submitters that are already running reach the queue.
-            tokio::task::yield_now().await;
+            self.gather().await;
             return;
         }
         let deadline = tokio::time::Instant::now() + self.batch.max_wait;
@@ -629,6 +633,42 @@ impl<DB: Database> Combiner<DB> {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return;
+            }
+        }
+    }
+
+    /// Without a wait: lets the submitters that are already running reach the queue. The
+    /// callers of the batch that just committed were woken by their answers and most send
+    /// their next operation within microseconds; taking the queue at once would leave them to
+    /// the batch after (measured on PostgreSQL, withdraw at 32 workers: 27 operations per
+    /// commit). So the combiner yields to them while the queue keeps growing, up to
+    /// `GATHER_YIELDS` times, and stops as soon as the queue holds what was already waiting
+    /// plus one operation per caller of the last batch (or `max_size`), or when it stops
+    /// growing. No timer is involved: when nobody else is runnable a yield returns at once.
+    async fn gather(&self) {
+        const GATHER_YIELDS: usize = 16;
+        let pending = || {
+            let queues = self.inner.queues.lock().unwrap_or_else(|e| e.into_inner());
+            queues.get(&self.key).map_or(0, |q| q.pending.len())
+        };
+        let answered = self.last_size.swap(0, Ordering::Relaxed);
+        let mut seen = pending();
+        let target = (seen + answered).min(self.batch.max_size);
+        let mut still = 0;
+        for _ in 0..GATHER_YIELDS {
+            tokio::task::yield_now().await;
+            let len = pending();
+            if len == 0 || len >= target {
+                return;
+            }
+            if len > seen {
+                seen = len;
+                still = 0;
+            } else {
+                still += 1;
+                if still >= 2 {
+                    return;
+                }
             }
         }
     }
