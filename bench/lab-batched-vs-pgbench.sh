@@ -21,13 +21,22 @@
 #   POSTGRES_URL  default $CONTEND_PG_URL
 #   SECONDS       per measurement, default 5
 #   ROUNDS=5  CLIENTS="32 64"  SCENARIOS="withdraw transfer"
-# Measured 2026-11-30 on the shared 2-core dev machine while a test run used it too (release build, test
-# server: fsync=off, synchronous_commit=off; ROUNDS=5, 3 s per run; medians, spread min-max; 0 violations in
-# every lab run; withdraw batches held 27 (32 workers) and 49 (64) operations per commit, transfer 27 and 47):
-#   withdraw  32: 82,645 (58,102-112,762) vs pgbench 17,784 (17,434-18,543)   4.65x
-#   withdraw  64: 122,072 (105,557-145,258) vs 15,374 (14,307-16,684)         7.94x
-#   transfer  32: 21,356 (14,853-23,267) vs 1,721 (1,669-1,788)               12.41x
-#   transfer  64: 32,119 (26,963-38,342) vs 1,128 (1,121-1,182)               28.47x
+# Measured 2026-11-30 (11:45 UTC) on the shared 2-core dev machine while four builds ran beside it
+# (release build; ROUNDS=5, 3 s per run; medians, spread min-max; 0 violations in every lab run;
+# withdraw and transfer batches held 32.0 operations per commit at 32 workers, 46-64 at 64):
+#   test server (scripts/services: fsync=off, synchronous_commit=off):
+#     withdraw  32: 67,348 (49,537-96,738) vs pgbench 11,753 (10,578-13,235)   5.73x
+#     withdraw  64: 109,482 (93,216-146,988) vs 9,481 (8,211-10,003)           11.55x
+#     transfer  32: 14,191 (8,316-19,579) vs 1,013 (913-1,646)                 14.00x
+#     transfer  64: 14,784 (12,622-16,736) vs 702 (538-851)                    21.07x
+#   durable server (CONTEND_PG_DURABLE=1 scripts/services up pg: fsync, synchronous_commit and
+#   full_page_writes on, ext4 on the VM's disk):
+#     withdraw  32: 9,549 (6,117-10,210) vs 1,379 (1,026-1,442)                6.92x
+#     withdraw  64: 11,863 (9,285-16,834) vs 1,016 (872-1,113)                 11.68x
+#     transfer  32: 4,370 (3,325-5,402) vs 465 (297-729)                       9.39x
+#     transfer  64: 7,355 (5,737-8,093) vs 289 (100-427)                       25.41x
+# With a durable commit the batch size is what counts: each batch waits for its WAL flush, so at
+# N workers a batch holds at most N operations and the lab's rate is about N per flush.
 # Needs: cargo, pgbench and psql (postgresql-client), jq.
 # Exit status: 0 when every lab run kept its invariants, 1 when one did not, 2 when a tool or run
 # fails. (The ratio is reported, not enforced: it depends on the server's commit cost.)
