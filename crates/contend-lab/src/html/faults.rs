@@ -34,7 +34,7 @@ const FRAME: Frame = Frame {
     width: 1280.0,
     height: 300.0,
     left: 62.0,
-    right: 190.0,
+    right: 250.0,
     top: 36.0,
     bottom: 46.0,
 };
@@ -164,11 +164,16 @@ fn chart(fault: &str, backend: &str, rows: &[&RunRow]) -> String {
     // The load's end.
     if let Some(load) = lines.iter().map(|(_, t)| t.load_s).reduce(f64::max) {
         let lx = x(load);
+        // Left of the line when the load ends at the plot's right edge.
+        let (tx, anchor) = if lx + 70.0 > FRAME.left + FRAME.pw() {
+            (lx - 4.0, "end")
+        } else {
+            (lx + 4.0, "start")
+        };
         let _ = write!(
             s,
-            r##"<line x1="{lx:.1}" x2="{lx:.1}" y1="{top}" y2="{base:.1}" stroke="#8c959f" stroke-width="1.5" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" class="tick">load ends</text>"##,
-            lx + 4.0,
-            base - 6.0
+            r##"<line x1="{lx:.1}" x2="{lx:.1}" y1="{top}" y2="{base:.1}" stroke="#8c959f" stroke-width="1.5" stroke-dasharray="4 3"/><text x="{tx:.1}" y="{:.1}" class="injl" text-anchor="{anchor}" style="fill:#57606a">load ends</text>"##,
+            top + 36.0
         );
     }
 
@@ -353,10 +358,24 @@ fn phase(fault: &str, backend: &str, rows: &[&RunRow]) -> String {
     s.push_str("</div>");
     s.push_str(&chart(fault, backend, rows));
     let first = rows[0];
+    // What the rows share (the injector's log, clause by clause), then what each adds
+    // (lock-freeze: what its holder's late write met).
+    let clauses: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|r| r.injected.split("; ").collect())
+        .collect();
+    let shared = (0..clauses[0].len())
+        .take_while(|&k| clauses.iter().all(|c| c.get(k) == clauses[0].get(k)))
+        .count();
+    let common = clauses[0][..shared].join("; ");
     let _ = write!(
         s,
         r#"<p class="injected"><b>Injected</b>: {}{}. <b>In flight</b> at each injection (all strategies of the phase{}): {}.</p>"#,
-        esc(&first.injected),
+        esc(if common.is_empty() {
+            "per strategy, below"
+        } else {
+            &common
+        }),
         if first.fault_observed {
             ""
         } else {
@@ -369,18 +388,13 @@ fn phase(fault: &str, backend: &str, rows: &[&RunRow]) -> String {
         },
         esc(&in_flight_text(&first.in_flight))
     );
-    // Rows that add to the phase's story (lock-freeze: what each holder's write met).
-    for r in rows.iter().skip(1) {
-        if r.injected != first.injected {
-            let extra = r
-                .injected
-                .strip_prefix(first.injected.as_str())
-                .map_or(r.injected.as_str(), |x| x.trim_start_matches("; "));
+    for (r, c) in rows.iter().zip(&clauses) {
+        if c.len() > shared {
             let _ = write!(
                 s,
                 r#"<p class="injected"><b>{}</b>: {}</p>"#,
                 esc(&r.strategy),
-                esc(extra)
+                esc(&c[shared..].join("; "))
             );
         }
     }
@@ -563,6 +577,30 @@ mod tests {
         assert!(page.contains(r#"<td class="v broke">broke (expected)</td>"#));
         assert!(page.contains(r#"<td class="v safe">held</td>"#));
         assert!(!page.contains(r#"class="n alarm""#));
+    }
+
+    #[test]
+    fn what_the_runs_of_a_phase_share_is_shown_once_and_what_each_adds_after_it() {
+        let mut a = run("lock-freeze", "redis", true, 0, 0);
+        let mut b = run("lock-freeze", "redis-spin", false, 0, 1);
+        a.injected = "frozen; redis: x; redis-spin: y; its late write was rejected".into();
+        b.injected = "frozen; redis: x; redis-spin: y; its late write was APPLIED".into();
+        let page = render(&FaultReport {
+            runs: vec![a, b],
+            errors: vec![],
+        });
+        assert_eq!(page.matches("frozen; redis: x; redis-spin: y").count(), 1);
+        assert!(page.contains("<b>redis</b>: its late write was rejected</p>"));
+        assert!(page.contains("<b>redis-spin</b>: its late write was APPLIED</p>"));
+        // Runs with the same text: once, nothing per run.
+        let page = render(&FaultReport {
+            runs: vec![
+                run("latency", "none", false, 0, 1),
+                run("latency", "atomic", true, 0, 0),
+            ],
+            errors: vec![],
+        });
+        assert_eq!(page.matches(r#"<p class="injected">"#).count(), 1);
     }
 
     #[test]
