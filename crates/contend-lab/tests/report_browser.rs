@@ -1,200 +1,37 @@
-//! The HTML report in a real browser: a short lab on SQLite writes its page, headless Chromium
-//! renders it to a PNG, and the PNG must show a page: mostly not blank, many colours, and the
-//! colours of the strategies that ran (the chart lines, legends and table dots are inline SVG and
-//! CSS, so a page whose SVG or styles broke loses them). The same check must reject a blank page
-//! and Chromium's error page for a missing file, so it can fail.
+//! The HTML reports in a real browser: a short lab on SQLite writes its page, and a fault suite
+//! report built here (no servers) writes the fault suite's page; headless Chromium renders each
+//! to a PNG, which must show a page: mostly not blank, many colours, and the colours of the
+//! strategies that ran (the chart lines, legends and table dots are inline SVG and CSS, so a page
+//! whose SVG or styles broke loses them). The same check must reject a blank page, each page with
+//! its charts cut out and Chromium's error page for a missing file, so it can fail.
 //!
-//! Chromium: `$CONTEND_CHROMIUM`, else `chromium`, `chromium-browser` or `google-chrome` on the
-//! PATH (Debian: `apt-get install chromium`). Without one the test is skipped, unless servers
+//! Chromium (`support/browser.rs`): `$CONTEND_CHROMIUM`, else `chromium`, `chromium-browser` or
+//! `google-chrome` on the PATH (Debian: `apt-get install chromium`). Without one the tests are skipped, unless servers
 //! are required (`contend_test_support::servers_required`) or `CI` is set: then it fails. With
 //! `CONTEND_REPORT_DIR` set, the page and the screenshots are kept there (`scripts/check-report`
 //! does this).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use contend_lab::cli::{LabArgs, run_config};
+use contend_lab::fault::RunRow;
+use contend_lab::fault::ledger::{self, Answer, Tracker};
+use contend_lab::fault::report::FaultReport;
+use contend_lab::fault::timeline::Timeline;
 
-/// The browser window: wide enough for two charts side by side, tall enough for the first
-/// groups of charts and the timeline.
-const WINDOW: (u32, u32) = (1400, 3000);
+#[path = "support/browser.rs"]
+mod browser;
 
-fn chromium() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("CONTEND_CHROMIUM").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(path));
-    }
-    let path = std::env::var_os("PATH")?;
-    for name in ["chromium", "chromium-browser", "google-chrome"] {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return Some(candidate);
-            }
-        }
-    }
-    None
-}
-
-/// Renders `url` to `png` with headless Chromium, killing it after a minute; `Err` with its
-/// stderr when it wrote no screenshot.
-fn screenshot(chromium: &Path, url: &str, png: &Path) -> Result<(), String> {
-    let _ = std::fs::remove_file(png);
-    let profile = tempfile::tempdir().expect("a temporary profile directory");
-    let mut child = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("--screenshot={}", png.display()))
-        .arg(format!("--window-size={},{}", WINDOW.0, WINDOW.1))
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromium.display()));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for chromium") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish rendering {url} within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read as _;
-        let _ = e.read_to_string(&mut stderr);
-    }
-    if status.success() && png.is_file() {
-        Ok(())
-    } else {
-        Err(format!("chromium failed on {url} ({status}):\n{stderr}"))
-    }
-}
-
-/// What a screenshot shows, as far as the check needs.
-#[derive(Debug)]
-struct Picture {
-    width: u32,
-    height: u32,
-    /// Share of pixels that are not (near) white.
-    inked: f64,
-    /// Distinct colours.
-    colours: usize,
-    /// Per wanted colour, the pixels of (nearly) that colour.
-    found: Vec<(&'static str, usize)>,
-}
-
-fn rgb(hex: &str) -> [u8; 3] {
-    let v = u32::from_str_radix(hex.trim_start_matches('#'), 16).expect("hex colour");
-    [(v >> 16) as u8, (v >> 8) as u8, v as u8]
-}
-
-fn look(png_path: &Path, wanted: &[&'static str]) -> Picture {
-    let decoder = png::Decoder::new(std::io::BufReader::new(
-        std::fs::File::open(png_path).expect("open the screenshot"),
-    ));
-    let mut reader = decoder.read_info().expect("a PNG");
-    let mut buf = vec![0; reader.output_buffer_size().expect("a size")];
-    let info = reader.next_frame(&mut buf).expect("a PNG frame");
-    assert_eq!(info.bit_depth, png::BitDepth::Eight, "8-bit screenshot");
-    let channels = match info.color_type {
-        png::ColorType::Rgb => 3,
-        png::ColorType::Rgba => 4,
-        other => panic!("unexpected PNG colour type {other:?}"),
-    };
-    let targets: Vec<[u8; 3]> = wanted.iter().map(|h| rgb(h)).collect();
-    let mut found = vec![0usize; wanted.len()];
-    let mut colours = std::collections::HashSet::new();
-    let mut inked = 0u64;
-    let mut pixels = 0u64;
-    for row in buf[..info.buffer_size()].chunks(info.line_size) {
-        for px in row.chunks(channels) {
-            let p = [px[0], px[1], px[2]];
-            pixels += 1;
-            colours.insert(p);
-            if p.iter().any(|&c| c < 235) {
-                inked += 1;
-            }
-            for (t, n) in targets.iter().zip(found.iter_mut()) {
-                if p.iter().zip(t).all(|(a, b)| a.abs_diff(*b) <= 6) {
-                    *n += 1;
-                }
-            }
-        }
-    }
-    Picture {
-        width: info.width,
-        height: info.height,
-        inked: inked as f64 / pixels.max(1) as f64,
-        colours: colours.len(),
-        found: wanted.iter().copied().zip(found).collect(),
-    }
-}
-
-/// Why `picture` is not a rendered report, if it is not.
-fn broken(picture: &Picture) -> Option<String> {
-    if (picture.width, picture.height) != WINDOW {
-        return Some(format!(
-            "{}x{} instead of {}x{}",
-            picture.width, picture.height, WINDOW.0, WINDOW.1
-        ));
-    }
-    if picture.inked < 0.02 {
-        return Some(format!(
-            "near blank: {:.2}% of the pixels are not white",
-            picture.inked * 100.0
-        ));
-    }
-    if picture.colours < 300 {
-        return Some(format!("only {} distinct colours", picture.colours));
-    }
-    let missing: Vec<String> = picture
-        .found
-        .iter()
-        .filter(|(_, n)| *n < 800)
-        .map(|(c, n)| format!("{c} ({n} pixels)"))
-        .collect();
-    if !missing.is_empty() {
-        return Some(format!(
-            "the strategies' colours are missing: {}",
-            missing.join(", ")
-        ));
-    }
-    None
-}
+use browser::{broken, chromium_or_skip, look, render, report_dir, screenshot, without_svg};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_report_renders_in_chromium() {
-    let Some(chromium) = chromium() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "no chromium (set CONTEND_CHROMIUM or install Debian's `chromium`) and CI is set"
-        );
-        contend_test_support::skip_or_fail(
-            "no chromium on the PATH (set CONTEND_CHROMIUM or install Debian's `chromium`)",
-        );
+    let Some(chromium) = chromium_or_skip() else {
         return;
     };
-    let keep = std::env::var_os("CONTEND_REPORT_DIR").map(PathBuf::from);
     let temp = tempfile::tempdir().expect("a temporary directory");
-    let dir = keep.clone().unwrap_or_else(|| temp.path().to_path_buf());
-    std::fs::create_dir_all(&dir).expect("the report directory");
-    let dir = dir.canonicalize().expect("an absolute report directory");
+    let dir = report_dir(temp.path());
 
     // A short lab: two scenarios, the baseline and three safe strategies, three worker counts.
     let args = LabArgs {
@@ -210,65 +47,29 @@ async fn the_report_renders_in_chromium() {
     let config = args.into_config(&names).expect("valid flags");
     let report = run_config(&config, &registry).await.expect("the lab runs");
     assert_eq!(report.runs.len(), 24, "{}", report.render_compact());
-    let html = dir.join("report.html");
-    std::fs::write(&html, contend_lab::html::render(&report)).expect("write the page");
+    let page = contend_lab::html::render(&report);
 
     // The colours of the safe strategies that ran: atomic, pessimistic, optimistic (the
     // baseline's dark grey is too close to the text's antialiasing to count).
     let wanted = ["#1f77b4", "#2ca02c", "#ff7f0e"];
-    let png = dir.join("report.png");
-    screenshot(&chromium, &format!("file://{}", html.display()), &png)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let picture = look(&png, &wanted);
-    eprintln!("report: {picture:?}");
-    assert_eq!(
-        broken(&picture),
-        None,
-        "the report did not render: {}",
-        png.display()
-    );
+    let picture = render(&chromium, &dir, "report", &page, &wanted);
+    assert_eq!(broken(&picture), None, "the report did not render");
 
     // The check fails on a blank page and on the browser's error page.
-    let blank = dir.join("blank.html");
-    std::fs::write(
-        &blank,
-        "<!DOCTYPE html><html><head><title>x</title></head><body></body></html>",
-    )
-    .expect("write the blank page");
-    let blank_png = dir.join("blank.png");
-    screenshot(
+    let picture = render(
         &chromium,
-        &format!("file://{}", blank.display()),
-        &blank_png,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let picture = look(&blank_png, &wanted);
+        &dir,
+        "blank",
+        "<!DOCTYPE html><html><head><title>x</title></head><body></body></html>",
+        &wanted,
+    );
     assert!(
         broken(&picture).is_some(),
         "a blank page passed: {picture:?}"
     );
     // The same page without its charts (every inline SVG cut out): the table's dots alone do
     // not carry enough of the strategies' colours.
-    let page = std::fs::read_to_string(&html).expect("read the page");
-    let mut stripped = String::new();
-    let mut rest = page.as_str();
-    while let Some(start) = rest.find("<svg") {
-        stripped.push_str(&rest[..start]);
-        let end = rest[start..].find("</svg>").expect("closed svg") + start + "</svg>".len();
-        rest = &rest[end..];
-    }
-    stripped.push_str(rest);
-    let no_charts = dir.join("no-charts.html");
-    std::fs::write(&no_charts, stripped).expect("write the page without charts");
-    let no_charts_png = dir.join("no-charts.png");
-    screenshot(
-        &chromium,
-        &format!("file://{}", no_charts.display()),
-        &no_charts_png,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let picture = look(&no_charts_png, &wanted);
-    eprintln!("without charts: {picture:?}");
+    let picture = render(&chromium, &dir, "no-charts", &without_svg(&page), &wanted);
     assert!(
         broken(&picture).is_some(),
         "the page without charts passed: {picture:?}"
@@ -284,4 +85,127 @@ async fn the_report_renders_in_chromium() {
             "the browser's error page passed: {picture:?}"
         );
     }
+}
+
+/// A run of a 3 s phase as the suite records it: an operation acknowledged every `every_ms`,
+/// none in the 200 ms after each injection (the dip), the first `dup` applied twice.
+fn run(
+    fault: &str,
+    strategy: &str,
+    safe: bool,
+    every_ms: u64,
+    dup: u64,
+    injected_ms: &[u64],
+) -> RunRow {
+    let start = Instant::now();
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    let mut records = Vec::new();
+    let mut applied = HashMap::new();
+    let mut id = 0;
+    for ms in (0..3000).step_by(every_ms as usize) {
+        if injected_ms.iter().any(|&i| (i..i + 200).contains(&ms)) {
+            continue;
+        }
+        let mut op = Tracker::new(id);
+        op.answer(Answer::Ok, at(ms), at(ms + every_ms / 2));
+        records.push(op.finish());
+        applied.insert(id, if id < dup { 2 } else { 1 });
+        id += 1;
+    }
+    let injections: Vec<Instant> = injected_ms.iter().map(|&ms| at(ms)).collect();
+    let counts = ledger::account(&records, &applied);
+    let violations = if safe { 0 } else { 8 };
+    RunRow {
+        fault: fault.into(),
+        strategy: strategy.into(),
+        backend: "postgres".into(),
+        expected_safe: safe,
+        acknowledged: counts.acknowledged,
+        failed: counts.failed,
+        unknown: counts.unknown,
+        no_answer: counts.no_answer,
+        lost: counts.lost,
+        duplicated: counts.duplicated,
+        violations,
+        violation_details: (violations > 0)
+            .then(|| "ledger_matches_balances: 8 of 8 accounts differ from their ledger".into())
+            .into_iter()
+            .collect(),
+        recovery_s: Some(0.2),
+        recovered: true,
+        instances: 2,
+        injected: format!("{fault}: {} injections", injected_ms.len()),
+        fault_observed: true,
+        injections: injected_ms.len() as u64,
+        in_flight: injected_ms.iter().map(|_| 40).collect(),
+        errors: BTreeMap::from([("connection lost".to_string(), 12)]),
+        timeline: Timeline::build(
+            start,
+            Duration::from_secs(3),
+            &records,
+            &applied,
+            &injections,
+        ),
+    }
+}
+
+#[test]
+fn the_fault_suite_report_renders_in_chromium() {
+    let Some(chromium) = chromium_or_skip() else {
+        return;
+    };
+    let temp = tempfile::tempdir().expect("a temporary directory");
+    let dir = report_dir(temp.path());
+
+    let kills = [200, 600, 1000, 1400, 1800, 2200];
+    let report = FaultReport {
+        runs: vec![
+            run("kill-connections", "none", false, 5, 0, &kills),
+            run("kill-connections", "mutex", false, 12, 0, &kills),
+            run("kill-connections", "atomic", true, 6, 0, &kills),
+            run("kill-connections", "pessimistic", true, 9, 0, &kills),
+            run("kill-connections", "optimistic", true, 8, 0, &kills),
+            run(
+                "instance-kill",
+                "atomic+keys",
+                true,
+                20,
+                0,
+                &[300, 1100, 1900],
+            ),
+            run(
+                "instance-kill",
+                "atomic (no keys)",
+                false,
+                7,
+                5,
+                &[300, 1100, 1900],
+            ),
+        ],
+        errors: Vec::new(),
+    };
+    assert!(contend_lab::fault::report::passed(&report));
+    let page = contend_lab::html::faults::render(&report);
+
+    // The safe strategies' colours (atomic, pessimistic, optimistic) and the injections' orange:
+    // all drawn in the charts only (the table's dots are too small to pass alone).
+    let wanted = ["#1f77b4", "#2ca02c", "#ff7f0e", "#ff8800"];
+    let picture = render(&chromium, &dir, "faults", &page, &wanted);
+    assert_eq!(
+        broken(&picture),
+        None,
+        "the fault suite's report did not render"
+    );
+    // Without its charts it must fail the same check.
+    let picture = render(
+        &chromium,
+        &dir,
+        "faults-no-charts",
+        &without_svg(&page),
+        &wanted,
+    );
+    assert!(
+        broken(&picture).is_some(),
+        "the fault page without charts passed: {picture:?}"
+    );
 }

@@ -57,6 +57,10 @@ pub struct FaultArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also write the report as one self-contained HTML page to this file (the verdict table,
+    /// and per phase a timeline of acknowledged operations with the injections marked).
+    #[arg(long)]
+    pub html: Option<PathBuf>,
     /// The `contend` binary whose `serve` the instance-kill phase runs and that holds the
     /// lock of lock-freeze (default: this one).
     #[arg(long)]
@@ -269,6 +273,27 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
     Ok((planned, skipped))
 }
 
+/// Refuses an output file whose directory does not exist, before minutes of load are spent
+/// on a report that cannot be written.
+fn writable(path: &std::path::Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    anyhow::ensure!(
+        dir.is_dir(),
+        "cannot write {}: no directory {}",
+        path.display(),
+        dir.display()
+    );
+    anyhow::ensure!(
+        !path.is_dir(),
+        "cannot write {}: it is a directory",
+        path.display()
+    );
+    Ok(())
+}
+
 /// Runs `contend faults`: exit status 0 when every run passed, 1 when one failed (see
 /// [`report`]); an `Err` (exit 2) for bad flags.
 ///
@@ -293,6 +318,9 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let (phases, skipped) = plan(&args)?;
+    for path in [&args.json, &args.html].into_iter().flatten() {
+        writable(path)?;
+    }
     for s in &skipped {
         eprintln!("[faults] skipped: {s}");
     }
@@ -345,6 +373,10 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, crate::html::faults::render(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     let ok = report::passed(&report);
     // Repeated last, where a truncated log (a CI tail) still shows them.
@@ -437,5 +469,21 @@ mod tests {
         assert!(err(&["--pg-url", pg, "--duration", "0"]).contains("--duration"));
         assert!(err(&["--pg-url", pg, "--strategy", "bogus"]).contains("unknown strategy"));
         assert!(err(&["--pg-url", pg, "--strategy", "redis"]).contains("Redis"));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(writable(&dir.path().join("faults.html")).is_ok());
+        let missing = dir.path().join("no-such-dir").join("faults.html");
+        assert!(
+            writable(&missing)
+                .unwrap_err()
+                .to_string()
+                .contains("no directory")
+        );
+        assert!(
+            writable(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("is a directory")
+        );
+        assert!(parse(&["--html", "f.html"]).html.is_some());
     }
 }

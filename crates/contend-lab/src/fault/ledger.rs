@@ -56,6 +56,9 @@ pub struct OpRecord {
     pub no_answer: u32,
     /// When the acknowledged attempt started and ended (for recovery times).
     pub acked: Option<(Instant, Instant)>,
+    /// When the client last heard about it: the end of its last attempt, or the ledger lookup
+    /// that settled it (`None` when it was never tried).
+    pub answered: Option<Instant>,
 }
 
 /// A client's view of one operation while it retries: fold the answers of its attempts in
@@ -69,6 +72,7 @@ pub struct Tracker {
     no_answer: u32,
     done: Option<Final>,
     acked: Option<(Instant, Instant)>,
+    answered: Option<Instant>,
 }
 
 impl Tracker {
@@ -80,6 +84,7 @@ impl Tracker {
             no_answer: 0,
             done: None,
             acked: None,
+            answered: None,
         }
     }
 
@@ -99,6 +104,7 @@ impl Tracker {
         if self.done.is_some() {
             return;
         }
+        self.answered = Some(ended);
         match answer {
             Answer::Ok => {
                 self.done = Some(Final::Acknowledged);
@@ -124,6 +130,7 @@ impl Tracker {
         if self.done.is_some() {
             return;
         }
+        self.answered = Some(at);
         if applied {
             self.done = Some(Final::Acknowledged);
             self.acked = Some((at, at));
@@ -144,6 +151,7 @@ impl Tracker {
             outcome,
             no_answer: self.no_answer,
             acked: self.acked,
+            answered: self.answered,
         }
     }
 }
@@ -171,6 +179,27 @@ pub struct Counts {
     pub unknown_applied: u64,
 }
 
+/// What the final state says about one operation applied `times` times.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// Acknowledged, and absent from the ledger.
+    pub lost: bool,
+    /// Applied more than once.
+    pub duplicated: bool,
+    /// Reported definitely failed, and applied.
+    pub failed_but_applied: bool,
+}
+
+/// The findings of the final state (`times`: how many times the ledger holds the operation)
+/// against what the client of `r` was told.
+pub fn findings(r: &OpRecord, times: u64) -> Findings {
+    Findings {
+        lost: r.outcome == Final::Acknowledged && times == 0,
+        duplicated: times > 1,
+        failed_but_applied: r.outcome == Final::Failed && times > 0,
+    }
+}
+
 /// Compares the clients' `records` with `applied` (operation id -> times applied, from the
 /// final state; ids never applied may be absent or 0).
 pub fn account(records: &[OpRecord], applied: &HashMap<u64, u64>) -> Counts {
@@ -179,20 +208,11 @@ pub fn account(records: &[OpRecord], applied: &HashMap<u64, u64>) -> Counts {
     for r in records {
         sent.insert(r.id);
         let times = applied.get(&r.id).copied().unwrap_or(0);
+        let found = findings(r, times);
         c.no_answer += u64::from(r.no_answer);
         match r.outcome {
-            Final::Acknowledged => {
-                c.acknowledged += 1;
-                if times == 0 {
-                    c.lost += 1;
-                }
-            }
-            Final::Failed => {
-                c.failed += 1;
-                if times > 0 {
-                    c.failed_but_applied += 1;
-                }
-            }
+            Final::Acknowledged => c.acknowledged += 1,
+            Final::Failed => c.failed += 1,
             Final::Unknown => {
                 c.unknown += 1;
                 if times > 0 {
@@ -200,9 +220,9 @@ pub fn account(records: &[OpRecord], applied: &HashMap<u64, u64>) -> Counts {
                 }
             }
         }
-        if times > 1 {
-            c.duplicated += 1;
-        }
+        c.lost += u64::from(found.lost);
+        c.duplicated += u64::from(found.duplicated);
+        c.failed_but_applied += u64::from(found.failed_but_applied);
     }
     c.unexpected = applied
         .iter()

@@ -14,6 +14,8 @@
 //! - [`service`]: the `instance-kill` phase: two `contend serve` instances, one killed with
 //!   SIGKILL at a time, clients retrying with and without idempotency keys.
 //! - [`report`]: the table, the JSON document and the exit status.
+//! - [`timeline`]: each run over time (acknowledgements per bucket, injections, convicted
+//!   operations), for the page ([`crate::html::faults`]).
 //! - [`cli`]: the `contend faults` flags.
 
 pub mod books;
@@ -25,6 +27,7 @@ pub mod proxy;
 pub mod report;
 pub mod run;
 pub mod service;
+pub mod timeline;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -136,6 +139,9 @@ pub struct RunRow {
     /// Attempts that did not succeed, by what they met (`stale fencing token`, `connection
     /// lost`, `HTTP 503`, ...).
     pub errors: BTreeMap<String, u64>,
+    /// The run over time, for the page: acknowledged operations per bucket, the injections,
+    /// when lost and duplicated operations were answered.
+    pub timeline: timeline::Timeline,
 }
 
 impl RunRow {
@@ -168,6 +174,7 @@ impl RunRow {
             injections: log.injected.len() as u64,
             in_flight: log.in_flight.clone(),
             errors: BTreeMap::new(),
+            timeline: timeline::Timeline::default(),
         }
     }
 }

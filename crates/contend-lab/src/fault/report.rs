@@ -82,18 +82,101 @@ pub fn passed(report: &FaultReport) -> bool {
     report.errors.is_empty() && report.runs.iter().all(|r| !verdict(r).fails())
 }
 
-fn num(n: u64) -> Cell {
-    Cell::new(n).set_alignment(CellAlignment::Right)
+/// The table's columns, on the terminal and on the page.
+pub const COLUMNS: [&str; 13] = [
+    "fault",
+    "backend",
+    "strategy",
+    "safe",
+    "ack",
+    "failed",
+    "unknown",
+    "no answer",
+    "lost",
+    "dup",
+    "viol",
+    "recovery s",
+    "verdict",
+];
+
+/// One cell of a row of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableCell {
+    /// What it shows.
+    pub text: String,
+    /// A number (aligned right).
+    pub numeric: bool,
+    /// A broken promise: a safe strategy's lost, duplicated or violated count above 0, or a
+    /// verdict that fails the suite (shown red).
+    pub alarm: bool,
 }
 
-fn flagged(n: u64, bad: bool) -> Cell {
-    let cell = num(n);
-    if n > 0 && bad {
-        cell.fg(Color::Red)
-    } else {
-        cell
-    }
+/// The cells of `r`'s row, in the order of [`COLUMNS`].
+pub fn cells(r: &RunRow) -> Vec<TableCell> {
+    let text = |t: &str| TableCell {
+        text: t.to_string(),
+        numeric: false,
+        alarm: false,
+    };
+    let num = |n: u64, flagged: bool| TableCell {
+        text: n.to_string(),
+        numeric: true,
+        alarm: flagged && n > 0 && r.expected_safe,
+    };
+    let v = verdict(r);
+    vec![
+        text(&r.fault),
+        text(&r.backend),
+        text(&r.strategy),
+        text(if r.expected_safe { "yes" } else { "no" }),
+        num(r.acknowledged, false),
+        num(r.failed, false),
+        num(r.unknown, false),
+        num(r.no_answer, false),
+        num(r.lost, true),
+        num(r.duplicated, true),
+        num(r.violations, true),
+        TableCell {
+            text: match (r.recovery_s, r.recovered) {
+                (Some(s), _) => format!("{s:.2}"),
+                (None, false) => "never".into(),
+                (None, true) => "-".into(),
+            },
+            numeric: true,
+            alarm: false,
+        },
+        TableCell {
+            text: v.label().into(),
+            numeric: false,
+            alarm: v.fails(),
+        },
+    ]
 }
+
+/// The phases of the report (fault x backend) in the order they ran, each with its rows.
+pub fn phases(report: &FaultReport) -> Vec<(&str, &str, Vec<&RunRow>)> {
+    let mut out: Vec<(&str, &str, Vec<&RunRow>)> = Vec::new();
+    for r in &report.runs {
+        match out
+            .iter_mut()
+            .find(|(f, b, _)| *f == r.fault && *b == r.backend)
+        {
+            Some((_, _, rows)) => rows.push(r),
+            None => out.push((&r.fault, &r.backend, vec![r])),
+        }
+    }
+    out
+}
+
+/// What the table's columns and verdicts mean.
+pub const GLOSSARY: &str = "ack: told it succeeded (directly, or its id found in the ledger after a lost answer); \
+     failed: told it definitely failed; unknown: no answer and never found out; no answer: \
+     attempts whose answer was lost; lost: acknowledged but absent from the ledger; dup: \
+     applied more than once; viol: broken invariants of the books; recovery s: from the \
+     fault to the first success after it (longest over its injections). safe: expected to \
+     stay correct across two instances. DID NOT BREAK: an unsafe baseline held, so the \
+     fault or the load did not exercise what it should have (fails the suite); FAULT NOT \
+     OBSERVED: the injector did not see its effect (fails the suite).";
 
 /// The table and, per fault and backend, what was injected and how many operations were in
 /// flight when it hit; then the details of every violation.
@@ -102,58 +185,23 @@ pub fn render(report: &FaultReport) -> String {
     table
         .load_preset(UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Disabled)
-        .set_header(vec![
-            "fault",
-            "backend",
-            "strategy",
-            "safe",
-            "ack",
-            "failed",
-            "unknown",
-            "no answer",
-            "lost",
-            "dup",
-            "viol",
-            "recovery s",
-            "verdict",
-        ]);
+        .set_header(COLUMNS.to_vec());
     for r in &report.runs {
-        let v = verdict(r);
-        let verdict_cell = Cell::new(v.label());
-        table.add_row(vec![
-            Cell::new(&r.fault),
-            Cell::new(&r.backend),
-            Cell::new(&r.strategy),
-            Cell::new(if r.expected_safe { "yes" } else { "no" }),
-            num(r.acknowledged),
-            num(r.failed),
-            num(r.unknown),
-            num(r.no_answer),
-            flagged(r.lost, r.expected_safe),
-            flagged(r.duplicated, r.expected_safe),
-            flagged(r.violations, r.expected_safe),
-            Cell::new(match (r.recovery_s, r.recovered) {
-                (Some(s), _) => format!("{s:.2}"),
-                (None, false) => "never".into(),
-                (None, true) => "-".into(),
-            })
-            .set_alignment(CellAlignment::Right),
-            if v.fails() {
-                verdict_cell.fg(Color::Red)
-            } else {
-                verdict_cell
-            },
-        ]);
+        table.add_row(cells(r).into_iter().map(|c| {
+            let mut cell = Cell::new(c.text);
+            if c.numeric {
+                cell = cell.set_alignment(CellAlignment::Right);
+            }
+            if c.alarm {
+                cell = cell.fg(Color::Red);
+            }
+            cell
+        }));
     }
     let mut out = table.to_string();
     out.push_str("\n\nWhat was injected (in flight: operations started and not yet answered when it hit, all strategies of the phase):\n");
-    let mut seen = Vec::new();
-    for r in &report.runs {
-        let key = (r.fault.clone(), r.backend.clone());
-        if seen.contains(&key) {
-            continue;
-        }
-        seen.push(key);
+    for (_, _, rows) in phases(report) {
+        let r = rows[0];
         out.push_str(&format!(
             "- {} on {}: {}; in flight: {}{}\n",
             r.fault,
@@ -209,21 +257,14 @@ pub fn render(report: &FaultReport) -> String {
     for e in &report.errors {
         out.push_str(&format!("\nERROR: {e}\n"));
     }
-    out.push_str(
-        "\nack: told it succeeded (directly, or its id found in the ledger after a lost answer); \
-         failed: told it definitely failed; unknown: no answer and never found out; no answer: \
-         attempts whose answer was lost; lost: acknowledged but absent from the ledger; dup: \
-         applied more than once; viol: broken invariants of the books; recovery s: from the \
-         fault to the first success after it (longest over its injections). safe: expected to \
-         stay correct across two instances. DID NOT BREAK: an unsafe baseline held, so the \
-         fault or the load did not exercise what it should have (fails the suite); FAULT NOT \
-         OBSERVED: the injector did not see its effect (fails the suite).\n",
-    );
+    out.push('\n');
+    out.push_str(GLOSSARY);
+    out.push('\n');
     out
 }
 
 /// `n` (one injection) or `min-max (mean m, k injections)`.
-fn in_flight_text(v: &[u64]) -> String {
+pub fn in_flight_text(v: &[u64]) -> String {
     match v {
         [] => "-".into(),
         [one] => one.to_string(),
@@ -262,6 +303,7 @@ mod tests {
             injections: 3,
             in_flight: vec![1, 5, 3],
             errors: Default::default(),
+            timeline: Default::default(),
         }
     }
 

@@ -23,6 +23,7 @@ use super::freeze;
 use super::inject::{self, FaultLog, Window};
 use super::ledger::{self, Answer, Counts, OpRecord, Tracker};
 use super::proxy::DelayProxy;
+use super::timeline::Timeline;
 use super::{Fault, RunRow, backend_name};
 use crate::db_target::lab_executor;
 use crate::scenario::transfer::apply_result;
@@ -415,6 +416,7 @@ pub async fn run_phase(
             &log,
         );
         r.errors = errors;
+        r.timeline = Timeline::build(start, phase.duration, &records, &applied, &log.injected);
         if let Some((late_writes, others, detail)) = frozen {
             // Unfenced, a frozen holder's write goes through: the spin lock is the baseline.
             r.expected_safe = strategy != Strategy::RedisSpin;

@@ -29,6 +29,7 @@ use super::inject::{self, FaultLog};
 use super::ledger::{self, Answer, OpRecord, Tracker};
 use super::proxy::DelayProxy;
 use super::run::{server_addr, through};
+use super::timeline::Timeline;
 use super::{RunRow, ledger::Counts};
 use crate::scenario::pairs;
 
@@ -423,6 +424,7 @@ pub async fn run_instance_kill(
             violation_details: details,
             recovered: recovery.is_some(),
             errors,
+            timeline: Timeline::build(start, phase.duration, &records, &applied, &log.injected),
             ..RunRow::measured(&counts, &log, recovery)
         });
     }

@@ -1,5 +1,6 @@
 //! The lab's report as one self-contained HTML page (`contend lab --html FILE`): no script, no
-//! stylesheet or font fetched from anywhere, the charts are inline SVG drawn here.
+//! stylesheet or font fetched from anywhere, the charts are inline SVG drawn with the building
+//! blocks of [`super`].
 //!
 //! The page has, in order:
 //! - a header: how many runs, how many failed, the backends, the summary of the terminal report;
@@ -17,6 +18,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use super::{
+    Frame, PAGE_END, Scale, color, dash, esc, facts, legend_item, num, page_start, ticks_to,
+};
 use crate::report::{EventKind, LabReport, RunReport, short_verdict};
 
 /// Where one strategy's throughput overtakes another's, for one backend and scenario.
@@ -240,151 +244,15 @@ fn lg(workers: usize) -> f64 {
     (workers.max(1) as f64).log2()
 }
 
-/// Escapes text for HTML and SVG content and attribute values.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// The colour of a strategy: fixed for the lab's strategies, so that a strategy has the same
-/// colour in every chart; other names get one from the same palette by their bytes. The
-/// baseline `none` is dark grey, so that red means a violation only.
-fn color(strategy: &str) -> &'static str {
-    const PALETTE: [&str; 10] = [
-        "#444444", "#8c564b", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#e377c2",
-        "#7f7f7f", "#bcbd22",
-    ];
-    let index = match strategy {
-        "none" => 0,
-        "mutex" => 1,
-        "atomic" => 2,
-        "pessimistic" => 3,
-        "optimistic" => 4,
-        "serializable" => 5,
-        "advisory" => 6,
-        "redis" => 7,
-        "redis-spin" => 8,
-        "redlock" => 9,
-        other => other.bytes().map(usize::from).sum::<usize>() % PALETTE.len(),
-    };
-    PALETTE[index]
-}
-
-/// A short number: `12.3k` above 10,000, integers above 100, two decimals below 1.
-fn num(v: f64) -> String {
-    let a = v.abs();
-    if a >= 10_000.0 {
-        let k = v / 1000.0;
-        if k.fract().abs() < 0.05 || a >= 100_000.0 {
-            format!("{k:.0}k")
-        } else {
-            format!("{k:.1}k")
-        }
-    } else if a >= 100.0 || v == v.trunc() {
-        format!("{v:.0}")
-    } else if a >= 1.0 {
-        format!("{v:.1}")
-    } else {
-        let s = format!("{v:.2}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    }
-}
-
-/// A vertical axis: linear from 0, or log10.
-#[derive(Debug, Clone, Copy)]
-enum Scale {
-    Linear { max: f64, step: f64 },
-    Log { lo: f64, hi: f64 },
-}
-
-impl Scale {
-    /// A scale for `values`: log when the positive ones span more than 20x, else linear from 0.
-    fn for_values(values: &[f64]) -> Scale {
-        let max = values.iter().copied().fold(0.0_f64, f64::max);
-        let min = values
-            .iter()
-            .copied()
-            .filter(|v| *v > 0.0)
-            .fold(f64::INFINITY, f64::min);
-        if min.is_finite() && max / min > 20.0 {
-            Scale::Log {
-                lo: 10f64.powf(min.log10().floor()),
-                hi: 10f64.powf(max.log10().ceil()),
-            }
-        } else {
-            let step = nice_step(if max > 0.0 { max } else { 1.0 } / 5.0);
-            Scale::Linear {
-                max: ((max / step).ceil() * step).max(step),
-                step,
-            }
-        }
-    }
-
-    /// The position of `v` from 0 (bottom) to 1 (top).
-    fn frac(self, v: f64) -> f64 {
-        match self {
-            Scale::Linear { max, .. } => v / max,
-            Scale::Log { lo, hi } => {
-                (v.max(lo * 0.5).log10() - lo.log10()) / (hi.log10() - lo.log10())
-            }
-        }
-    }
-
-    fn ticks(self) -> Vec<f64> {
-        match self {
-            Scale::Linear { max, step } => (0..)
-                .map(|i| f64::from(i) * step)
-                .take_while(|v| *v <= max * 1.000_001)
-                .collect(),
-            Scale::Log { lo, hi } => {
-                let first = lo.log10().round() as i32;
-                let decades = (hi / lo).log10().round() as i32;
-                let mults: &[f64] = if decades <= 2 {
-                    &[1.0, 2.0, 5.0]
-                } else {
-                    &[1.0]
-                };
-                let mut out = Vec::new();
-                for d in 0..=decades {
-                    for m in mults {
-                        let v = 10f64.powi(first + d) * m;
-                        if v <= hi * 1.000_001 {
-                            out.push(v);
-                        }
-                    }
-                }
-                out
-            }
-        }
-    }
-}
-
-/// The smallest of 1, 2, 5 x 10^n that is at least `raw`.
-fn nice_step(raw: f64) -> f64 {
-    let mag = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw * 0.999_999)
-        .unwrap_or(10.0 * mag)
-}
-
-const CHART_W: f64 = 640.0;
-const CHART_H: f64 = 330.0;
-const LEFT: f64 = 62.0;
-const RIGHT: f64 = 18.0;
-const TOP: f64 = 36.0;
-const BOTTOM: f64 = 46.0;
+/// The frame of the charts against workers.
+const FRAME: Frame = Frame {
+    width: 640.0,
+    height: 330.0,
+    left: 62.0,
+    right: 18.0,
+    top: 36.0,
+    bottom: 46.0,
+};
 
 /// Which measure a chart shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,10 +280,8 @@ fn chart(group: &Group, measure: Measure, crossings: &[&Crossing]) -> String {
     };
     let pad = (whi - wlo) * 0.06;
     let (xlo, xhi) = (wlo - pad, whi + pad);
-    let pw = CHART_W - LEFT - RIGHT;
-    let ph = CHART_H - TOP - BOTTOM;
-    let x = |w: f64| LEFT + (w - xlo) / (xhi - xlo) * pw;
-    let y = |v: f64| TOP + ph - scale.frac(v).clamp(0.0, 1.0) * ph;
+    let x = |w: f64| FRAME.left + (w - xlo) / (xhi - xlo) * FRAME.pw();
+    let y = |v: f64| FRAME.y(scale, v);
 
     let (title, unit) = match measure {
         Measure::Throughput => ("throughput", "ops/s"),
@@ -427,55 +293,22 @@ fn chart(group: &Group, measure: Measure, crossings: &[&Crossing]) -> String {
         ""
     };
     let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg class="chart" viewBox="0 0 {CHART_W} {CHART_H}" width="{CHART_W}" height="{CHART_H}" role="img" aria-label="{} {title} against workers">"#,
-        esc(&group.scenario)
+    FRAME.open(
+        &mut s,
+        "chart",
+        &format!("{} {title} against workers", group.scenario),
+        &format!("{title} ({unit}{log_note})"),
     );
-    let _ = write!(
-        s,
-        r#"<text x="{LEFT}" y="20" class="ctitle">{title} ({unit}{log_note})</text>"#
-    );
-    // Grid and vertical ticks.
-    for t in scale.ticks() {
-        let ty = y(t);
-        let _ = write!(
-            s,
-            r#"<line x1="{LEFT}" x2="{:.1}" y1="{ty:.1}" y2="{ty:.1}" class="grid"/><text x="{:.1}" y="{:.1}" class="tick" text-anchor="end">{}</text>"#,
-            LEFT + pw,
-            LEFT - 6.0,
-            ty + 4.0,
-            num(t)
-        );
-    }
+    FRAME.y_grid(&mut s, scale);
     // Workers ticks: the measured counts.
     for &w in &workers {
-        let tx = x(lg(w));
-        let _ = write!(
-            s,
-            r#"<line x1="{tx:.1}" x2="{tx:.1}" y1="{TOP}" y2="{:.1}" class="grid"/><text x="{tx:.1}" y="{:.1}" class="tick" text-anchor="middle">{w}</text>"#,
-            TOP + ph,
-            TOP + ph + 16.0
-        );
+        FRAME.x_tick(&mut s, x(lg(w)), &w.to_string());
     }
-    let _ = write!(
-        s,
-        r#"<line x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{:.1}" class="axis"/><line x1="{LEFT}" x2="{:.1}" y1="{:.1}" y2="{:.1}" class="axis"/><text x="{:.1}" y="{:.1}" class="label" text-anchor="middle">workers (log scale)</text>"#,
-        TOP + ph,
-        LEFT + pw,
-        TOP + ph,
-        TOP + ph,
-        LEFT + pw / 2.0,
-        CHART_H - 8.0
-    );
+    FRAME.axes(&mut s, "workers (log scale)");
     // Lines, then points.
     for series in &group.series {
         let c = color(&series.strategy);
-        let dash = if series.expected_safe {
-            ""
-        } else {
-            r#" stroke-dasharray="7 4""#
-        };
+        let dash = dash(series.expected_safe);
         if series.points.len() > 1 {
             let pts: Vec<String> = series
                 .points
@@ -552,17 +385,11 @@ fn crossing_text(c: &Crossing) -> String {
 fn legend(group: &Group) -> String {
     let mut s = String::from(r#"<div class="legend">"#);
     for series in &group.series {
-        let c = color(&series.strategy);
-        let (dash, fill, kind) = if series.expected_safe {
-            ("", c, "safe")
-        } else {
-            (r#" stroke-dasharray="7 4""#, "#fff", "unsafe")
-        };
-        let _ = write!(
-            s,
-            r#"<span class="item"><svg width="34" height="14" viewBox="0 0 34 14"><line x1="1" x2="33" y1="7" y2="7" stroke="{c}" stroke-width="3"{dash}/><rect x="12" y="2" width="10" height="10" rx="5" fill="{fill}" stroke="{c}" stroke-width="2"/></svg>{} <small>({kind})</small></span>"#,
-            esc(&series.strategy)
-        );
+        s.push_str(&legend_item(
+            &series.strategy,
+            color(&series.strategy),
+            series.expected_safe,
+        ));
     }
     s.push_str("</div>");
     s
@@ -600,9 +427,7 @@ fn timeline(report: &LabReport) -> String {
         r#"<svg class="timeline" viewBox="0 0 {width} {height:.0}" width="{width}" height="{height:.0}" role="img" aria-label="timeline of the runs">"#
     );
     // Time ticks.
-    let step = nice_step(end / 8.0);
-    let mut t = 0.0;
-    while t <= end * 1.000_001 {
+    for t in ticks_to(end, 8.0) {
         let tx = x(t);
         let _ = write!(
             s,
@@ -611,7 +436,6 @@ fn timeline(report: &LabReport) -> String {
             top + lane_h * lanes.len() as f64 + 16.0,
             num(t)
         );
-        t += step;
     }
     let _ = write!(
         s,
@@ -845,46 +669,6 @@ fn table(report: &LabReport) -> String {
     s
 }
 
-const STYLE: &str = r#"
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
-       color: #1b1f24; background: #fff; margin: 0; }
-main { max-width: 1340px; margin: 0 auto; padding: 20px 24px 40px; }
-h1 { font-size: 24px; margin: 0 0 4px; }
-h2 { font-size: 19px; margin: 34px 0 8px; border-bottom: 2px solid #e3e6ea; padding-bottom: 4px; }
-h3 { font-size: 16px; margin: 22px 0 6px; }
-.status { display: inline-block; padding: 3px 10px; border-radius: 4px; font-weight: 600; color: #fff; }
-.status.pass { background: #1a7f37; } .status.fail { background: #cf222e; }
-.facts { display: flex; gap: 12px; flex-wrap: wrap; margin: 12px 0; }
-.fact { background: #f6f8fa; border: 1px solid #d8dee4; border-radius: 6px; padding: 8px 14px; min-width: 110px; }
-.fact b { display: block; font-size: 22px; }
-.summary { white-space: pre-wrap; background: #f6f8fa; border-left: 4px solid #8c959f; padding: 8px 12px; }
-.group { margin: 18px 0 26px; }
-.charts { display: flex; gap: 12px; flex-wrap: wrap; }
-svg.chart { background: #fff; border: 1px solid #d8dee4; border-radius: 6px; }
-svg.timeline { border: 1px solid #d8dee4; border-radius: 6px; background: #fff; }
-.grid { stroke: #e6e9ed; stroke-width: 1; }
-.axis { stroke: #57606a; stroke-width: 1.2; }
-.tick { font-size: 11px; fill: #57606a; }
-.label { font-size: 12px; fill: #333; }
-.ctitle { font-size: 14px; font-weight: 600; fill: #1b1f24; }
-.cnum { font-size: 10px; font-weight: 700; fill: #111; }
-.lane { font-size: 11px; fill: #333; }
-.bar { font-size: 10px; fill: #111; }
-.legend { display: flex; gap: 16px; flex-wrap: wrap; margin: 6px 0; }
-.legend .item { display: inline-flex; align-items: center; gap: 5px; }
-.legend svg { vertical-align: middle; }
-.marks { color: #57606a; font-size: 12.5px; }
-ol.crossings { margin: 4px 0; font-size: 13px; }
-table { border-collapse: collapse; font-size: 12.5px; margin: 8px 0; }
-th, td { border: 1px solid #d8dee4; padding: 3px 7px; text-align: left; white-space: nowrap; }
-th { background: #f6f8fa; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
-td.v.safe { color: #1a7f37; font-weight: 600; } td.v.bug { color: #fff; background: #cf222e; font-weight: 600; }
-td.v.broke { color: #9a6700; background: #fff8c5; } td.v.held { color: #57606a; }
-.dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%; margin-right: 5px; }
-ul.details { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12px; }
-"#;
-
 /// The page: header, charts per backend x scenario with their crossings, timeline, table.
 pub fn render(report: &LabReport) -> String {
     let groups = groups(report);
@@ -893,30 +677,22 @@ pub fn render(report: &LabReport) -> String {
     let mut backends: Vec<&str> = report.runs.iter().map(|r| r.backend.as_str()).collect();
     backends.sort_unstable();
     backends.dedup();
-    let mut s = String::with_capacity(64 * 1024);
-    let _ = write!(
-        s,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>contend lab report</title><style>{STYLE}</style></head><body><main>"
-    );
     let status = if failed > 0 {
-        format!(
-            r#"<span class="status fail">FAILED: {failed} run(s) of safe strategies broke</span>"#
-        )
+        format!("FAILED: {failed} run(s) of safe strategies broke")
     } else {
-        r#"<span class="status pass">PASSED: every safe strategy held</span>"#.to_string()
+        "PASSED: every safe strategy held".to_string()
     };
-    let _ = write!(s, "<h1>contend lab report</h1>{status}");
+    let mut s = String::with_capacity(64 * 1024);
+    s.push_str(&page_start("contend lab report", failed == 0, &status));
     let violated = report.runs.iter().filter(|r| r.violations > 0).count();
-    let _ = write!(
-        s,
-        r#"<div class="facts"><div class="fact"><b>{}</b>runs</div><div class="fact"><b>{failed}</b>failed</div><div class="fact"><b>{violated}</b>with violations</div><div class="fact"><b>{}</b>skipped</div><div class="fact"><b>{}</b>crossings</div><div class="fact"><b>{}</b>backend(s)</div></div>"#,
-        report.runs.len(),
-        report.skipped.len(),
-        all_crossings.len(),
-        esc(&backends.join(", "))
-    );
+    s.push_str(&facts(&[
+        (report.runs.len().to_string(), "runs"),
+        (failed.to_string(), "failed"),
+        (violated.to_string(), "with violations"),
+        (report.skipped.len().to_string(), "skipped"),
+        (all_crossings.len().to_string(), "crossings"),
+        (backends.join(", "), "backend(s)"),
+    ]));
     let _ = write!(
         s,
         r#"<div class="summary">{}</div>"#,
@@ -974,7 +750,7 @@ pub fn render(report: &LabReport) -> String {
 
     s.push_str("<h2>Runs</h2>");
     s.push_str(&table(report));
-    s.push_str("</main></body></html>\n");
+    s.push_str(PAGE_END);
     s
 }
 
@@ -1212,33 +988,5 @@ mod tests {
         assert!(page.contains("FAILED: 1 run(s)"));
         assert!(page.contains(r#"<td class="v bug""#));
         assert!(page.contains("setup failed: no table"));
-    }
-
-    #[test]
-    fn scales_and_numbers() {
-        assert_eq!(nice_step(0.7), 1.0);
-        assert_eq!(nice_step(130.0), 200.0);
-        assert_eq!(nice_step(400.0), 500.0);
-        let scale = Scale::for_values(&[100.0, 1234.0]);
-        let Scale::Linear { max, step } = scale else {
-            panic!("linear expected")
-        };
-        assert_eq!((max, step), (1500.0, 500.0));
-        assert_eq!(scale.ticks(), vec![0.0, 500.0, 1000.0, 1500.0]);
-        let Scale::Linear { max, step } = Scale::for_values(&[0.0, 0.0]) else {
-            panic!("linear expected")
-        };
-        assert_eq!((max, step), (0.2, 0.2));
-        let Scale::Log { lo, hi } = Scale::for_values(&[0.3, 120.0]) else {
-            panic!("log expected")
-        };
-        assert_eq!((lo, hi), (0.1, 1000.0));
-        // Four decades: a tick per decade.
-        assert_eq!(Scale::Log { lo, hi }.ticks().len(), 5);
-        assert_eq!(num(12_345.0), "12.3k");
-        assert_eq!(num(250.0), "250");
-        assert_eq!(num(0.25), "0.25");
-        assert_eq!(num(0.1), "0.1");
-        assert_eq!(num(2.5), "2.5");
     }
 }
