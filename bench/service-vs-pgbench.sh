@@ -17,7 +17,8 @@
 #                 script creates a database of its own on that server and drops it at the end
 #   SECONDS       per run, default 5
 #   CLIENTS="16 64"  concurrent HTTP connections = pgbench clients, one or more counts
-#   POOL=N        the service's --max-connections (default 8; three quarters serve requests)
+#   POOL=N        the service's --max-connections (default 16, the service's own default; three
+#                 quarters serve requests, the rest stays for idempotency keys and reads)
 #   ROUNDS=N      service/pgbench pairs per client count and workload (default 5)
 #   CONTEND_BIN   the contend binary to measure (default: build the release binary); to compare
 #                 two builds, run the script once with each
@@ -45,13 +46,23 @@
 # at 16 clients the service reaches ~0.65-0.75 of pgbench; with the database on a core of its own
 # (PIN=1) it keeps PostgreSQL as busy as pgbench does. At 64 clients pgbench's 64 backends
 # thrash while the service's pool keeps a few busy, and the service is faster than pgbench.
+#
+# perf (2026-11-30: `perf record -F 999 -g -p <serve>` for 8 s under wrk, 16 connections, 100
+# accounts, release build): 55% of the service's samples in the kernel (switching tasks in 32%,
+# epoll and futex waits, TCP send/receive), 38% in the binary spread flat over hyper, axum, tokio,
+# sqlx and contend (the largest: the handler future 1.5%, malloc+free 2.7%, tracing's
+# Instrumented 0.7%, contend's Backend::sql 0.7%), 6% libc: no hot spot in user code. The lever was
+# the connection count: with POOL=8 (the old default here) the service had at most 6 transactions
+# in flight where pgbench has 16. Alternated on the loaded machine (ROUNDS=5, 3 s, 16 clients,
+# 100 accounts): POOL=8 0.52-0.53, POOL=16 1.06, POOL=24 0.77 (medians; spread is large while
+# other jobs build). On one hot account the pool does not matter (0.70-0.74): the row lock is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 URL=${1:-${CONTEND_PG_URL:-postgres://postgres@127.0.0.1:55432/app}}
 SECS=${2:-5}
 CLIENT_COUNTS=${CLIENTS:-16 64}
-POOL=${POOL:-8}
+POOL=${POOL:-16}
 ROUNDS=${ROUNDS:-5}
 PIN=${PIN:-0}
 THREADS=2
