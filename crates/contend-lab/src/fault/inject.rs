@@ -94,12 +94,15 @@ pub async fn kill_connections(url: &str, window: &Window, every: Duration) -> Fa
         }
     }
     let mut next = window.start + every / 2;
-    let (mut killed, mut errors) = (0u64, Vec::new());
-    // The last fifth of the load is left alone: it shows whether the operations recover.
-    while next < window.at(0.8) {
+    let (mut killed, mut errors, mut took) = (0u64, Vec::new(), Vec::new());
+    // The last fifth of the load is left alone: it shows whether the operations recover (a
+    // round that overran does not push the next one into it).
+    while next < window.at(0.8) && Instant::now() < window.at(0.8) {
         sleep_until(next.into()).await;
         let in_flight = window.in_flight();
+        let begun = Instant::now();
         let rounds = futures_util::future::join_all(dbs.iter().map(kill_once)).await;
+        took.push(begun.elapsed());
         let mut hit = false;
         for round in rounds {
             match round {
@@ -111,7 +114,9 @@ pub async fn kill_connections(url: &str, window: &Window, every: Duration) -> Fa
             }
         }
         if hit {
-            log.injected.push(Instant::now());
+            // The fault hits when the round begins: a KILL on a busy MariaDB or Galera node
+            // can take most of a second, and the round's end may come after the load's.
+            log.injected.push(begun);
             log.in_flight.push(in_flight);
         }
         next += every;
@@ -126,11 +131,14 @@ pub async fn kill_connections(url: &str, window: &Window, every: Duration) -> Fa
         String::new()
     };
     log.observed = killed > 0;
+    let ms = |d: Option<&Duration>| d.map_or(0, Duration::as_millis);
     log.effect = format!(
         "{how} of every other client connection{nodes} every {} ms for 80% of the load: {} \
-         rounds, {killed} connections terminated (server's count){}",
+         rounds ({}-{} ms each), {killed} connections terminated (server's count){}",
         every.as_millis(),
         log.injected.len(),
+        ms(took.iter().min()),
+        ms(took.iter().max()),
         if errors.is_empty() {
             String::new()
         } else {
