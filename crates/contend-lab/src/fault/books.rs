@@ -131,6 +131,14 @@ impl Books {
     /// those locks (`FOR UPDATE`, waiting for such a transaction to end) and only then reads the
     /// ledger with a fresh read.
     ///
+    /// On a Galera cluster row locks are node-local: the lost transaction may be committing on
+    /// another node, its write set not yet ordered. There the lookup also writes the two rows
+    /// (`version + 1`), so that its own commit is certified against that transaction: either
+    /// the lookup's snapshot holds it (found), or whichever of the two is ordered second is
+    /// aborted (the lookup, by certification or a brute-force abort, and it is tried again;
+    /// or the lost transaction, which then never applies). A lookup that commits and says
+    /// "absent" is final.
+    ///
     /// # Cancel safety
     /// Cancel-safe (reads only; a dropped call rolls its transaction back).
     pub async fn applied(&self, db: &Db, op: u64) -> contend::Result<bool> {
@@ -141,6 +149,12 @@ impl Books {
             db.backend().dialect().row_lock_clause(RowLock::Update)?
         );
         let count = format!("SELECT COUNT(*) FROM {} WHERE op = ?", self.ledger);
+        let certify = db.cluster().is_galera().then(|| {
+            format!(
+                "UPDATE {} SET version = version + 1 WHERE id IN (?, ?)",
+                self.accounts
+            )
+        });
         let (lookup_db, op) = (db.clone(), op as i64);
         let n = db
             .transaction(|tx| {
@@ -151,6 +165,14 @@ impl Books {
                         .bind(to)
                         .fetch_all(tx.conn())
                         .await?;
+                    if let Some(certify) = &certify {
+                        lookup_db
+                            .query(certify)
+                            .bind(from)
+                            .bind(to)
+                            .execute(tx.conn())
+                            .await?;
+                    }
                     let n = lookup_db
                         .query_scalar::<i64>(&count)
                         .bind(op)
@@ -182,6 +204,18 @@ impl Books {
             .into_iter()
             .map(|(op, rows)| (op as u64, (rows as u64).div_ceil(2)))
             .collect())
+    }
+
+    /// Account id -> balance.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe (one read).
+    pub async fn balances(&self, db: &Db) -> contend::Result<Vec<(i64, i64)>> {
+        pairs(
+            db,
+            &format!("SELECT id, balance FROM {} ORDER BY id", self.accounts),
+        )
+        .await
     }
 
     /// The books' invariants: money conserved, no negative balance, every account's balance

@@ -27,6 +27,14 @@ pub struct FaultArgs {
     /// Comma-separated Redis URLs of the `redlock` strategy.
     #[arg(long, value_delimiter = ',')]
     pub redlock_urls: Vec<String>,
+    /// Comma-separated client URLs of an etcd cluster: the `etcd` strategy under lock-freeze
+    /// (needs a build with the `etcd` feature).
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_urls: Vec<String>,
+    /// The nodes of a MariaDB Galera cluster, comma-separated `mysql://` URLs (throwaway
+    /// servers): kill-connections, latency and node-restart on them.
+    #[arg(long)]
+    pub galera_urls: Option<String>,
     /// Shell command that restarts the PostgreSQL server (e.g. `scripts/services restart pg`).
     #[arg(long)]
     pub restart_pg: Option<String>,
@@ -36,13 +44,24 @@ pub struct FaultArgs {
     /// Shell command that kills and restarts the Redis node of --redis-url.
     #[arg(long)]
     pub restart_redis: Option<String>,
-    /// Faults to inject: kill-connections, latency, db-restart, redis-restart, lock-freeze,
-    /// instance-kill (default: every one whose servers and commands are given).
+    /// Shell command that restarts one Galera node and returns once it has rejoined; `{node}`
+    /// in it is replaced by the node's number in --galera-urls (1-based; the last node is
+    /// restarted), e.g. `scripts/services restart galera:{node}`.
+    #[arg(long)]
+    pub restart_galera: Option<String>,
+    /// Shell command run before the first Galera phase, which must succeed: it returns once the
+    /// cluster is up (scripts/faults starts the cluster in the background, and the Galera
+    /// phases run after the others).
+    #[arg(long)]
+    pub galera_ready: Option<String>,
+    /// Faults to inject: kill-connections, latency, db-restart, node-restart, redis-restart,
+    /// lock-freeze, instance-kill (default: every one whose servers and commands are given).
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<String>,
     /// Strategies (default: none, mutex, atomic, pessimistic, optimistic, serializable; without
-    /// --quick also advisory and batched; redis and redlock under redis-restart, redis,
-    /// redis-spin and redlock under lock-freeze, atomic behind the instances of instance-kill).
+    /// --quick also advisory and batched; on Galera the same without serializable and
+    /// advisory, which it refuses; redis and redlock under redis-restart, redis, redis-spin,
+    /// redlock and etcd under lock-freeze, atomic behind the instances of instance-kill).
     #[arg(long, value_delimiter = ',')]
     pub strategy: Vec<String>,
     /// The small size CI runs (3 s per phase, 8 workers per strategy).
@@ -101,10 +120,11 @@ impl Planned {
     }
 }
 
-const FAULTS: [&str; 6] = [
+const FAULTS: [&str; 7] = [
     "kill-connections",
     "latency",
     "db-restart",
+    "node-restart",
     "redis-restart",
     "lock-freeze",
     "instance-kill",
@@ -123,9 +143,23 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
     .into_iter()
     .filter_map(|(n, u, r)| u.map(|u| (n, u, r)))
     .collect();
+    let galera = match &args.galera_urls {
+        Some(list) => Some(galera_nodes(list)?),
+        None => None,
+    };
+    let galera_url = galera.as_ref().map(|nodes| nodes.join(","));
     anyhow::ensure!(
-        !dbs.is_empty(),
-        "give --pg-url and/or --mysql-url (throwaway servers)"
+        !dbs.is_empty() || galera.is_some(),
+        "give --pg-url, --mysql-url and/or --galera-urls (throwaway servers)"
+    );
+    for url in &args.etcd_urls {
+        crate::config::check_etcd_url(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    #[cfg(not(feature = "etcd"))]
+    anyhow::ensure!(
+        args.etcd_urls.is_empty(),
+        "--etcd-urls: {}",
+        crate::lockstats::NO_ETCD
     );
     for f in &args.faults {
         anyhow::ensure!(
@@ -166,12 +200,16 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
     let redis = RedisUrls {
         single: args.redis_url.clone(),
         redlock: args.redlock_urls.clone(),
+        etcd: args.etcd_urls.clone(),
     };
     if strategies.iter().any(|s| s.needs_redis())
         && redis.single.is_none()
         && redis.redlock.is_empty()
     {
         anyhow::bail!("the Redis strategies need --redis-url / --redlock-urls");
+    }
+    if strategies.contains(&Strategy::Etcd) && redis.etcd.is_empty() {
+        anyhow::bail!("the etcd strategy needs --etcd-urls");
     }
     let phase = |fault: Fault, url: &String, strategies: Vec<Strategy>| Phase {
         fault,
@@ -181,12 +219,28 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
         duration: Duration::from_secs_f64(secs),
         grace: Duration::from_secs(15),
         redis: redis.clone(),
+        ready: None,
     };
     let mut phases = Vec::new();
     let mut skipped = Vec::new();
+    // What Galera refuses (`Executor::check_db`) is left out there; `mutex` stays as the
+    // baseline that breaks.
+    let galera_strategies: Vec<Strategy> = strategies
+        .iter()
+        .copied()
+        .filter(|s| !matches!(s, Strategy::Serializable | Strategy::Advisory))
+        .collect();
+    if galera.is_some() && galera_strategies.len() < strategies.len() {
+        skipped.push(
+            "serializable and advisory on galera: refused on a cluster (they order \
+             transactions of one node only)"
+                .into(),
+        );
+    }
     let every = Duration::from_millis(if args.quick { 400 } else { 250 });
-    for (_, url, _) in &dbs {
-        if wanted("kill-connections") {
+    let delay = Duration::from_millis(5);
+    if wanted("kill-connections") {
+        for (_, url, _) in &dbs {
             phases.push(phase(
                 Fault::KillConnections { every },
                 url,
@@ -194,9 +248,8 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
             ));
         }
     }
-    for (_, url, _) in &dbs {
-        if wanted("latency") {
-            let delay = Duration::from_millis(5);
+    if wanted("latency") {
+        for (_, url, _) in &dbs {
             phases.push(phase(Fault::Latency { delay }, url, strategies.clone()));
         }
     }
@@ -216,9 +269,56 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
             None => skipped.push(format!("db-restart on {name}: no --restart-{name}")),
         }
     }
+    // The Galera phases come after the single servers' (the cluster may still be starting).
+    let mut cluster_phases = Vec::new();
+    if let Some(url) = &galera_url {
+        if wanted("kill-connections") {
+            cluster_phases.push(phase(
+                Fault::KillConnections { every },
+                url,
+                galera_strategies.clone(),
+            ));
+        }
+        if wanted("latency") {
+            cluster_phases.push(phase(
+                Fault::Latency { delay },
+                url,
+                galera_strategies.clone(),
+            ));
+        }
+    }
+    if wanted("node-restart") {
+        match (&galera, &galera_url, &args.restart_galera) {
+            (Some(nodes), Some(url), Some(command)) => {
+                let node = nodes.len();
+                cluster_phases.push(phase(
+                    Fault::NodeRestart {
+                        url: nodes[node - 1].clone(),
+                        node,
+                        command: command.replace("{node}", &node.to_string()),
+                    },
+                    url,
+                    galera_strategies.clone(),
+                ));
+            }
+            (None, ..) if explicit => anyhow::bail!("node-restart needs --galera-urls"),
+            (Some(_), _, None) if explicit => {
+                anyhow::bail!("node-restart needs --restart-galera")
+            }
+            (Some(_), _, None) => {
+                skipped.push("node-restart on galera: no --restart-galera".into())
+            }
+            _ => {}
+        }
+    }
+    for p in &mut cluster_phases {
+        p.ready = args.galera_ready.clone();
+    }
+    // The faults below run on the first single server.
+    let first = dbs.first().map(|(_, url, _)| *url);
     if wanted("redis-restart") {
-        match (&args.redis_url, &args.restart_redis) {
-            (Some(url), Some(command)) => {
+        match (first, &args.redis_url, &args.restart_redis) {
+            (Some(db), Some(url), Some(command)) => {
                 // The lock strategies and the baselines, on the first database.
                 let mut s = vec![Strategy::None, Strategy::Mutex, Strategy::Redis];
                 if !args.redlock_urls.is_empty() {
@@ -229,11 +329,13 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
                         url: url.clone(),
                         command: command.clone(),
                     },
-                    dbs[0].1,
+                    db,
                     s,
                 ));
             }
-            _ if explicit => anyhow::bail!("redis-restart needs --redis-url and --restart-redis"),
+            _ if explicit => anyhow::bail!(
+                "redis-restart needs --pg-url or --mysql-url, --redis-url and --restart-redis"
+            ),
             _ => skipped.push("redis-restart: no --redis-url / --restart-redis".into()),
         }
     }
@@ -242,33 +344,48 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
         None => std::env::current_exe().context("finding the contend binary")?,
     };
     if wanted("lock-freeze") {
-        match &args.redis_url {
-            Some(_) => {
-                let mut s = vec![Strategy::Redis, Strategy::RedisSpin];
-                if !args.redlock_urls.is_empty() {
-                    s.push(Strategy::Redlock);
-                }
-                phases.push(phase(Fault::LockFreeze { bin: bin.clone() }, dbs[0].1, s));
+        let mut s = Vec::new();
+        if args.redis_url.is_some() {
+            s.extend([Strategy::Redis, Strategy::RedisSpin]);
+        }
+        if !args.redlock_urls.is_empty() {
+            s.push(Strategy::Redlock);
+        }
+        if !args.etcd_urls.is_empty() {
+            s.push(Strategy::Etcd);
+        }
+        match first {
+            Some(db) if !s.is_empty() => {
+                let mut p = phase(Fault::LockFreeze { bin: bin.clone() }, db, s);
+                p.duration = p.duration.max(super::freeze::phase_duration(&p.strategies));
+                phases.push(p);
             }
-            None if explicit => anyhow::bail!("lock-freeze needs --redis-url"),
-            None => skipped.push("lock-freeze: no --redis-url".into()),
+            _ if explicit => anyhow::bail!(
+                "lock-freeze needs --pg-url or --mysql-url, and --redis-url or --etcd-urls"
+            ),
+            _ => skipped.push("lock-freeze: no --redis-url / --etcd-urls".into()),
         }
     }
+    phases.extend(cluster_phases);
     let mut planned: Vec<Planned> = phases.into_iter().map(Planned::Db).collect();
     if wanted("instance-kill") {
-        planned.push(Planned::Service(ServicePhase {
-            url: dbs[0].1.clone(),
-            bin,
-            strategy: Strategy::Atomic,
-            // Twice the workers: more requests are open on an instance when it is killed.
-            clients: workers * 2,
-            // Twice as long: requests through the delayed link are slow, and the load after
-            // the last kill shows the recovery.
-            duration: Duration::from_secs_f64((secs * 2.0).max(4.0)),
-            // Keys held by a killed instance stay in flight for their lease (120 s): clients
-            // give up on those after this and report them unknown.
-            grace: Duration::from_secs(3),
-        }));
+        match first {
+            Some(db) => planned.push(Planned::Service(ServicePhase {
+                url: db.clone(),
+                bin,
+                strategy: Strategy::Atomic,
+                // Twice the workers: more requests are open on an instance when it is killed.
+                clients: workers * 2,
+                // Twice as long: requests through the delayed link are slow, and the load after
+                // the last kill shows the recovery.
+                duration: Duration::from_secs_f64((secs * 2.0).max(4.0)),
+                // Keys held by a killed instance stay in flight for their lease (120 s): clients
+                // give up on those after this and report them unknown.
+                grace: Duration::from_secs(3),
+            })),
+            None if explicit => anyhow::bail!("instance-kill needs --pg-url or --mysql-url"),
+            None => skipped.push("instance-kill: no --pg-url / --mysql-url".into()),
+        }
     }
     Ok((planned, skipped))
 }
@@ -294,6 +411,27 @@ fn writable(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The nodes of `--galera-urls`: at least two `mysql://` URLs.
+fn galera_nodes(list: &str) -> anyhow::Result<Vec<String>> {
+    let nodes = contend::nodes::split_urls(list);
+    anyhow::ensure!(
+        nodes.len() >= 2,
+        "--galera-urls: give the nodes of one cluster, comma-separated (got {} URL)",
+        nodes.len()
+    );
+    for node in &nodes {
+        anyhow::ensure!(
+            matches!(
+                contend::Backend::from_url(node),
+                Ok(contend::Backend::MySql)
+            ),
+            "--galera-urls: `{}` is not a mysql:// URL",
+            contend::backend::redact_url(node)
+        );
+    }
+    Ok(nodes)
+}
+
 /// Runs `contend faults`: exit status 0 when every run passed, 1 when one failed (see
 /// [`report`]); an `Err` (exit 2) for bad flags.
 ///
@@ -306,11 +444,15 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<ExitCode> {
             .as_deref()
             .or(args.mysql_url.as_deref())
             .ok_or_else(|| anyhow::anyhow!("--hold-lock needs a database URL"))?;
+        let servers = super::freeze::LockServers {
+            redis: args.redis_url.as_deref(),
+            redlock: &args.redlock_urls,
+            etcd: &args.etcd_urls,
+        };
         super::freeze::hold(
             strategy.parse()?,
             url,
-            args.redis_url.as_deref(),
-            &args.redlock_urls,
+            servers,
             &args.hold_tag,
             args.hold_op,
         )
@@ -458,6 +600,143 @@ mod tests {
         assert!(matches!(&phases[1], Planned::Db(p) if p.strategies.contains(&Strategy::Redis)));
     }
 
+    const GALERA: &str =
+        "mysql://root@127.0.0.1:1/app,mysql://root@127.0.0.1:2/app,mysql://root@127.0.0.1:3/app";
+
+    #[test]
+    fn the_galera_phases_come_last_without_what_galera_refuses() {
+        let (phases, skipped) = plan(&parse(&[
+            "--pg-url",
+            "postgres://x@127.0.0.1:1/app",
+            "--galera-urls",
+            GALERA,
+            "--restart-galera",
+            "scripts/services restart galera:{node}",
+            "--galera-ready",
+            "true",
+            "--quick",
+        ]))
+        .unwrap();
+        let names: Vec<(&str, String)> = phases
+            .iter()
+            .map(|p| {
+                (
+                    p.name(),
+                    crate::fault::database_name(p.url(), contend::Backend::MySql).into(),
+                )
+            })
+            .collect();
+        let expected = [
+            ("kill-connections", "mysql"),
+            ("latency", "mysql"),
+            ("kill-connections", "galera"),
+            ("latency", "galera"),
+            ("node-restart", "galera"),
+            ("instance-kill", "mysql"),
+        ];
+        let expected: Vec<(&str, String)> =
+            expected.iter().map(|(f, d)| (*f, d.to_string())).collect();
+        assert_eq!(names, expected);
+        assert!(
+            skipped
+                .iter()
+                .any(|s| s.contains("serializable and advisory")),
+            "{skipped:?}"
+        );
+        for p in &phases[2..5] {
+            let Planned::Db(p) = p else {
+                panic!("a database phase")
+            };
+            assert_eq!(p.url, GALERA);
+            assert_eq!(p.ready.as_deref(), Some("true"));
+            assert_eq!(
+                p.strategies,
+                [
+                    Strategy::None,
+                    Strategy::Mutex,
+                    Strategy::Atomic,
+                    Strategy::Pessimistic,
+                    Strategy::Optimistic
+                ]
+            );
+        }
+        let Planned::Db(restart) = &phases[4] else {
+            panic!("a database phase")
+        };
+        assert_eq!(
+            restart.fault,
+            Fault::NodeRestart {
+                url: "mysql://root@127.0.0.1:3/app".into(),
+                node: 3,
+                command: "scripts/services restart galera:3".into(),
+            }
+        );
+        let Planned::Db(first) = &phases[0] else {
+            panic!("a database phase")
+        };
+        assert!(first.ready.is_none() && first.strategies.contains(&Strategy::Serializable));
+
+        // The cluster alone: the faults that need one server are skipped, saying so.
+        let (phases, skipped) = plan(&parse(&["--galera-urls", GALERA])).unwrap();
+        let names: Vec<&str> = phases.iter().map(Planned::name).collect();
+        assert_eq!(names, ["kill-connections", "latency"]);
+        assert!(
+            skipped.iter().any(|s| s.contains("instance-kill")),
+            "{skipped:?}"
+        );
+    }
+
+    #[test]
+    fn lock_freeze_runs_every_lock_given_long_enough_for_the_slowest() {
+        let argv = [
+            "--pg-url",
+            "postgres://x@127.0.0.1:1/app",
+            "--redis-url",
+            "redis://127.0.0.1:2",
+            "--etcd-urls",
+            "http://127.0.0.1:3,http://127.0.0.1:4",
+            "--faults",
+            "lock-freeze",
+            "--quick",
+        ];
+        let args = parse(&argv);
+        assert_eq!(args.etcd_urls.len(), 2);
+        let result = plan(&args);
+        #[cfg(feature = "etcd")]
+        {
+            let (phases, _) = result.unwrap();
+            let Planned::Db(p) = &phases[0] else {
+                panic!("a database phase")
+            };
+            assert_eq!(
+                p.strategies,
+                [Strategy::Redis, Strategy::RedisSpin, Strategy::Etcd]
+            );
+            assert_eq!(p.redis.etcd, ["http://127.0.0.1:3", "http://127.0.0.1:4"]);
+            assert_eq!(
+                p.duration,
+                super::super::freeze::phase_duration(&p.strategies)
+            );
+            assert!(p.duration > Duration::from_secs(6));
+        }
+        #[cfg(not(feature = "etcd"))]
+        assert!(result.unwrap_err().to_string().contains("--features etcd"));
+        // Without etcd the quick phase still outlasts the Redis holders' freeze.
+        let (phases, _) = plan(&parse(
+            &argv[..4]
+                .iter()
+                .chain(&argv[6..])
+                .copied()
+                .collect::<Vec<_>>(),
+        ))
+        .unwrap();
+        let Planned::Db(p) = &phases[0] else {
+            panic!("a database phase")
+        };
+        assert_eq!(p.strategies, [Strategy::Redis, Strategy::RedisSpin]);
+        assert_eq!(p.duration, Duration::from_millis(4375));
+    }
+
     #[test]
     fn bad_flags_are_refused_with_the_reason() {
         let err = |argv: &[&str]| plan(&parse(argv)).unwrap_err().to_string();
@@ -485,5 +764,20 @@ mod tests {
                 .contains("is a directory")
         );
         assert!(parse(&["--html", "f.html"]).html.is_some());
+        let one = "mysql://root@127.0.0.1:1/app";
+        assert!(err(&["--galera-urls", one]).contains("--galera-urls"));
+        let pgs = "postgres://x@127.0.0.1:1/app,postgres://x@127.0.0.1:2/app";
+        assert!(err(&["--galera-urls", pgs]).contains("not a mysql:// URL"));
+        assert!(
+            err(&["--galera-urls", GALERA, "--faults", "node-restart"])
+                .contains("--restart-galera")
+        );
+        assert!(err(&["--pg-url", pg, "--faults", "node-restart"]).contains("--galera-urls"));
+        assert!(err(&["--pg-url", pg, "--etcd-urls", "redis://x:1"]).contains("etcd client URL"));
+        assert!(
+            err(&["--pg-url", pg, "--strategy", "etcd"]).contains("--etcd-urls"),
+            "{}",
+            err(&["--pg-url", pg, "--strategy", "etcd"])
+        );
     }
 }

@@ -1,10 +1,16 @@
-//! The `lock-freeze` fault: a separate `contend` process takes a Redis lock on two of the run's
-//! accounts, announces it, and is frozen with SIGSTOP right there, before its transaction, for
-//! longer than its lease; the run's workers take the expired lock and write meanwhile; then it
-//! is resumed with SIGCONT and carries on with its write, as a process back from a long GC
-//! pause or a VM migration does. Under `redis` (and `redlock`) its write carries the old
-//! fencing token and must be rejected; under the unfenced `redis-spin` it is applied although
-//! another client held the lock: the double write.
+//! The `lock-freeze` fault: a separate `contend` process takes a Redis or etcd lock on two of
+//! the run's accounts, announces it, and is frozen with SIGSTOP right there, before its
+//! transaction, for longer than its lease; the run's workers take the expired lock and write
+//! meanwhile; then it is resumed with SIGCONT and carries on with its write, as a process back
+//! from a long GC pause or a VM migration does. Under `redis`, `redlock` and `etcd` its write
+//! carries the old fencing token and must be rejected; under the unfenced `redis-spin` it is
+//! applied although another client held the lock: the double write.
+//!
+//! etcd's leases are whole seconds and etcd raises a shorter TTL to its minimum (1.5 x the
+//! election timeout, rounded up: 2 s with the default 1 s election timeout); it revokes expired
+//! leases on a 500 ms tick, and the frozen holder's last keepalive may be a third of a TTL
+//! old. So the etcd holder's lease is 2 s and it stays frozen for 4.5 s: its key is gone
+//! 2-2.5 s into the freeze, which leaves the workers 2 s to take the lock and write.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -27,10 +33,53 @@ use crate::db_target::lab_executor;
 use crate::scenario::Ctx;
 use crate::scenario::transfer::apply_result;
 
-/// The holder's lease: short, so that the freeze outlasts it.
+/// The Redis holder's lease: short, so that the freeze outlasts it.
 pub const HOLDER_LEASE: Duration = Duration::from_secs(1);
-/// How long the holder stays frozen.
+/// How long the Redis holder stays frozen.
 pub const FREEZE: Duration = Duration::from_secs(3);
+/// The etcd holder's lease: etcd's minimum TTL with its default election timeout (a shorter
+/// one is raised to it).
+pub const ETCD_HOLDER_LEASE: Duration = Duration::from_secs(2);
+/// How long the etcd holder stays frozen: its lease, the 500 ms tick on which etcd revokes
+/// expired leases, and 2 s for the workers to take the lock and write.
+pub const ETCD_FREEZE: Duration = Duration::from_millis(4500);
+
+/// The holder's lease under `strategy`.
+pub fn holder_lease(strategy: Strategy) -> Duration {
+    match strategy {
+        Strategy::Etcd => ETCD_HOLDER_LEASE,
+        _ => HOLDER_LEASE,
+    }
+}
+
+/// How long the holder is kept frozen under `strategy`.
+pub fn freeze_for(strategy: Strategy) -> Duration {
+    match strategy {
+        Strategy::Etcd => ETCD_FREEZE,
+        _ => FREEZE,
+    }
+}
+
+/// The lock strategies `lock-freeze` runs a holder for.
+pub fn freezes(strategy: Strategy) -> bool {
+    strategy.needs_lock_service()
+}
+
+/// When the holders are frozen: this fraction of the way through the load.
+pub const FREEZE_AT: f64 = 0.2;
+
+/// The shortest load of a `lock-freeze` phase with holders under `strategies`: they are frozen
+/// [`FREEZE_AT`] of the way in, and the workers keep starting operations until half a second
+/// after the longest freeze ends, so that they take the expired locks meanwhile.
+pub fn phase_duration(strategies: &[Strategy]) -> Duration {
+    let longest = strategies
+        .iter()
+        .filter(|s| freezes(**s))
+        .map(|s| freeze_for(*s))
+        .max()
+        .unwrap_or_default();
+    (longest + Duration::from_millis(500)).div_f64(1.0 - FREEZE_AT)
+}
 /// Operation ids of holders start here (the workers' ids stay far below).
 pub const HOLDER_OP: u64 = 1_000_000_000;
 
@@ -71,25 +120,37 @@ impl LockService for Announce {
     }
 }
 
+/// Where the holder takes its locks: the lock servers' URLs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LockServers<'a> {
+    /// The Redis node of `redis` and `redis-spin`.
+    pub redis: Option<&'a str>,
+    /// The Redis nodes of `redlock`.
+    pub redlock: &'a [String],
+    /// The etcd members of `etcd`.
+    pub etcd: &'a [String],
+}
+
 /// Runs the holder (`contend faults --hold-lock STRATEGY ...`, started by the suite): one
 /// transfer `op` on the tables tagged `tag`, under `strategy` with a lease of
-/// [`HOLDER_LEASE`]; prints `HOLDING <token>` when its locks are granted and `RESULT ok` or
+/// [`holder_lease`]; prints `HOLDING <token>` when its locks are granted and `RESULT ok` or
 /// `RESULT <answer> <error>` at the end.
 ///
 /// # Errors
-/// The database or Redis cannot be reached.
+/// The database or the lock servers cannot be reached; `etcd` in a build without the `etcd`
+/// feature.
 ///
 /// # Cancel safety
 /// Not cancel-safe (it holds locks until their lease ends).
 pub async fn hold(
     strategy: Strategy,
     db_url: &str,
-    redis_url: Option<&str>,
-    redlock_urls: &[String],
+    servers: LockServers<'_>,
     tag: &str,
     op: u64,
 ) -> anyhow::Result<()> {
     let db = contend::Db::connect(db_url).await?;
+    let (redis_url, redlock_urls) = (servers.redis, servers.redlock);
     let options = LockOptions::new()
         .lease(HOLDER_LEASE)
         .wait(Duration::from_secs(10));
@@ -116,7 +177,10 @@ pub async fn hold(
                 .await?;
             Arc::new(RedisLocks::redlock(quorum, options))
         }
-        other => anyhow::bail!("--hold-lock takes redis, redis-spin or redlock, not {other}"),
+        Strategy::Etcd => etcd_locks(servers.etcd).await?,
+        other => {
+            anyhow::bail!("--hold-lock takes redis, redis-spin, redlock or etcd, not {other}")
+        }
     };
     let books = Books::new(tag);
     let announce = Arc::new(Announce {
@@ -146,6 +210,24 @@ pub async fn hold(
     Ok(())
 }
 
+/// The etcd holder's locks: a lease of [`ETCD_HOLDER_LEASE`].
+#[cfg(feature = "etcd")]
+async fn etcd_locks(urls: &[String]) -> anyhow::Result<Arc<dyn LockService>> {
+    anyhow::ensure!(!urls.is_empty(), "--etcd-urls needed");
+    let locks = contend_etcd::EtcdLocks::builder(urls)
+        .namespace(NAMESPACE)
+        .lease_ttl(ETCD_HOLDER_LEASE)
+        .wait(Duration::from_secs(10))
+        .connect()
+        .await?;
+    Ok(Arc::new(locks))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd_locks(_urls: &[String]) -> anyhow::Result<Arc<dyn LockService>> {
+    anyhow::bail!(crate::lockstats::NO_ETCD)
+}
+
 /// What happened to one holder.
 #[derive(Debug, Clone)]
 pub struct Frozen {
@@ -153,7 +235,7 @@ pub struct Frozen {
     pub op: u64,
     /// Its fencing tokens per lock key (`none` for the spin lock).
     pub token: String,
-    /// When its lease ran out while it was frozen.
+    /// When its lease ran out while it was frozen (its grant plus [`holder_lease`]).
     pub lease_over: Instant,
     /// When it was resumed.
     pub resumed: Instant,
@@ -182,20 +264,18 @@ async fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 }
 
 /// Starts a holder on `books`' tables, freezes it once it holds its locks, keeps it frozen for
-/// [`FREEZE`], resumes it, and reports what it was answered.
+/// [`freeze_for`] its strategy, resumes it, and reports what it was answered.
 ///
 /// # Errors
 /// The holder does not start, does not announce its locks within 15 s, or dies.
 ///
 /// # Cancel safety
 /// Not cancel-safe: dropped, the holder is killed (kill on drop), possibly while stopped.
-#[allow(clippy::too_many_arguments)]
 pub async fn freeze_holder(
     bin: &Path,
     strategy: Strategy,
     db_url: &str,
-    redis_url: Option<&str>,
-    redlock_urls: &[String],
+    servers: LockServers<'_>,
     books: &Books,
     op: u64,
 ) -> anyhow::Result<Frozen> {
@@ -217,11 +297,14 @@ pub async fn freeze_holder(
     .stdout(Stdio::piped())
     .stderr(Stdio::null())
     .kill_on_drop(true);
-    if let Some(url) = redis_url {
+    if let Some(url) = servers.redis {
         cmd.args(["--redis-url", url]);
     }
-    if !redlock_urls.is_empty() {
-        cmd.args(["--redlock-urls", &redlock_urls.join(",")]);
+    if !servers.redlock.is_empty() {
+        cmd.args(["--redlock-urls", &servers.redlock.join(",")]);
+    }
+    if !servers.etcd.is_empty() {
+        cmd.args(["--etcd-urls", &servers.etcd.join(",")]);
     }
     let mut child = cmd.spawn()?;
     let pid = child
@@ -244,7 +327,7 @@ pub async fn freeze_holder(
         .to_string();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let seen_stopped = state(pid) == Some('T');
-    tokio::time::sleep_until((granted + FREEZE).into()).await;
+    tokio::time::sleep_until((granted + freeze_for(strategy)).into()).await;
     signal(pid, "-CONT").await?;
     let resumed = Instant::now();
     let said = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
@@ -262,7 +345,7 @@ pub async fn freeze_holder(
     Ok(Frozen {
         op,
         token,
-        lease_over: granted + HOLDER_LEASE,
+        lease_over: granted + holder_lease(strategy),
         resumed,
         seen_stopped,
         answer,
@@ -273,6 +356,24 @@ pub async fn freeze_holder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_load_outlasts_the_longest_freeze() {
+        let redis = phase_duration(&[Strategy::Redis, Strategy::RedisSpin]);
+        let etcd = phase_duration(&[Strategy::Redis, Strategy::Etcd]);
+        assert_eq!(redis, Duration::from_millis(4375));
+        assert_eq!(etcd, Duration::from_millis(6250));
+        for (d, freeze) in [(redis, FREEZE), (etcd, ETCD_FREEZE)] {
+            // Frozen at FREEZE_AT, resumed half a second before the last operation starts.
+            assert!(d.mul_f64(FREEZE_AT) + freeze + Duration::from_millis(500) <= d);
+        }
+        // The etcd holder stays frozen past its lease, the revocation tick and a 500 ms margin.
+        assert!(ETCD_FREEZE >= ETCD_HOLDER_LEASE + Duration::from_millis(2000));
+        assert_eq!(
+            phase_duration(&[Strategy::Atomic]),
+            Duration::from_millis(625)
+        );
+    }
 
     #[test]
     fn the_state_of_a_running_process_is_read_from_proc() {

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use contend::{Backend, Db};
 use tokio::time::sleep_until;
 
-use super::proxy::DelayProxy;
+use super::proxy::{DelayProxy, ProxyStats};
 
 /// What an injector did during one phase.
 #[derive(Debug, Clone, Default)]
@@ -72,7 +72,9 @@ pub async fn admin(url: &str) -> anyhow::Result<Db> {
 }
 
 /// Terminates every other client connection of the database on the server, every `every`
-/// during the first four fifths of the load: `pg_terminate_backend` on PostgreSQL, `KILL CONNECTION` on MariaDB.
+/// during the first four fifths of the load: `pg_terminate_backend` on PostgreSQL, `KILL
+/// CONNECTION` on MariaDB; on every node of a Galera cluster (`url` a comma-separated list of
+/// the nodes), each round on all of them.
 ///
 /// # Cancel safety
 /// Cancel-safe: a dropped call stops killing.
@@ -81,39 +83,62 @@ pub async fn kill_connections(url: &str, window: &Window, every: Duration) -> Fa
         recovers: true,
         ..FaultLog::default()
     };
-    let db = match admin(url).await {
-        Ok(db) => db,
-        Err(e) => {
-            log.effect = format!("cannot connect to kill connections: {e:#}");
-            return log;
+    let mut dbs = Vec::new();
+    for node in contend::nodes::split_urls(url) {
+        match admin(&node).await {
+            Ok(db) => dbs.push(db),
+            Err(e) => {
+                log.effect = format!("cannot connect to kill connections: {e:#}");
+                return log;
+            }
         }
-    };
+    }
     let mut next = window.start + every / 2;
-    let (mut killed, mut errors) = (0u64, Vec::new());
-    // The last fifth of the load is left alone: it shows whether the operations recover.
-    while next < window.at(0.8) {
+    let (mut killed, mut errors, mut took) = (0u64, Vec::new(), Vec::new());
+    // The last fifth of the load is left alone: it shows whether the operations recover (a
+    // round that overran does not push the next one into it).
+    while next < window.at(0.8) && Instant::now() < window.at(0.8) {
         sleep_until(next.into()).await;
         let in_flight = window.in_flight();
-        match kill_once(&db).await {
-            Ok(n) => {
-                log.injected.push(Instant::now());
-                log.in_flight.push(in_flight);
-                killed += n;
+        let begun = Instant::now();
+        let rounds = futures_util::future::join_all(dbs.iter().map(kill_once)).await;
+        took.push(begun.elapsed());
+        let mut hit = false;
+        for round in rounds {
+            match round {
+                Ok(n) => {
+                    hit = true;
+                    killed += n;
+                }
+                Err(e) => errors.push(format!("{e:#}")),
             }
-            Err(e) => errors.push(format!("{e:#}")),
+        }
+        if hit {
+            // The fault hits when the round begins: a KILL on a busy MariaDB or Galera node
+            // can take most of a second, and the round's end may come after the load's.
+            log.injected.push(begun);
+            log.in_flight.push(in_flight);
         }
         next += every;
     }
-    let how = match db.backend() {
-        Backend::MySql => "KILL CONNECTION",
+    let how = match dbs.first().map(Db::backend) {
+        Some(Backend::MySql) => "KILL CONNECTION",
         _ => "pg_terminate_backend",
     };
+    let nodes = if dbs.len() > 1 {
+        format!(" on each of the {} nodes", dbs.len())
+    } else {
+        String::new()
+    };
     log.observed = killed > 0;
+    let ms = |d: Option<&Duration>| d.map_or(0, Duration::as_millis);
     log.effect = format!(
-        "{how} of every other client connection every {} ms for 80% of the load: {} rounds, \
-         {killed} connections terminated (server's count){}",
+        "{how} of every other client connection{nodes} every {} ms for 80% of the load: {} \
+         rounds ({}-{} ms each), {killed} connections terminated (server's count){}",
         every.as_millis(),
         log.injected.len(),
+        ms(took.iter().min()),
+        ms(took.iter().max()),
         if errors.is_empty() {
             String::new()
         } else {
@@ -141,8 +166,10 @@ async fn kill_once(db: &Db) -> anyhow::Result<u64> {
             let mut conn = db.acquire().await?;
             let ids: Vec<i64> = db
                 .query_scalar(
+                    // `system user`: a Galera node's replication appliers.
                     "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
-                     WHERE ID <> CONNECTION_ID() AND DB = DATABASE() AND COMMAND <> 'Daemon'",
+                     WHERE ID <> CONNECTION_ID() AND DB = DATABASE() AND COMMAND <> 'Daemon' \
+                     AND USER <> 'system user'",
                 )
                 .fetch_all(&mut *conn)
                 .await?;
@@ -160,26 +187,48 @@ async fn kill_once(db: &Db) -> anyhow::Result<u64> {
     }
 }
 
-/// Adds `delay` in each direction to the database link (the proxy the workers connect
-/// through) from a quarter of the way through the load to its end.
+/// Adds `delay` in each direction to the database link (the proxies the workers connect
+/// through: one per server, one in front of each node of a cluster) from a quarter of the way
+/// through the load to its end.
 ///
 /// # Cancel safety
 /// Cancel-safe.
-pub async fn latency(proxy: &DelayProxy, window: &Window, delay: Duration) -> FaultLog {
+pub async fn latency(proxies: &[DelayProxy], window: &Window, delay: Duration) -> FaultLog {
     let mut log = FaultLog::default();
+    if proxies.is_empty() {
+        log.effect = "no proxy".into();
+        return log;
+    }
+    let total = || {
+        proxies
+            .iter()
+            .map(DelayProxy::stats)
+            .fold(ProxyStats::default(), |a, b| ProxyStats {
+                connections: a.connections + b.connections,
+                delayed_chunks: a.delayed_chunks + b.delayed_chunks,
+                delayed_micros: a.delayed_micros + b.delayed_micros,
+            })
+    };
     let on = window.at(0.25);
     sleep_until(on.into()).await;
     log.in_flight.push(window.in_flight());
-    proxy.set_delay(delay);
+    for proxy in proxies {
+        proxy.set_delay(delay);
+    }
     log.injected.push(Instant::now());
-    let before = proxy.stats();
+    let before = total();
     sleep_until(window.end.into()).await;
-    let stats = proxy.stats();
+    let stats = total();
     let chunks = stats.delayed_chunks - before.delayed_chunks;
     let mean = stats.mean_delay();
     log.observed = chunks > 0 && mean >= delay.mul_f64(0.9);
+    let between = if proxies.len() > 1 {
+        format!("each of the {} nodes", proxies.len())
+    } else {
+        "the database".to_string()
+    };
     log.effect = format!(
-        "a TCP proxy between the workers and the database held every chunk {} ms each way \
+        "a TCP proxy between the workers and {between} held every chunk {} ms each way \
          from {:.1} s on: {chunks} chunks held, mean {:.1} ms (measured), {} connections",
         delay.as_millis(),
         (on - window.start).as_secs_f64(),
@@ -206,7 +255,7 @@ async fn server_started(db: &Db) -> anyhow::Result<i64> {
 }
 
 /// Runs `command` (through `sh -c`), returning whether it succeeded and its output's tail.
-async fn shell(command: &str) -> (bool, String) {
+pub(crate) async fn shell(command: &str) -> (bool, String) {
     match tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -299,6 +348,104 @@ pub async fn restart_db(url: &str, window: &Window, command: &str) -> FaultLog {
         }
     };
     log
+}
+
+/// Restarts node `node` (1-based) of a Galera cluster, at `url`, with `command` a quarter of
+/// the way through the load, while the workers keep using every node of `cluster_url`; the
+/// command returns once the node has rejoined. Checks that the node's start time changed and
+/// that it is a synced member of the whole cluster again; the outage is how long a probe
+/// every 20 ms found it refusing connections or not synced.
+///
+/// # Cancel safety
+/// Not cancel-safe: a dropped call may leave the restart command running.
+pub async fn restart_node(
+    url: &str,
+    node: usize,
+    cluster_url: &str,
+    window: &Window,
+    command: &str,
+) -> FaultLog {
+    let mut log = FaultLog {
+        recovers: true,
+        ..FaultLog::default()
+    };
+    let nodes = contend::nodes::split_urls(cluster_url).len();
+    let before = match admin(url).await {
+        Ok(db) => server_started(&db).await.context("reading the start time"),
+        Err(e) => Err(e),
+    };
+    let before = match before {
+        Ok(t) => t,
+        Err(e) => {
+            log.effect = format!("cannot read node {node}'s start time: {e:#}");
+            return log;
+        }
+    };
+    sleep_until(window.at(0.25).into()).await;
+    log.in_flight.push(window.in_flight());
+    let t0 = Instant::now();
+    let (ok, output, outage) = run_watching(command, || node_synced(url)).await;
+    log.injected.push(outage.map_or(t0, |(down, _)| down));
+    let took = t0.elapsed();
+    let after = until_ok(Duration::from_secs(60), || async {
+        node_synced(url).await?;
+        let db = admin(url).await?;
+        let started = server_started(&db).await?;
+        let size: String = db
+            .query_scalar(
+                "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS \
+                 WHERE VARIABLE_NAME = 'WSREP_CLUSTER_SIZE'",
+            )
+            .fetch_one(db.pool())
+            .await?;
+        db.close().await;
+        anyhow::Ok((started, size.parse::<usize>().unwrap_or(0)))
+    })
+    .await;
+    log.observed = ok && after.is_some_and(|(started, size)| started > before && size == nodes);
+    log.effect = match after {
+        Some((started, size)) if started > before => format!(
+            "`{command}` took {:.1} s; node {node} {}; a new server process (its start time \
+             moved on by {} s), synced again in a cluster of {size} of {nodes} nodes",
+            took.as_secs_f64(),
+            match outage {
+                Some((down, up)) => format!(
+                    "was out (refusing connections or not synced, probed every 20 ms) for {:.2} s",
+                    (up - down).as_secs_f64()
+                ),
+                None => "was never seen out by the probe".into(),
+            },
+            started - before
+        ),
+        Some(_) => format!(
+            "`{command}` (ok: {ok}) took {:.1} s but node {node}'s start time did not change: \
+             not restarted. {output}",
+            took.as_secs_f64()
+        ),
+        None => format!(
+            "`{command}` (ok: {ok}): node {node} was not a synced member within 60 s. {output}"
+        ),
+    };
+    log
+}
+
+/// Whether a fresh connection to the Galera node at `url` finds it a synced member of a
+/// primary component (within 1 s).
+async fn node_synced(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    sqlx::any::install_default_drivers();
+    tokio::time::timeout(Duration::from_secs(1), async {
+        let mut conn = sqlx::AnyConnection::connect(url).await?;
+        // SHOW is answered while the node is joining, when other statements are refused.
+        let (_, state): (String, String) =
+            sqlx::query_as("SHOW STATUS LIKE 'wsrep_local_state_comment'")
+                .fetch_one(&mut conn)
+                .await?;
+        let _ = conn.close().await;
+        anyhow::ensure!(state == "Synced", "node state {state}");
+        anyhow::Ok(())
+    })
+    .await?
 }
 
 /// Whether a fresh connection to the database at `url` answers a query (within 1 s).

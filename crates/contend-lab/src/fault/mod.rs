@@ -61,11 +61,21 @@ pub enum Fault {
         /// The shell command that kills and restarts it.
         command: String,
     },
-    /// A separate process holding Redis locks on two accounts frozen (SIGSTOP) past its lease,
-    /// then resumed (SIGCONT), once per lock strategy of the phase.
+    /// A separate process holding Redis or etcd locks on two accounts frozen (SIGSTOP) past its
+    /// lease, then resumed (SIGCONT), once per lock strategy of the phase.
     LockFreeze {
         /// The `contend` binary that runs the holder.
         bin: std::path::PathBuf,
+    },
+    /// One node of a Galera cluster stopped and started again (it rejoins by state transfer),
+    /// a quarter of the way through the run, while the workers use every node.
+    NodeRestart {
+        /// The node's URL (its start time and state tell that it restarted and rejoined).
+        url: String,
+        /// Its number in the list of nodes (1-based).
+        node: usize,
+        /// The shell command that restarts it.
+        command: String,
     },
 }
 
@@ -78,7 +88,18 @@ impl Fault {
             Fault::DbRestart { .. } => "db-restart",
             Fault::RedisRestart { .. } => "redis-restart",
             Fault::LockFreeze { .. } => "lock-freeze",
+            Fault::NodeRestart { .. } => "node-restart",
         }
+    }
+}
+
+/// The name of a phase's database in the report: `galera` for the nodes of a cluster (a
+/// comma-separated list of URLs), else [`backend_name`].
+pub fn database_name(url: &str, backend: Backend) -> &'static str {
+    if contend::nodes::split_urls(url).len() > 1 {
+        "galera"
+    } else {
+        backend_name(backend)
     }
 }
 

@@ -24,7 +24,7 @@ use super::inject::{self, FaultLog, Window};
 use super::ledger::{self, Answer, Counts, OpRecord, Tracker};
 use super::proxy::DelayProxy;
 use super::timeline::Timeline;
-use super::{Fault, RunRow, backend_name};
+use super::{Fault, RunRow, database_name};
 use crate::db_target::lab_executor;
 use crate::scenario::transfer::apply_result;
 use crate::scenario::{Ctx, LabError};
@@ -32,13 +32,15 @@ use crate::scenario::{Ctx, LabError};
 /// Redis namespace of the suite's locks.
 pub const NAMESPACE: &str = "contend-faults";
 
-/// The Redis servers for the lock strategies.
+/// The lock servers of the lock strategies: Redis, and etcd.
 #[derive(Debug, Clone, Default)]
 pub struct RedisUrls {
     /// The single node of `redis` and `redis-spin`.
     pub single: Option<String>,
     /// The nodes of `redlock`.
     pub redlock: Vec<String>,
+    /// The etcd members of `etcd`.
+    pub etcd: Vec<String>,
 }
 
 /// One phase: a fault, a database, the strategies that run under it.
@@ -46,7 +48,9 @@ pub struct RedisUrls {
 pub struct Phase {
     /// The fault.
     pub fault: Fault,
-    /// The database URL (the real server; the latency fault puts its proxy in front).
+    /// The database URL (the real server; the latency fault puts its proxy in front), or the
+    /// nodes of a Galera cluster, comma-separated (the workers' connections are spread over
+    /// them, `contend::nodes`).
     pub url: String,
     /// The strategies, all run at once.
     pub strategies: Vec<Strategy>,
@@ -58,6 +62,9 @@ pub struct Phase {
     pub grace: Duration,
     /// The Redis servers.
     pub redis: RedisUrls,
+    /// A shell command that must succeed before the phase starts: it returns once the
+    /// database is up (a cluster started in the background).
+    pub ready: Option<String>,
 }
 
 /// How long one attempt may take before the client gives up on its answer.
@@ -73,9 +80,17 @@ fn lock_options() -> LockOptions {
         .wait(Duration::from_secs(5))
 }
 
-/// One instance's executor: the lab's, with lock clients of its own for the Redis strategies.
-async fn instance_executor(strategy: Strategy, redis: &RedisUrls) -> anyhow::Result<Executor> {
-    let mut executor = lab_executor().lock_wait(Duration::from_secs(5));
+/// One instance's executor: the lab's, with lock clients of its own for the Redis and etcd
+/// strategies. On a cluster it also runs the strategies the cluster makes unsafe (`mutex`, the
+/// baseline that must break there).
+async fn instance_executor(
+    strategy: Strategy,
+    redis: &RedisUrls,
+    cluster: bool,
+) -> anyhow::Result<Executor> {
+    let mut executor = lab_executor()
+        .lock_wait(Duration::from_secs(5))
+        .allow_unsafe_on_cluster(cluster);
     let single = || async {
         let url = redis
             .single
@@ -107,9 +122,30 @@ async fn instance_executor(strategy: Strategy, redis: &RedisUrls) -> anyhow::Res
             let lock = RedisLocks::redlock(quorum, lock_options());
             executor = executor.lock_service(strategy, Arc::new(lock));
         }
+        Strategy::Etcd => {
+            executor = executor.lock_service(strategy, etcd_locks(&redis.etcd).await?);
+        }
         _ => {}
     }
     Ok(executor)
+}
+
+/// The workers' etcd locks: the lease and wait of [`lock_options`].
+#[cfg(feature = "etcd")]
+async fn etcd_locks(urls: &[String]) -> anyhow::Result<Arc<dyn contend::lock::LockService>> {
+    anyhow::ensure!(!urls.is_empty(), "`etcd` needs --etcd-urls");
+    let locks = contend_etcd::EtcdLocks::builder(urls)
+        .namespace(NAMESPACE)
+        .lease_ttl(Duration::from_secs(5))
+        .wait(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(Arc::new(locks))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd_locks(_urls: &[String]) -> anyhow::Result<Arc<dyn contend::lock::LockService>> {
+    anyhow::bail!(crate::lockstats::NO_ETCD)
 }
 
 /// What one attempt's result tells the client.
@@ -292,14 +328,29 @@ pub async fn run_phase(
     on_progress: &(dyn Fn(&str) + Sync),
 ) -> anyhow::Result<Vec<RunRow>> {
     let backend = Backend::from_url(&phase.url)?;
+    if let Some(command) = &phase.ready {
+        let (ok, output) = inject::shell(command).await;
+        anyhow::ensure!(ok, "`{command}` failed: the database is not up. {output}");
+    }
+    let nodes = contend::nodes::split_urls(&phase.url);
+    let cluster = nodes.len() > 1;
     let admin = inject::admin(&phase.url).await?;
-    let proxy = match phase.fault {
-        Fault::Latency { .. } => Some(DelayProxy::start(server_addr(&phase.url).await?).await?),
-        _ => None,
-    };
-    let url = match &proxy {
-        Some(p) => through(&phase.url, p.addr())?,
-        None => phase.url.clone(),
+    // Latency: a proxy in front of each node.
+    let mut proxies = Vec::new();
+    if let Fault::Latency { .. } = phase.fault {
+        for node in &nodes {
+            proxies.push(DelayProxy::start(server_addr(node).await?).await?);
+        }
+    }
+    let url = if proxies.is_empty() {
+        phase.url.clone()
+    } else {
+        nodes
+            .iter()
+            .zip(&proxies)
+            .map(|(node, p)| through(node, p.addr()))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .join(",")
     };
 
     let mut runs = Vec::new();
@@ -307,15 +358,17 @@ pub async fn run_phase(
         let books = Books::new(&format!(
             "{}_{}_{}",
             phase.fault.name(),
-            backend_name(backend),
+            database_name(&phase.url, backend),
             strategy
         ));
         books.setup(&admin).await?;
-        if strategy.needs_redis() {
+        if strategy.needs_lock_service() {
             contend::fencing::ensure_schema(&admin).await?;
         }
         runs.push((strategy, books));
     }
+    // Every node has the tables and opening balances before the load starts.
+    admin.catch_up().await?;
 
     let in_flight = Arc::new(AtomicU64::new(0));
     let mut instances = Vec::new();
@@ -324,15 +377,16 @@ pub async fn run_phase(
         let mut pair = Vec::new();
         for _ in 0..2 {
             let db = worker_db(&url, per).await?;
-            let executor = instance_executor(*strategy, &phase.redis).await?;
+            let executor = instance_executor(*strategy, &phase.redis, cluster).await?;
             pair.push((db, executor));
         }
         instances.push((*strategy, books.clone(), pair, per));
     }
 
     on_progress(&format!(
-        "{} on {backend}: {} strategies x {} workers for {:.1} s",
+        "{} on {}: {} strategies x {} workers for {:.1} s",
         phase.fault.name(),
+        database_name(&phase.url, backend),
         runs.len(),
         phase.workers,
         phase.duration.as_secs_f64()
@@ -380,7 +434,7 @@ pub async fn run_phase(
         .iter()
         .map(|r| (r.strategy, r.books.clone()))
         .collect();
-    let log = inject_fault(phase, &window, proxy.as_ref(), &targets).await;
+    let log = inject_fault(phase, &window, &proxies, &targets).await;
     let mut rows = Vec::new();
     let mut outcomes = Vec::new();
     for mut run in started {
@@ -399,13 +453,18 @@ pub async fn run_phase(
         }
         outcomes.push((run.strategy, run.books, records, errors, row_extra));
     }
-    drop(proxy);
+    drop(proxies);
 
-    // The server may still be coming back: wait for it before reading the books.
+    // The server may still be coming back (a cluster: every node back in it): wait for it
+    // before reading the books, and on a cluster until every node has applied everything.
     let admin = settle(&phase.url).await?;
+    admin.catch_up().await?;
     for (strategy, books, records, errors, frozen) in outcomes {
         let applied = books.applications(&admin).await?;
-        let invariants = books.invariants(&admin).await?;
+        let mut invariants = books.invariants(&admin).await?;
+        if cluster {
+            invariants.push(nodes_agree(&books, &nodes).await?);
+        }
         let mut r = row(
             phase,
             backend,
@@ -436,25 +495,29 @@ pub async fn run_phase(
 async fn inject_fault(
     phase: &Phase,
     window: &Window,
-    proxy: Option<&DelayProxy>,
+    proxies: &[DelayProxy],
     runs: &[(Strategy, Books)],
 ) -> FaultLog {
     match &phase.fault {
         Fault::LockFreeze { bin } => {
-            tokio::time::sleep_until(window.at(0.2).into()).await;
+            tokio::time::sleep_until(window.at(freeze::FREEZE_AT).into()).await;
             let mut log = FaultLog::default();
             log.in_flight.push(window.in_flight.load(Ordering::Relaxed));
             log.injected.push(Instant::now());
+            let servers = freeze::LockServers {
+                redis: phase.redis.single.as_deref(),
+                redlock: &phase.redis.redlock,
+                etcd: &phase.redis.etcd,
+            };
             let holders =
                 runs.iter()
-                    .filter(|(s, _)| s.needs_redis())
+                    .filter(|(s, _)| freeze::freezes(*s))
                     .map(|(s, books)| async move {
                         let frozen = freeze::freeze_holder(
                             bin,
                             *s,
                             &phase.url,
-                            phase.redis.single.as_deref(),
-                            &phase.redis.redlock,
+                            servers,
                             books,
                             freeze::HOLDER_OP,
                         )
@@ -468,10 +531,13 @@ async fn inject_fault(
                 .iter()
                 .all(|(_, f)| f.as_ref().is_ok_and(|f| f.seen_stopped));
             log.effect = format!(
-                "a separate `contend` process took the Redis lock of two accounts (lease {} ms), \
-                 was frozen with SIGSTOP before its write for {} ms and resumed with SIGCONT; {}",
+                "a separate `contend` process took the lock of two accounts (lease {} ms, etcd \
+                 {} ms), was frozen with SIGSTOP before its write for {} ms (etcd {} ms) and \
+                 resumed with SIGCONT; {}",
                 freeze::HOLDER_LEASE.as_millis(),
+                freeze::ETCD_HOLDER_LEASE.as_millis(),
                 freeze::FREEZE.as_millis(),
+                freeze::ETCD_FREEZE.as_millis(),
                 log.holders
                     .iter()
                     .map(|(s, f)| match f {
@@ -491,14 +557,11 @@ async fn inject_fault(
         Fault::KillConnections { every } => {
             inject::kill_connections(&phase.url, window, *every).await
         }
-        Fault::Latency { delay } => match proxy {
-            Some(p) => inject::latency(p, window, *delay).await,
-            None => FaultLog {
-                effect: "no proxy".into(),
-                ..FaultLog::default()
-            },
-        },
+        Fault::Latency { delay } => inject::latency(proxies, window, *delay).await,
         Fault::DbRestart { command } => inject::restart_db(&phase.url, window, command).await,
+        Fault::NodeRestart { url, node, command } => {
+            inject::restart_node(url, *node, &phase.url, window, command).await
+        }
         Fault::RedisRestart { url, command } => inject::restart_redis(url, window, command).await,
     }
 }
@@ -539,6 +602,46 @@ fn frozen_effect(
         }
     );
     (late, others, detail)
+}
+
+/// Whether every node of a cluster holds the same books as the first one (after
+/// [`Db::catch_up`]): a node that rejoined by state transfer must have every committed
+/// operation.
+async fn nodes_agree(
+    books: &Books,
+    nodes: &[String],
+) -> anyhow::Result<crate::scenario::Invariant> {
+    let mut readings = Vec::new();
+    for node in nodes {
+        let db = inject::admin(node).await?;
+        let applied = books.applications(&db).await?;
+        let balances = books.balances(&db).await?;
+        db.close().await;
+        readings.push((applied, balances));
+    }
+    let differ: Vec<String> = nodes
+        .iter()
+        .zip(&readings)
+        .skip(1)
+        .filter(|(_, r)| **r != readings[0])
+        .map(|(node, (applied, _))| {
+            format!(
+                "{} ({} operations, first node {})",
+                contend::backend::redact_url(node),
+                applied.len(),
+                readings[0].0.len()
+            )
+        })
+        .collect();
+    Ok(crate::scenario::invariant(
+        "nodes_agree",
+        differ.len() as u64,
+        if differ.is_empty() {
+            format!("{} nodes hold the same ledger and balances", nodes.len())
+        } else {
+            format!("nodes that differ from the first: {}", differ.join(", "))
+        },
+    ))
 }
 
 /// A connection to the database once it answers again (30 s at most).
@@ -602,7 +705,7 @@ fn row(
     RunRow {
         fault: phase.fault.name().to_string(),
         strategy: strategy.as_str().to_string(),
-        backend: backend_name(backend).to_string(),
+        backend: database_name(&phase.url, backend).to_string(),
         expected_safe: strategy.safe_across_processes(),
         violations,
         violation_details: details,
