@@ -237,8 +237,35 @@ impl Write for BalanceOp {
     }
 }
 
+/// What a deposit or withdrawal decides on: the account, and under `batched` the ledger rows of
+/// the operations decided on it in memory ([`Operation::apply`]) that
+/// [`Operation::write_state`] writes with its new balance.
+pub(crate) struct Balance {
+    account: Account,
+    /// `(amount, kind)` of each balance change decided in memory, in order.
+    ledger: Vec<(i64, &'static str)>,
+}
+
+/// At most this many ledger rows in one `INSERT` of [`BalanceOp::write_state`] (3 parameters
+/// each: far below every backend's limit on parameters per statement).
+const LEDGER_ROWS_PER_INSERT: usize = 500;
+
+impl BalanceOp {
+    /// The decision of [`Operation::write`] on `old`: the new balance, or the refusal.
+    fn decide(&self, old: &Account) -> Result<i64, ApiError> {
+        let balance = old.balance.checked_add(self.delta).unwrap_or(i64::MAX);
+        if balance > MAX_MONEY {
+            return Err(over_max("amount"));
+        }
+        if balance < 0 {
+            return Err(insufficient(old.id));
+        }
+        Ok(balance)
+    }
+}
+
 impl Operation for BalanceOp {
-    type State = Account;
+    type State = Balance;
     type Output = Account;
     type Error = contend::Error;
 
@@ -250,24 +277,24 @@ impl Operation for BalanceOp {
         &'c self,
         conn: &'c mut AnyConnection,
         lock: &'static str,
-    ) -> BoxFuture<'c, contend::Result<Account>> {
-        Box::pin(must_load(conn, self.backend, self.account, lock))
+    ) -> BoxFuture<'c, contend::Result<Balance>> {
+        Box::pin(async move {
+            Ok(Balance {
+                account: must_load(conn, self.backend, self.account, lock).await?,
+                ledger: Vec::new(),
+            })
+        })
     }
 
     fn write<'c>(
         &'c self,
         tx: &'c mut Tx,
-        old: &'c Account,
+        state: &'c Balance,
         checked: bool,
     ) -> BoxFuture<'c, contend::Result<Account>> {
         Box::pin(async move {
-            let balance = old.balance.checked_add(self.delta).unwrap_or(i64::MAX);
-            if balance > MAX_MONEY {
-                return Err(abort(over_max("amount")));
-            }
-            if balance < 0 {
-                return Err(abort(insufficient(old.id)));
-            }
+            let old = &state.account;
+            let balance = self.decide(old).map_err(abort)?;
             write_balance(tx, old, balance, checked).await?;
             ledger(tx, old.id, self.delta, self.kind, None).await?;
             Ok(Account {
@@ -276,6 +303,58 @@ impl Operation for BalanceOp {
                 ..old.clone()
             })
         })
+    }
+
+    /// [`Operation::write`]'s decision on the running account: a success moves its balance
+    /// and version on and queues its ledger row; a refusal changes nothing.
+    fn apply(&self, state: &mut Balance) -> Option<contend::Result<Account>> {
+        Some(match self.decide(&state.account) {
+            Ok(balance) => {
+                state.account.balance = balance;
+                state.account.version += 1;
+                state.ledger.push((self.delta, self.kind));
+                Ok(state.account.clone())
+            }
+            Err(refusal) => Err(abort(refusal)),
+        })
+    }
+
+    /// The account's final balance and version (the row is locked by the batch's read), and
+    /// the queued ledger rows in multi-row `INSERT`s; nothing when every operation was refused.
+    fn write_state<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        state: &'c Balance,
+    ) -> Option<BoxFuture<'c, contend::Result<()>>> {
+        Some(Box::pin(async move {
+            if state.ledger.is_empty() {
+                return Ok(());
+            }
+            let account = &state.account;
+            tx.query("UPDATE accounts SET balance = ?, version = ? WHERE id = ?")
+                .bind(account.balance)
+                .bind(account.version)
+                .bind(account.id)
+                .execute(tx.conn())
+                .await?;
+            for rows in state.ledger.chunks(LEDGER_ROWS_PER_INSERT) {
+                let mut sql =
+                    String::from("INSERT INTO ledger (account_id, amount, kind, ref_id) VALUES ");
+                for i in 0..rows.len() {
+                    sql.push_str(if i == 0 {
+                        "(?, ?, ?, NULL)"
+                    } else {
+                        ", (?, ?, ?, NULL)"
+                    });
+                }
+                let mut query = tx.query(&sql);
+                for &(amount, kind) in rows {
+                    query = query.bind(account.id).bind(amount).bind(kind);
+                }
+                query.execute(tx.conn()).await?;
+            }
+            Ok(())
+        }))
     }
 
     fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, contend::Result<Account>>> {
@@ -631,11 +710,18 @@ async fn balance_change(
             } else {
                 auth.require_account(id)?;
             }
-            if fetch_account_on(&mut session, id).await?.is_none() {
-                return Err(account_missing(id));
+            let invalid = engine::check_supported(&st, strategy)
+                .and_then(|()| check_range("amount", body.amount, 1, MAX_MONEY));
+            if let Err(invalid) = invalid {
+                // 404 comes before 422: look the account up only when a 422 is due. On the way
+                // that succeeds, every strategy's read or conditional statement finds out
+                // itself that the account is missing (404), which saves a round trip per
+                // request.
+                if fetch_account_on(&mut session, id).await?.is_none() {
+                    return Err(account_missing(id));
+                }
+                return Err(invalid);
             }
-            engine::check_supported(&st, strategy)?;
-            check_range("amount", body.amount, 1, MAX_MONEY)?;
             let op = BalanceOp {
                 backend: st.inner.db.backend(),
                 account: id,

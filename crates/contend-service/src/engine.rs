@@ -92,17 +92,31 @@ struct Keyed<W> {
     key: IdempotencyKey,
 }
 
+/// The state of a [`Keyed`] write: its write's state and, under `batched` with decisions in
+/// memory ([`Operation::apply`]), the responses of the operations decided on it that are
+/// stored with their idempotency keys by [`Operation::write_state`], in the batch's
+/// transaction.
+struct KeyedState<S> {
+    inner: S,
+    outcomes: Vec<(IdempotencyKey, Outcome)>,
+}
+
 impl<W: Write> Keyed<W> {
+    /// The response of a success.
+    fn outcome(&self, output: &W::Output) -> Outcome {
+        Outcome::json(self.write.status(), output)
+    }
+
     /// Stores the response of `output` in `tx` ([`idempotency::store_in_tx`]).
     async fn conclude(&self, tx: &mut Tx, output: W::Output) -> contend::Result<Outcome> {
-        let outcome = Outcome::json(self.write.status(), &output);
+        let outcome = self.outcome(&output);
         idempotency::store_in_tx(tx, &self.key, &outcome).await?;
         Ok(outcome)
     }
 }
 
 impl<W: Write> Operation for Keyed<W> {
-    type State = W::State;
+    type State = KeyedState<W::State>;
     type Output = Outcome;
     type Error = contend::Error;
 
@@ -114,22 +128,31 @@ impl<W: Write> Operation for Keyed<W> {
         self.write.row_lock()
     }
 
+    fn batch_domain(&self) -> Option<String> {
+        self.write.batch_domain()
+    }
+
     fn read<'c>(
         &'c self,
         conn: &'c mut AnyConnection,
         lock: &'static str,
-    ) -> BoxFuture<'c, contend::Result<W::State>> {
-        self.write.read(conn, lock)
+    ) -> BoxFuture<'c, contend::Result<Self::State>> {
+        Box::pin(async move {
+            Ok(KeyedState {
+                inner: self.write.read(conn, lock).await?,
+                outcomes: Vec::new(),
+            })
+        })
     }
 
     fn write<'c>(
         &'c self,
         tx: &'c mut Tx,
-        state: &'c W::State,
+        state: &'c Self::State,
         checked: bool,
     ) -> BoxFuture<'c, contend::Result<Outcome>> {
         Box::pin(async move {
-            let output = self.write.write(tx, state, checked).await?;
+            let output = self.write.write(tx, &state.inner, checked).await?;
             self.conclude(tx, output).await
         })
     }
@@ -147,6 +170,44 @@ impl<W: Write> Operation for Keyed<W> {
             };
             let output = write.await?;
             self.conclude(tx, output).await
+        }))
+    }
+
+    /// The write's decision in memory; a success's response is queued with the request's key
+    /// (when it has one), to be stored by [`Operation::write_state`].
+    fn apply(&self, state: &mut Self::State) -> Option<contend::Result<Outcome>> {
+        let decided = self.write.apply(&mut state.inner)?;
+        Some(decided.map(|output| {
+            let outcome = self.outcome(&output);
+            if self.key.claimed().is_some() {
+                state.outcomes.push((self.key.clone(), outcome.clone()));
+            }
+            outcome
+        }))
+    }
+
+    /// The write's state, then the queued responses with their keys, in the same transaction
+    /// ([`idempotency::store_in_tx`], one statement per key): a key that was taken over fails
+    /// the batch, which is then retried and split, so that only that request fails (503
+    /// `idempotency_key_lost`).
+    fn write_state<'c>(
+        &'c self,
+        tx: &'c mut Tx,
+        state: &'c Self::State,
+    ) -> Option<BoxFuture<'c, contend::Result<()>>> {
+        Some(Box::pin(async move {
+            let backend = tx.backend();
+            let Some(write) = self.write.write_state(tx, &state.inner) else {
+                return Err(contend::Error::Unsupported {
+                    backend,
+                    what: "`Operation::apply` without `Operation::write_state`".into(),
+                });
+            };
+            write.await?;
+            for (key, outcome) in &state.outcomes {
+                idempotency::store_in_tx(tx, key, outcome).await?;
+            }
+            Ok(())
         }))
     }
 }
