@@ -43,6 +43,15 @@
 #   With POOL=64 (3 rounds): nokey 11.50x, key 5.19x: the service lets at most --max-connections requests
 #   hold a session at once, and a batched request holds it while it waits for its batch, so the pool size
 #   caps the batch size (every request of the pool-16 run waited for a session).
+#   Then a batched request gave its request session up while it waited for its batch (ReqSession::
+#   give_up_turn), so the pool no longer caps the batch. Same script, 5 rounds of 3 s, 12:20 UTC, load
+#   average 4-5, the two builds one after the other:
+#     session held:   nokey 12,587 (11,124-13,150) vs 1,099   11.45x (rounds 10.26-13.79)
+#                     key    4,107 (3,908-4,362)   vs 1,005    4.09x (rounds 3.93-4.14)
+#                     (251,790 of 251,970 requests waited for a session)
+#     session given up: nokey 22,497 (21,584-23,455) vs 1,341  16.77x (rounds 15.95-17.57), p99 6.5 ms
+#                     key    5,051 (4,565-5,203)   vs   986    5.12x (rounds 4.78-5.28)
+#                     (85 requests waited for a session)
 # With keys, every request still costs one commit of its own (the claim's autocommit INSERT, as in pgbench's
 # script) and one UPDATE of its key inside the batch's transaction (one statement per key, one after the
 # other): the service process was mostly idle (perf: ~20% of a CPU, in socket sends), PostgreSQL busy.

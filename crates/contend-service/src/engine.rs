@@ -236,6 +236,9 @@ pub(crate) async fn execute<W: Write>(
         write,
         key: key.clone(),
     });
+    if strategy == Strategy::Batched {
+        session.give_up_turn();
+    }
     let done = state.inner.executor.run(strategy, session, op).await;
     if let Err(e) = &done.result
         && !ReqSession::keeps_connection(e)

@@ -200,11 +200,23 @@ impl Sessions {
 pub(crate) struct ReqSession {
     session: Option<contend::Session>,
     state: AppState,
-    /// Dropped after the session is given back, so the next request finds it.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Dropped after the session is given back, so the next request finds it; `None` once
+    /// the request gave its turn up ([`ReqSession::give_up_turn`]).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl ReqSession {
+    /// Gives this request's turn at a session to the next request, for a request that waits
+    /// without a connection of its own: under `batched` the operation waits for its batch,
+    /// whose transaction runs on the combiner's connection, and the library gives the
+    /// request's connection back to the pool meanwhile. Holding the turn while it waits would
+    /// cap every batch at the number of sessions (measured with
+    /// `bench/service-batched-vs-pgbench.sh`). What the request still does on its session
+    /// afterwards takes a pooled connection, bounded by the pool.
+    pub(crate) fn give_up_turn(&mut self) {
+        self.permit = None;
+    }
+
     /// Lets the connection go back to the pool (which tests it and drops it if it is dead);
     /// the request goes on with a new session that connects on first use.
     pub(crate) fn discard(&mut self) {
@@ -282,6 +294,7 @@ impl std::fmt::Debug for ReqSession {
 impl Drop for ReqSession {
     fn drop(&mut self) {
         if let Some(session) = self.session.take()
+            && self.permit.is_some()
             && self.state.inner.sessions.keep
             && let Ok(mut idle) = self.state.inner.sessions.idle.lock()
         {
@@ -376,7 +389,7 @@ impl AppState {
                     .unwrap_or_else(|| self.inner.db.session()),
             ),
             state: self.clone(),
-            _permit: permit,
+            permit: Some(permit),
         })
     }
 
@@ -427,7 +440,11 @@ async fn method_not_allowed() -> ApiError {
 #[utoipa::path(get, path = "/metrics",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics_text(State(state): State<AppState>) -> Response {
-    let mut response = state.inner.metrics.render().into_response();
+    let mut text = state.inner.metrics.render();
+    text.push_str(&metrics::render_batches(
+        &state.inner.executor.batch_stats(),
+    ));
+    let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -181,6 +181,52 @@ impl Metrics {
     }
 }
 
+/// The `batched` strategy's counters ([`contend::batch::BatchStats`]) in the Prometheus text
+/// exposition: how many operations each commit served, the largest batch, retries and splits.
+pub fn render_batches(stats: &contend::batch::BatchStats) -> String {
+    let mut out = String::new();
+    let counters = [
+        (
+            "contend_batch_commits_total",
+            "Transactions that committed a batch of the batched strategy.",
+            stats.commits,
+        ),
+        (
+            "contend_batch_operations_total",
+            "Operations decided and answered by batches.",
+            stats.operations,
+        ),
+        (
+            "contend_batch_retries_total",
+            "Batch attempts that failed before their commit and ran again.",
+            stats.retries,
+        ),
+        (
+            "contend_batch_splits_total",
+            "Batches split into their operations after their attempts failed.",
+            stats.splits,
+        ),
+        (
+            "contend_batch_unknown_total",
+            "Batches whose COMMIT failed with an unknown outcome.",
+            stats.unknown,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP contend_batch_largest The most operations one committed batch held.\n\
+         # TYPE contend_batch_largest gauge\ncontend_batch_largest {}",
+        stats.largest
+    );
+    out
+}
+
 fn write_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
     let sep = if labels.is_empty() { "" } else { "," };
     let braces = if labels.is_empty() {

@@ -277,3 +277,64 @@ async fn unsafe_none(kind: Kind) {
 }
 
 on_backends!(none_loses_updates => unsafe_none only [sqlite postgres mysql] threads 4);
+
+/// A batched request waits for its batch without holding one of the instance's request
+/// sessions (their number is three quarters of `--max-connections`), so batches grow past it:
+/// with a pool of 4 connections (3 sessions) and 32 concurrent withdrawals, `/metrics` must
+/// show a committed batch larger than 3. Holding the session while waiting capped every batch
+/// at 3.
+async fn batches_outgrow_sessions(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let options = Options {
+        strategy: Strategy::Batched,
+        allow_header: false,
+        max_connections: 4,
+        ..Options::default()
+    };
+    let server = Server::start(&db.url, options).await;
+    let api = server.api();
+    let (id, token) = api.account("hot", 1_000_000).await;
+    let mut largest = 0;
+    let mut rounds = 0;
+    for _round in 0..5 {
+        rounds += 1;
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(32));
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let (barrier, token) = (barrier.clone(), token.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                api.post(
+                    &format!("/accounts/{id}/withdraw"),
+                    &token,
+                    json!({ "amount": 1 }),
+                )
+                .await
+                .status
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.expect("client task"), 200);
+        }
+        let metrics = api.get("/metrics", None).await;
+        assert_eq!(metrics.status, 200);
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        largest = text
+            .lines()
+            .find_map(|l| l.strip_prefix("contend_batch_largest "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no contend_batch_largest in /metrics:\n{text}"));
+        if largest > 3 {
+            break;
+        }
+    }
+    assert!(
+        largest > 3,
+        "no batch held more operations than the instance has request sessions (largest {largest})"
+    );
+    assert_eq!(api.balance(id).await, 1_000_000 - 32 * rounds);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+on_backends!(batches_grow_past_the_sessions => batches_outgrow_sessions only [sqlite postgres mysql] threads 4);
