@@ -66,6 +66,14 @@ pub struct ServeArgs {
     /// After SIGTERM, how long in-flight requests may take to finish, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    /// How long, in seconds, an Idempotency-Key claimed by a request that has not finished
+    /// protects the key: a retry with the same key meanwhile is answered 409
+    /// `request_in_progress`. It must outlast any request (more than --request-timeout-ms): a
+    /// shorter lease would let a retry run while the first attempt still can commit. After an
+    /// instance dies mid-request its keys stay claimed this long.
+    #[arg(long, env = "CONTEND_IDEMPOTENCY_LEASE_SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idempotency_lease_secs: u64,
     /// Largest number of pooled database connections.
     #[arg(long, default_value_t = 16)]
     pub max_connections: u32,
@@ -116,6 +124,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let strategy: Strategy = args.strategy.parse()?;
+    let lease = Duration::from_secs(args.idempotency_lease_secs);
+    let request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
+    anyhow::ensure!(
+        lease > request_timeout,
+        "--idempotency-lease-secs {} must be longer than --request-timeout-ms {} ({} s): a key \
+         must stay claimed for as long as its request may still commit",
+        args.idempotency_lease_secs,
+        args.request_timeout_ms,
+        request_timeout.as_secs_f64()
+    );
     let db = contend::Db::builder(&args.database_url)
         .max_connections(args.max_connections)
         .acquire_timeout(Duration::from_secs(3))
@@ -152,7 +170,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut config = Config::new(db, &admin_token);
     config.strategy = strategy;
     config.allow_strategy_header = args.allow_strategy_header;
-    config.request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
+    config.request_timeout = request_timeout;
+    config.idempotency_lease = lease;
     config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
     config.token_cache_ttl = Duration::from_secs(args.token_cache_secs);
     config.limits = crate::Limits {
@@ -231,5 +250,42 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[tokio::test]
+    async fn a_lease_shorter_than_the_request_timeout_is_refused_before_anything_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("service.db");
+        let url = format!("sqlite:{}", file.display());
+        let cli = Cli::parse_from([
+            "serve",
+            "--database-url",
+            &url,
+            "--idempotency-lease-secs",
+            "5",
+            "--request-timeout-ms",
+            "5000",
+        ]);
+        let err = run(cli.serve).await.unwrap_err().to_string();
+        assert!(err.contains("--idempotency-lease-secs 5"), "{err}");
+        assert!(
+            err.contains("longer than --request-timeout-ms 5000"),
+            "{err}"
+        );
+        assert!(!file.exists(), "nothing may be created on bad flags");
+        let zero = Cli::try_parse_from(["serve", "--idempotency-lease-secs", "0"]);
+        assert!(zero.is_err());
     }
 }

@@ -22,7 +22,8 @@ use crate::error::{ApiError, RETRY_AFTER_SECS, abort};
 use crate::extract::BODY_LIMIT;
 use crate::{AppState, ReqSession};
 
-/// How long an in-flight marker protects its key: far longer than any request may run.
+/// How long an in-flight marker protects its key by default (`--idempotency-lease-secs`): far
+/// longer than any request may run.
 pub const LEASE: Duration = contend::idempotency::DEFAULT_LEASE;
 
 /// A finished response: status and exact body bytes.
@@ -101,8 +102,8 @@ pub(crate) struct CallerScope(pub(crate) String);
 /// The idempotency layer of the service's routes: keys in the `idempotency_keys` table of `db`
 /// (created by the migrations), scoped by [`CallerScope`], claimed when the handler's
 /// [`crate::extract::JsonRequest`] has passed its checks, bodies up to [`BODY_LIMIT`].
-pub(crate) fn layer(db: &contend::Db) -> IdempotencyLayer {
-    let store = contend::idempotency::Store::new(db.clone()).lease(LEASE);
+pub(crate) fn layer(db: &contend::Db, lease: Duration) -> IdempotencyLayer {
+    let store = contend::idempotency::Store::new(db.clone()).lease(lease);
     IdempotencyLayer::new(store, |parts| {
         parts
             .extensions

@@ -93,6 +93,9 @@ pub struct Config {
     pub token_cache_ttl: Duration,
     /// What one client connection may hold (header, body and idle timeouts, connection cap).
     pub limits: Limits,
+    /// How long a claimed Idempotency-Key of an unfinished request protects its key
+    /// ([`idempotency::LEASE`] by default); longer than `request_timeout`.
+    pub idempotency_lease: Duration,
 }
 
 impl Config {
@@ -111,6 +114,7 @@ impl Config {
             etcd: None,
             token_cache_ttl: TOKEN_CACHE_TTL,
             limits: Limits::default(),
+            idempotency_lease: idempotency::LEASE,
         }
     }
 }
@@ -134,6 +138,7 @@ pub(crate) struct Inner {
     pub(crate) admin_hash: [u8; 32],
     pub(crate) tokens: auth::TokenCache,
     pub(crate) request_timeout: Duration,
+    pub(crate) idempotency_lease: Duration,
     pub(crate) shutdown_grace: Duration,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
@@ -324,6 +329,7 @@ impl AppState {
                 strategy: config.strategy,
                 allow_strategy_header: config.allow_strategy_header,
                 request_timeout: config.request_timeout,
+                idempotency_lease: config.idempotency_lease,
                 shutdown_grace: config.shutdown_grace,
                 limits: config.limits,
                 metrics: Arc::new(Metrics::default()),
@@ -417,7 +423,10 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(audit::healthz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi::openapi_json))
-        .route_layer(idempotency::layer(&state.inner.db))
+        .route_layer(idempotency::layer(
+            &state.inner.db,
+            state.inner.idempotency_lease,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), edge))

@@ -64,8 +64,15 @@ const DOWN: Duration = Duration::from_millis(25);
 /// When the instances are killed, as fractions of the load (the last 40% shows the recovery).
 const KILLS_AT: [f64; 6] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6];
 
-/// How long a client keeps retrying one operation.
-const OP_BUDGET: Duration = Duration::from_millis(1500);
+/// How long a client keeps retrying one operation: past the instances' idempotency lease, so
+/// that a key claimed by a killed instance is taken over by a retry and the operation settles.
+const OP_BUDGET: Duration = Duration::from_millis(3500);
+
+/// The instances' request timeout and idempotency lease (`--request-timeout-ms`,
+/// `--idempotency-lease-secs`): a key claimed by an instance that was killed mid-request is
+/// answered 409 `request_in_progress` until its lease ends.
+const REQUEST_TIMEOUT_MS: u64 = 1000;
+const LEASE_SECS: u64 = 2;
 
 /// One `contend serve` process and its port.
 struct Instance {
@@ -91,6 +98,8 @@ async fn spawn(phase: &ServicePhase, db_url: &str, port: u16) -> anyhow::Result<
             ADMIN,
         ])
         .args(["--max-connections", "32"])
+        .args(["--request-timeout-ms", &REQUEST_TIMEOUT_MS.to_string()])
+        .args(["--idempotency-lease-secs", &LEASE_SECS.to_string()])
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
