@@ -78,18 +78,34 @@ pub(crate) struct Writer<DB: Database> {
     /// A pool of one connection, of this `Db`'s own settings, that writes run on; `None`: write
     /// transactions run on the caller's connection (in-memory databases, `Db::from_pool`).
     dedicated: Option<Pool<DB>>,
+    /// With `dedicated`: a pool of one connection that checkpoints the WAL in the background
+    /// (the writer connection has no automatic checkpoints, so that no write waits for one).
+    checkpointer: Option<Pool<DB>>,
+    /// Write transactions since the last checkpoint was started.
+    writes: AtomicUsize,
+    /// Whether a background checkpoint is running.
+    checkpointing: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// How many writes on the dedicated writer connection start a background checkpoint. SQLite's
+/// own automatic checkpoint runs every 1,000 WAL pages inside the commit that crosses them; a
+/// write transaction of a few rows adds a handful of pages.
+const CHECKPOINT_EVERY: usize = 200;
+
 impl<DB: Database> Writer<DB> {
-    fn new(dedicated: Option<Pool<DB>>) -> Self {
+    fn new(dedicated: Option<(Pool<DB>, Pool<DB>)>) -> Self {
+        let (dedicated, checkpointer) = dedicated.unzip();
         Writer {
             turn: tokio::sync::Mutex::new(None),
             dedicated,
+            checkpointer,
+            writes: AtomicUsize::new(0),
+            checkpointing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 }
 
-/// A write turn ([`Db::writer`]): held for the whole write transaction; it keeps the dedicated
+/// A write turn ([`Db::writer_turn`]): held for the whole write transaction; it keeps the dedicated
 /// writer connection while no transaction uses it.
 pub(crate) type WriterTurn<'a, DB> = tokio::sync::MutexGuard<'a, Option<PoolConnection<DB>>>;
 
@@ -313,7 +329,7 @@ impl DbBuilder {
         backend: Backend,
         url: &str,
         pooler: bool,
-    ) -> Result<(Pool<Any>, Option<Pool<Any>>)> {
+    ) -> Result<(Pool<Any>, Option<(Pool<Any>, Pool<Any>)>)> {
         let with_options = if pooler {
             let sep = if url.contains('?') { '&' } else { '?' };
             format!("{url}{sep}statement-cache-capacity=0")
@@ -336,7 +352,7 @@ impl DbBuilder {
                 .max_lifetime(None)
                 .min_connections(1);
         }
-        let mut writer = None;
+        let (mut writer, mut checkpointer) = (None, None);
         if backend == Backend::Sqlite {
             pool = pool.after_connect(move |conn, _| sqlite_settings(conn, busy_ms));
             // Every write of the process on one connection: its page cache stays valid from one
@@ -344,6 +360,22 @@ impl DbBuilder {
             // the pages it uses), and one SQLite worker thread does all the writing.
             if self.writer_queue && !memory {
                 writer = Some(
+                    AnyPoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(self.acquire_timeout)
+                        .test_before_acquire(false)
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                        .after_connect(move |conn, _| {
+                            Box::pin(async move {
+                                sqlite_settings(conn, busy_ms).await?;
+                                conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                                Ok(())
+                            })
+                        })
+                        .connect_lazy_with(options.clone()),
+                );
+                checkpointer = Some(
                     AnyPoolOptions::new()
                         .max_connections(1)
                         .acquire_timeout(self.acquire_timeout)
@@ -381,7 +413,7 @@ impl DbBuilder {
         }
         let connect = pool.connect_with(options);
         match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(pool)) => Ok((pool, writer)),
+            Ok(Ok(pool)) => Ok((pool, writer.zip(checkpointer))),
             Ok(Err(source)) => Err(connect_error(source)),
             Err(_) => Err(connect_error(timed_out())),
         }
@@ -677,7 +709,7 @@ impl<DB: Database> Db<DB> {
                 writer: inner
                     .writer
                     .as_ref()
-                    .map(|w| Writer::new(w.dedicated.clone())),
+                    .map(|w| Writer::new(w.dedicated.clone().zip(w.checkpointer.clone()))),
                 turn_timeout: inner.turn_timeout,
                 pooler,
             }),
@@ -710,8 +742,8 @@ impl<DB: Database> Db<DB> {
             // The dedicated writer connection goes back (after the write in progress), then
             // its pool closes.
             writer.turn.lock().await.take();
-            if let Some(dedicated) = &writer.dedicated {
-                dedicated.close().await;
+            for pool in writer.dedicated.iter().chain(&writer.checkpointer) {
+                pool.close().await;
             }
         }
         for pool in self.pools() {
@@ -926,6 +958,48 @@ impl<DB: Database> Db<DB> {
             .writer
             .as_ref()
             .is_some_and(|w| w.dedicated.is_some())
+    }
+
+    /// Counts a write that finished on the dedicated writer connection (its background
+    /// checkpoints, see `Writer::wrote`).
+    ///
+    /// Every [`CHECKPOINT_EVERY`] writes, unless one is running, a checkpoint starts on the
+    /// checkpointer connection in a task of its own: first a passive checkpoint alongside the
+    /// writer (it copies what no reader still needs from the WAL into the database file and
+    /// syncs it while writes go on appending to the WAL), then one more with the write turn
+    /// held, which copies only what was appended meanwhile and so catches up, letting the next
+    /// write start the WAL over (a checkpoint that never catches up would let it grow forever).
+    pub(crate) fn wrote(&self) {
+        let Some(writer) = &self.inner.writer else {
+            return;
+        };
+        if writer.checkpointer.is_none()
+            || writer.writes.fetch_add(1, Ordering::Relaxed) + 1 < CHECKPOINT_EVERY
+            || writer.checkpointing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        writer.writes.store(0, Ordering::Relaxed);
+        let db = self.clone();
+        tokio::spawn(async move {
+            let Some(writer) = &db.inner.writer else {
+                return;
+            };
+            let Some(pool) = &writer.checkpointer else {
+                return;
+            };
+            let checkpoint = async {
+                let mut conn = pool.acquire().await?;
+                DB::execute_raw(&mut conn, "PRAGMA wal_checkpoint(PASSIVE)".into()).await?;
+                let _turn = writer.turn.lock().await;
+                DB::execute_raw(&mut conn, "PRAGMA wal_checkpoint(PASSIVE)".into()).await
+            };
+            if let Err(e) = checkpoint.await {
+                // The next one retries; SQLite's WAL keeps everything meanwhile.
+                tracing::warn!(error = %e, "background WAL checkpoint failed");
+            }
+            writer.checkpointing.store(false, Ordering::Release);
+        });
     }
 
     /// With the turn in hand: the dedicated writer connection, opened if there is none (the

@@ -135,6 +135,7 @@ impl<DB: Database> Session<DB> {
             let mut guard = CloseUnlessDone(Some(conn));
             let result = body(guard.0.as_mut().expect("connection present")).await;
             *turn = guard.0.take();
+            db.wrote();
             return result;
         }
         self.autocommit(move |conn| {

@@ -729,6 +729,7 @@ where
             if let Some(turn) = turn.as_mut() {
                 **turn = tx.conn.take();
             }
+            db.wrote();
         } else if let Some(slot) = held {
             *slot = tx.conn.take();
         }
