@@ -61,12 +61,53 @@ struct Inner<DB: Database> {
     url: String,
     busy_timeout_ms: u64,
     /// SQLite: the queue of this `Db`'s write transactions (see [`DbBuilder::writer_queue`]).
-    writer: Option<tokio::sync::Mutex<()>>,
+    writer: Option<Writer<DB>>,
     /// How long a transaction waits for its turn in `writer` when it sets no lock timeout.
     turn_timeout: Duration,
     /// Behind a transaction pooler ([`DbBuilder::transaction_pooler`]).
     pooler: bool,
 }
+
+/// SQLite's in-process writer queue: one turn at a time, and (for file databases opened by URL)
+/// the one connection every write transaction of the process runs on.
+#[derive(Debug)]
+pub(crate) struct Writer<DB: Database> {
+    /// The turn. It holds the dedicated writer connection between transactions (`None` before
+    /// the first write, after a transaction that did not finish cleanly, and without one).
+    turn: tokio::sync::Mutex<Option<PoolConnection<DB>>>,
+    /// A pool of one connection, of this `Db`'s own settings, that writes run on; `None`: write
+    /// transactions run on the caller's connection (in-memory databases, `Db::from_pool`).
+    dedicated: Option<Pool<DB>>,
+    /// With `dedicated`: a pool of one connection that checkpoints the WAL in the background
+    /// (the writer connection has no automatic checkpoints, so that no write waits for one).
+    checkpointer: Option<Pool<DB>>,
+    /// Write transactions since the last checkpoint was started.
+    writes: AtomicUsize,
+    /// Whether a background checkpoint is running.
+    checkpointing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How many writes on the dedicated writer connection start a background checkpoint. SQLite's
+/// own automatic checkpoint runs every 1,000 WAL pages inside the commit that crosses them; a
+/// write transaction of a few rows adds a handful of pages.
+const CHECKPOINT_EVERY: usize = 200;
+
+impl<DB: Database> Writer<DB> {
+    fn new(dedicated: Option<(Pool<DB>, Pool<DB>)>) -> Self {
+        let (dedicated, checkpointer) = dedicated.unzip();
+        Writer {
+            turn: tokio::sync::Mutex::new(None),
+            dedicated,
+            checkpointer,
+            writes: AtomicUsize::new(0),
+            checkpointing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+}
+
+/// A write turn ([`Db::writer_turn`]): held for the whole write transaction; it keeps the dedicated
+/// writer connection while no transaction uses it.
+pub(crate) type WriterTurn<'a, DB> = tokio::sync::MutexGuard<'a, Option<PoolConnection<DB>>>;
 
 /// Settings for [`Db`], made by [`Db::builder`].
 #[derive(Debug, Clone)]
@@ -130,6 +171,20 @@ impl DbBuilder {
     /// *other* processes writing the same file. Read-only transactions, autocommit statements and
     /// other processes do not take part in the queue (they may still meet the busy timeout).
     /// Ignored by the other backends.
+    ///
+    /// On a SQLite file, every write transaction of the `Db` (and the executor's one-statement
+    /// `atomic`) then runs on one dedicated writer connection, kept with the turn between
+    /// transactions and opened with the same settings outside the pool (so it does not count
+    /// against [`DbBuilder::max_connections`]), instead of on the caller's or a
+    /// [`Session`]'s connection: a connection that another one wrote behind must reread the
+    /// pages it uses, and each sqlx SQLite connection has a thread of its own, so one writer
+    /// connection keeps its page cache valid and one thread hot. Measured with
+    /// `bench/sqlite-scaling.sh` (README, Backends). Consequently, connection-local state set
+    /// on a session's connection (temporary tables, `PRAGMA`s) is not seen by its write
+    /// transactions. A write transaction that does not finish cleanly closes the writer
+    /// connection; the next one opens another. `sqlite::memory:` (one connection, the
+    /// database itself) and [`Db::from_pool`] (whose pool's `after_connect` hooks contend
+    /// cannot repeat) keep writing on the caller's connection.
     pub fn writer_queue(mut self, queue: bool) -> Self {
         self.writer_queue = queue;
         self
@@ -228,8 +283,11 @@ impl DbBuilder {
             });
         }
         let mut pools = Vec::with_capacity(urls.len());
+        let mut dedicated = None;
         for url in &urls {
-            pools.push(self.connect_node(backend, url, pooler).await?);
+            let (pool, writer) = self.connect_node(backend, url, pooler).await?;
+            pools.push(pool);
+            dedicated = dedicated.or(writer);
         }
         let cluster = if backend == Backend::MySql {
             let mut infos = Vec::with_capacity(pools.len());
@@ -256,7 +314,7 @@ impl DbBuilder {
                     .join(","),
                 busy_timeout_ms: self.busy_timeout.as_millis() as u64,
                 writer: (backend == Backend::Sqlite && self.writer_queue)
-                    .then(|| tokio::sync::Mutex::new(())),
+                    .then(|| Writer::new(dedicated)),
                 turn_timeout: self.acquire_timeout,
                 pooler,
             }),
@@ -264,8 +322,14 @@ impl DbBuilder {
     }
 
     /// The pool of one node (or the one server) at `url`; behind a transaction pooler without
-    /// a statement cache.
-    async fn connect_node(&self, backend: Backend, url: &str, pooler: bool) -> Result<Pool<Any>> {
+    /// a statement cache. For a SQLite file with the writer queue, also the pool of the one
+    /// dedicated writer connection (opened on the first write, with the same settings).
+    async fn connect_node(
+        &self,
+        backend: Backend,
+        url: &str,
+        pooler: bool,
+    ) -> Result<(Pool<Any>, Option<(Pool<Any>, Pool<Any>)>)> {
         let with_options = if pooler {
             let sep = if url.contains('?') { '&' } else { '?' };
             format!("{url}{sep}statement-cache-capacity=0")
@@ -288,16 +352,40 @@ impl DbBuilder {
                 .max_lifetime(None)
                 .min_connections(1);
         }
+        let (mut writer, mut checkpointer) = (None, None);
         if backend == Backend::Sqlite {
-            pool = pool.after_connect(move |conn, _| {
-                Box::pin(async move {
-                    let sql = format!(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {busy_ms}"
-                    );
-                    conn.execute(AssertSqlSafe(sql)).await.map(|_| ())
-                })
-            });
+            pool = pool.after_connect(move |conn, _| sqlite_settings(conn, busy_ms));
+            // Every write of the process on one connection: its page cache stays valid from one
+            // transaction to the next (a connection that another one wrote behind must reread
+            // the pages it uses), and one SQLite worker thread does all the writing.
+            if self.writer_queue && !memory {
+                writer = Some(
+                    AnyPoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(self.acquire_timeout)
+                        .test_before_acquire(false)
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                        .after_connect(move |conn, _| {
+                            Box::pin(async move {
+                                sqlite_settings(conn, busy_ms).await?;
+                                conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                                Ok(())
+                            })
+                        })
+                        .connect_lazy_with(options.clone()),
+                );
+                checkpointer = Some(
+                    AnyPoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(self.acquire_timeout)
+                        .test_before_acquire(false)
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                        .after_connect(move |conn, _| sqlite_settings(conn, busy_ms))
+                        .connect_lazy_with(options.clone()),
+                );
+            }
         }
         // The pool retries refused connections until its acquire timeout and then reports only
         // "pool timed out". Open one connection directly first, so that an unreachable server or
@@ -325,11 +413,26 @@ impl DbBuilder {
         }
         let connect = pool.connect_with(options);
         match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(pool)) => Ok(pool),
+            Ok(Ok(pool)) => Ok((pool, writer.zip(checkpointer))),
             Ok(Err(source)) => Err(connect_error(source)),
             Err(_) => Err(connect_error(timed_out())),
         }
     }
+}
+
+/// What every SQLite connection of a URL-built `Db` runs first: WAL journaling,
+/// `synchronous = NORMAL`, foreign keys and the busy timeout.
+fn sqlite_settings(
+    conn: &mut sqlx::AnyConnection,
+    busy_ms: u64,
+) -> BoxFuture<'_, std::result::Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        let sql = format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {busy_ms}"
+        );
+        conn.execute(AssertSqlSafe(sql)).await.map(|_| ())
+    })
 }
 
 /// Asks the MySQL/MariaDB node behind `pool` whether it is a Galera node.
@@ -474,7 +577,7 @@ impl<DB: Database> Db<DB> {
                 backend,
                 url,
                 busy_timeout_ms: DEFAULT_BUSY_TIMEOUT_MS,
-                writer: (backend == Backend::Sqlite).then(|| tokio::sync::Mutex::new(())),
+                writer: (backend == Backend::Sqlite).then(|| Writer::new(None)),
                 turn_timeout,
                 pooler: false,
             }),
@@ -603,7 +706,10 @@ impl<DB: Database> Db<DB> {
                 backend,
                 url: inner.url.clone(),
                 busy_timeout_ms: inner.busy_timeout_ms,
-                writer: inner.writer.as_ref().map(|_| tokio::sync::Mutex::new(())),
+                writer: inner
+                    .writer
+                    .as_ref()
+                    .map(|w| Writer::new(w.dedicated.clone().zip(w.checkpointer.clone()))),
                 turn_timeout: inner.turn_timeout,
                 pooler,
             }),
@@ -632,6 +738,14 @@ impl<DB: Database> Db<DB> {
     /// # Cancel safety
     /// As sqlx's `Pool::close`: dropping the future leaves the pools closed to new acquisitions.
     pub async fn close(&self) {
+        if let Some(writer) = &self.inner.writer {
+            // The dedicated writer connection goes back (after the write in progress), then
+            // its pool closes.
+            writer.turn.lock().await.take();
+            for pool in writer.dedicated.iter().chain(&writer.checkpointer) {
+                pool.close().await;
+            }
+        }
         for pool in self.pools() {
             pool.close().await;
         }
@@ -811,13 +925,106 @@ impl<DB: Database> Db<DB> {
         self.inner.busy_timeout_ms
     }
 
-    /// The in-process queue of write transactions (SQLite only), and how long a transaction
-    /// without a lock timeout waits for its turn (the pool's acquire timeout).
-    pub(crate) fn writer(&self) -> Option<(&tokio::sync::Mutex<()>, Duration)> {
+    /// Waits for this process's turn to write, on a SQLite `Db` with a writer queue (`None`
+    /// elsewhere): at most `lock_timeout`, else the `Db`'s acquire timeout. Without a dedicated
+    /// writer connection the caller writes on its own: take that connection first, then the
+    /// turn, never the other way round.
+    ///
+    /// # Errors
+    /// A [`ConflictKind::Busy`] conflict when the wait runs out.
+    ///
+    /// # Cancel safety
+    /// Safe to drop: the turn is not taken.
+    pub(crate) async fn writer_turn(
+        &self,
+        lock_timeout: Option<Duration>,
+    ) -> Result<Option<WriterTurn<'_, DB>>> {
+        let Some(writer) = &self.inner.writer else {
+            return Ok(None);
+        };
+        let wait = lock_timeout.unwrap_or(self.inner.turn_timeout);
+        match tokio::time::timeout(wait, writer.turn.lock()).await {
+            Ok(turn) => Ok(Some(turn)),
+            Err(_) => Err(Error::Conflict {
+                kind: ConflictKind::Busy,
+                source: None,
+            }),
+        }
+    }
+
+    /// Whether this `Db`'s writes run on its dedicated writer connection ([`Db::writer_conn`]).
+    pub(crate) fn has_dedicated_writer(&self) -> bool {
         self.inner
             .writer
             .as_ref()
-            .map(|queue| (queue, self.inner.turn_timeout))
+            .is_some_and(|w| w.dedicated.is_some())
+    }
+
+    /// Counts a write that finished on the dedicated writer connection (its background
+    /// checkpoints, see `Writer::wrote`).
+    ///
+    /// Every [`CHECKPOINT_EVERY`] writes, unless one is running, a checkpoint starts on the
+    /// checkpointer connection in a task of its own: first a passive checkpoint alongside the
+    /// writer (it copies what no reader still needs from the WAL into the database file and
+    /// syncs it while writes go on appending to the WAL), then one more with the write turn
+    /// held, which copies only what was appended meanwhile and so catches up, letting the next
+    /// write start the WAL over (a checkpoint that never catches up would let it grow forever).
+    pub(crate) fn wrote(&self) {
+        let Some(writer) = &self.inner.writer else {
+            return;
+        };
+        if writer.checkpointer.is_none()
+            || writer.writes.fetch_add(1, Ordering::Relaxed) + 1 < CHECKPOINT_EVERY
+            || writer.checkpointing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        writer.writes.store(0, Ordering::Relaxed);
+        let db = self.clone();
+        tokio::spawn(async move {
+            let Some(writer) = &db.inner.writer else {
+                return;
+            };
+            let Some(pool) = &writer.checkpointer else {
+                return;
+            };
+            let checkpoint = async {
+                let mut conn = pool.acquire().await?;
+                DB::execute_raw(&mut conn, "PRAGMA wal_checkpoint(PASSIVE)".into()).await?;
+                let _turn = writer.turn.lock().await;
+                DB::execute_raw(&mut conn, "PRAGMA wal_checkpoint(PASSIVE)".into()).await
+            };
+            if let Err(e) = checkpoint.await {
+                // The next one retries; SQLite's WAL keeps everything meanwhile.
+                tracing::warn!(error = %e, "background WAL checkpoint failed");
+            }
+            writer.checkpointing.store(false, Ordering::Release);
+        });
+    }
+
+    /// With the turn in hand: the dedicated writer connection, opened if there is none (the
+    /// first write, or the last one did not finish cleanly and closed it). Give it back with
+    /// `*turn = Some(conn)` when the work on it finished cleanly; drop it otherwise.
+    ///
+    /// # Errors
+    /// The connection cannot be opened within the acquire timeout.
+    ///
+    /// # Cancel safety
+    /// Safe to drop: nothing is taken from the turn until the connection is in hand.
+    pub(crate) async fn writer_conn(
+        &self,
+        turn: &mut WriterTurn<'_, DB>,
+    ) -> Result<PoolConnection<DB>> {
+        if let Some(conn) = turn.take() {
+            return Ok(conn);
+        }
+        let dedicated = self
+            .inner
+            .writer
+            .as_ref()
+            .and_then(|w| w.dedicated.as_ref())
+            .expect("writer_conn is called only with a dedicated writer");
+        Ok(dedicated.acquire().await?)
     }
 
     /// Like [`Db::transaction_with`], and reports how many attempts it took and which conflicts

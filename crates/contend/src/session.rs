@@ -104,6 +104,49 @@ impl<DB: Database> Session<DB> {
         result
     }
 
+    /// Autocommit work that writes (the executor's one-statement `atomic`), with this process's
+    /// turn to write on a SQLite `Db` with a writer queue: on the dedicated writer connection
+    /// when the `Db` has one, else on the held connection (taken before the turn). Elsewhere as
+    /// [`Session::autocommit`].
+    ///
+    /// # Errors
+    /// A [`crate::ConflictKind::Busy`] conflict when the turn does not come within
+    /// `lock_timeout` (else the acquire timeout); as [`Session::autocommit`].
+    ///
+    /// # Cancel safety
+    /// Safe to drop: a connection whose statement was interrupted is closed, not kept.
+    pub(crate) async fn write_autocommit<T, E, F>(
+        &mut self,
+        lock_timeout: Option<std::time::Duration>,
+        body: F,
+    ) -> Result<T, E>
+    where
+        T: Send,
+        E: From<Error> + Send,
+        F: for<'c> FnOnce(&'c mut DB::Connection) -> BoxFuture<'c, Result<T, E>> + Send + 'static,
+    {
+        let db = self.db.clone();
+        if db.has_dedicated_writer() {
+            let mut turn = db
+                .writer_turn(lock_timeout)
+                .await?
+                .expect("a dedicated writer has a turn");
+            let conn = db.writer_conn(&mut turn).await?;
+            let mut guard = CloseUnlessDone(Some(conn));
+            let result = body(guard.0.as_mut().expect("connection present")).await;
+            *turn = guard.0.take();
+            db.wrote();
+            return result;
+        }
+        self.autocommit(move |conn| {
+            Box::pin(async move {
+                let _turn = db.writer_turn(lock_timeout).await?;
+                body(conn).await
+            })
+        })
+        .await
+    }
+
     /// Like [`Db::transaction`], on the held connection.
     ///
     /// # Errors

@@ -646,31 +646,43 @@ where
     B: Body<DB, T, E>,
 {
     let mut held = held;
-    let conn = match held.as_mut().and_then(|slot| slot.take()) {
-        Some(conn) => conn,
-        None => db.acquire().await?,
-    };
     // SQLite: wait for this process's turn to write, so that the process's own writers queue
-    // here in order instead of in the busy handler. The connection is taken first: a writer
-    // with its turn never waits for a connection that a queued writer holds.
-    let _turn = if options.read_only {
-        None
+    // here in order instead of in the busy handler. With a dedicated writer connection
+    // (`Db::connect` on a file) the transaction runs on it, and the caller's own connection
+    // (a session's) stays where it is. Otherwise the caller's connection is taken first: a
+    // writer with its turn never waits for a connection that a queued writer holds.
+    let dedicated = !options.read_only && db.has_dedicated_writer();
+    let (conn, mut turn) = if dedicated {
+        let mut turn = db.writer_turn(options.lock_timeout).await?;
+        let conn = db
+            .writer_conn(turn.as_mut().expect("a dedicated writer has a turn"))
+            .await?;
+        (conn, turn)
     } else {
-        match writer_turn(db, options.lock_timeout).await {
-            Ok(turn) => turn,
-            Err(e) => {
-                if let Some(slot) = held {
-                    *slot = Some(conn);
+        let conn = match held.as_mut().and_then(|slot| slot.take()) {
+            Some(conn) => conn,
+            None => db.acquire().await?,
+        };
+        let turn = if options.read_only {
+            None
+        } else {
+            match db.writer_turn(options.lock_timeout).await {
+                Ok(turn) => turn,
+                Err(e) => {
+                    if let Some(slot) = held {
+                        *slot = Some(conn);
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
             }
-        }
+        };
+        (conn, turn)
     };
     // With its turn in hand, a SQLite transaction meets no writer of this process: its lock
     // timeout was spent on the turn, and other processes are left to the Db's busy timeout
     // (no `PRAGMA busy_timeout` round trips around every transaction).
     let unqueued;
-    let options = match (&_turn, options.lock_timeout) {
+    let options = match (&turn, options.lock_timeout) {
         (Some(_), Some(_)) => {
             unqueued = TxOptions {
                 lock_timeout: None,
@@ -710,37 +722,20 @@ where
             Err(err)
         }
     };
-    // A cleanly finished connection goes back to the session that lent it; any other is closed
-    // when `tx` drops.
-    if tx.finished
-        && let Some(slot) = held
-    {
-        *slot = tx.conn.take();
+    // A cleanly finished connection goes back to the writer's turn or the session that lent
+    // it; any other is closed when `tx` drops.
+    if tx.finished {
+        if dedicated {
+            if let Some(turn) = turn.as_mut() {
+                **turn = tx.conn.take();
+            }
+            db.wrote();
+        } else if let Some(slot) = held {
+            *slot = tx.conn.take();
+        }
     }
+    drop(turn);
     result
-}
-
-/// Waits for this process's turn to write, on a SQLite `Db` with a writer queue (`None`
-/// elsewhere): at most `lock_timeout`, else the `Db`'s acquire timeout. Take the connection
-/// first, then the turn, never the other way round.
-///
-/// # Errors
-/// A [`ConflictKind::Busy`] conflict when the wait runs out.
-pub(crate) async fn writer_turn<DB: Database>(
-    db: &Db<DB>,
-    lock_timeout: Option<Duration>,
-) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>> {
-    let Some((queue, default_wait)) = db.writer() else {
-        return Ok(None);
-    };
-    let wait = lock_timeout.unwrap_or(default_wait);
-    match tokio::time::timeout(wait, queue.lock()).await {
-        Ok(turn) => Ok(Some(turn)),
-        Err(_) => Err(Error::Conflict {
-            kind: ConflictKind::Busy,
-            source: None,
-        }),
-    }
 }
 
 async fn run_hooks(hooks: Vec<Hook>) {

@@ -645,13 +645,12 @@ impl<DB: Database> Executor<DB> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let (o, db, lock_timeout) = (op.clone(), session.db().clone(), options.lock_timeout);
+            let o = op.clone();
+            // The statement writes: on SQLite it takes this process's turn as a transaction
+            // does (and runs on the dedicated writer connection, if there is one).
             let result = session
-                .autocommit(move |conn| {
+                .write_autocommit(options.lock_timeout, move |conn| {
                     Box::pin(async move {
-                        // The statement writes: on SQLite it takes this process's turn as a
-                        // transaction does (with its connection already in hand).
-                        let _turn = crate::tx::writer_turn(&db, lock_timeout).await?;
                         match o.atomic_statement(conn) {
                             Some(statement) => statement.await.map(Some),
                             None => Ok(None),
