@@ -21,6 +21,7 @@
 #   POSTGRES_URL  default $CONTEND_PG_URL
 #   SECONDS       per measurement, default 5
 #   ROUNDS=5  CLIENTS="32 64"  SCENARIOS="withdraw transfer"
+#   CONTEND_BIN   the contend binary to measure (default: build the release binary)
 # Measured 2026-11-30 (11:45 UTC) on the shared 2-core dev machine while four builds ran beside it
 # (release build; ROUNDS=5, 3 s per run; medians, spread min-max; 0 violations in every lab run;
 # withdraw and transfer batches held 32.0 operations per commit at 32 workers, 46-64 at 64):
@@ -61,9 +62,7 @@ for s in $SCENARIOS; do
   case "$s" in withdraw|transfer) ;; *) echo "lab-batched-vs-pgbench: unknown scenario $s (withdraw, transfer)" >&2; exit 2 ;; esac
 done
 
-echo "building the release binary..." >&2
-cargo build --release -q -p contend-cli
-BIN=${CARGO_TARGET_DIR:-target}/release/contend
+BIN=$(contend_bin)
 
 WORK=$(mktemp -d)
 P=bench_lb_$$

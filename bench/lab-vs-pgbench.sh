@@ -14,6 +14,7 @@
 #                 (min-max) printed: best-of-N hides the variance of a shared machine
 #   PGBENCH_MODE  pgbench query protocol: prepared (default; sqlx prepares statements too),
 #                 simple or extended
+#   CONTEND_BIN   the contend binary to measure (default: build the release binary)
 # Needs: cargo, pgbench and psql (postgresql-client), jq.
 # Exit status: 0 when both ratios reach 0.9, 1 when one does not, 2 when a tool or run fails.
 #
@@ -37,9 +38,7 @@ for tool in cargo pgbench psql jq; do
 done
 case "$URL" in postgres://*|postgresql://*) ;; *) echo "lab-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
 
-echo "building the release binary..." >&2
-cargo build --release -q -p contend-cli
-BIN=target/release/contend
+BIN=$(contend_bin)
 
 WORK=$(mktemp -d)
 TABLE=bench_withdraw_$$

@@ -81,22 +81,11 @@ for v in $VARIANTS; do
   case "$v" in nokey|key) ;; *) echo "service-batched-vs-pgbench: unknown variant $v (nokey, key)" >&2; exit 2 ;; esac
 done
 
-if [ -n "${CONTEND_BIN:-}" ]; then
-  BIN=$CONTEND_BIN
-else
-  echo "building the release binary..." >&2
-  cargo build --release -q -p contend-cli
-  BIN=${CARGO_TARGET_DIR:-target}/release/contend
-fi
+BIN=$(contend_bin)
 
 DBNAME=bench_sb_$$_$RANDOM
-DB_URL=$(python3 - "$URL" "$DBNAME" <<'PY'
-import sys, urllib.parse as u
-p = u.urlsplit(sys.argv[1])
-print(u.urlunsplit((p.scheme, p.netloc, "/" + sys.argv[2], p.query, p.fragment)))
-PY
-)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+DB_URL=$(url_with_database "$URL" "$DBNAME")
+PORT=$(free_port)
 BASE=http://127.0.0.1:$PORT
 WORK=$(mktemp -d)
 PID=
@@ -116,12 +105,7 @@ echo "starting the service on $BASE (--strategy batched, pool of $POOL connectio
 RUST_LOG=warn "$BIN" serve --database-url "$DB_URL" --listen "127.0.0.1:$PORT" --strategy batched \
   --allow-strategy-header --admin-token "$ADMIN" --max-connections "$POOL" >"$WORK/service.log" 2>&1 &
 PID=$!
-for _ in $(seq 1 100); do
-  curl -fs "$BASE/healthz" >/dev/null 2>&1 && break
-  kill -0 "$PID" 2>/dev/null || { echo "service-batched-vs-pgbench: the service exited:" >&2; cat "$WORK/service.log" >&2; exit 2; }
-  sleep 0.1
-done
-curl -fs "$BASE/healthz" >/dev/null || { echo "service-batched-vs-pgbench: the service did not come up" >&2; exit 2; }
+wait_for_service service-batched-vs-pgbench "$BASE" "$PID" "$WORK/service.log"
 
 read -r ID TOKEN < <(curl -fs -X POST "$BASE/accounts" -H "Authorization: Bearer $ADMIN" \
   -H 'Content-Type: application/json' -d '{"owner": "hot", "balance": 1000000000000000}' | jq -r '[.id, .token] | @tsv')

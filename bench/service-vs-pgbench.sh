@@ -58,6 +58,7 @@
 # other jobs build). On one hot account the pool does not matter (0.70-0.74): the row lock is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 URL=${1:-${CONTEND_PG_URL:-postgres://postgres@127.0.0.1:55432/app}}
 SECS=${2:-5}
@@ -76,23 +77,12 @@ for tool in $TOOLS; do
 done
 case "$URL" in postgres://*|postgresql://*) ;; *) echo "service-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
 
-echo "building the release binary..." >&2
-if [ -n "${CONTEND_BIN:-}" ]; then
-  BIN=$CONTEND_BIN
-else
-  cargo build --release -q -p contend-cli
-  BIN=${CARGO_TARGET_DIR:-target}/release/contend
-fi
+BIN=$(contend_bin)
 
 # A database of our own on the same server: URL with the database name replaced.
 DBNAME=bench_svc_$$_$RANDOM
-DB_URL=$(python3 - "$URL" "$DBNAME" <<'PY'
-import sys, urllib.parse as u
-p = u.urlsplit(sys.argv[1])
-print(u.urlunsplit((p.scheme, p.netloc, "/" + sys.argv[2], p.query, p.fragment)))
-PY
-)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+DB_URL=$(url_with_database "$URL" "$DBNAME")
+PORT=$(free_port)
 BASE=http://127.0.0.1:$PORT
 WORK=$(mktemp -d)
 PID=
@@ -131,12 +121,7 @@ echo "starting the service on $BASE (pool of $POOL connections)..." >&2
 RUST_LOG=warn "${ON_CLIENT_CPU[@]}" "$BIN" serve --database-url "$DB_URL" --listen "127.0.0.1:$PORT" \
   --admin-token "$ADMIN" --max-connections "$POOL" >"$WORK/service.log" 2>&1 &
 PID=$!
-for _ in $(seq 1 100); do
-  curl -fs "$BASE/healthz" >/dev/null 2>&1 && break
-  kill -0 "$PID" 2>/dev/null || { echo "service-vs-pgbench: the service exited:" >&2; cat "$WORK/service.log" >&2; exit 2; }
-  sleep 0.1
-done
-curl -fs "$BASE/healthz" >/dev/null || { echo "service-vs-pgbench: the service did not come up" >&2; exit 2; }
+wait_for_service service-vs-pgbench "$BASE" "$PID" "$WORK/service.log"
 
 # Accounts through the API; the balance cannot run out during the measurements.
 echo "creating $ACCOUNTS accounts through the API..." >&2
@@ -238,7 +223,6 @@ print(f"{v[min(len(v) - 1, int(len(v) * 0.99))] / 1000:.3f}" if v else "nan")')
   printf '%.0f %s\n' "$tps" "$p99"
 }
 
-median() { python3 -c 'import sys, statistics; print(statistics.median(float(x) for x in sys.stdin.read().split()))'; }
 
 status=0
 printf '\n%-8s %-15s %12s %10s %12s %10s %7s\n' clients workload "service tx/s" "p99 ms" "pgbench tx/s" "p99 ms" ratio
@@ -252,9 +236,9 @@ for clients in $CLIENT_COUNTS; do
       echo "$stps $sp99" >>"$WORK/svc"; echo "$ptps $pp99" >>"$WORK/pgb"
       python3 -c "print($stps / $ptps)" >>"$WORK/ratio"
     done
-    stps=$(cut -d' ' -f1 "$WORK/svc" | median); sp99=$(cut -d' ' -f2 "$WORK/svc" | median)
-    ptps=$(cut -d' ' -f1 "$WORK/pgb" | median); pp99=$(cut -d' ' -f2 "$WORK/pgb" | median)
-    ratio=$(median <"$WORK/ratio")
+    stps=$(median $(cut -d' ' -f1 "$WORK/svc")); sp99=$(median $(cut -d' ' -f2 "$WORK/svc"))
+    ptps=$(median $(cut -d' ' -f1 "$WORK/pgb")); pp99=$(median $(cut -d' ' -f2 "$WORK/pgb"))
+    ratio=$(median $(cat "$WORK/ratio"))
     label=$([ "$mode" = low ] && echo "100 accounts" || echo "1 hot account")
     printf '%-8s %-15s %12.0f %10.2f %12.0f %10.2f %7.2f\n' "$clients" "$label" "$stps" "$sp99" "$ptps" "$pp99" "$ratio"
     python3 -c "import sys; sys.exit(0 if $ratio >= 0.8 else 1)" || status=1

@@ -11,48 +11,16 @@ use contend_test_support::{TestDb, on_backends, suffix};
 /// Holds a transaction that has written operation `op` (its two account rows and its ledger
 /// rows) open until `finish` says whether to commit, while `Books::applied` runs beside it.
 async fn lookup_waits_for(db: &TestDb, books: &Books, op: u64, commit: bool) -> (bool, bool) {
-    let (from, to) = accounts_of(op);
     let (written_tx, written_rx) = tokio::sync::oneshot::channel::<()>();
     let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
-    let writer = {
-        let (db, books) = (db.db.clone(), books.clone());
-        tokio::spawn(async move {
-            let body_db = db.clone();
-            db.transaction(|tx| {
-                Box::pin(async move {
-                    for (id, delta) in [(from, -1i64), (to, 1)] {
-                        body_db
-                            .query(&format!(
-                                "UPDATE {} SET balance = balance + ? WHERE id = ?",
-                                books.accounts
-                            ))
-                            .bind(delta)
-                            .bind(id)
-                            .execute(tx.conn())
-                            .await?;
-                        body_db
-                            .query(&format!(
-                                "INSERT INTO {} (op, account, delta) VALUES (?, ?, ?)",
-                                books.ledger
-                            ))
-                            .bind(op as i64)
-                            .bind(id)
-                            .bind(delta)
-                            .execute(tx.conn())
-                            .await?;
-                    }
-                    let _ = written_tx.send(());
-                    let _ = finish_rx.await;
-                    if commit {
-                        Ok(())
-                    } else {
-                        Err(contend::Error::Aborted("rolled back by the test".into()))
-                    }
-                })
-            })
-            .await
-        })
-    };
+    let writer = open_writer(
+        db.db.clone(),
+        books.clone(),
+        op,
+        commit,
+        written_tx,
+        finish_rx,
+    );
     written_rx.await.expect("the writer wrote");
     let lookup = {
         let (db, books) = (db.db.clone(), books.clone());
@@ -91,11 +59,13 @@ async fn lookup_is_final(db: TestDb) {
 on_backends!(lookup_after_lost_answer => lookup_is_final only [postgres mysql]);
 
 /// Writes operation `op` (its account rows and ledger rows) in a transaction on `db`, signals
-/// `written`, and commits once `finish` fires: the "lost" transaction, still committing.
+/// `written`, and once `finish` fires commits (or rolls back when not `commit`): the "lost"
+/// transaction, still committing.
 fn open_writer(
     db: contend::Db,
     books: Books,
     op: u64,
+    commit: bool,
     written: tokio::sync::oneshot::Sender<()>,
     finish: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<contend::Result<()>> {
@@ -127,7 +97,11 @@ fn open_writer(
                 }
                 let _ = written.send(());
                 let _ = finish.await;
-                Ok::<_, contend::Error>(())
+                if commit {
+                    Ok(())
+                } else {
+                    Err(contend::Error::Aborted("rolled back by the test".into()))
+                }
             })
         })
         .await
@@ -188,7 +162,14 @@ async fn on_galera_a_lookup_that_says_absent_is_final() {
     for (op, certified) in [(11u64, false), (12, true)] {
         let (written_tx, written_rx) = tokio::sync::oneshot::channel();
         let (finish_tx, finish_rx) = tokio::sync::oneshot::channel();
-        let writer = open_writer(node1.clone(), books.clone(), op, written_tx, finish_rx);
+        let writer = open_writer(
+            node1.clone(),
+            books.clone(),
+            op,
+            true,
+            written_tx,
+            finish_rx,
+        );
         written_rx.await.expect("the writer wrote");
         let found = tokio::time::timeout(Duration::from_secs(10), async {
             if certified {

@@ -359,13 +359,17 @@ impl DbBuilder {
             // transaction to the next (a connection that another one wrote behind must reread
             // the pages it uses), and one SQLite worker thread does all the writing.
             if self.writer_queue && !memory {
-                writer = Some(
+                // One connection each, kept open for the life of the `Db`.
+                let single = || {
                     AnyPoolOptions::new()
                         .max_connections(1)
                         .acquire_timeout(self.acquire_timeout)
                         .test_before_acquire(false)
                         .idle_timeout(None)
                         .max_lifetime(None)
+                };
+                writer = Some(
+                    single()
                         .after_connect(move |conn, _| {
                             Box::pin(async move {
                                 sqlite_settings(conn, busy_ms).await?;
@@ -376,12 +380,7 @@ impl DbBuilder {
                         .connect_lazy_with(options.clone()),
                 );
                 checkpointer = Some(
-                    AnyPoolOptions::new()
-                        .max_connections(1)
-                        .acquire_timeout(self.acquire_timeout)
-                        .test_before_acquire(false)
-                        .idle_timeout(None)
-                        .max_lifetime(None)
+                    single()
                         .after_connect(move |conn, _| sqlite_settings(conn, busy_ms))
                         .connect_lazy_with(options.clone()),
                 );

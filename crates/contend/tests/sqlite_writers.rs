@@ -169,20 +169,7 @@ async fn a_second_writer_on_the_same_file_is_guarded_by_the_busy_timeout() {
     let mut tasks = Vec::new();
     for db in [a.clone(), b.clone(), a.clone(), b.clone()] {
         let options = options.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..25 {
-                db.transaction_with(&options, |tx| {
-                    Box::pin(async move {
-                        tx.query("UPDATE counter SET n = n + 1")
-                            .execute(tx.conn())
-                            .await?;
-                        Ok::<_, Error>(())
-                    })
-                })
-                .await
-                .expect("retried until it committed");
-            }
-        }));
+        tasks.push(tokio::spawn(increment(db, options, 25)));
     }
     for t in tasks {
         t.await.unwrap();
@@ -190,11 +177,29 @@ async fn a_second_writer_on_the_same_file_is_guarded_by_the_busy_timeout() {
     assert_eq!(count(&a).await, 100);
 }
 
+/// Adds 1 to `counter` `times` times, one retried transaction each, on one session of `db`.
+async fn increment(db: Db, options: TxOptions, times: usize) {
+    let mut session = db.session();
+    for _ in 0..times {
+        session
+            .transaction_with(&options, |tx| {
+                Box::pin(async move {
+                    tx.query("UPDATE counter SET n = n + 1")
+                        .execute(tx.conn())
+                        .await?;
+                    Ok::<_, Error>(())
+                })
+            })
+            .await
+            .expect("retried until it committed");
+    }
+}
+
 /// What the child process (`child_writer`, this test binary run again) is told to do.
 const CHILD_MODE: &str = "CONTEND_SQLITE_CHILD_MODE";
 const CHILD_PATH: &str = "CONTEND_SQLITE_CHILD_PATH";
 /// Increments the child makes in `increment` mode.
-const CHILD_INCREMENTS: i64 = 100;
+const CHILD_INCREMENTS: usize = 100;
 
 /// A child process of this test binary writing to `path`; killed on drop if still running.
 struct ChildWriter(std::process::Child);
@@ -284,22 +289,7 @@ async fn child_writer() {
             let mut tasks = Vec::new();
             for _ in 0..4 {
                 let (db, options) = (db.clone(), options.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut session = db.session();
-                    for _ in 0..CHILD_INCREMENTS / 4 {
-                        session
-                            .transaction_with(&options, |tx| {
-                                Box::pin(async move {
-                                    tx.query("UPDATE counter SET n = n + 1")
-                                        .execute(tx.conn())
-                                        .await?;
-                                    Ok::<_, Error>(())
-                                })
-                            })
-                            .await
-                            .expect("retried until it committed");
-                    }
-                }));
+                tasks.push(tokio::spawn(increment(db, options, CHILD_INCREMENTS / 4)));
             }
             for t in tasks {
                 t.await.unwrap();
@@ -369,7 +359,7 @@ async fn a_second_process_writing_the_same_file_is_guarded_by_the_busy_timeout()
     assert!(ours.reads > 0);
     assert_eq!(
         count(&patient).await,
-        2 + ours.committed + CHILD_INCREMENTS,
+        2 + ours.committed + CHILD_INCREMENTS as i64,
         "no lost update between the processes"
     );
 }

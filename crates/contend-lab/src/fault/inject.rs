@@ -240,6 +240,12 @@ pub async fn latency(proxies: &[DelayProxy], window: &Window, delay: Duration) -
 
 /// When the database server last started, in milliseconds since the epoch (PostgreSQL) or
 /// seconds (MariaDB, from its uptime): a restart changes it.
+/// The start time of the server at `url` ([`server_started`]), on a connection of its own.
+async fn started_at(url: &str) -> anyhow::Result<i64> {
+    let db = admin(url).await?;
+    server_started(&db).await.context("reading the start time")
+}
+
 async fn server_started(db: &Db) -> anyhow::Result<i64> {
     let sql = match db.backend() {
         Backend::Postgres => {
@@ -303,11 +309,7 @@ pub async fn restart_db(url: &str, window: &Window, command: &str) -> FaultLog {
         recovers: true,
         ..FaultLog::default()
     };
-    let before = match admin(url).await {
-        Ok(db) => server_started(&db).await.context("reading the start time"),
-        Err(e) => Err(e),
-    };
-    let before = match before {
+    let before = match started_at(url).await {
         Ok(t) => t,
         Err(e) => {
             log.effect = format!("cannot read the server's start time: {e:#}");
@@ -320,11 +322,7 @@ pub async fn restart_db(url: &str, window: &Window, command: &str) -> FaultLog {
     let (ok, output, outage) = run_watching(command, || db_answers(url)).await;
     log.injected.push(outage.map_or(t0, |(down, _)| down));
     let took = t0.elapsed();
-    let after = until_ok(Duration::from_secs(30), || async {
-        let db = admin(url).await?;
-        server_started(&db).await
-    })
-    .await;
+    let after = until_ok(Duration::from_secs(30), || started_at(url)).await;
     log.observed = ok && after.is_some_and(|a| a > before);
     log.effect = match after {
         Some(a) if a > before => format!(
@@ -370,11 +368,7 @@ pub async fn restart_node(
         ..FaultLog::default()
     };
     let nodes = contend::nodes::split_urls(cluster_url).len();
-    let before = match admin(url).await {
-        Ok(db) => server_started(&db).await.context("reading the start time"),
-        Err(e) => Err(e),
-    };
-    let before = match before {
+    let before = match started_at(url).await {
         Ok(t) => t,
         Err(e) => {
             log.effect = format!("cannot read node {node}'s start time: {e:#}");
