@@ -22,6 +22,15 @@
 # connection given back to it with a round trip (`return_to_pool` in sqlx-core 0.9, unconditional),
 # which made each pooled operation cost one round trip more than pgbench's (0.68x before sessions,
 # ~1.0x after, measured on the dev machine).
+#
+# Measured 2026-11-30 12:50 UTC on the quiet 2-core dev machine (test server, ROUNDS=5, 5 s):
+#   atomic       18,599 vs 19,755   0.941  (lab 18,240-19,413, pgbench 19,284-20,347)
+#   pessimistic   2,283 vs  3,134   0.728  (lab 2,243-2,363, pgbench 3,068-3,207): target missed.
+# pessimistic holds the hot row across two client turnarounds, so whatever the client does there
+# counts: with patched builds (same script, not committed) no yield between read and write
+# (`scenario::think`) gave 0.746, and a plain COMMIT instead of contend's `SELECT 1; COMMIT` (the
+# check that a body did not swallow an error of an aborted transaction) 0.794; the rest is the
+# turnaround through sqlx's Any driver and tokio (strace: 4.1 messages per operation, as pgbench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
