@@ -351,9 +351,13 @@ async fn galera_commit_conflict_is_a_certification_conflict() {
     );
     let table = galera_rows(&db).await;
     let mut other = my_connect(&nodes[1]).await;
-    my_exec(&mut other, "SET SESSION wsrep_sync_wait = 1")
+    // Causal reads and writes (1 + 2): node 2's UPDATE first waits until node 2 has applied
+    // everything the cluster committed before it, the table and rows node 1 just created
+    // included (`catch_up` on node 1's `Db` waits for node 1 only; without this the UPDATE
+    // once met "Table ... doesn't exist").
+    my_exec(&mut other, "SET SESSION wsrep_sync_wait = 3")
         .await
-        .expect("causal reads");
+        .expect("causal reads and writes");
     let node2 = std::sync::Arc::new(tokio::sync::Mutex::new(other));
     let t = table.clone();
     let run = tokio::time::timeout(
