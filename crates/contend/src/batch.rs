@@ -87,7 +87,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -528,7 +528,6 @@ impl<DB: Database> Batcher<DB> {
             retry: options.retry.clone(),
             batch,
             savepoints: AtomicBool::new(false),
-            last_size: AtomicUsize::new(0),
         };
         tokio::spawn(combiner.run(db));
     }
@@ -558,9 +557,6 @@ struct Combiner<DB: Database> {
     /// its own error (one round trip less per operation, and no subtransactions); turned on by
     /// the first such failure, and off again after a batch without one.
     savepoints: AtomicBool,
-    /// How many operations the last batch took: callers that were just answered, whose next
-    /// operations [`Combiner::gather`] waits for.
-    last_size: AtomicUsize,
 }
 
 /// How one attempt at a batch ended.
@@ -578,8 +574,11 @@ enum Attempt {
 impl<DB: Database> Combiner<DB> {
     async fn run(self, db: Db<DB>) {
         let mut session = db.session();
+        // How many operations the last batch took: callers that were just answered, whose next
+        // operations `collect` waits for.
+        let mut last = 0;
         loop {
-            self.collect().await;
+            self.collect(last).await;
             let jobs: Jobs<DB> = {
                 let mut queues = self.inner.queues.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(queue) = queues.get_mut(&self.key) else {
@@ -590,7 +589,7 @@ impl<DB: Database> Combiner<DB> {
                     return;
                 }
                 let n = queue.pending.len().min(self.batch.max_size);
-                self.last_size.store(n, Ordering::Relaxed);
+                last = n;
                 let mut jobs: Jobs<DB> = queue.pending.drain(..n).collect();
                 // A domain's operations grouped by key set (stable: arrival order within a
                 // set), so that a group shares one read and one write, and rows are locked in
@@ -612,10 +611,11 @@ impl<DB: Database> Combiner<DB> {
         }
     }
 
-    /// Waits up to `max_wait` for the queue to fill up to `max_size`.
-    async fn collect(&self) {
+    /// Waits up to `max_wait` for the queue to fill up to `max_size` (without a wait,
+    /// [`Combiner::gather`] for the `answered` callers of the last batch).
+    async fn collect(&self, answered: usize) {
         if self.batch.max_wait.is_zero() {
-            self.gather().await;
+            self.gather(answered).await;
             return;
         }
         let deadline = tokio::time::Instant::now() + self.batch.max_wait;
@@ -645,13 +645,12 @@ impl<DB: Database> Combiner<DB> {
     /// `GATHER_YIELDS` times, and stops as soon as the queue holds what was already waiting
     /// plus one operation per caller of the last batch (or `max_size`), or when it stops
     /// growing. No timer is involved: when nobody else is runnable a yield returns at once.
-    async fn gather(&self) {
+    async fn gather(&self, answered: usize) {
         const GATHER_YIELDS: usize = 16;
         let pending = || {
             let queues = self.inner.queues.lock().unwrap_or_else(|e| e.into_inner());
             queues.get(&self.key).map_or(0, |q| q.pending.len())
         };
-        let answered = self.last_size.swap(0, Ordering::Relaxed);
         let mut seen = pending();
         let target = (seen + answered).min(self.batch.max_size);
         let mut still = 0;

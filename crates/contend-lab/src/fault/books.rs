@@ -140,7 +140,8 @@ impl Books {
     /// "absent" is final.
     ///
     /// # Cancel safety
-    /// Cancel-safe (reads only; a dropped call rolls its transaction back).
+    /// Cancel-safe: a dropped call rolls its transaction back (on Galera nothing of its
+    /// certifying write commits).
     pub async fn applied(&self, db: &Db, op: u64) -> contend::Result<bool> {
         let (from, to) = accounts_of(op);
         let lock = format!(
