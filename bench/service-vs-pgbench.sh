@@ -230,9 +230,15 @@ for clients in $CLIENT_COUNTS; do
   for mode in low hot; do
     hot=0; [ "$mode" = hot ] && hot=1
     : >"$WORK/svc"; : >"$WORK/pgb"; : >"$WORK/ratio"
-    for _ in $(seq 1 "$ROUNDS"); do
-      read -r stps sp99 < <(run_service $hot "$clients")
-      read -r ptps pp99 < <(run_pgbench "$WORK/$mode.sql" "$clients")
+    for round in $(seq 1 "$ROUNDS"); do
+      # Which side goes first alternates, so neither always runs on a machine the other warmed.
+      if [ $((round % 2)) = 1 ]; then
+        read -r stps sp99 < <(run_service $hot "$clients")
+        read -r ptps pp99 < <(run_pgbench "$WORK/$mode.sql" "$clients")
+      else
+        read -r ptps pp99 < <(run_pgbench "$WORK/$mode.sql" "$clients")
+        read -r stps sp99 < <(run_service $hot "$clients")
+      fi
       echo "$stps $sp99" >>"$WORK/svc"; echo "$ptps $pp99" >>"$WORK/pgb"
       python3 -c "print($stps / $ptps)" >>"$WORK/ratio"
     done

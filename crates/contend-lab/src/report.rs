@@ -327,6 +327,18 @@ pub fn short_verdict(verdict: &str) -> &str {
     }
 }
 
+/// `(key, value)` pairs grouped by key, the keys in the order first seen.
+fn group_in_order<K: PartialEq, V>(pairs: impl IntoIterator<Item = (K, V)>) -> Vec<(K, Vec<V>)> {
+    let mut groups: Vec<(K, Vec<V>)> = Vec::new();
+    for (key, value) in pairs {
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, values)) => values.push(value),
+            None => groups.push((key, vec![value])),
+        }
+    }
+    groups
+}
+
 /// A combination the lab did not run, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SkippedRun {
@@ -563,12 +575,8 @@ impl LabReport {
         self.render_details(out);
         if !self.skipped.is_empty() {
             out.push_str("\nSkipped:\n");
-            for s in &self.skipped {
-                let _ = writeln!(
-                    out,
-                    "  {}/{} on {}: {}",
-                    s.scenario, s.strategy, s.backend, s.reason
-                );
+            for line in self.skipped_lines() {
+                let _ = writeln!(out, "  {line}");
             }
         }
         out.push_str(LEGEND);
@@ -626,6 +634,49 @@ impl LabReport {
             &header,
             rows,
         );
+    }
+
+    /// The skipped combinations, one line per reason: the strategies skipped for the same
+    /// reason on the same scenarios share a line, and a set of scenarios that is every scenario
+    /// of the report is written "every scenario" (the default lab skips each lock service on
+    /// each of its seven scenarios: seven lines said the same thing).
+    pub(crate) fn skipped_lines(&self) -> Vec<String> {
+        // (backend, reason, strategy) -> scenarios, then (backend, reason, scenarios) ->
+        // strategies, each in the order first seen.
+        let by_strategy = group_in_order(self.skipped.iter().map(|s| {
+            let key = (s.backend.as_str(), s.reason.as_str(), s.strategy.as_str());
+            (key, s.scenario.as_str())
+        }));
+        let grouped = group_in_order(by_strategy.into_iter().map(
+            |((backend, reason, strategy), scenarios)| ((backend, reason, scenarios), strategy),
+        ));
+        let mut every: Vec<&str> = Vec::new();
+        for name in self
+            .runs
+            .iter()
+            .map(|r| r.scenario.as_str())
+            .chain(self.skipped.iter().map(|s| s.scenario.as_str()))
+        {
+            if !every.contains(&name) {
+                every.push(name);
+            }
+        }
+        grouped
+            .into_iter()
+            .map(|((backend, reason, scenarios), strategies)| {
+                let strategies = strategies.join(", ");
+                match scenarios.as_slice() {
+                    [one] => format!("{one}/{strategies} on {backend}: {reason}"),
+                    _ if scenarios.len() == every.len() => {
+                        format!("{strategies} on {backend} (every scenario): {reason}")
+                    }
+                    _ => format!(
+                        "{strategies} on {backend} ({}): {reason}",
+                        scenarios.join(", ")
+                    ),
+                }
+            })
+            .collect()
     }
 
     /// Failed invariants and error samples, so a red row can be understood without `--json`.
@@ -813,6 +864,46 @@ mod tests {
         );
         assert!(text.contains("ERRORS (BUG)"), "{text}");
         assert!(text.contains("FAILED"), "{text}");
+    }
+
+    #[test]
+    fn skipped_runs_share_a_line_per_reason() {
+        let skip = |scenario: &str, strategy: &str, reason: &str| SkippedRun {
+            scenario: scenario.into(),
+            strategy: strategy.into(),
+            backend: "sqlite".into(),
+            reason: reason.into(),
+        };
+        let mut report = LabReport::default();
+        let mut transfer = run("atomic", true, 0, 0);
+        transfer.scenario = "transfer".into();
+        report.runs.extend([run("atomic", true, 0, 0), transfer]);
+        for scenario in ["withdraw", "transfer", "append"] {
+            report
+                .skipped
+                .push(skip(scenario, "redis", "needs --redis-url"));
+            report
+                .skipped
+                .push(skip(scenario, "redis-spin", "needs --redis-url"));
+        }
+        report
+            .skipped
+            .push(skip("append", "atomic", "no conditional statement"));
+        report.skipped.push(skip("withdraw", "etcd", "no etcd"));
+        report.skipped.push(skip("transfer", "etcd", "no etcd"));
+        assert_eq!(
+            report.skipped_lines(),
+            [
+                "redis, redis-spin on sqlite (every scenario): needs --redis-url",
+                "append/atomic on sqlite: no conditional statement",
+                "etcd on sqlite (withdraw, transfer): no etcd",
+            ]
+        );
+        let text = report.render();
+        assert!(
+            text.contains("\nSkipped:\n  redis, redis-spin on sqlite"),
+            "{text}"
+        );
     }
 
     #[test]
