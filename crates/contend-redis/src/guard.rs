@@ -26,6 +26,20 @@ pub(crate) trait Holder: Send + Sync + 'static {
 
     /// Releases the lock if it still carries `token`. `Ok(true)` when it did.
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>>;
+
+    /// Raises the fencing counter to at least `value` wherever the lock still carries `token`.
+    /// `Ok(true)` when enough nodes did (the node; a majority) for the next grant's token to
+    /// exceed `value`. The default, for holders whose guards have no public raise (shared
+    /// members, reentrant holds): `Ok(false)`.
+    fn raise<'a>(
+        &'a self,
+        keys: &'a LockKeys,
+        token: &'a str,
+        value: u64,
+    ) -> BoxFuture<'a, Result<bool>> {
+        let _ = (keys, token, value);
+        Box::pin(async { Ok(false) })
+    }
 }
 
 /// The [`Holder`] of a lock on one node (the lock client and the spin lock): extend and
@@ -56,6 +70,15 @@ impl Holder for SingleNode {
 
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move { Ok(self.node.release_script(keys, token, self.notify).await? == 1) })
+    }
+
+    fn raise<'a>(
+        &'a self,
+        keys: &'a LockKeys,
+        token: &'a str,
+        value: u64,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move { Ok(self.node.raise_script(keys, token, value).await? == 1) })
     }
 }
 
@@ -187,6 +210,10 @@ impl GuardCore {
                 Ok(false)
             }
         }
+    }
+
+    pub async fn raise_fence(&self, value: u64) -> Result<bool> {
+        self.holder.raise(&self.keys, &self.token, value).await
     }
 
     pub async fn release(mut self) -> Result<bool> {
@@ -323,6 +350,40 @@ impl LockGuard {
     /// only moved forward by a confirmed extension.
     pub async fn extend(&self, lease: Duration) -> Result<bool> {
         self.core.extend(lease).await
+    }
+
+    /// Raises the key's fencing counter past `highest`, the token the database says it has
+    /// already accepted ([`contend::Error::StaleFencingToken`]), so that the next grant's token
+    /// is newer. Call it when the database refused this grant's token: a Redis node restarted
+    /// without persistence counts from 0 again, and without the raise every grant would be
+    /// refused until the counter caught up with the database by itself. `Ok(true)` when the
+    /// counter was raised (or already as high) where the lock is still ours (on a majority
+    /// for Redlock); `Ok(false)` when the lock is no longer ours: this holder lost it, a newer
+    /// grant exists, and the counter is already past this token.
+    ///
+    /// ```no_run
+    /// # async fn demo(guard: contend_redis::LockGuard, db: contend::Db) -> contend::Result<()> {
+    /// use contend::fencing;
+    /// let token = guard.fencing_token();
+    /// let write = db.transaction(|tx| Box::pin(async move {
+    ///     fencing::fence(tx, "account:1", token).await
+    ///     // ... the write the lock guards
+    /// })).await;
+    /// if let Err(contend::Error::StaleFencingToken { highest, .. }) = write {
+    ///     guard.raise_fence(contend::fencing::FencingToken::new(highest)).await?;
+    /// }
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`contend::Error::LockService`] when Redis cannot be reached.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: raising a counter to a value is idempotent; a dropped call leaves it as it
+    /// was or raised.
+    pub async fn raise_fence(&self, highest: FencingToken) -> Result<bool> {
+        self.core.raise_fence(highest.get()).await
     }
 
     /// Releases the lock now. `Ok(true)` when it was still ours; `Ok(false)` when it had

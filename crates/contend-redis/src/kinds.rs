@@ -647,6 +647,16 @@ impl Holder for FairHolder {
         Box::pin(extend_on(&self.node, keys, token, lease))
     }
 
+    /// The fair lock's key holds the owner's token as the plain lock's does.
+    fn raise<'a>(
+        &'a self,
+        keys: &'a LockKeys,
+        token: &'a str,
+        value: u64,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move { Ok(self.node.raise_script(keys, token, value).await? == 1) })
+    }
+
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let [queue, heartbeat, _] = fair_keys(&keys.lock);

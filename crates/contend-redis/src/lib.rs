@@ -44,8 +44,10 @@
 //! For a lock key `K` in namespace `ns` (default `contend`): `ns:lock:K` holds the owner's
 //! random 128-bit token with the lease as expiry; `ns:fence:K` is the fencing counter (it never
 //! expires: deleting it, or losing it in a restart without persistence, makes tokens start
-//! again from 1, and fenced writes then refuse the new holders until the counter catches up);
-//! `ns:released:K` is the release channel.
+//! again from 1: the next fenced write is refused, and [`LockGuard::raise_fence`] with the
+//! token the refusal names, which the strategy executor calls on every refused grant, raises
+//! the counter past it so that the grant after that writes); `ns:released:K` is the release
+//! channel.
 
 mod client;
 mod guard;

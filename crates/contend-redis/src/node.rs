@@ -240,6 +240,18 @@ impl Node {
             .await
     }
 
+    /// Runs the raise script: raises the fencing counter of `keys` to at least `value` if the
+    /// lock still carries `token`. Returns the script's reply: 1 ours (raised if it was lower),
+    /// 0 not ours.
+    pub async fn raise_script(&self, keys: &LockKeys, token: &str, value: u64) -> Result<i64> {
+        self.eval(
+            &scripts::RAISE,
+            &[&keys.lock, &keys.fence],
+            &[&token, &value],
+        )
+        .await
+    }
+
     /// Runs the release script: deletes the lock of `keys` if it still carries `token`, and
     /// with `notify` publishes on the release channel so that waiters wake. Returns the
     /// script's reply: 1 released, 0 not ours.

@@ -45,9 +45,13 @@
 //! forgets its counter. A node restarted without persistence (or with `appendfsync everysec`
 //! and a crash) comes back with lower counters; then tokens may repeat or go backwards, and the
 //! fenced database write refuses the *newer* holder rather than the older: safe (no write from
-//! a stale holder is applied over a newer one), but it stops progress until the counters
-//! overtake the stored token. Run nodes with persistence, or delay their restart by more than
-//! the longest lease, as the Redlock description advises.
+//! a stale holder is applied over a newer one). The refusal names the highest token the
+//! database has accepted, and [`LockGuard::raise_fence`] (called by the strategy executor on
+//! every refused grant) raises the counters of the nodes where the lock is still ours past it,
+//! so one write is refused, not every write until the counters catch up by themselves. A holder
+//! that reused a token equal to the stored one before that refusal is still accepted (the
+//! fence accepts equal tokens); run nodes with persistence, or delay their restart by more
+//! than the longest lease, as the Redlock description advises.
 //!
 //! What it does not guarantee: that only one holder runs its critical section at a time. Two
 //! holders can overlap; the database write, checked by [`contend::fencing::fence`] in the same
@@ -335,11 +339,7 @@ impl Redlock {
                 async move {
                     let raise = tokio::time::timeout(
                         inner.node_timeout,
-                        node.eval::<i64>(
-                            &scripts::RAISE,
-                            &[&keys.lock, &keys.fence],
-                            &[&token, &fence],
-                        ),
+                        node.raise_script(keys, token, fence),
                     )
                     .await;
                     matches!(raise, Ok(Ok(1)))
@@ -522,6 +522,42 @@ impl Holder for Inner {
         Box::pin(async move {
             let all: Vec<usize> = (0..self.nodes.len()).collect();
             Ok(self.release_on(&all, keys, token, true).await? >= self.quorum)
+        })
+    }
+
+    /// On every node where the lock is still ours: a later grant needs a majority, which
+    /// shares a node with ours, so a majority raised is enough.
+    fn raise<'a>(
+        &'a self,
+        keys: &'a LockKeys,
+        token: &'a str,
+        value: u64,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let results = join_all(self.nodes.iter().map(|node| async move {
+                match tokio::time::timeout(self.node_timeout, node.raise_script(keys, token, value))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(timeout_failure(node.address(), "raise", self.node_timeout)),
+                }
+            }))
+            .await;
+            let mut raised = 0;
+            let mut first_error = None;
+            for r in results {
+                match r {
+                    Ok(1) => raised += 1,
+                    Ok(_) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            match first_error {
+                Some(e) if raised < self.quorum => Err(e),
+                _ => Ok(raised >= self.quorum),
+            }
         })
     }
 }

@@ -79,6 +79,17 @@ impl HeldLock for Held {
         }
     }
 
+    /// Raises the counter past the database's token (a Redis node restarted without
+    /// persistence counts from 0 again); a spin grant has no token to be refused.
+    fn token_refused(&mut self, highest: FencingToken) -> BoxFuture<'_, contend::Result<()>> {
+        Box::pin(async move {
+            if let Held::Fenced(guard) = self {
+                guard.raise_fence(highest).await?;
+            }
+            Ok(())
+        })
+    }
+
     fn release(self: Box<Self>) -> BoxFuture<'static, contend::Result<()>> {
         Box::pin(async move {
             match *self {

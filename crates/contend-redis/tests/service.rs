@@ -132,3 +132,95 @@ async fn redis_and_redlock_keep_the_count() {
         assert_eq!(n, 120, "{strategy} lost increments");
     }
 }
+
+/// A Redis node restarted without persistence counts its fencing counters from 0 again, while
+/// the database remembers the highest token it accepted. The first grant after that is refused
+/// (its token is stale); the refusal raises the counter past the database's token, so the next
+/// grant writes. Without the raise every grant would be refused until the counter caught up by
+/// itself (here: the next four).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_that_went_back_is_raised_past_the_database() {
+    let (Some(url), Some(urls)) = (common::redis_url(), common::redlock_urls()) else {
+        return;
+    };
+    let options = LockOptions::new()
+        .lease(Duration::from_secs(10))
+        .wait(Duration::from_secs(20));
+    let single_ns = common::unique_namespace("raise");
+    let quorum_ns = common::unique_namespace("raise-redlock");
+    let client = LockClient::builder(&url)
+        .namespace(&single_ns)
+        .connect()
+        .await
+        .unwrap();
+    let redlock = Redlock::builder(&urls)
+        .namespace(&quorum_ns)
+        .connect()
+        .await
+        .unwrap();
+    let cases = [
+        (
+            RedisLocks::single(client, options),
+            single_ns,
+            vec![url.clone()],
+        ),
+        (RedisLocks::redlock(redlock, options), quorum_ns, urls),
+    ];
+    for (locks, namespace, nodes) in cases {
+        let executor: Executor = Executor::new().lock_service(Strategy::Redis, Arc::new(locks));
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("t.db").display());
+        let db = Db::connect(&url).await.unwrap();
+        db.execute_script("CREATE TABLE counter (n INTEGER); INSERT INTO counter VALUES (0)")
+            .await
+            .unwrap();
+        contend::fencing::ensure_schema(&db).await.unwrap();
+        let mut session = db.session();
+        let mut run = async || {
+            executor
+                .run(Strategy::Redis, &mut session, Arc::new(Increment))
+                .await
+        };
+        for _ in 0..5 {
+            run().await.result.expect("tokens 1 to 5 write");
+        }
+        // The restart without persistence: every node forgets the key's counter.
+        for node in &nodes {
+            let mut conn = redis::Client::open(node.as_str())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let _: i64 = redis::cmd("DEL")
+                .arg(format!("{namespace}:fence:counter"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let refused = run().await;
+        assert!(
+            refused.fenced,
+            "{namespace}: token 1 after the reset is stale"
+        );
+        assert!(
+            matches!(
+                refused.result,
+                Err(Error::StaleFencingToken { highest: 5, .. })
+            ),
+            "{namespace}: {:?}",
+            refused.result
+        );
+        let next = run().await;
+        assert!(
+            next.result.is_ok() && !next.fenced,
+            "{namespace}: the grant after the refusal writes: {:?}",
+            next.result
+        );
+        let n: i64 = db
+            .query_scalar("SELECT n FROM counter")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 6, "{namespace}: the refused write did not apply");
+    }
+}

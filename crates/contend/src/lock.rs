@@ -72,6 +72,28 @@ pub trait HeldLock: Send {
     /// that has none (a baseline such as a spin lock; its writes are then not fenced).
     fn fencing_token(&self) -> Option<FencingToken>;
 
+    /// The database refused this grant's token because it has accepted a newer one for the
+    /// key, `highest` ([`crate::Error::StaleFencingToken`]). Either this holder lost its lock
+    /// (a pause past the lease: a newer grant exists), or the service's counter went back (a
+    /// Redis node restarted without persistence counts from 0 again, and every later grant
+    /// would be refused until the counter caught up with the database). A service whose
+    /// counter can go back raises it to at least `highest` here, while this grant still holds
+    /// the lock, so that the next grant is newer; the executor calls this before releasing a
+    /// refused grant. The default does nothing (a counter that cannot go back, such as etcd's
+    /// revision).
+    ///
+    /// # Errors
+    /// [`crate::Error::LockService`] when the service cannot be reached (the next grants are
+    /// then refused until a later refusal raises the counter).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: raising a counter to a value is idempotent, and a dropped call leaves the
+    /// counter as it was or raised.
+    fn token_refused(&mut self, highest: FencingToken) -> BoxFuture<'_, Result<()>> {
+        let _ = highest;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Releases the lock.
     ///
     /// # Errors

@@ -21,8 +21,7 @@
 //! reads and writes with `&mut PgConnection` and their own row types.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::Any;
@@ -716,7 +715,8 @@ impl<DB: Database> Executor<DB> {
                         .filter_map(|(key, lock)| lock.fencing_token().map(|t| (key.clone(), t)))
                         .collect(),
                 );
-                let stale = Arc::new(AtomicBool::new(false));
+                // The refused resource and the highest token the database had accepted.
+                let stale: Arc<Mutex<Option<(String, u64)>>> = Arc::new(Mutex::new(None));
                 let s = stale.clone();
                 let run = session
                     .run(options, move |tx| {
@@ -724,8 +724,9 @@ impl<DB: Database> Executor<DB> {
                         Box::pin(async move {
                             for (resource, token) in fences.iter() {
                                 if let Err(e) = fencing::fence(tx, resource, *token).await {
-                                    if matches!(e, Error::StaleFencingToken { .. }) {
-                                        s.store(true, Ordering::Relaxed);
+                                    if let Error::StaleFencingToken { highest, .. } = &e {
+                                        *s.lock().expect("not poisoned") =
+                                            Some((resource.clone(), *highest));
                                     }
                                     return Err(e.into());
                                 }
@@ -735,7 +736,15 @@ impl<DB: Database> Executor<DB> {
                         })
                     })
                     .await;
-                Executed::from_attempts(run, waited, stale.load(Ordering::Relaxed))
+                let refused = stale.lock().expect("not poisoned").take();
+                if let Some((resource, highest)) = &refused
+                    && let Some((_, lock)) = held.iter_mut().find(|(key, _)| key == resource)
+                    && let Err(e) = lock.token_refused(FencingToken::new(*highest)).await
+                {
+                    // The next grant is refused too, and tries again.
+                    tracing::warn!(error = %e, resource, "could not raise the lock's fencing counter");
+                }
+                Executed::from_attempts(run, waited, refused.is_some())
             }
         };
         for (_, lock) in held.into_iter().rev() {
