@@ -78,8 +78,19 @@ impl Holder for SingleNode {
         token: &'a str,
         value: u64,
     ) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move { Ok(self.node.raise_script(keys, token, value).await? == 1) })
+        Box::pin(raise_on(&self.node, keys, token, value))
     }
+}
+
+/// Raises the fencing counter of the single-node lock `keys` to at least `value` if `node`
+/// still holds it with `token`: `true` when it does.
+pub(crate) async fn raise_on(
+    node: &Node,
+    keys: &LockKeys,
+    token: &str,
+    value: u64,
+) -> Result<bool> {
+    Ok(node.raise_script(keys, token, value).await? == 1)
 }
 
 /// Extends the single-node lock `keys` held with `token` on `node` by `lease`: the new

@@ -27,7 +27,7 @@ use contend::fencing::FencingToken;
 use contend::{BoxFuture, Error, Result};
 
 use crate::LockClient;
-use crate::guard::{GuardCore, Holder, LockGuard, SingleNode, extend_on};
+use crate::guard::{GuardCore, Holder, LockGuard, SingleNode, extend_on, raise_on};
 use crate::node::Node;
 use crate::options::{Acquiring, LockKeys, LockOptions, new_token, valid_until};
 use crate::scripts;
@@ -654,7 +654,7 @@ impl Holder for FairHolder {
         token: &'a str,
         value: u64,
     ) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move { Ok(self.node.raise_script(keys, token, value).await? == 1) })
+        Box::pin(raise_on(&self.node, keys, token, value))
     }
 
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {

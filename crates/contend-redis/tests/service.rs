@@ -56,7 +56,9 @@ impl Operation for Increment {
     }
 }
 
-async fn count_after(executor: &Executor, strategy: Strategy) -> (i64, Vec<String>) {
+/// A SQLite file with the counter at 0 and the fence table (the folder lives as long as the
+/// returned guard).
+async fn counter_db() -> (tempfile::TempDir, Db) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite:{}", dir.path().join("t.db").display());
     let db = Db::connect(&url).await.unwrap();
@@ -64,6 +66,43 @@ async fn count_after(executor: &Executor, strategy: Strategy) -> (i64, Vec<Strin
         .await
         .unwrap();
     contend::fencing::ensure_schema(&db).await.unwrap();
+    (dir, db)
+}
+
+async fn counter(db: &Db) -> i64 {
+    db.query_scalar("SELECT n FROM counter")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
+/// The single-node lock and Redlock on the test servers, each in a namespace of its own, with
+/// that namespace and the URLs of its nodes; `None` when the servers are not configured.
+async fn both_locks(test: &str) -> Option<[(RedisLocks, String, Vec<String>); 2]> {
+    let (url, urls) = (common::redis_url()?, common::redlock_urls()?);
+    let options = LockOptions::new()
+        .lease(Duration::from_secs(10))
+        .wait(Duration::from_secs(20));
+    let single_ns = common::unique_namespace(test);
+    let quorum_ns = common::unique_namespace(&format!("{test}-redlock"));
+    let client = LockClient::builder(&url)
+        .namespace(&single_ns)
+        .connect()
+        .await
+        .unwrap();
+    let redlock = Redlock::builder(&urls)
+        .namespace(&quorum_ns)
+        .connect()
+        .await
+        .unwrap();
+    Some([
+        (RedisLocks::single(client, options), single_ns, vec![url]),
+        (RedisLocks::redlock(redlock, options), quorum_ns, urls),
+    ])
+}
+
+async fn count_after(executor: &Executor, strategy: Strategy) -> (i64, Vec<String>) {
+    let (_dir, db) = counter_db().await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (db, executor) = (db.clone(), executor.clone());
@@ -85,41 +124,17 @@ async fn count_after(executor: &Executor, strategy: Strategy) -> (i64, Vec<Strin
     for t in tasks {
         errors.extend(t.await.unwrap());
     }
-    let n: i64 = db
-        .query_scalar("SELECT n FROM counter")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-    (n, errors)
+    (counter(&db).await, errors)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_and_redlock_keep_the_count() {
-    let (Some(url), Some(urls)) = (common::redis_url(), common::redlock_urls()) else {
+    let Some([(single, ..), (quorum, ..)]) = both_locks("service").await else {
         return;
     };
-    let options = LockOptions::new()
-        .lease(Duration::from_secs(10))
-        .wait(Duration::from_secs(20));
-    let client = LockClient::builder(&url)
-        .namespace(&common::unique_namespace("service"))
-        .connect()
-        .await
-        .unwrap();
-    let redlock = Redlock::builder(&urls)
-        .namespace(&common::unique_namespace("service-redlock"))
-        .connect()
-        .await
-        .unwrap();
     let executor: Executor = Executor::new()
-        .lock_service(
-            Strategy::Redis,
-            Arc::new(RedisLocks::single(client, options)),
-        )
-        .lock_service(
-            Strategy::Redlock,
-            Arc::new(RedisLocks::redlock(redlock, options)),
-        );
+        .lock_service(Strategy::Redis, Arc::new(single))
+        .lock_service(Strategy::Redlock, Arc::new(quorum));
     let (baseline, errors) = count_after(&executor, Strategy::None).await;
     assert!(errors.is_empty(), "{errors:?}");
     assert!(
@@ -140,41 +155,12 @@ async fn redis_and_redlock_keep_the_count() {
 /// itself (here: the next four).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_counter_that_went_back_is_raised_past_the_database() {
-    let (Some(url), Some(urls)) = (common::redis_url(), common::redlock_urls()) else {
+    let Some(cases) = both_locks("raise").await else {
         return;
     };
-    let options = LockOptions::new()
-        .lease(Duration::from_secs(10))
-        .wait(Duration::from_secs(20));
-    let single_ns = common::unique_namespace("raise");
-    let quorum_ns = common::unique_namespace("raise-redlock");
-    let client = LockClient::builder(&url)
-        .namespace(&single_ns)
-        .connect()
-        .await
-        .unwrap();
-    let redlock = Redlock::builder(&urls)
-        .namespace(&quorum_ns)
-        .connect()
-        .await
-        .unwrap();
-    let cases = [
-        (
-            RedisLocks::single(client, options),
-            single_ns,
-            vec![url.clone()],
-        ),
-        (RedisLocks::redlock(redlock, options), quorum_ns, urls),
-    ];
     for (locks, namespace, nodes) in cases {
         let executor: Executor = Executor::new().lock_service(Strategy::Redis, Arc::new(locks));
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:{}", dir.path().join("t.db").display());
-        let db = Db::connect(&url).await.unwrap();
-        db.execute_script("CREATE TABLE counter (n INTEGER); INSERT INTO counter VALUES (0)")
-            .await
-            .unwrap();
-        contend::fencing::ensure_schema(&db).await.unwrap();
+        let (_dir, db) = counter_db().await;
         let mut session = db.session();
         let mut run = async || {
             executor
@@ -216,11 +202,10 @@ async fn a_counter_that_went_back_is_raised_past_the_database() {
             "{namespace}: the grant after the refusal writes: {:?}",
             next.result
         );
-        let n: i64 = db
-            .query_scalar("SELECT n FROM counter")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
-        assert_eq!(n, 6, "{namespace}: the refused write did not apply");
+        assert_eq!(
+            counter(&db).await,
+            6,
+            "{namespace}: the refused write did not apply"
+        );
     }
 }
