@@ -1029,8 +1029,8 @@ impl<DB: Database> Db<DB> {
         }
     }
 
-    /// Counts a write that finished on the dedicated writer connection (its background
-    /// checkpoints, see `Writer::wrote`).
+    /// Counts a write that finished on the dedicated writer connection ([`WriterLease::done`]),
+    /// for the background checkpoints.
     ///
     /// Every [`CHECKPOINT_EVERY`] writes, unless one is running, a checkpoint starts on the
     /// checkpointer connection in a task of its own: a passive checkpoint alongside the writer
