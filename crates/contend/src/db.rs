@@ -80,7 +80,7 @@ pub(crate) struct Writer<DB: Database> {
     dedicated: Option<Pool<DB>>,
     /// With `dedicated`: a pool of one connection that checkpoints the WAL in the background
     /// (the writer connection has no automatic checkpoints, so that no write waits for one).
-    checkpointer: Option<Pool<DB>>,
+    checkpointer: Option<Pool<Any>>,
     /// Write transactions since the last checkpoint was started.
     writes: AtomicUsize,
     /// Whether a background checkpoint is running.
@@ -89,11 +89,25 @@ pub(crate) struct Writer<DB: Database> {
 
 /// How many writes on the dedicated writer connection start a background checkpoint. SQLite's
 /// own automatic checkpoint runs every 1,000 WAL pages inside the commit that crosses them; a
-/// write transaction of a few rows adds a handful of pages.
-const CHECKPOINT_EVERY: usize = 200;
+/// write transaction of a few rows adds a handful of pages. Every checkpoint that copies pages
+/// syncs the WAL and the database file, and those syncs slow the writer's own file writes
+/// meanwhile: fewer, larger checkpoints cost the writer less (measured with
+/// `bench/sqlite-scaling.sh`: 200 gave a larger p99 at 16 workers).
+const CHECKPOINT_EVERY: usize = 1_000;
+
+/// How many frames (pages) the WAL may hold before a background checkpoint catches up with the
+/// write turn held: 16 MiB with 4 KiB pages, four times SQLite's own automatic checkpoint. Below this, checkpoints copy alongside the
+/// writer and never stop it; but the WAL starts over only after a checkpoint that copied all
+/// of it, which a writer that never pauses does not allow, so above this the next checkpoint
+/// pauses the writers for as long as it takes to copy what was appended meanwhile.
+const CATCH_UP_FRAMES: i64 = 4_096;
+
+/// A checkpoint that copies what it can without waiting for anyone; its row is (whether it was
+/// blocked, frames in the WAL, frames copied into the database file).
+const PASSIVE_CHECKPOINT: &str = "PRAGMA wal_checkpoint(PASSIVE)";
 
 impl<DB: Database> Writer<DB> {
-    fn new(dedicated: Option<(Pool<DB>, Pool<DB>)>) -> Self {
+    fn new(dedicated: Option<(Pool<DB>, Pool<Any>)>) -> Self {
         let (dedicated, checkpointer) = dedicated.unzip();
         Writer {
             turn: tokio::sync::Mutex::new(None),
@@ -108,6 +122,67 @@ impl<DB: Database> Writer<DB> {
 /// A write turn ([`Db::writer_turn`]): held for the whole write transaction; it keeps the dedicated
 /// writer connection while no transaction uses it.
 pub(crate) type WriterTurn<'a, DB> = tokio::sync::MutexGuard<'a, Option<PoolConnection<DB>>>;
+
+/// The turn to write and the dedicated writer connection, held together for one write
+/// ([`Db::writer_lease`]): for a write transaction and for the executor's one-statement
+/// `atomic` alike.
+pub(crate) struct WriterLease<'a, DB: Database> {
+    db: &'a Db<DB>,
+    turn: WriterTurn<'a, DB>,
+    /// The writer connection, unless it was lent out with [`WriterLease::take`].
+    conn: Option<PoolConnection<DB>>,
+}
+
+impl<DB: Database> WriterLease<'_, DB> {
+    /// The writer connection.
+    pub(crate) fn conn(&mut self) -> &mut PoolConnection<DB> {
+        self.conn
+            .as_mut()
+            .expect("the writer connection was not taken")
+    }
+
+    /// Lends the writer connection out (to a [`Tx`], which owns its connection); give it back
+    /// with [`WriterLease::put`] once the work on it finished cleanly.
+    pub(crate) fn take(&mut self) -> PoolConnection<DB> {
+        self.conn
+            .take()
+            .expect("the writer connection was not taken")
+    }
+
+    /// Gives back the connection lent out with [`WriterLease::take`].
+    pub(crate) fn put(&mut self, conn: PoolConnection<DB>) {
+        self.conn = Some(conn);
+    }
+
+    /// The write finished cleanly: the connection goes back to the turn for the next writer,
+    /// the write is counted towards the background checkpoint ([`Db::wrote`]), and the turn is
+    /// released. Without the connection (lent out and not given back) only the turn is
+    /// released: the next write opens another connection.
+    pub(crate) fn done(mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        *self.turn = Some(conn);
+        self.db.wrote();
+    }
+}
+
+impl<DB: Database> Drop for WriterLease<'_, DB> {
+    fn drop(&mut self) {
+        // Not `done`: the work on the connection did not finish cleanly.
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+impl<DB: Database> std::fmt::Debug for WriterLease<'_, DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterLease")
+            .field("conn", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
+}
 
 /// Settings for [`Db`], made by [`Db::builder`].
 #[derive(Debug, Clone)]
@@ -741,7 +816,10 @@ impl<DB: Database> Db<DB> {
             // The dedicated writer connection goes back (after the write in progress), then
             // its pool closes.
             writer.turn.lock().await.take();
-            for pool in writer.dedicated.iter().chain(&writer.checkpointer) {
+            if let Some(pool) = &writer.dedicated {
+                pool.close().await;
+            }
+            if let Some(pool) = &writer.checkpointer {
                 pool.close().await;
             }
         }
@@ -951,23 +1029,18 @@ impl<DB: Database> Db<DB> {
         }
     }
 
-    /// Whether this `Db`'s writes run on its dedicated writer connection ([`Db::writer_conn`]).
-    pub(crate) fn has_dedicated_writer(&self) -> bool {
-        self.inner
-            .writer
-            .as_ref()
-            .is_some_and(|w| w.dedicated.is_some())
-    }
-
-    /// Counts a write that finished on the dedicated writer connection (its background
-    /// checkpoints, see `Writer::wrote`).
+    /// Counts a write that finished on the dedicated writer connection ([`WriterLease::done`]),
+    /// for the background checkpoints.
     ///
     /// Every [`CHECKPOINT_EVERY`] writes, unless one is running, a checkpoint starts on the
-    /// checkpointer connection in a task of its own: first a passive checkpoint alongside the
-    /// writer (it copies what no reader still needs from the WAL into the database file and
-    /// syncs it while writes go on appending to the WAL), then one more with the write turn
-    /// held, which copies only what was appended meanwhile and so catches up, letting the next
-    /// write start the WAL over (a checkpoint that never catches up would let it grow forever).
+    /// checkpointer connection in a task of its own: a passive checkpoint alongside the writer
+    /// (it copies what no reader still needs from the WAL into the database file and syncs it
+    /// while writes go on appending to the WAL). When the WAL then holds [`CATCH_UP_FRAMES`]
+    /// or more, one more passive checkpoint runs with the write turn held: it copies only what
+    /// was appended meanwhile and so catches up, letting the next write start the WAL over (a
+    /// checkpoint that never catches up would let it grow forever). Under a writer that pauses
+    /// between writes, the first checkpoint catches up by itself and the WAL starts over
+    /// without the writers ever waiting.
     pub(crate) fn wrote(&self) {
         let Some(writer) = &self.inner.writer else {
             return;
@@ -989,9 +1062,14 @@ impl<DB: Database> Db<DB> {
             };
             let checkpoint = async {
                 let mut conn = pool.acquire().await?;
-                DB::execute_raw(&mut conn, "PRAGMA wal_checkpoint(PASSIVE)".into()).await?;
-                let _turn = writer.turn.lock().await;
-                DB::execute_raw(&mut conn, "PRAGMA wal_checkpoint(PASSIVE)".into()).await
+                let (_, frames, _): (i64, i64, i64) = sqlx::query_as(PASSIVE_CHECKPOINT)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if frames >= CATCH_UP_FRAMES {
+                    let _turn = writer.turn.lock().await;
+                    sqlx::query(PASSIVE_CHECKPOINT).execute(&mut *conn).await?;
+                }
+                Ok::<_, sqlx::Error>(())
             };
             if let Err(e) = checkpoint.await {
                 // The next one retries; SQLite's WAL keeps everything meanwhile.
@@ -1001,29 +1079,45 @@ impl<DB: Database> Db<DB> {
         });
     }
 
-    /// With the turn in hand: the dedicated writer connection, opened if there is none (the
-    /// first write, or the last one did not finish cleanly and closed it). Give it back with
-    /// `*turn = Some(conn)` when the work on it finished cleanly; drop it otherwise.
+    /// A write on the dedicated writer connection, when this `Db` has one (`None` elsewhere):
+    /// waits for this process's turn to write (as [`Db::writer_turn`]) and takes the writer
+    /// connection from it, opening one if there is none (the first write, or the last one did
+    /// not finish cleanly and closed it). The lease gives the connection back to the turn and
+    /// counts the write with [`WriterLease::done`]; dropped without it, it closes the connection
+    /// it holds (the work on it did not finish cleanly) and releases the turn.
     ///
     /// # Errors
-    /// The connection cannot be opened within the acquire timeout.
+    /// A [`ConflictKind::Busy`] conflict when the wait for the turn runs out; the connection
+    /// cannot be opened within the acquire timeout.
     ///
     /// # Cancel safety
-    /// Safe to drop: nothing is taken from the turn until the connection is in hand.
-    pub(crate) async fn writer_conn(
+    /// Safe to drop: the turn is released and the connection, when it was taken, goes back to it.
+    pub(crate) async fn writer_lease(
         &self,
-        turn: &mut WriterTurn<'_, DB>,
-    ) -> Result<PoolConnection<DB>> {
-        if let Some(conn) = turn.take() {
-            return Ok(conn);
-        }
-        let dedicated = self
+        lock_timeout: Option<Duration>,
+    ) -> Result<Option<WriterLease<'_, DB>>> {
+        let Some(dedicated) = self
             .inner
             .writer
             .as_ref()
             .and_then(|w| w.dedicated.as_ref())
-            .expect("writer_conn is called only with a dedicated writer");
-        Ok(dedicated.acquire().await?)
+        else {
+            return Ok(None);
+        };
+        let mut turn = self
+            .writer_turn(lock_timeout)
+            .await?
+            .expect("a dedicated writer has a turn");
+        let conn = match turn.take() {
+            Some(conn) => conn,
+            // Dropping this future while the connection opens leaves the turn empty, as it was.
+            None => dedicated.acquire().await?,
+        };
+        Ok(Some(WriterLease {
+            db: self,
+            turn,
+            conn: Some(conn),
+        }))
     }
 
     /// Like [`Db::transaction_with`], and reports how many attempts it took and which conflicts

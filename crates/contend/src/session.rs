@@ -126,16 +126,9 @@ impl<DB: Database> Session<DB> {
         F: for<'c> FnOnce(&'c mut DB::Connection) -> BoxFuture<'c, Result<T, E>> + Send + 'static,
     {
         let db = self.db.clone();
-        if db.has_dedicated_writer() {
-            let mut turn = db
-                .writer_turn(lock_timeout)
-                .await?
-                .expect("a dedicated writer has a turn");
-            let conn = db.writer_conn(&mut turn).await?;
-            let mut guard = CloseUnlessDone(Some(conn));
-            let result = body(guard.0.as_mut().expect("connection present")).await;
-            *turn = guard.0.take();
-            db.wrote();
+        if let Some(mut lease) = db.writer_lease(lock_timeout).await? {
+            let result = body(lease.conn()).await;
+            lease.done();
             return result;
         }
         self.autocommit(move |conn| {

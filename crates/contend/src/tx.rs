@@ -651,13 +651,13 @@ where
     // (`Db::connect` on a file) the transaction runs on it, and the caller's own connection
     // (a session's) stays where it is. Otherwise the caller's connection is taken first: a
     // writer with its turn never waits for a connection that a queued writer holds.
-    let dedicated = !options.read_only && db.has_dedicated_writer();
-    let (conn, mut turn) = if dedicated {
-        let mut turn = db.writer_turn(options.lock_timeout).await?;
-        let conn = db
-            .writer_conn(turn.as_mut().expect("a dedicated writer has a turn"))
-            .await?;
-        (conn, turn)
+    let mut lease = if options.read_only {
+        None
+    } else {
+        db.writer_lease(options.lock_timeout).await?
+    };
+    let (conn, turn) = if let Some(lease) = lease.as_mut() {
+        (lease.take(), None)
     } else {
         let conn = match held.as_mut().and_then(|slot| slot.take()) {
             Some(conn) => conn,
@@ -682,8 +682,9 @@ where
     // timeout was spent on the turn, and other processes are left to the Db's busy timeout
     // (no `PRAGMA busy_timeout` round trips around every transaction).
     let unqueued;
-    let options = match (&turn, options.lock_timeout) {
-        (Some(_), Some(_)) => {
+    let queued = lease.is_some() || turn.is_some();
+    let options = match (queued, options.lock_timeout) {
+        (true, Some(_)) => {
             unqueued = TxOptions {
                 lock_timeout: None,
                 ..options.clone()
@@ -725,16 +726,16 @@ where
     // A cleanly finished connection goes back to the writer's turn or the session that lent
     // it; any other is closed when `tx` drops.
     if tx.finished {
-        if dedicated {
-            if let Some(turn) = turn.as_mut() {
-                **turn = tx.conn.take();
+        if let Some(mut lease) = lease.take() {
+            if let Some(conn) = tx.conn.take() {
+                lease.put(conn);
             }
-            db.wrote();
+            lease.done();
         } else if let Some(slot) = held {
             *slot = tx.conn.take();
         }
     }
-    drop(turn);
+    drop((lease, turn));
     result
 }
 

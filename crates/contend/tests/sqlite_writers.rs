@@ -411,19 +411,41 @@ async fn a_write_cancelled_on_the_writer_connection_leaves_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_connections_wal_is_checkpointed_in_the_background() {
-    // The dedicated writer connection runs no automatic checkpoint; background checkpoints
-    // must keep the WAL from growing with every commit (each commit appends at least one 4 KiB
-    // page: 3,000 commits without a checkpoint make a WAL of 12 MB or more).
-    const COMMITS: usize = 3_000;
+    // The dedicated writer connection runs no automatic checkpoint. Background checkpoints copy
+    // alongside it and, once the WAL holds 4,096 frames (`CATCH_UP_FRAMES` in db.rs), catch up
+    // with the write turn held so that the WAL starts over; a writer that never pauses (this
+    // one) would otherwise grow it with every commit. With 512-byte pages, each commit rewrites
+    // a 2,000-byte value (5 pages), so 16,000 commits without a checkpoint that catches up make
+    // a WAL of 80,000 frames. With it, the WAL stops at 4,096 frames plus what this writer
+    // appends while the checkpoints run (a test build writes fast and the disk syncs slowly:
+    // 10,000-30,000 frames measured).
+    const COMMITS: usize = 16_000;
+    const FRAME: u64 = 512 + 24;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("checkpoint.db");
-    let db = open(&path, true).await;
+    let mut setup = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite:{}?mode=rwc",
+        path.display()
+    ))
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "PRAGMA page_size = 512; PRAGMA journal_mode = WAL; \
+         CREATE TABLE pad (b BLOB); INSERT INTO pad VALUES (NULL)",
+    )
+    .execute(&mut setup)
+    .await
+    .unwrap();
+    sqlx::Connection::close(setup).await.unwrap();
+    let db = Db::connect(&format!("sqlite:{}", path.display()))
+        .await
+        .unwrap();
     let mut session = db.session();
     for _ in 0..COMMITS {
         session
             .transaction(|tx| {
                 Box::pin(async move {
-                    tx.query("UPDATE counter SET n = n + 1")
+                    tx.query("UPDATE pad SET b = randomblob(2000)")
                         .execute(tx.conn())
                         .await?;
                     Ok::<_, Error>(())
@@ -432,12 +454,18 @@ async fn the_writer_connections_wal_is_checkpointed_in_the_background() {
             .await
             .unwrap();
     }
-    assert_eq!(count(&db).await, COMMITS as i64);
+    let page_size: i64 = db
+        .query_scalar("PRAGMA page_size")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(page_size, 512);
     let wal = std::fs::metadata(dir.path().join("checkpoint.db-wal"))
         .unwrap()
         .len();
     assert!(
-        wal < (COMMITS as u64 * 4096) / 2,
-        "the WAL grew to {wal} bytes: no background checkpoint ran"
+        wal < 45_000 * FRAME,
+        "the WAL grew to {} frames: no background checkpoint caught up",
+        wal / FRAME
     );
 }
