@@ -26,32 +26,32 @@
 # Measured 2026-11-30 12:50 UTC on the quiet 2-core dev machine (test server, ROUNDS=5, 5 s):
 #   atomic       18,599 vs 19,755   0.941  (lab 18,240-19,413, pgbench 19,284-20,347)
 #   pessimistic   2,283 vs  3,134   0.728  (lab 2,243-2,363, pgbench 3,068-3,207): target missed.
-# Measured 2026-11-30 14:46 UTC, same script, machine loaded by other builds and benches
-# (load average 7.7 -> 9.9; before the change below, at 14:05 with load 4.7 -> 8.4: atomic 0.906,
-# pessimistic 2,506 vs 2,883 = 0.869):
-#   atomic       14,689 vs 16,222   0.905  (lab 14,027-15,490, pgbench 12,482-18,607)
-#   pessimistic   2,927 vs  3,168   0.924  (lab 2,472-3,333, pgbench 2,631-3,563)
+# Measured 2026-11-30 15:01 UTC, quiet again (load average 0.6 before), after the change below:
+#   atomic       21,895 vs 23,037   0.950  (lab 21,442-22,431, pgbench 22,358-23,617)
+#   pessimistic   2,715 vs  3,692   0.735  (lab 2,661-2,813, pgbench 3,599-3,779): target missed.
+# (14:46, loaded by other builds, load average 7.7-9.9: atomic 0.905, pessimistic 2,927 vs 3,168
+# = 0.924; the lab is near pgbench when every CPU is busy, and far from it when they idle.)
 # Where pessimistic's time goes: it holds the hot row from its `SELECT ... FOR UPDATE` answer to
-# its COMMIT, across two client turnarounds, so the cost of waking processes on that path decides.
-# What was measured (a scratch client outside the repository, 32 tokio tasks each holding one
-# sqlx connection and running the same transaction, alternated with pgbench and the lab):
-# - sqlx's Any driver costs nothing measurable next to the typed PgConnection: the same client
-#   CPU per operation (64-66 us), the same throughput within the noise (21 alternated rounds).
-# - Client CPU (perf record, cpu-clock): ~60 % of the lab's is the kernel, 39 % in
-#   finish_task_switch, i.e. context switches; the lab's own code, sqlx and tokio a few % each.
-#   Context switches per operation: pgbench 3.5; tokio multi-thread (the CLI's runtime) 5.5-5.9,
-#   4.1 without `scenario::think`'s yield (kept on purpose: it widens the unsafe baseline's race);
-#   tokio with one thread 3.2, but slower (2,439 vs 2,859 ops/s: one thread does all the work).
-# - contend's commit check cost ~5 us per transaction as `SELECT 1; COMMIT` (pgbench, one client,
-#   simple protocol: 116 vs 111 us); it is now `SET LOCAL contend.commit_guard = 1; COMMIT`
-#   (110 us: no snapshot, plan or row), which still fails in an aborted transaction (tested).
-# - Under load (busy CPUs) the lab is at pgbench's level: alternated 11 x 3 s, lab 2,868 (2,818
-#   before the check change), pgbench 2,731. On a quiet machine every wake-up of an idle vCPU is
-#   far dearer on this VM (one pgbench client's transaction went from ~110 to ~400 us when the
-#   load dropped, in one run). The quiet-machine gap is therefore most likely the lab's ~2 extra
-#   context switches per operation (tokio's multi-thread wake-ups, 1.5 of them from the yield),
-#   inferred, not proven: no quiet machine was available to measure it. Earlier patched builds on
-#   the quiet machine: no yield 0.746, a plain COMMIT 0.794 (the check change keeps the check).
+# its COMMIT, across two client turnarounds, so every wake-up on that path counts, and on this VM
+# waking an idle vCPU is dear (one pgbench client's transaction took ~110 us on a busy machine,
+# ~400 us once it went quiet). Measured on the quiet machine, alternating (3 rounds x 3 s) the lab,
+# pgbench and a scratch client outside the repository (32 tokio tasks, one sqlx connection each,
+# the same transaction):
+#   pgbench -M prepared                                   3,736-3,753   1.00
+#   scratch, typed PgConnection, plain COMMIT, no yield   3,090-3,229   0.83-0.86
+#   the same on AnyConnection                             3,081         0.82  (Any costs nothing)
+#   + the commit check as SELECT 1 / as SET LOCAL         2,841 / 2,936       (-8 % / -5 %)
+#   + the lab's yield between read and write (`think`)    2,959 (SET)   0.79
+#   the lab (contend executor, session, runner)           2,741-2,788   0.73-0.75
+#   the lab before the change below (SELECT 1 check)      2,604         0.70
+# So a tokio + sqlx client stays ~15 % under pgbench here even without contend: tokio's
+# multi-thread runtime makes 4.4 context switches per operation (pgbench 3.5), and a
+# current-thread runtime (3.3) gets no further (3,123 vs pgbench 3,466 in one run); perf shows
+# ~60 % of the lab's CPU in the kernel, 39 % in finish_task_switch. The rest: the check that a
+# body did not swallow an error of an aborted transaction (kept: a correctness guarantee, now
+# `SET LOCAL contend.commit_guard = 1; COMMIT`, which still fails with 25P02), the deliberate
+# yield (kept: it widens the unsafe baseline's race), and contend's and the lab's per-operation
+# work (client CPU ~83 us per operation against the scratch client's ~70 and pgbench's ~55).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
