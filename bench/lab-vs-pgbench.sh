@@ -26,11 +26,32 @@
 # Measured 2026-11-30 12:50 UTC on the quiet 2-core dev machine (test server, ROUNDS=5, 5 s):
 #   atomic       18,599 vs 19,755   0.941  (lab 18,240-19,413, pgbench 19,284-20,347)
 #   pessimistic   2,283 vs  3,134   0.728  (lab 2,243-2,363, pgbench 3,068-3,207): target missed.
-# pessimistic holds the hot row across two client turnarounds, so whatever the client does there
-# counts: with patched builds (same script, not committed) no yield between read and write
-# (`scenario::think`) gave 0.746, and a plain COMMIT instead of contend's `SELECT 1; COMMIT` (the
-# check that a body did not swallow an error of an aborted transaction) 0.794; the rest is the
-# turnaround through sqlx's Any driver and tokio (strace: 4.1 messages per operation, as pgbench).
+# Measured 2026-11-30 15:01 UTC, quiet again (load average 0.6 before), after the change below:
+#   atomic       21,895 vs 23,037   0.950  (lab 21,442-22,431, pgbench 22,358-23,617)
+#   pessimistic   2,715 vs  3,692   0.735  (lab 2,661-2,813, pgbench 3,599-3,779): target missed.
+# (14:46, loaded by other builds, load average 7.7-9.9: atomic 0.905, pessimistic 2,927 vs 3,168
+# = 0.924; the lab is near pgbench when every CPU is busy, and far from it when they idle.)
+# Where pessimistic's time goes: it holds the hot row from its `SELECT ... FOR UPDATE` answer to
+# its COMMIT, across two client turnarounds, so every wake-up on that path counts, and on this VM
+# waking an idle vCPU is dear (one pgbench client's transaction took ~110 us on a busy machine,
+# ~400 us once it went quiet). Measured on the quiet machine, alternating (3 rounds x 3 s) the lab,
+# pgbench and a scratch client outside the repository (32 tokio tasks, one sqlx connection each,
+# the same transaction):
+#   pgbench -M prepared                                   3,736-3,753   1.00
+#   scratch, typed PgConnection, plain COMMIT, no yield   3,090-3,229   0.83-0.86
+#   the same on AnyConnection                             3,081         0.82  (Any costs nothing)
+#   + the commit check as SELECT 1 / as SET LOCAL         2,841 / 2,936       (-8 % / -5 %)
+#   + the lab's yield between read and write (`think`)    2,959 (SET)   0.79
+#   the lab (contend executor, session, runner)           2,741-2,788   0.73-0.75
+#   the lab before the change below (SELECT 1 check)      2,604         0.70
+# So a tokio + sqlx client stays ~15 % under pgbench here even without contend: tokio's
+# multi-thread runtime makes 4.4 context switches per operation (pgbench 3.5), and a
+# current-thread runtime (3.3) gets no further (3,123 vs pgbench 3,466 in one run); perf shows
+# ~60 % of the lab's CPU in the kernel, 39 % in finish_task_switch. The rest: the check that a
+# body did not swallow an error of an aborted transaction (kept: a correctness guarantee, now
+# `SET LOCAL contend.commit_guard = 1; COMMIT`, which still fails with 25P02), the deliberate
+# yield (kept: it widens the unsafe baseline's race), and contend's and the lab's per-operation
+# work (client CPU ~83 us per operation against the scratch client's ~70 and pgbench's ~55).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh

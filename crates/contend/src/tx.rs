@@ -349,9 +349,12 @@ impl<DB: Database> Tx<DB> {
             // PostgreSQL answers COMMIT of a transaction that an error has aborted with success
             // (and the command tag ROLLBACK, which the Any driver does not show). A body that
             // swallowed a database error would "commit" nothing and its hooks would run. Any
-            // statement but COMMIT/ROLLBACK fails in an aborted transaction, so a `SELECT 1` in
-            // the same round trip as the COMMIT tells the two apart.
-            let commit = self.pooled("SELECT 1; COMMIT".into());
+            // statement but COMMIT/ROLLBACK fails in an aborted transaction (25P02), so one in
+            // the same round trip as the COMMIT tells the two apart. The cheapest such statement:
+            // a transaction-local SET of a custom setting (no snapshot, no plan, no row to send
+            // and decode, unlike `SELECT 1`; allowed in read-only transactions and on standbys;
+            // it ends with the COMMIT and touches no setting anything reads).
+            let commit = self.pooled(format!("{COMMIT_GUARD}; COMMIT"));
             match self.raw(commit).await {
                 Err(e) if has_sqlstate(&e, "25P02") => Err(Error::TransactionBroken(
                     "PostgreSQL had aborted the transaction after a database error that the body \
@@ -533,6 +536,10 @@ impl<DB: Database> Tx<DB> {
         }
     }
 }
+
+/// The statement sent with PostgreSQL's `COMMIT` that fails when the transaction was aborted
+/// ([`Tx::finish`]).
+const COMMIT_GUARD: &str = "SET LOCAL contend.commit_guard = 1";
 
 /// Whether `err` is a database error with this SQLSTATE.
 fn has_sqlstate(err: &Error, code: &str) -> bool {
