@@ -34,8 +34,8 @@
 # (crates/contend-service/src/bank.rs, TransferOp::atomic and TransferOp::record): BEGIN; one
 # UPDATE of both balances, which locks both rows in id order first; one INSERT of the transfer and
 # both of its ledger rows (a data-modifying WITH); COMMIT. The service sends BEGIN together with
-# `SET LOCAL lock_timeout` and COMMIT as `SELECT 1; COMMIT` (each one simple query, the same round
-# trips). On top of that the service does what a service must: HTTP, the bearer token (looked up
+# `SET LOCAL lock_timeout` and COMMIT as `SET LOCAL contend.commit_guard = 1; COMMIT` (each one
+# simple query, the same round trips). On top of that the service does what a service must: HTTP, the bearer token (looked up
 # once per instance and remembered, see --token-cache-secs), JSON, metrics and logs.
 #
 # Where the time goes (dev machine, 2 shared cores, measured with /proc CPU times and strace):
