@@ -96,10 +96,11 @@ pub(crate) struct Writer<DB: Database> {
 const CHECKPOINT_EVERY: usize = 1_000;
 
 /// How many frames (pages) the WAL may hold before a background checkpoint catches up with the
-/// write turn held: 16 MiB with 4 KiB pages, four times SQLite's own automatic checkpoint. Below this, checkpoints copy alongside the
-/// writer and never stop it; but the WAL starts over only after a checkpoint that copied all
-/// of it, which a writer that never pauses does not allow, so above this the next checkpoint
-/// pauses the writers for as long as it takes to copy what was appended meanwhile.
+/// write turn held: 16 MiB with 4 KiB pages, four times SQLite's own automatic checkpoint.
+/// Below this, checkpoints copy alongside the writer and never stop it; but the WAL starts over
+/// only after a checkpoint that copied all of it, which a writer that never pauses does not
+/// allow, so above this the next checkpoint pauses the writers for as long as it takes to copy
+/// what was appended meanwhile.
 const CATCH_UP_FRAMES: i64 = 4_096;
 
 /// A checkpoint that copies what it can without waiting for anyone; its row is (whether it was
@@ -238,8 +239,9 @@ impl DbBuilder {
     /// SQLite: whether write transactions of this `Db` queue for one writer at a time in the
     /// process (default `true`). A transaction waits for its turn at most its
     /// [`TxOptions::lock_timeout`](crate::TxOptions::lock_timeout), or else the acquire
-    /// timeout, and then fails with a [`crate::ConflictKind::Busy`] conflict (retryable). SQLite allows one writer per database file; without the queue,
-    /// concurrent `BEGIN IMMEDIATE`s of one process meet in SQLite's busy handler, which sleeps
+    /// timeout, and then fails with a [`crate::ConflictKind::Busy`] conflict (retryable).
+    /// SQLite allows one writer per database file; without the queue, concurrent
+    /// `BEGIN IMMEDIATE`s of one process meet in SQLite's busy handler, which sleeps
     /// and polls (up to 100 ms per sleep) instead of handing the lock over in order, so
     /// throughput collapses and latency grows with concurrency. With the queue, writers take
     /// turns on an async mutex before `BEGIN` and the busy handler is left to guard against
