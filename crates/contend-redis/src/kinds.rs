@@ -211,6 +211,25 @@ impl Holder for ReentrantHolder {
         ))
     }
 
+    fn raise<'a>(
+        &'a self,
+        keys: &'a LockKeys,
+        token: &'a str,
+        value: u64,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let raised: i64 = self
+                .node
+                .eval(
+                    &scripts::REENTRANT_RAISE,
+                    &[&keys.lock, &keys.fence],
+                    &[&token, &value],
+                )
+                .await?;
+            Ok(raised == 1)
+        })
+    }
+
     fn release<'a>(&'a self, keys: &'a LockKeys, token: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let left: i64 = self
@@ -348,6 +367,20 @@ impl ReentrantGuard {
     /// As [`LockGuard::extend`].
     pub async fn extend(&self, lease: Duration) -> Result<bool> {
         self.core.extend(lease).await
+    }
+
+    /// Raises the key's fencing counter past `highest`, the token the database refused this
+    /// hold's for ([`contend::Error::StaleFencingToken`]), while the owner still holds the lock:
+    /// as [`LockGuard::raise_fence`] (a Redis restarted without persistence counts from 0
+    /// again). The next outermost hold's token is then newer than `highest`.
+    ///
+    /// # Errors
+    /// [`Error::LockService`] when Redis cannot be reached.
+    ///
+    /// # Cancel safety
+    /// As [`LockGuard::raise_fence`].
+    pub async fn raise_fence(&self, highest: FencingToken) -> Result<bool> {
+        self.core.raise_fence(highest.get()).await
     }
 
     /// Releases this hold; the lock is free once every hold is released. `Ok(false)` when the

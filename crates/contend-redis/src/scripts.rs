@@ -170,6 +170,24 @@ return {1, tonumber(redis.call('HGET', KEYS[1], 'f')), holds}
 pub(crate) static REENTRANT_ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(REENTRANT_ACQUIRE_LUA));
 
+/// Reentrant raise: as [`RAISE`], for the reentrant lock's hash (owned by `o`).
+///
+/// `KEYS[1]` lock hash, `KEYS[2]` fence counter key; `ARGV[1]` owner, `ARGV[2]` fence value.
+/// Returns 1 when the lock is still the owner's (counter raised if it was lower), 0 otherwise.
+const REENTRANT_RAISE_LUA: &str = r"
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then
+  return 0
+end
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local wanted = tonumber(ARGV[2])
+if current < wanted then
+  redis.call('INCRBY', KEYS[2], wanted - current)
+end
+return 1
+";
+pub(crate) static REENTRANT_RAISE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(REENTRANT_RAISE_LUA));
+
 /// Reentrant release: one hold less; the last one deletes the lock and tells waiters.
 ///
 /// `KEYS[1]` lock hash; `ARGV[1]` owner, `ARGV[2]` release channel. Returns the holds left

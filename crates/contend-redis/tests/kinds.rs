@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use contend::Error;
+use contend::fencing::FencingToken;
 use contend_redis::{FairLock, LockOptions, Owner, ReentrantLock, RwLock, Semaphore};
 
 /// The lease of the children's locks (renewed by their watchdog while they live).
@@ -581,4 +582,49 @@ async fn bad_input_is_refused_clearly() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("intent timeout"), "{err}");
+}
+
+/// A reentrant lock's fencing counter that went back (the key deleted, as a Redis restarted
+/// without persistence loses it) hands out a token the database has already seen; the owner
+/// raises it past the database's highest while it holds the lock, and the next outermost hold
+/// gets a newer token than any before.
+#[tokio::test]
+async fn reentrant_fence_counter_that_went_back_is_raised() {
+    let Some(url) = common::redis_url() else {
+        return;
+    };
+    let ns = common::unique_namespace("reentrant-raise");
+    let locks = common::client(&url, &ns).await;
+    let lock = ReentrantLock::new(&locks);
+    let me = Owner::new();
+    let options = LockOptions::new().wait(Duration::from_secs(5));
+    let mut highest = FencingToken::new(0);
+    for _ in 0..3 {
+        let hold = lock.acquire("k", &me, &options).await.unwrap();
+        assert!(hold.fencing_token() > highest);
+        highest = hold.fencing_token();
+        hold.release().await.unwrap();
+    }
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(format!("{ns}:reentrant:fence:k"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the counter key is where the test expects it");
+    let stale = lock.acquire("k", &me, &options).await.unwrap();
+    assert!(stale.fencing_token() < highest, "the counter went back");
+    assert!(stale.raise_fence(highest).await.unwrap());
+    stale.release().await.unwrap();
+    let next = lock.acquire("k", &me, &options).await.unwrap();
+    assert!(
+        next.fencing_token() > highest,
+        "{:?} after raising past {highest:?}",
+        next.fencing_token()
+    );
+    next.release().await.unwrap();
 }
