@@ -56,6 +56,12 @@
 # in flight where pgbench has 16. Alternated on the loaded machine (ROUNDS=5, 3 s, 16 clients,
 # 100 accounts): POOL=8 0.52-0.53, POOL=16 1.06, POOL=24 0.77 (medians; spread is large while
 # other jobs build). On one hot account the pool does not matter (0.70-0.74): the row lock is.
+# On the quiet machine (2026-11-30 15:15 UTC, load 4-6 from this script itself, ROUNDS=5, 3 s, 16
+# clients): 100 accounts 5,191 vs 9,098 = 0.56, one hot account 1,895 vs 2,188 = 0.85: the 1.06 above
+# was pgbench slowed by the other jobs more than the service. CPU per transaction (perf stat
+# task-clock on the service's pid while wrk runs, loaded machine): service ~150 us, pgbench's client
+# ~40 us; 2.3-5 context switches per request against pgbench's 1.3; a one-worker runtime
+# (TOKIO_WORKER_THREADS=1) removes the futex wake-ups but not the CPU per request (152 vs 149 us).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
