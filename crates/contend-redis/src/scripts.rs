@@ -89,22 +89,34 @@ return 0
 ";
 pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(EXTEND_LUA));
 
-/// Raise (Redlock): while we still hold the lock on this node, raise its fence counter to at
-/// least the token the quorum agreed on, so that any later quorum sees a larger counter.
-///
-/// `KEYS[1]` lock key, `KEYS[2]` fence counter key; `ARGV[1]` token, `ARGV[2]` fence value.
-/// Returns 1 when the lock is still ours (counter raised if it was lower), 0 otherwise.
-const RAISE_LUA: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
-end
+/// The end of both raise scripts, once the lock is known to be ours: raises the counter
+/// `KEYS[2]` to at least `ARGV[2]` and returns 1. A macro so that `concat!` can join it.
+macro_rules! raise_counter_lua {
+    () => {
+        r"
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 local wanted = tonumber(ARGV[2])
 if current < wanted then
   redis.call('INCRBY', KEYS[2], wanted - current)
 end
 return 1
-";
+"
+    };
+}
+
+/// Raise: while we still hold the lock on this node, raise its fence counter to at least a
+/// token: for Redlock the token the quorum agreed on, so that any later quorum sees a larger
+/// counter; for any lock the highest token a database has accepted (`LockGuard::raise_fence`).
+///
+/// `KEYS[1]` lock key, `KEYS[2]` fence counter key; `ARGV[1]` token, `ARGV[2]` fence value.
+/// Returns 1 when the lock is still ours (counter raised if it was lower), 0 otherwise.
+const RAISE_LUA: &str = concat!(
+    r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end",
+    raise_counter_lua!()
+);
 pub(crate) static RAISE: LazyLock<Script> = LazyLock::new(|| Script::new(RAISE_LUA));
 
 /// Acquire (Redlock, one node): as [`ACQUIRE`], but a refusal also names the holder by a hash
@@ -174,17 +186,13 @@ pub(crate) static REENTRANT_ACQUIRE: LazyLock<Script> =
 ///
 /// `KEYS[1]` lock hash, `KEYS[2]` fence counter key; `ARGV[1]` owner, `ARGV[2]` fence value.
 /// Returns 1 when the lock is still the owner's (counter raised if it was lower), 0 otherwise.
-const REENTRANT_RAISE_LUA: &str = r"
+const REENTRANT_RAISE_LUA: &str = concat!(
+    r"
 if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then
   return 0
-end
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-local wanted = tonumber(ARGV[2])
-if current < wanted then
-  redis.call('INCRBY', KEYS[2], wanted - current)
-end
-return 1
-";
+end",
+    raise_counter_lua!()
+);
 pub(crate) static REENTRANT_RAISE: LazyLock<Script> =
     LazyLock::new(|| Script::new(REENTRANT_RAISE_LUA));
 

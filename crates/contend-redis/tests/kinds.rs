@@ -605,16 +605,7 @@ async fn reentrant_fence_counter_that_went_back_is_raised() {
         highest = hold.fencing_token();
         hold.release().await.unwrap();
     }
-    let mut conn = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let deleted: i64 = redis::cmd("DEL")
-        .arg(format!("{ns}:reentrant:fence:k"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let deleted = common::forget(&url, &format!("{ns}:reentrant:fence:k")).await;
     assert_eq!(deleted, 1, "the counter key is where the test expects it");
     let stale = lock.acquire("k", &me, &options).await.unwrap();
     assert!(stale.fencing_token() < highest, "the counter went back");

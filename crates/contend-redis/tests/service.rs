@@ -172,16 +172,7 @@ async fn a_counter_that_went_back_is_raised_past_the_database() {
         }
         // The restart without persistence: every node forgets the key's counter.
         for node in &nodes {
-            let mut conn = redis::Client::open(node.as_str())
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
-            let _: i64 = redis::cmd("DEL")
-                .arg(format!("{namespace}:fence:counter"))
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            common::forget(node, &format!("{namespace}:fence:counter")).await;
         }
         let refused = run().await;
         assert!(

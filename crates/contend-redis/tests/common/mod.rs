@@ -19,6 +19,21 @@ pub async fn client(url: &str, ns: &str) -> contend_redis::LockClient {
         .expect("connect to redis")
 }
 
+/// Deletes `key` on the Redis at `url` (as a restart without persistence loses it): how many
+/// keys were deleted.
+pub async fn forget(url: &str, key: &str) -> i64 {
+    let mut conn = redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL")
+}
+
 /// `CONTEND_REDIS_URL`.
 pub fn redis_url() -> Option<String> {
     env_url("CONTEND_REDIS_URL")
