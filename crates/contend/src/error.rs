@@ -241,6 +241,19 @@ impl Error {
             _ => false,
         }
     }
+
+    /// Whether this is what PostgreSQL answers the loser of two concurrent `CREATE TABLE IF
+    /// NOT EXISTS` of one table (the table then exists): a unique violation on the catalog
+    /// (23505), or, when the winner committed between the loser's check and its insert,
+    /// `type ... already exists` (42710) or `relation ... already exists` (42P07).
+    pub(crate) fn lost_create_race(&self) -> bool {
+        match self {
+            Error::Database(sqlx::Error::Database(db)) => {
+                db.is_unique_violation() || matches!(db.code().as_deref(), Some("42710" | "42P07"))
+            }
+            _ => false,
+        }
+    }
 }
 
 impl From<sqlx::Error> for Error {

@@ -112,21 +112,8 @@ pub async fn ensure_schema<DB: Database>(db: &Db<DB>) -> Result<()> {
         Ok(()) => Ok(()),
         // PostgreSQL: two concurrent CREATE TABLE IF NOT EXISTS can race on the catalog; the
         // loser's error means the table now exists.
-        Err(e) if lost_the_create_race(&e) => Ok(()),
+        Err(e) if e.lost_create_race() => Ok(()),
         Err(e) => Err(e),
-    }
-}
-
-/// Whether `e` is what PostgreSQL answers the loser of two concurrent `CREATE TABLE IF NOT
-/// EXISTS`: a unique violation on the catalog (23505), or, when the winner committed between
-/// the loser's check and its insert, `type ... already exists` (42710) or `relation ... already
-/// exists` (42P07).
-fn lost_the_create_race(e: &Error) -> bool {
-    match e {
-        Error::Database(sqlx::Error::Database(db)) => {
-            db.is_unique_violation() || matches!(db.code().as_deref(), Some("42710" | "42P07"))
-        }
-        _ => false,
     }
 }
 

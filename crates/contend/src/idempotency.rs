@@ -532,7 +532,7 @@ impl<DB: Database> Store<DB> {
             .await
         {
             // PostgreSQL: two concurrent CREATE TABLE IF NOT EXISTS can race on the catalog.
-            Err(e) if e.is_unique_violation() => Ok(()),
+            Err(e) if e.lost_create_race() => Ok(()),
             other => other,
         }
     }
