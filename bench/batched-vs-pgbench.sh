@@ -54,10 +54,8 @@ MODE=${PGBENCH_MODE:-prepared}
 THREADS=2
 TARGET=5
 
-for tool in cargo pgbench psql; do
-  command -v "$tool" >/dev/null || { echo "batched-vs-pgbench: $tool not found" >&2; exit 2; }
-done
-case "$URL" in postgres://*|postgresql://*) ;; *) echo "batched-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
+require_tools batched-vs-pgbench cargo pgbench psql
+require_pg_url batched-vs-pgbench "$URL"
 [ "$ROUNDS" -ge 1 ] 2>/dev/null || { echo "batched-vs-pgbench: ROUNDS must be a positive integer" >&2; exit 2; }
 
 echo "building the hot_row example (release)..." >&2

@@ -53,10 +53,8 @@ SCENARIOS=${SCENARIOS:-withdraw transfer}
 THREADS=2
 
 [ -n "$URL" ] || { echo "lab-batched-vs-pgbench: give a PostgreSQL URL (or set CONTEND_PG_URL)" >&2; exit 2; }
-for tool in cargo pgbench psql jq; do
-  command -v "$tool" >/dev/null || { echo "lab-batched-vs-pgbench: $tool not found" >&2; exit 2; }
-done
-case "$URL" in postgres://*|postgresql://*) ;; *) echo "lab-batched-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
+require_tools lab-batched-vs-pgbench cargo pgbench psql jq
+require_pg_url lab-batched-vs-pgbench "$URL"
 [ "$ROUNDS" -ge 1 ] 2>/dev/null || { echo "lab-batched-vs-pgbench: ROUNDS must be a positive integer" >&2; exit 2; }
 for s in $SCENARIOS; do
   case "$s" in withdraw|transfer) ;; *) echo "lab-batched-vs-pgbench: unknown scenario $s (withdraw, transfer)" >&2; exit 2 ;; esac

@@ -63,10 +63,8 @@ MODE=${PGBENCH_MODE:-prepared}
 CLIENTS=32
 THREADS=2
 
-for tool in cargo pgbench psql jq; do
-  command -v "$tool" >/dev/null || { echo "lab-vs-pgbench: $tool not found" >&2; exit 2; }
-done
-case "$URL" in postgres://*|postgresql://*) ;; *) echo "lab-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
+require_tools lab-vs-pgbench cargo pgbench psql jq
+require_pg_url lab-vs-pgbench "$URL"
 
 BIN=$(contend_bin)
 

@@ -9,6 +9,28 @@ spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } E
 # ratio A B: A / B with two decimals (0 when B is 0).
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 
+# require_tools WHO TOOL...: exits 2 (as WHO) naming the first TOOL not on the PATH.
+require_tools() {
+  local who=$1 tool
+  shift
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "$who: $tool not found" >&2; exit 2; }
+  done
+}
+
+# require_pg_url WHO URL: exits 2 (as WHO) unless URL is a postgres:// or postgresql:// URL.
+require_pg_url() {
+  case "$2" in postgres://*|postgresql://*) ;; *) echo "$1: not a PostgreSQL URL: $2" >&2; exit 2 ;; esac
+}
+
+# stop_process PID: TERM to PID (a child of this shell) if it still runs, and waits for it.
+stop_process() {
+  if [ -n "$1" ] && kill -0 "$1" 2>/dev/null; then
+    kill -TERM "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+  fi
+}
+
 # contend_bin: $CONTEND_BIN when set, else the release binary, built now.
 contend_bin() {
   if [ -n "${CONTEND_BIN:-}" ]; then

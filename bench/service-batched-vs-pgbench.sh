@@ -72,10 +72,8 @@ THREADS=2
 ADMIN=bench-admin-$$-$RANDOM
 
 [ -n "$URL" ] || { echo "service-batched-vs-pgbench: give a PostgreSQL URL (or set CONTEND_PG_URL)" >&2; exit 2; }
-for tool in cargo wrk pgbench psql curl jq python3; do
-  command -v "$tool" >/dev/null || { echo "service-batched-vs-pgbench: $tool not found" >&2; exit 2; }
-done
-case "$URL" in postgres://*|postgresql://*) ;; *) echo "service-batched-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
+require_tools service-batched-vs-pgbench cargo wrk pgbench psql curl jq python3
+require_pg_url service-batched-vs-pgbench "$URL"
 [ "$ROUNDS" -ge 1 ] 2>/dev/null || { echo "service-batched-vs-pgbench: ROUNDS must be a positive integer" >&2; exit 2; }
 for v in $VARIANTS; do
   case "$v" in nokey|key) ;; *) echo "service-batched-vs-pgbench: unknown variant $v (nokey, key)" >&2; exit 2 ;; esac
@@ -90,10 +88,7 @@ BASE=http://127.0.0.1:$PORT
 WORK=$(mktemp -d)
 PID=
 cleanup() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
+  stop_process "$PID"
   psql -q "$URL" -c "DROP DATABASE IF EXISTS $DBNAME WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }

@@ -78,10 +78,8 @@ ADMIN=bench-admin-$$-$RANDOM
 
 TOOLS="cargo wrk pgbench psql curl jq python3"
 [ "$PIN" = 1 ] && TOOLS="$TOOLS taskset"
-for tool in $TOOLS; do
-  command -v "$tool" >/dev/null || { echo "service-vs-pgbench: $tool not found" >&2; exit 2; }
-done
-case "$URL" in postgres://*|postgresql://*) ;; *) echo "service-vs-pgbench: not a PostgreSQL URL: $URL" >&2; exit 2 ;; esac
+require_tools service-vs-pgbench $TOOLS
+require_pg_url service-vs-pgbench "$URL"
 
 BIN=$(contend_bin)
 
@@ -97,10 +95,7 @@ cleanup() {
   if [ -n "$PG_PIDS" ]; then
     for p in $PG_PIDS $(pgrep -P "${PG_PIDS%% *}" 2>/dev/null); do taskset -a -p "$ALL_CPUS" "$p" >/dev/null 2>&1 || true; done
   fi
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
+  stop_process "$PID"
   psql -q "$URL" -c "DROP DATABASE IF EXISTS $DBNAME WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
