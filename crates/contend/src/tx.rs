@@ -354,7 +354,7 @@ impl<DB: Database> Tx<DB> {
             // a transaction-local SET of a custom setting (no snapshot, no plan, no row to send
             // and decode, unlike `SELECT 1`; allowed in read-only transactions and on standbys;
             // it ends with the COMMIT and touches no setting anything reads).
-            let commit = self.pooled(format!("{COMMIT_GUARD}; COMMIT"));
+            let commit = self.pooled(GUARDED_COMMIT.into());
             match self.raw(commit).await {
                 Err(e) if has_sqlstate(&e, "25P02") => Err(Error::TransactionBroken(
                     "PostgreSQL had aborted the transaction after a database error that the body \
@@ -537,9 +537,9 @@ impl<DB: Database> Tx<DB> {
     }
 }
 
-/// The statement sent with PostgreSQL's `COMMIT` that fails when the transaction was aborted
+/// PostgreSQL's `COMMIT`, behind a statement that fails when the transaction was aborted
 /// ([`Tx::finish`]).
-const COMMIT_GUARD: &str = "SET LOCAL contend.commit_guard = 1";
+const GUARDED_COMMIT: &str = "SET LOCAL contend.commit_guard = 1; COMMIT";
 
 /// Whether `err` is a database error with this SQLSTATE.
 fn has_sqlstate(err: &Error, code: &str) -> bool {
