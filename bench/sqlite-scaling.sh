@@ -22,6 +22,8 @@
 #   SCENARIOS=LIST     default transfer,order,withdraw
 #   STRATEGIES=LIST    default atomic,pessimistic,optimistic,serializable,batched
 #   LAB_ROUNDS=N       runs of the default `contend lab` afterwards (default 1; 0 skips it)
+#   CPUS=auto|one|all  the lab's --cpus (default auto: one CPU on SQLite; bench/lab-cpus.sh
+#                      compares one against all)
 # Needs: jq, awk. Exit status: 0 when every row meets the target, 1 when one does not, 2 when a
 # run fails.
 #
@@ -47,6 +49,7 @@ ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-2s}
 SCENARIOS=${SCENARIOS:-transfer,order,withdraw}
 STRATEGIES=${STRATEGIES:-atomic,pessimistic,optimistic,serializable,batched}
+CPUS=${CPUS:-auto}
 LAB_ROUNDS=${LAB_ROUNDS:-1}
 [ -x "$BIN" ] || { echo "sqlite-scaling: no binary at $BIN (cargo build --release -p contend-cli)" >&2; exit 2; }
 command -v jq >/dev/null || { echo "sqlite-scaling: needs jq" >&2; exit 2; }
@@ -57,7 +60,7 @@ trap 'rm -rf "$out"' EXIT
 # lab W FILE: one lab run at W workers; its runs as "scenario strategy ops_s p99_ms" lines.
 lab() {
   local json="$out/run.json"
-  if ! "$BIN" lab --no-progress --scenario "$SCENARIOS" --strategy "$STRATEGIES" --workers "$1" \
+  if ! "$BIN" lab --no-progress --cpus "$CPUS" --scenario "$SCENARIOS" --strategy "$STRATEGIES" --workers "$1" \
     --duration "$DURATION" --json >"$json" 2>"$out/stderr"; then
     [ -s "$json" ] || { echo "sqlite-scaling: lab at $1 workers failed:" >&2; cat "$out/stderr" >&2; exit 2; }
   fi
@@ -65,7 +68,7 @@ lab() {
     "$json" >"$2"
 }
 
-echo "sqlite-scaling: $BIN, $ROUNDS rounds of $DURATION runs, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+echo "sqlite-scaling: $BIN --cpus $CPUS, $ROUNDS rounds of $DURATION runs, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for ((r = 0; r < ROUNDS; r++)); do
   order="1 16"
   [ $((r % 2)) = 1 ] && order="16 1"
@@ -112,7 +115,7 @@ if [ "$LAB_ROUNDS" -gt 0 ]; then
     echo "default lab $((r + 1))/$LAB_ROUNDS" >&2
     started=$(date +%s.%N)
     status=0
-    "$BIN" lab --no-progress --json >"$out/default.json" 2>"$out/stderr" || status=$?
+    "$BIN" lab --no-progress --cpus "$CPUS" --json >"$out/default.json" 2>"$out/stderr" || status=$?
     ended=$(date +%s.%N)
     [ "$status" = 0 ] || { echo "sqlite-scaling: the default lab exited with $status" >&2; fail=1; }
     secs+=("$(awk -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", b - a }')")

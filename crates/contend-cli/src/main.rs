@@ -39,6 +39,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Before the runtime starts its threads: they keep to the CPU chosen here.
+    if let Command::Lab(args) = &cli.command {
+        contend_lab::cpu::place(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -74,6 +74,52 @@ fn lab_json_goes_to_stdout_and_exits_0() {
 }
 
 #[test]
+fn lab_keeps_to_one_cpu_on_embedded_sqlite_unless_told_otherwise() {
+    let run = |cpus: &str| {
+        let out = contend(&[
+            "lab",
+            "--scenario",
+            "withdraw",
+            "--strategy",
+            "atomic",
+            "--workers",
+            "4",
+            "--operations",
+            "100",
+            "--json",
+            "--cpus",
+            cpus,
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+        json.get("cpus").cloned()
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let auto = run("auto");
+    if cpus >= 2 {
+        let auto = auto.expect("auto keeps to one CPU on SQLite");
+        assert_eq!(auto["of"], cpus, "{auto}");
+        assert!(
+            auto["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("SQLite")),
+            "{auto}"
+        );
+    } else {
+        assert_eq!(auto, None, "nothing to keep to on one CPU");
+    }
+    assert_eq!(run("all"), None, "--cpus all keeps every CPU");
+    let out = contend(&["lab", "--cpus", "two"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cpus"));
+}
+
+#[test]
 fn lab_prints_the_compact_table_and_writes_the_html_page() {
     let html = std::env::temp_dir().join(format!("contend-lab-cli-{}.html", std::process::id()));
     let html_arg = html.to_str().expect("a UTF-8 path");

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::config::{self, ConfigError, LabConfig, Load};
+use crate::cpu::Cpus;
 use crate::db_target::{self, LockServices};
 use crate::report::LabReport;
 use crate::scenario::Scenario;
@@ -107,6 +108,11 @@ pub struct LabArgs {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+
+    /// CPUs to run on: `auto` keeps to one CPU on embedded SQLite (one write at a time: hopping
+    /// between CPUs costs more than it gives) and uses every CPU otherwise; `one`; `all`.
+    #[arg(long, value_enum, default_value_t = Cpus::Auto, value_name = "WHICH")]
+    pub cpus: Cpus,
 }
 
 impl LabArgs {
@@ -263,7 +269,8 @@ pub async fn run_with(args: LabArgs, registry: Vec<Arc<dyn Scenario>>) -> anyhow
     }
     let names: Vec<&str> = registry.iter().map(|s| s.name()).collect();
     let config = args.into_config(&names)?;
-    let report = run_config(&config, &registry).await?;
+    let mut report = run_config(&config, &registry).await?;
+    report.cpus = crate::cpu::placed().cloned();
     emit(&config, &report)?;
     Ok(ExitCode::from(report.exit_code()))
 }

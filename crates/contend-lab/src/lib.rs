@@ -2,7 +2,8 @@
 //! invariants afterwards, and reports throughput, latency, retries and violations.
 //!
 //! # Layout
-//! - [`cli`]: the `contend lab` flags and entry point; [`config`]: their validated form.
+//! - [`cli`]: the `contend lab` flags and entry point; [`config`]: their validated form;
+//!   [`cpu`]: which CPUs the lab keeps to (one on embedded SQLite).
 //! - [`runner`]: the one runner and its seam ([`runner::Target`]): per run, setup, W concurrent
 //!   workers, the tally, what the target measures, the invariants read back, the verdict.
 //! - [`db_target`]: the in-process target: the [`scenario`]s ([`scenario::Scenario`]: withdraw,
@@ -18,6 +19,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod db_target;
 pub mod fault;
 pub mod history;

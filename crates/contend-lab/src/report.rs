@@ -8,6 +8,7 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Cell, CellAlignment, Color, ColumnConstraint, ContentArrangement, Table};
 use serde::Serialize;
 
+use crate::cpu::CpuPlacement;
 use crate::history::HistoryReport;
 use crate::scenario::Invariant;
 
@@ -359,6 +360,9 @@ pub struct LabReport {
     pub runs: Vec<RunReport>,
     /// The combinations not run.
     pub skipped: Vec<SkippedRun>,
+    /// The one CPU the lab kept to, when it did ([`crate::cpu`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<CpuPlacement>,
 }
 
 /// The verdict of a run, and whether it fails the lab.
@@ -578,6 +582,9 @@ impl LabReport {
             for line in self.skipped_lines() {
                 let _ = writeln!(out, "  {line}");
             }
+        }
+        if let Some(cpus) = &self.cpus {
+            let _ = writeln!(out, "\n{}", cpus.line());
         }
         out.push_str(LEGEND);
         if compact {
@@ -910,7 +917,7 @@ mod tests {
     fn the_compact_table_shows_gave_up_only_when_something_gave_up() {
         let mut report = LabReport {
             runs: vec![run("pessimistic", true, 0, 0)],
-            skipped: Vec::new(),
+            ..LabReport::default()
         };
         let header = |r: &LabReport| r.render_compact().lines().nth(2).unwrap_or("").to_string();
         assert!(!header(&report).contains("gave up"), "{}", header(&report));

@@ -82,7 +82,7 @@ async fn none_cycles_safe_clean(db: TestDb) {
     let json: serde_json::Value = serde_json::from_str(
         &LabReport {
             runs: vec![none.clone()],
-            skipped: vec![],
+            ..LabReport::default()
         }
         .to_json()
         .unwrap(),

@@ -659,6 +659,9 @@ fn table(report: &LabReport) -> String {
         }
         s.push_str("</ul>");
     }
+    if let Some(cpus) = &report.cpus {
+        let _ = write!(s, "<p>{}</p>", esc(&cpus.line()));
+    }
     s
 }
 
@@ -772,7 +775,7 @@ mod tests {
     fn report(runs: Vec<RunReport>) -> LabReport {
         LabReport {
             runs,
-            skipped: Vec::new(),
+            ..LabReport::default()
         }
     }
 
