@@ -648,7 +648,7 @@ impl<DB: Database> Executor<DB> {
             // The statement writes: on SQLite it takes this process's turn as a transaction
             // does (and runs on the dedicated writer connection, if there is one).
             let result = session
-                .write_autocommit(options.lock_timeout, move |conn| {
+                .write_autocommit_within(options.lock_timeout, move |conn| {
                     Box::pin(async move {
                         match o.atomic_statement(conn) {
                             Some(statement) => statement.await.map(Some),
