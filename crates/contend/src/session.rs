@@ -104,18 +104,58 @@ impl<DB: Database> Session<DB> {
         result
     }
 
-    /// Autocommit work that writes (the executor's one-statement `atomic`), with this process's
-    /// turn to write on a SQLite `Db` with a writer queue: on the dedicated writer connection
-    /// when the `Db` has one, else on the held connection (taken before the turn). Elsewhere as
-    /// [`Session::autocommit`].
+    /// Runs statements that write outside a transaction (each its own autocommit), in this
+    /// process's turn to write: [`Session::autocommit`] for writes.
+    ///
+    /// On a SQLite `Db` with a writer queue ([`crate::DbBuilder::writer_queue`]) the body runs
+    /// in the queue, as a write transaction does: on the dedicated writer connection when the
+    /// `Db` has one, else on the held connection with the turn held. A write through
+    /// [`Session::autocommit`] instead runs on the session's own connection beside the queue:
+    /// it meets the queue's writer in SQLite's busy handler, which sleeps 1, 2, 5, 10, ... ms
+    /// and holds up every queued writer behind it. Elsewhere this is [`Session::autocommit`].
+    /// The turn is waited for at most the `Db`'s acquire timeout.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
+    /// let db = contend::Db::connect("sqlite::memory:").await?;
+    /// db.execute_script("CREATE TABLE seen (v INTEGER)").await?;
+    /// let mut session = db.session();
+    /// let insert = db.query("INSERT INTO seen VALUES (?)").bind(7_i64);
+    /// let n = session
+    ///     .write_autocommit(|conn| Box::pin(async move {
+    ///         Ok::<_, contend::Error>(insert.execute(conn).await?.rows_affected())
+    ///     }))
+    ///     .await?;
+    /// assert_eq!(n, 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// A [`crate::ConflictKind::Busy`] conflict when the turn does not come within the acquire
+    /// timeout; as [`Session::autocommit`].
+    ///
+    /// # Cancel safety
+    /// Safe to drop: the turn is released, and a connection whose statement was interrupted is
+    /// closed, not kept.
+    pub async fn write_autocommit<T, E, F>(&mut self, body: F) -> Result<T, E>
+    where
+        T: Send,
+        E: From<Error> + Send,
+        F: for<'c> FnOnce(&'c mut DB::Connection) -> BoxFuture<'c, Result<T, E>> + Send + 'static,
+    {
+        self.write_autocommit_within(None, body).await
+    }
+
+    /// [`Session::write_autocommit`], waiting for the turn at most `lock_timeout` (else the
+    /// acquire timeout): the executor's one-statement `atomic`.
     ///
     /// # Errors
     /// A [`crate::ConflictKind::Busy`] conflict when the turn does not come within
     /// `lock_timeout` (else the acquire timeout); as [`Session::autocommit`].
     ///
     /// # Cancel safety
-    /// Safe to drop: a connection whose statement was interrupted is closed, not kept.
-    pub(crate) async fn write_autocommit<T, E, F>(
+    /// As [`Session::write_autocommit`].
+    pub(crate) async fn write_autocommit_within<T, E, F>(
         &mut self,
         lock_timeout: Option<std::time::Duration>,
         body: F,

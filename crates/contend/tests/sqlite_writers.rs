@@ -364,6 +364,79 @@ async fn a_second_process_writing_the_same_file_is_guarded_by_the_busy_timeout()
     );
 }
 
+/// Starts a write transaction on `db` that adds 100 and holds the turn (and SQLite's write
+/// lock) until `release` is notified; returns once it has written, with its task.
+async fn hold_a_write(
+    db: &Db,
+    release: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<Result<(), Error>> {
+    let (db, entered) = (db.clone(), Arc::new(tokio::sync::Notify::new()));
+    let e = entered.clone();
+    let task = tokio::spawn(async move {
+        db.transaction(|tx| {
+            Box::pin(async move {
+                tx.query("UPDATE counter SET n = n + 100")
+                    .execute(tx.conn())
+                    .await?;
+                e.notify_one();
+                release.notified().await;
+                Ok::<_, Error>(())
+            })
+        })
+        .await
+    });
+    entered.notified().await;
+    task
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autocommit_writes_take_the_writer_turn_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("autocommit.db"), true).await;
+    let increment_by_one = |db: &Db| db.query("UPDATE counter SET n = n + 1");
+
+    // The baseline: a plain autocommit write runs on the session's own connection, beside the
+    // queue, and meets the queue's writer in SQLite's busy handler (1 ms busy timeout here: it
+    // fails at once instead of sleeping 1, 2, 5, 10 ms ... as it would with the default).
+    let release = Arc::new(tokio::sync::Notify::new());
+    let holder = hold_a_write(&db, release.clone()).await;
+    let update = increment_by_one(&db);
+    let beside = db
+        .session()
+        .autocommit(|conn| {
+            Box::pin(async move { Ok::<_, Error>(update.execute(conn).await?.rows_affected()) })
+        })
+        .await;
+    assert_eq!(
+        beside.as_ref().err().and_then(|e| e.conflict()),
+        Some(ConflictKind::Busy),
+        "a write beside the queue meets its writer in the busy handler: {beside:?}"
+    );
+    release.notify_one();
+    holder.await.unwrap().unwrap();
+    assert_eq!(count(&db).await, 100);
+
+    // Through `write_autocommit` the same write waits for the turn instead, and runs once the
+    // transaction holding it has committed.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let holder = hold_a_write(&db, release.clone()).await;
+    let update = increment_by_one(&db);
+    let mut session = db.session();
+    let queued = tokio::spawn(async move {
+        session
+            .write_autocommit(|conn| {
+                Box::pin(async move { Ok::<_, Error>(update.execute(conn).await?.rows_affected()) })
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!queued.is_finished(), "it waits for the turn");
+    release.notify_one();
+    holder.await.unwrap().unwrap();
+    assert_eq!(queued.await.unwrap().unwrap(), 1);
+    assert_eq!(count(&db).await, 201, "both writes, one after the other");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_cancelled_on_the_writer_connection_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();

@@ -220,15 +220,18 @@ impl Scenario for GetOrCreate {
             };
             let (result, mut rep) = execute(ctx, session, op).await;
             if let Ok(id) = result {
-                // On the session's connection: a second one from the pool could wait for a
-                // connection other sessions hold.
+                // On the session's connection (a second one from the pool could wait for a
+                // connection other sessions hold), as a write: on SQLite in the writer queue,
+                // like the operations' own writes. A plain autocommit would write beside the
+                // queue and meet its writer in SQLite's busy handler, which sleeps 1, 2, 5,
+                // 10 ms ... and holds up every queued writer meanwhile.
                 let insert = ctx
                     .db
                     .query(&format!("INSERT INTO {seen} (name, got) VALUES (?, ?)"))
                     .bind(key)
                     .bind(id);
                 let recorded = session
-                    .autocommit(|conn| {
+                    .write_autocommit(|conn| {
                         Box::pin(
                             async move { Ok::<_, Error>(insert.execute(conn).await.map(drop)?) },
                         )

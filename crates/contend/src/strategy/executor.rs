@@ -518,21 +518,30 @@ impl<DB: Database> Executor<DB> {
             Strategy::Mutex => {
                 session.release();
                 let started = Instant::now();
-                let mut guards = Vec::new();
-                for key in canonical(op.keys()) {
-                    match tokio::time::timeout(self.lock_wait, self.mutexes.lock(&key)).await {
-                        Ok(guard) => guards.push(guard),
+                // All keys at once, queued at arrival on every one of them: taken one at a
+                // time, an operation would queue again on each key behind everyone who came
+                // meanwhile, and those waits add up to the tail.
+                let keys = canonical(op.keys());
+                let guard =
+                    match tokio::time::timeout(self.lock_wait, self.mutexes.lock_all(keys.clone()))
+                        .await
+                    {
+                        Ok(guard) => guard,
                         Err(_) => {
+                            let key = self
+                                .mutexes
+                                .first_taken(&keys)
+                                .or(keys.first().map(String::as_str))
+                                .unwrap_or_default();
                             let e = Error::LockNotAcquired {
-                                key,
+                                key: key.to_string(),
                                 waited_ms: self.lock_wait.as_millis() as u64,
                             };
                             return Executed::failed(e.into(), started.elapsed());
                         }
-                    }
-                }
+                    };
                 let done = read_then_write(session, &base, op, started.elapsed()).await;
-                drop(guards);
+                drop(guard);
                 done
             }
             Strategy::Atomic => {
@@ -648,7 +657,7 @@ impl<DB: Database> Executor<DB> {
             // The statement writes: on SQLite it takes this process's turn as a transaction
             // does (and runs on the dedicated writer connection, if there is one).
             let result = session
-                .write_autocommit(options.lock_timeout, move |conn| {
+                .write_autocommit_within(options.lock_timeout, move |conn| {
                     Box::pin(async move {
                         match o.atomic_statement(conn) {
                             Some(statement) => statement.await.map(Some),
