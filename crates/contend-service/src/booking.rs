@@ -3,7 +3,7 @@
 //! double-book and `/audit` can see it; the `atomic` strategy claims seats in `seat_claims`,
 //! whose primary key makes the claim a single conditional write.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use contend::strategy::Operation;
@@ -16,7 +16,7 @@ use crate::AppState;
 use crate::bank::{BindValue, insert_returning_id, q};
 use crate::engine::{self, Write};
 use crate::error::{ApiError, abort};
-use crate::extract::{JsonRequest, check_range, check_text, parse_id};
+use crate::extract::{JsonRequest, RawPath, check_range, check_text, path_id};
 use crate::idempotency::{self, Outcome};
 
 /// Largest number of seats of an event.
@@ -243,10 +243,10 @@ pub async fn create_event(State(state): State<AppState>, req: JsonRequest<NewEve
               (status = 422, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn create_booking(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: RawPath,
     req: JsonRequest<NewBooking>,
 ) -> Response {
-    let event = match parse_id(&id, "event id") {
+    let event = match path_id(id, "event id") {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };

@@ -277,6 +277,7 @@ async fn contract(kind: Kind) {
     let dep = format!("{pa}/deposit");
     let wd = format!("{pa}/withdraw");
     let book = format!("/events/{ev}/bookings");
+    let tb_bearer = format!("Bearer {tb}");
     type Case<'a> = (
         &'a str,
         &'a str,
@@ -1024,6 +1025,105 @@ async fn contract(kind: Kind) {
             j(&format!(r#"{{"account": {a}, "seat": 3}}"#)),
             409,
             "seat_taken",
+        ),
+        // Headers sent twice are ambiguous (a proxy in front may read the other one): refused,
+        // not decided by whichever comes first.
+        (
+            "POST",
+            &dep,
+            Some(ADMIN),
+            vec![("Authorization", &tb_bearer)],
+            j(r#"{"amount": 1}"#),
+            401,
+            "unauthorized",
+        ),
+        (
+            "GET",
+            &pb,
+            Some(&tb),
+            vec![("Authorization", "Bearer not-a-token")],
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST",
+            &dep,
+            Some(ADMIN),
+            vec![
+                ("X-Concurrency-Strategy", "atomic"),
+                ("X-Concurrency-Strategy", "none"),
+            ],
+            j(r#"{"amount": 1}"#),
+            400,
+            "unknown_strategy",
+        ),
+        (
+            "POST",
+            &dep,
+            Some(ADMIN),
+            vec![
+                ("Content-Type", "application/json"),
+                ("Content-Type", "text/plain"),
+            ],
+            j(r#"{"amount": 1}"#),
+            415,
+            "unsupported_media_type",
+        ),
+        // Path parameters whose percent-escapes are not UTF-8: a JSON 400 like any bad id.
+        (
+            "GET",
+            "/accounts/%ff",
+            Some(ADMIN),
+            vec![],
+            None,
+            400,
+            "invalid_path",
+        ),
+        (
+            "GET",
+            "/accounts/%ff/transfers",
+            Some(ADMIN),
+            vec![],
+            None,
+            400,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/accounts/%ff/deposit",
+            Some(ADMIN),
+            vec![],
+            j(r#"{"amount": 1}"#),
+            400,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/accounts/%C3%28/withdraw",
+            Some(&ta),
+            vec![],
+            j(r#"{"amount": 1}"#),
+            400,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/events/%ff/bookings",
+            Some(&ta),
+            vec![],
+            j(&format!(r#"{{"account": {a}, "seat": 1}}"#)),
+            400,
+            "invalid_path",
+        ),
+        (
+            "GET",
+            "/products/%ff",
+            None,
+            vec![],
+            None,
+            400,
+            "invalid_path",
         ),
     ];
     assert!(cases.len() >= 40);
