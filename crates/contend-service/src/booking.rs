@@ -175,14 +175,24 @@ impl Operation for BookOp {
 
     fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, contend::Result<Booking>>> {
         Some(Box::pin(async move {
+            // The claim's primary key decides between concurrent `atomic` bookings; the other
+            // strategies book without a claim, so a seat they booked counts as taken too (a
+            // service may change its strategy, or take it per request from the header).
             let sql = match tx.backend() {
-                Backend::MySql => "INSERT IGNORE INTO seat_claims (event_id, seat) VALUES (?, ?)",
+                Backend::MySql => {
+                    "INSERT IGNORE INTO seat_claims (event_id, seat) SELECT ?, ? FROM DUAL \
+                     WHERE NOT EXISTS (SELECT 1 FROM bookings WHERE event_id = ? AND seat = ?)"
+                }
                 _ => {
-                    "INSERT INTO seat_claims (event_id, seat) VALUES (?, ?) ON CONFLICT DO NOTHING"
+                    "INSERT INTO seat_claims (event_id, seat) SELECT ?, ? \
+                     WHERE NOT EXISTS (SELECT 1 FROM bookings WHERE event_id = ? AND seat = ?) \
+                     ON CONFLICT DO NOTHING"
                 }
             };
             let done = tx
                 .query(sql)
+                .bind(self.event)
+                .bind(self.seat)
                 .bind(self.event)
                 .bind(self.seat)
                 .execute(tx.conn())
