@@ -57,6 +57,17 @@ fn plan(args: &AnomaliesArgs) -> anyhow::Result<Plan> {
             .filter(|s| !s.is_empty())
             .collect()
     };
+    // A flag given with nothing in it (`--level ''`, `--anomaly ,`) is a mistake, not "all".
+    for (flag, given, example) in [
+        ("--level", &args.level, "read_committed,serializable"),
+        ("--anomaly", &args.anomaly, "G0,G2"),
+    ] {
+        if !given.is_empty() && parse_list(given).is_empty() {
+            anyhow::bail!(
+                "{flag}: empty list (give names such as {example}, or leave it out for all)"
+            );
+        }
+    }
     let mut levels = Vec::new();
     for name in parse_list(&args.level) {
         let level: IsolationLevel = name.parse()?;
@@ -203,5 +214,18 @@ mod tests {
         let e = parse(&["--anomaly", "G3"]).unwrap_err().to_string();
         assert!(e.contains("unknown anomaly `G3`"), "{e}");
         assert!(parse(&["--explain", "P4"]).is_err());
+        // Given, but empty: an error, not every level or anomaly.
+        for argv in [
+            ["--level", ""],
+            ["--level", " , "],
+            ["--anomaly", ""],
+            ["--anomaly", ","],
+        ] {
+            let e = parse(&argv).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{}: empty list", argv[0])),
+                "{argv:?}: {e}"
+            );
+        }
     }
 }
