@@ -124,6 +124,9 @@ fn bearer_token_ok(token: &str) -> bool {
 fn check_strategy_flags(args: &ServeArgs, strategy: Strategy) -> anyhow::Result<()> {
     let urls = contend::nodes::split_urls(&args.database_url);
     let backend = contend::nodes::check_urls(&urls).context("--database-url")?;
+    if let Some(url) = &args.migrate_url {
+        contend::nodes::check_urls(&contend::nodes::split_urls(url)).context("--migrate-url")?;
+    }
     if let Err(why) = strategy.supported_on(backend) {
         anyhow::bail!("--strategy {strategy}: strategy `{strategy}` is not supported here: {why}");
     }
@@ -177,15 +180,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     check_strategy_flags(&args, strategy)?;
-    let admin_token = match args.admin_token {
-        Some(t) if !t.is_empty() => t,
-        _ => {
-            let token = crate::auth::new_token().replacen("acct_", "admin_", 1);
-            eprintln!(
-                "contend serve: no --admin-token / CONTEND_ADMIN_TOKEN given; generated admin token: {token}"
-            );
-            token
-        }
+    // Generated here, printed once the service is about to serve (a refused start prints only
+    // why).
+    let (admin_token, generated) = match args.admin_token {
+        Some(t) if !t.is_empty() => (t, false),
+        _ => (
+            crate::auth::new_token().replacen("acct_", "admin_", 1),
+            true,
+        ),
     };
     let mut redis = None;
     if let Some(url) = &args.redis_url {
@@ -241,7 +243,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(3))
                 .connect()
-                .await?;
+                .await
+                .context("--migrate-url")?;
             let migrated = crate::migrate::run(&direct).await;
             direct.pool().close().await;
             migrated?;
@@ -274,6 +277,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let state = AppState::new(config);
     crate::engine::check_supported(&state, strategy)
         .map_err(|e| anyhow::anyhow!("--strategy {strategy}: {}", e.message))?;
+    if generated {
+        eprintln!(
+            "contend serve: no --admin-token / CONTEND_ADMIN_TOKEN given; generated admin token: {admin_token}"
+        );
+    }
     eprintln!(
         "contend serve: listening on http://{} (database {}, strategy {strategy})",
         listener.local_addr()?,
@@ -351,7 +359,7 @@ mod tests {
         let url = format!("sqlite:{}", file.display());
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let taken = taken.local_addr().unwrap().to_string();
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 8] = [
             (
                 &["--strategy", "redis"],
                 "needs the server to run with --redis-url",
@@ -375,6 +383,10 @@ mod tests {
                 "--admin-token must be visible ASCII",
             ),
             (&["--listen", &taken], "cannot listen on"),
+            (
+                &["--migrate-url", "garbage"],
+                "--migrate-url: invalid database URL",
+            ),
         ];
         for (flags, expected) in cases {
             let mut argv = vec!["serve", "--database-url", &url];
