@@ -113,6 +113,17 @@ fn plan(args: &AnomaliesArgs) -> anyhow::Result<Plan> {
     })
 }
 
+/// Writes the output to `out` (stdout): a reader that went away (`contend anomalies | head`) is
+/// not an error, and not a panic as with `print!`.
+fn print_out(out: &mut impl std::io::Write, text: &str) -> anyhow::Result<()> {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs the suite and prints the matrix, the JSON document or one cell's explanation.
 ///
 /// Exit status: 0 when every cell was judged; 2 when a cell could not be (an unexpected error or
@@ -151,13 +162,14 @@ pub async fn run(args: AnomaliesArgs) -> anyhow::Result<ExitCode> {
     let explained = plan
         .explain
         .and_then(|(anomaly, level)| report.cell(level, anomaly));
-    if args.json {
-        println!("{}", report::json(&report, explained)?);
+    let text = if args.json {
+        format!("{}\n", report::json(&report, explained)?)
     } else if let Some(cell) = explained {
-        print!("{}", report::explain(&report, cell));
+        report::explain(&report, cell)
     } else {
-        print!("{}", report::matrix(&report));
-    }
+        report::matrix(&report)
+    };
+    print_out(&mut std::io::stdout().lock(), &text)?;
     db.pool().close().await;
     Ok(if report.has_errors() {
         ExitCode::from(2)
@@ -205,6 +217,26 @@ mod tests {
         let p = parse(&[]).unwrap();
         assert_eq!(p.options.levels.len(), 4);
         assert_eq!(p.options.anomalies.len(), 10);
+    }
+
+    /// A writer whose reader went away, as stdout piped into `head` that exited.
+    struct ClosedPipe;
+
+    impl std::io::Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_is_not_an_error() {
+        assert!(print_out(&mut ClosedPipe, "matrix\n").is_ok());
+        let mut buf = Vec::new();
+        print_out(&mut buf, "matrix\n").unwrap();
+        assert_eq!(buf, b"matrix\n");
     }
 
     #[test]
