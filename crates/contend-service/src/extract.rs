@@ -231,17 +231,31 @@ pub fn path_id(raw: RawPath, what: &str) -> Result<i64, ApiError> {
     parse_id(&path_text(raw, what)?, what)
 }
 
-/// Parses a numeric path id.
+/// Parses a numeric path id, written as the service writes ids: decimal digits with an optional
+/// `-`, no `+`, no leading zeros. Other spellings of a number (`+1`, `01`, `-0`) would name the
+/// same resource under another path, and so under another idempotency fingerprint.
+///
+/// ```
+/// use contend_service::extract::parse_id;
+/// assert_eq!(parse_id("42", "id").unwrap(), 42);
+/// assert_eq!(parse_id("-7", "id").unwrap(), -7);
+/// for bad in ["+1", "01", "-0", "1.5", "", "x"] {
+///     assert!(parse_id(bad, "id").is_err(), "{bad}");
+/// }
+/// ```
 ///
 /// # Errors
-/// 400 `invalid_path` when it is not an integer.
+/// 400 `invalid_path` when it is not an integer in that form.
 pub fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
-    raw.parse::<i64>().map_err(|_| {
-        ApiError::invalid_path(format!(
-            "{what} must be an integer, got `{}`",
-            raw.escape_default()
-        ))
-    })
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| id.to_string() == raw)
+        .ok_or_else(|| {
+            ApiError::invalid_path(format!(
+                "{what} must be an integer (decimal digits, no sign `+`, no leading zeros), got `{}`",
+                raw.escape_default()
+            ))
+        })
 }
 
 /// A text field must have `min..=max` characters and no NUL (databases cannot store it).

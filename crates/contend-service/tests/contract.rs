@@ -278,6 +278,8 @@ async fn contract(kind: Kind) {
     let wd = format!("{pa}/withdraw");
     let book = format!("/events/{ev}/bookings");
     let tb_bearer = format!("Bearer {tb}");
+    let dep_zero = format!("/accounts/0{a}/deposit");
+    let wd_plus = format!("/accounts/+{a}/withdraw");
     type Case<'a> = (
         &'a str,
         &'a str,
@@ -1122,6 +1124,25 @@ async fn contract(kind: Kind) {
             None,
             vec![],
             None,
+            400,
+            "invalid_path",
+        ),
+        // Other spellings of an id would alias the account under another path.
+        (
+            "POST",
+            &dep_zero,
+            Some(ADMIN),
+            vec![],
+            j(r#"{"amount": 1}"#),
+            400,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            &wd_plus,
+            Some(&ta),
+            vec![],
+            j(r#"{"amount": 1}"#),
             400,
             "invalid_path",
         ),
