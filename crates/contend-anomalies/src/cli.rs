@@ -57,6 +57,17 @@ fn plan(args: &AnomaliesArgs) -> anyhow::Result<Plan> {
             .filter(|s| !s.is_empty())
             .collect()
     };
+    // A flag given with nothing in it (`--level ''`, `--anomaly ,`) is a mistake, not "all".
+    for (flag, given, example) in [
+        ("--level", &args.level, "read_committed,serializable"),
+        ("--anomaly", &args.anomaly, "G0,G2"),
+    ] {
+        if !given.is_empty() && parse_list(given).is_empty() {
+            anyhow::bail!(
+                "{flag}: empty list (give names such as {example}, or leave it out for all)"
+            );
+        }
+    }
     let mut levels = Vec::new();
     for name in parse_list(&args.level) {
         let level: IsolationLevel = name.parse()?;
@@ -102,6 +113,17 @@ fn plan(args: &AnomaliesArgs) -> anyhow::Result<Plan> {
     })
 }
 
+/// Writes the output to `out` (stdout): a reader that went away (`contend anomalies | head`) is
+/// not an error, and not a panic as with `print!`.
+fn print_out(out: &mut impl std::io::Write, text: &str) -> anyhow::Result<()> {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs the suite and prints the matrix, the JSON document or one cell's explanation.
 ///
 /// Exit status: 0 when every cell was judged; 2 when a cell could not be (an unexpected error or
@@ -140,13 +162,14 @@ pub async fn run(args: AnomaliesArgs) -> anyhow::Result<ExitCode> {
     let explained = plan
         .explain
         .and_then(|(anomaly, level)| report.cell(level, anomaly));
-    if args.json {
-        println!("{}", report::json(&report, explained)?);
+    let text = if args.json {
+        format!("{}\n", report::json(&report, explained)?)
     } else if let Some(cell) = explained {
-        print!("{}", report::explain(&report, cell));
+        report::explain(&report, cell)
     } else {
-        print!("{}", report::matrix(&report));
-    }
+        report::matrix(&report)
+    };
+    print_out(&mut std::io::stdout().lock(), &text)?;
     db.pool().close().await;
     Ok(if report.has_errors() {
         ExitCode::from(2)
@@ -196,6 +219,26 @@ mod tests {
         assert_eq!(p.options.anomalies.len(), 10);
     }
 
+    /// A writer whose reader went away, as stdout piped into `head` that exited.
+    struct ClosedPipe;
+
+    impl std::io::Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_is_not_an_error() {
+        assert!(print_out(&mut ClosedPipe, "matrix\n").is_ok());
+        let mut buf = Vec::new();
+        print_out(&mut buf, "matrix\n").unwrap();
+        assert_eq!(buf, b"matrix\n");
+    }
+
     #[test]
     fn bad_names_are_clear_errors() {
         let e = parse(&["--level", "snapshot"]).unwrap_err().to_string();
@@ -203,5 +246,18 @@ mod tests {
         let e = parse(&["--anomaly", "G3"]).unwrap_err().to_string();
         assert!(e.contains("unknown anomaly `G3`"), "{e}");
         assert!(parse(&["--explain", "P4"]).is_err());
+        // Given, but empty: an error, not every level or anomaly.
+        for argv in [
+            ["--level", ""],
+            ["--level", " , "],
+            ["--anomaly", ""],
+            ["--anomaly", ","],
+        ] {
+            let e = parse(&argv).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{}: empty list", argv[0])),
+                "{argv:?}: {e}"
+            );
+        }
     }
 }

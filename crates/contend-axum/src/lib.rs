@@ -122,9 +122,14 @@ pub mod scope {
     use sha2::{Digest, Sha256};
 
     /// The hex SHA-256 of the `Authorization` header (any scheme): callers with different
-    /// credentials never share keys, and no credential is stored. `None` without the header.
+    /// credentials never share keys, and no credential is stored. `None` without the header, and
+    /// with more than one: which of them the application authenticates is not known here, and
+    /// scoping by another one would let two callers share keys.
     pub fn authorization_sha256(parts: &Parts) -> Option<String> {
-        let value = parts.headers.get(header::AUTHORIZATION)?;
+        let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return None;
+        };
         Some(hex::encode(Sha256::digest(value.as_bytes())))
     }
 }

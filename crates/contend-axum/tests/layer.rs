@@ -291,6 +291,14 @@ async fn bad_requests_claim_nothing() {
         send(&router, anonymous).await.status,
         StatusCode::UNAUTHORIZED
     );
+    // Two Authorization headers: which caller it is depends on who reads which; no scope.
+    let mut twice = req("alice", Some("k"), "a");
+    twice
+        .headers_mut()
+        .append("authorization", "Bearer bob".parse().unwrap());
+    let twice = send(&router, twice).await;
+    assert_eq!(twice.status, StatusCode::UNAUTHORIZED);
+    assert!(String::from_utf8_lossy(&twice.body).contains("\"unauthorized\""));
     assert_eq!(env.app.runs.load(Ordering::SeqCst), 0);
     let keys: i64 = env
         .app

@@ -161,9 +161,16 @@ impl TokenCache {
 
 /// The bearer token of a request, or 401.
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values
+        .next()
         .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <token>` header"))?;
+    if values.next().is_some() {
+        // Which one would count is ambiguous (a proxy may check one, this service another).
+        return Err(ApiError::unauthorized(
+            "more than one Authorization header; send exactly one",
+        ));
+    }
     let value = value
         .to_str()
         .map_err(|_| ApiError::unauthorized("the Authorization header is not valid ASCII"))?;

@@ -1,7 +1,7 @@
 //! The bank: accounts, deposits, withdrawals and transfers, each balance change recorded in the
 //! double-entry `ledger` so that `/audit` can prove that no update was lost.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use contend::strategy::Operation;
@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::engine::{self, Write};
 use crate::error::{ApiError, abort};
-use crate::extract::{Auth, JsonRequest, check_range, check_text, parse_id};
+use crate::extract::{Auth, JsonRequest, RawPath, check_range, check_text, path_id};
 use crate::idempotency::{self, Outcome};
 
 /// Largest amount, price, balance or stock: 10^15 minor units.
@@ -652,9 +652,9 @@ pub async fn create_account(
 pub async fn get_account(
     State(state): State<AppState>,
     Auth(auth): Auth,
-    Path(id): Path<String>,
+    id: RawPath,
 ) -> Result<Outcome, ApiError> {
-    let id = parse_id(&id, "account id")?;
+    let id = path_id(id, "account id")?;
     auth.require_admin_or(id)?;
     let account = fetch_account(&state, id)
         .await?
@@ -671,7 +671,7 @@ pub async fn get_account(
               (status = 503, body = crate::error::ErrorBody)))]
 pub async fn deposit(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: RawPath,
     req: JsonRequest<AmountBody>,
 ) -> Response {
     balance_change(state, id, req, true).await
@@ -686,7 +686,7 @@ pub async fn deposit(
               (status = 422, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn withdraw(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: RawPath,
     req: JsonRequest<AmountBody>,
 ) -> Response {
     balance_change(state, id, req, false).await
@@ -694,11 +694,11 @@ pub async fn withdraw(
 
 async fn balance_change(
     state: AppState,
-    raw_id: String,
+    raw_id: RawPath,
     req: JsonRequest<AmountBody>,
     deposit: bool,
 ) -> Response {
-    let id = match parse_id(&raw_id, "account id") {
+    let id = match path_id(raw_id, "account id") {
         Ok(id) => id,
         Err(e) => return axum::response::IntoResponse::into_response(e),
     };
@@ -839,10 +839,10 @@ impl TransferPage {
 pub async fn list_transfers(
     State(state): State<AppState>,
     Auth(auth): Auth,
-    Path(id): Path<String>,
+    id: RawPath,
     page: Result<Query<TransferPage>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Outcome, ApiError> {
-    let id = parse_id(&id, "account id")?;
+    let id = path_id(id, "account id")?;
     let Query(page) = page.map_err(|e| {
         ApiError::invalid_query(format!(
             "the query string cannot be read: {}",

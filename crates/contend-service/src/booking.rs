@@ -3,7 +3,7 @@
 //! double-book and `/audit` can see it; the `atomic` strategy claims seats in `seat_claims`,
 //! whose primary key makes the claim a single conditional write.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use contend::strategy::Operation;
@@ -16,7 +16,7 @@ use crate::AppState;
 use crate::bank::{BindValue, insert_returning_id, q};
 use crate::engine::{self, Write};
 use crate::error::{ApiError, abort};
-use crate::extract::{JsonRequest, check_range, check_text, parse_id};
+use crate::extract::{JsonRequest, RawPath, check_range, check_text, path_id};
 use crate::idempotency::{self, Outcome};
 
 /// Largest number of seats of an event.
@@ -175,14 +175,24 @@ impl Operation for BookOp {
 
     fn atomic<'c>(&'c self, tx: &'c mut Tx) -> Option<BoxFuture<'c, contend::Result<Booking>>> {
         Some(Box::pin(async move {
+            // The claim's primary key decides between concurrent `atomic` bookings; the other
+            // strategies book without a claim, so a seat they booked counts as taken too (a
+            // service may change its strategy, or take it per request from the header).
             let sql = match tx.backend() {
-                Backend::MySql => "INSERT IGNORE INTO seat_claims (event_id, seat) VALUES (?, ?)",
+                Backend::MySql => {
+                    "INSERT IGNORE INTO seat_claims (event_id, seat) SELECT ?, ? FROM DUAL \
+                     WHERE NOT EXISTS (SELECT 1 FROM bookings WHERE event_id = ? AND seat = ?)"
+                }
                 _ => {
-                    "INSERT INTO seat_claims (event_id, seat) VALUES (?, ?) ON CONFLICT DO NOTHING"
+                    "INSERT INTO seat_claims (event_id, seat) SELECT ?, ? \
+                     WHERE NOT EXISTS (SELECT 1 FROM bookings WHERE event_id = ? AND seat = ?) \
+                     ON CONFLICT DO NOTHING"
                 }
             };
             let done = tx
                 .query(sql)
+                .bind(self.event)
+                .bind(self.seat)
                 .bind(self.event)
                 .bind(self.seat)
                 .execute(tx.conn())
@@ -243,10 +253,10 @@ pub async fn create_event(State(state): State<AppState>, req: JsonRequest<NewEve
               (status = 422, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn create_booking(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: RawPath,
     req: JsonRequest<NewBooking>,
 ) -> Response {
-    let event = match parse_id(&id, "event id") {
+    let event = match path_id(id, "event id") {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };

@@ -61,7 +61,8 @@ pub struct ServeArgs {
     #[arg(long, env = "CONTEND_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Request timeout in milliseconds (503 after it).
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
     /// After SIGTERM, how long in-flight requests may take to finish, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
@@ -75,7 +76,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub idempotency_lease_secs: u64,
     /// Largest number of pooled database connections.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Test every pooled connection with a round trip when it is taken from the pool, not only
     /// when it is returned (sqlx always tests returned connections). Off by default: the test
@@ -111,10 +113,45 @@ pub struct ServeArgs {
     pub max_clients: u64,
 }
 
+/// Whether `token` can be sent as `Authorization: Bearer <token>`: visible ASCII, no spaces
+/// (the header is trimmed and split at the first space, and must be ASCII).
+fn bearer_token_ok(token: &str) -> bool {
+    token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// What `strategy` needs besides the database (a lock service flag) or what the database's
+/// backend cannot do, from the flags alone: refused before anything is opened or created.
+fn check_strategy_flags(args: &ServeArgs, strategy: Strategy) -> anyhow::Result<()> {
+    let urls = contend::nodes::split_urls(&args.database_url);
+    let backend = contend::nodes::check_urls(&urls).context("--database-url")?;
+    if let Some(url) = &args.migrate_url {
+        contend::nodes::check_urls(&contend::nodes::split_urls(url)).context("--migrate-url")?;
+    }
+    if let Err(why) = strategy.supported_on(backend) {
+        anyhow::bail!("--strategy {strategy}: strategy `{strategy}` is not supported here: {why}");
+    }
+    let missing = match strategy {
+        Strategy::Redis if args.redis_url.is_none() => Some("--redis-url"),
+        Strategy::Redlock if args.redlock_urls.is_empty() => Some("--redlock-urls"),
+        Strategy::Etcd if args.etcd_urls.iter().all(|u| u.trim().is_empty()) => Some("--etcd-urls"),
+        _ => None,
+    };
+    if let Some(flag) = missing {
+        anyhow::bail!(
+            "--strategy {strategy}: strategy `{strategy}` needs the server to run with {flag}"
+        );
+    }
+    Ok(())
+}
+
 /// Runs the service until SIGTERM or Ctrl-C, then finishes in-flight requests and exits 0.
 ///
+/// Every flag is checked, and the lock services and the listening socket are set up, before
+/// the database is opened: a bad flag, an unreachable Redis or a port in use creates and
+/// migrates nothing.
+///
 /// # Errors
-/// Bad arguments, an unreachable database, failed migrations, a port in use.
+/// Bad arguments, an unreachable database or lock service, failed migrations, a port in use.
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !crate::extract::STRATEGY_NAMES.contains(&args.strategy.as_str()) {
         anyhow::bail!(
@@ -125,7 +162,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let strategy: Strategy = args.strategy.parse()?;
     let lease = Duration::from_secs(args.idempotency_lease_secs);
-    let request_timeout = Duration::from_millis(args.request_timeout_ms.max(1));
+    let request_timeout = Duration::from_millis(args.request_timeout_ms);
     anyhow::ensure!(
         lease > request_timeout,
         "--idempotency-lease-secs {} must be longer than --request-timeout-ms {} ({} s): a key \
@@ -134,61 +171,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.request_timeout_ms,
         request_timeout.as_secs_f64()
     );
-    let db = contend::Db::builder(&args.database_url)
-        .max_connections(args.max_connections)
-        .acquire_timeout(Duration::from_secs(3))
-        .test_before_acquire(args.test_before_acquire)
-        .connect()
-        .await?;
-    match &args.migrate_url {
-        Some(url) => {
-            let direct = contend::Db::builder(url)
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(3))
-                .connect()
-                .await?;
-            let migrated = crate::migrate::run(&direct).await;
-            direct.pool().close().await;
-            migrated?;
-        }
-        None if db.transaction_pooler() => anyhow::bail!(
-            "--database-url goes through a transaction pooler (pgbouncer=true): the migrations \
-             need a direct connection to the same database, give it with --migrate-url"
-        ),
-        None => crate::migrate::run(&db).await?,
+    if let Some(token) = args.admin_token.as_deref().filter(|t| !t.is_empty())
+        && !bearer_token_ok(token)
+    {
+        anyhow::bail!(
+            "--admin-token must be visible ASCII characters without spaces (it is sent as \
+             `Authorization: Bearer <token>`)"
+        );
     }
-    let admin_token = match args.admin_token {
-        Some(t) if !t.is_empty() => t,
-        _ => {
-            let token = crate::auth::new_token().replacen("acct_", "admin_", 1);
-            eprintln!(
-                "contend serve: no --admin-token / CONTEND_ADMIN_TOKEN given; generated admin token: {token}"
-            );
-            token
-        }
+    check_strategy_flags(&args, strategy)?;
+    // Generated here, printed once the service is about to serve (a refused start prints only
+    // why).
+    let (admin_token, generated) = match args.admin_token {
+        Some(t) if !t.is_empty() => (t, false),
+        _ => (
+            crate::auth::new_token().replacen("acct_", "admin_", 1),
+            true,
+        ),
     };
-    let mut config = Config::new(db, &admin_token);
-    config.strategy = strategy;
-    config.allow_strategy_header = args.allow_strategy_header;
-    config.request_timeout = request_timeout;
-    config.idempotency_lease = lease;
-    config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
-    config.token_cache_ttl = Duration::from_secs(args.token_cache_secs);
-    config.limits = crate::Limits {
-        header_timeout: Duration::from_millis(args.header_timeout_ms),
-        body_timeout: Duration::from_millis(args.body_timeout_ms),
-        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
-        max_clients: args.max_clients as usize,
-    };
+    let mut redis = None;
     if let Some(url) = &args.redis_url {
-        config.redis = Some(
+        redis = Some(
             RedisLocks::single(url, &args.redis_namespace)
                 .await
                 .with_context(|| format!("--redis-url {}", contend::backend::redact_url(url)))?,
         );
     }
+    let mut redlock = None;
     if !args.redlock_urls.is_empty() {
-        config.redlock = Some(
+        redlock = Some(
             RedisLocks::redlock(&args.redlock_urls, &args.redis_namespace)
                 .await
                 .context("--redlock-urls")?,
@@ -201,13 +212,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .filter(|u| !u.is_empty())
         .collect();
     #[cfg(feature = "etcd")]
-    if !etcd_urls.is_empty() {
-        config.etcd = Some(
+    let etcd = if etcd_urls.is_empty() {
+        None
+    } else {
+        Some(
             crate::redis_locks::etcd(&etcd_urls, &args.redis_namespace)
                 .await
                 .context("--etcd-urls")?,
-        );
-    }
+        )
+    };
     #[cfg(not(feature = "etcd"))]
     if !etcd_urls.is_empty() {
         anyhow::bail!(
@@ -215,12 +228,60 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
              `--features etcd` (needs protoc: Debian `protobuf-compiler`)"
         );
     }
-    let state = AppState::new(config);
-    crate::engine::check_supported(&state, strategy)
-        .map_err(|e| anyhow::anyhow!("--strategy {strategy}: {}", e.message))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let db = contend::Db::builder(&args.database_url)
+        .max_connections(args.max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(args.test_before_acquire)
+        .connect()
+        .await?;
+    match &args.migrate_url {
+        Some(url) => {
+            let direct = contend::Db::builder(url)
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(3))
+                .connect()
+                .await
+                .context("--migrate-url")?;
+            let migrated = crate::migrate::run(&direct).await;
+            direct.pool().close().await;
+            migrated?;
+        }
+        None if db.transaction_pooler() => anyhow::bail!(
+            "--database-url goes through a transaction pooler (pgbouncer=true): the migrations \
+             need a direct connection to the same database, give it with --migrate-url"
+        ),
+        None => crate::migrate::run(&db).await?,
+    }
+    let mut config = Config::new(db, &admin_token);
+    config.redis = redis;
+    config.redlock = redlock;
+    #[cfg(feature = "etcd")]
+    {
+        config.etcd = etcd;
+    }
+    config.strategy = strategy;
+    config.allow_strategy_header = args.allow_strategy_header;
+    config.request_timeout = request_timeout;
+    config.idempotency_lease = lease;
+    config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
+    config.token_cache_ttl = Duration::from_secs(args.token_cache_secs);
+    config.limits = crate::Limits {
+        header_timeout: Duration::from_millis(args.header_timeout_ms),
+        body_timeout: Duration::from_millis(args.body_timeout_ms),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+        max_clients: args.max_clients as usize,
+    };
+    let state = AppState::new(config);
+    crate::engine::check_supported(&state, strategy)
+        .map_err(|e| anyhow::anyhow!("--strategy {strategy}: {}", e.message))?;
+    if generated {
+        eprintln!(
+            "contend serve: no --admin-token / CONTEND_ADMIN_TOKEN given; generated admin token: {admin_token}"
+        );
+    }
     eprintln!(
         "contend serve: listening on http://{} (database {}, strategy {strategy})",
         listener.local_addr()?,
@@ -287,5 +348,67 @@ mod tests {
         assert!(!file.exists(), "nothing may be created on bad flags");
         let zero = Cli::try_parse_from(["serve", "--idempotency-lease-secs", "0"]);
         assert!(zero.is_err());
+    }
+
+    /// Flags that cannot work are refused (an `Err`: exit 2) before the database is opened:
+    /// no SQLite file is created or migrated, and nothing starts serving.
+    #[tokio::test]
+    async fn bad_flags_are_refused_before_the_database_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("service.db");
+        let url = format!("sqlite:{}", file.display());
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = taken.local_addr().unwrap().to_string();
+        let cases: [(&[&str], &str); 8] = [
+            (
+                &["--strategy", "redis"],
+                "needs the server to run with --redis-url",
+            ),
+            (
+                &["--strategy", "redlock"],
+                "needs the server to run with --redlock-urls",
+            ),
+            (
+                &["--strategy", "etcd"],
+                "needs the server to run with --etcd-urls",
+            ),
+            (&["--strategy", "advisory"], "is not supported here"),
+            // Tokens a client can never send as `Authorization: Bearer <token>`.
+            (
+                &["--admin-token", "two words"],
+                "--admin-token must be visible ASCII",
+            ),
+            (
+                &["--admin-token", "s\u{e9}cret"],
+                "--admin-token must be visible ASCII",
+            ),
+            (&["--listen", &taken], "cannot listen on"),
+            (
+                &["--migrate-url", "garbage"],
+                "--migrate-url: invalid database URL",
+            ),
+        ];
+        for (flags, expected) in cases {
+            let mut argv = vec!["serve", "--database-url", &url];
+            if flags[0] != "--listen" {
+                argv.extend(["--listen", "127.0.0.1:0"]);
+            }
+            argv.extend_from_slice(flags);
+            let cli = Cli::parse_from(&argv);
+            let ran = tokio::time::timeout(Duration::from_secs(20), run(cli.serve)).await;
+            let err = match ran {
+                Ok(Err(e)) => format!("{e:#}"),
+                Ok(Ok(_)) => panic!("{flags:?}: ran"),
+                Err(_) => panic!("{flags:?}: started serving instead of refusing"),
+            };
+            assert!(err.contains(expected), "{flags:?}: {err}");
+            assert!(!file.exists(), "{flags:?}: the database was created: {err}");
+        }
+        for (flag, value) in [("--request-timeout-ms", "0"), ("--max-connections", "0")] {
+            assert!(
+                Cli::try_parse_from(["serve", flag, value]).is_err(),
+                "{flag} {value} accepted"
+            );
+        }
     }
 }

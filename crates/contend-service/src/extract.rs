@@ -3,7 +3,8 @@
 //! value ranges and conflicts are the handlers' business, in that order.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use contend::strategy::Strategy;
@@ -71,10 +72,12 @@ pub struct JsonRequest<T> {
 pub struct Auth(pub Authed);
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    // One Content-Type only: with two, which one the body follows is anyone's guess.
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Ok(value) = value.to_str() else {
         return false;
     };
     let essence = value.split(';').next().unwrap_or("").trim();
@@ -106,7 +109,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// The strategy chosen by `X-Concurrency-Strategy`, if any.
 fn strategy_header(state: &AppState, headers: &HeaderMap) -> Result<Option<Strategy>, ApiError> {
-    let Some(value) = headers.get(STRATEGY_HEADER) else {
+    let mut values = headers.get_all(STRATEGY_HEADER).iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
     if !state.inner.allow_strategy_header {
@@ -114,6 +118,13 @@ fn strategy_header(state: &AppState, headers: &HeaderMap) -> Result<Option<Strat
             StatusCode::BAD_REQUEST,
             "strategy_header_not_allowed",
             "X-Concurrency-Strategy is only accepted when the server runs with --allow-strategy-header",
+        ));
+    }
+    if values.next().is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_strategy",
+            "more than one X-Concurrency-Strategy header; send one",
         ));
     }
     let name = value.to_str().unwrap_or("").trim();
@@ -149,7 +160,7 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonRequest<T> {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                "request bodies must be sent with `Content-Type: application/json`",
+                "request bodies must be sent with one `Content-Type: application/json` header",
             ));
         }
         let bytes = axum::body::to_bytes(body, BODY_LIMIT)
@@ -198,17 +209,53 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
-/// Parses a numeric path id.
+/// A path parameter as the router found it: the text, or why it could not be read (such as
+/// percent-escapes that do not decode to UTF-8). Handlers take it unread and check it with
+/// [`path_text`] or [`path_id`] in the contract's order (after authentication and the body).
+pub type RawPath = Result<Path<String>, PathRejection>;
+
+/// The text of a path parameter.
 ///
 /// # Errors
-/// 400 `invalid_path` when it is not an integer.
+/// 400 `invalid_path` when it cannot be read (not UTF-8 once decoded).
+pub fn path_text(raw: RawPath, what: &str) -> Result<String, ApiError> {
+    raw.map(|Path(text)| text)
+        .map_err(|e| ApiError::invalid_path(format!("{what} cannot be read: {}", e.body_text())))
+}
+
+/// A numeric path id ([`path_text`], then [`parse_id`]).
+///
+/// # Errors
+/// 400 `invalid_path` when it cannot be read or is not an integer.
+pub fn path_id(raw: RawPath, what: &str) -> Result<i64, ApiError> {
+    parse_id(&path_text(raw, what)?, what)
+}
+
+/// Parses a numeric path id, written as the service writes ids: decimal digits with an optional
+/// `-`, no `+`, no leading zeros. Other spellings of a number (`+1`, `01`, `-0`) would name the
+/// same resource under another path, and so under another idempotency fingerprint.
+///
+/// ```
+/// use contend_service::extract::parse_id;
+/// assert_eq!(parse_id("42", "id").unwrap(), 42);
+/// assert_eq!(parse_id("-7", "id").unwrap(), -7);
+/// for bad in ["+1", "01", "-0", "1.5", "", "x"] {
+///     assert!(parse_id(bad, "id").is_err(), "{bad}");
+/// }
+/// ```
+///
+/// # Errors
+/// 400 `invalid_path` when it is not an integer in that form.
 pub fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
-    raw.parse::<i64>().map_err(|_| {
-        ApiError::invalid_path(format!(
-            "{what} must be an integer, got `{}`",
-            raw.escape_default()
-        ))
-    })
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| id.to_string() == raw)
+        .ok_or_else(|| {
+            ApiError::invalid_path(format!(
+                "{what} must be an integer (decimal digits, no sign `+`, no leading zeros), got `{}`",
+                raw.escape_default()
+            ))
+        })
 }
 
 /// A text field must have `min..=max` characters and no NUL (databases cannot store it).

@@ -1,7 +1,7 @@
 //! The shop: products with limited stock, and orders that debit the account and decrement the
 //! stock in one transaction (both or neither).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use contend::strategy::Operation;
@@ -16,7 +16,7 @@ use crate::bank::{
 };
 use crate::engine::{self, Write};
 use crate::error::{ApiError, abort};
-use crate::extract::{JsonRequest, check_range, check_text};
+use crate::extract::{JsonRequest, RawPath, check_range, check_text, path_text};
 use crate::idempotency::{self, Outcome};
 
 /// Largest quantity of one order.
@@ -342,10 +342,8 @@ pub async fn create_product(
 /// `GET /products/{sku}`
 #[utoipa::path(get, path = "/products/{sku}", params(("sku" = String, Path, description = "product sku")),
     responses((status = 200, body = Product), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn get_product(
-    State(state): State<AppState>,
-    Path(sku): Path<String>,
-) -> Result<Outcome, ApiError> {
+pub async fn get_product(State(state): State<AppState>, sku: RawPath) -> Result<Outcome, ApiError> {
+    let sku = path_text(sku, "sku")?;
     let product = fetch_product(&state, &sku)
         .await?
         .ok_or_else(|| product_missing(&sku))?;

@@ -130,8 +130,64 @@ const FAULTS: [&str; 7] = [
     "instance-kill",
 ];
 
+/// Checks what the flags name before anything runs: each database URL is of its flag's backend,
+/// the Redis URLs are Redis URLs, no command is empty, and `--contend-bin` is a file.
+fn check_flags(args: &FaultArgs) -> anyhow::Result<()> {
+    for (flag, url, backend, scheme) in [
+        (
+            "--pg-url",
+            &args.pg_url,
+            contend::Backend::Postgres,
+            "postgres://",
+        ),
+        (
+            "--mysql-url",
+            &args.mysql_url,
+            contend::Backend::MySql,
+            "mysql:// or mariadb://",
+        ),
+    ] {
+        if let Some(url) = url {
+            anyhow::ensure!(
+                contend::Backend::from_url(url).ok() == Some(backend)
+                    && contend::nodes::split_urls(url).len() == 1,
+                "{flag}: `{}` is not one {scheme} URL",
+                contend::backend::redact_url(url)
+            );
+        }
+    }
+    if let Some(url) = &args.redis_url {
+        crate::config::check_redis_url("--redis-url", url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    for url in &args.redlock_urls {
+        crate::config::check_redis_url("--redlock-urls", url)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    for (flag, command) in [
+        ("--restart-pg", &args.restart_pg),
+        ("--restart-mysql", &args.restart_mysql),
+        ("--restart-redis", &args.restart_redis),
+        ("--restart-galera", &args.restart_galera),
+        ("--galera-ready", &args.galera_ready),
+    ] {
+        anyhow::ensure!(
+            command.as_deref().is_none_or(|c| !c.trim().is_empty()),
+            "{flag}: empty command (give a shell command, e.g. `scripts/services restart pg`)"
+        );
+    }
+    if let Some(bin) = &args.contend_bin {
+        anyhow::ensure!(
+            bin.is_file(),
+            "--contend-bin: no file {} (give the path of a contend binary)",
+            bin.display()
+        );
+    }
+    Ok(())
+}
+
 /// The phases `args` ask for, or why they cannot run.
 pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
+    check_flags(args)?;
     let dbs: Vec<(&str, &String, Option<&String>)> = [
         ("pg", args.pg_url.as_ref(), args.restart_pg.as_ref()),
         (
@@ -192,10 +248,14 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
         }
         s
     } else {
-        args.strategy
-            .iter()
-            .map(|s| s.parse::<Strategy>())
-            .collect::<Result<_, _>>()?
+        let mut chosen: Vec<Strategy> = Vec::new();
+        for name in &args.strategy {
+            let s = name.parse::<Strategy>()?;
+            if !chosen.contains(&s) {
+                chosen.push(s);
+            }
+        }
+        chosen
     };
     let redis = RedisUrls {
         single: args.redis_url.clone(),
@@ -411,6 +471,17 @@ fn writable(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the table to `out` (stdout): a reader that went away (`contend faults | head`) is not
+/// an error, and not a panic as with `println!`, so the files and the exit status still follow.
+fn print_out(out: &mut impl std::io::Write, text: &str) -> anyhow::Result<()> {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The nodes of `--galera-urls`: at least two `mysql://` URLs.
 fn galera_nodes(list: &str) -> anyhow::Result<Vec<String>> {
     let nodes = contend::nodes::split_urls(list);
@@ -463,6 +534,19 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<ExitCode> {
     for path in [&args.json, &args.html].into_iter().flatten() {
         writable(path)?;
     }
+    // The single servers must answer now (the Galera nodes may still be starting, behind
+    // --galera-ready): an unreachable one is a bad flag, not a failed phase.
+    for (flag, url) in [("--pg-url", &args.pg_url), ("--mysql-url", &args.mysql_url)] {
+        if let Some(url) = url {
+            let db = contend::Db::builder(url)
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .with_context(|| flag.to_string())?;
+            db.pool().close().await;
+        }
+    }
     for s in &skipped {
         eprintln!("[faults] skipped: {s}");
     }
@@ -511,7 +595,10 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let report = FaultReport { runs, errors };
-    println!("{}", report::render(&report));
+    print_out(
+        &mut std::io::stdout().lock(),
+        &format!("{}\n", report::render(&report)),
+    )?;
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -779,5 +866,98 @@ mod tests {
             "{}",
             err(&["--pg-url", pg, "--strategy", "etcd"])
         );
+        // URLs of the wrong kind for their flag, empty commands, a missing binary: refused
+        // before any phase runs (they used to run, or fail phase by phase with exit 1).
+        let my = "mysql://root@127.0.0.1:1/app";
+        for (argv, expected) in [
+            (
+                vec!["--pg-url", "garbage"],
+                "--pg-url: `garbage` is not one postgres:// URL",
+            ),
+            (
+                vec!["--pg-url", my],
+                "--pg-url: `mysql://root@127.0.0.1:1/app` is not one",
+            ),
+            (
+                vec!["--mysql-url", pg],
+                "--mysql-url: `postgres://x@127.0.0.1:1/app` is not",
+            ),
+            (
+                vec!["--pg-url", "postgres://a/x,postgres://b/x"],
+                "is not one postgres://",
+            ),
+            (vec!["--pg-url", pg, "--redis-url", "nope"], "--redis-url"),
+            (
+                vec!["--pg-url", pg, "--redlock-urls", "redis://a:1,x"],
+                "--redlock-urls",
+            ),
+            (
+                vec!["--pg-url", pg, "--restart-pg", " "],
+                "--restart-pg: empty command",
+            ),
+            (
+                vec!["--pg-url", pg, "--restart-redis", ""],
+                "--restart-redis: empty command",
+            ),
+            (
+                vec!["--pg-url", pg, "--contend-bin", "/no/such/contend"],
+                "--contend-bin: no file",
+            ),
+        ] {
+            let e = err(&argv);
+            assert!(e.contains(expected), "{argv:?}: {e}");
+        }
+        // A strategy named twice runs once.
+        let (phases, _) = plan(&parse(&[
+            "--pg-url",
+            pg,
+            "--faults",
+            "latency",
+            "--strategy",
+            "atomic,atomic",
+        ]))
+        .unwrap();
+        assert!(matches!(&phases[0], Planned::Db(p) if p.strategies == [Strategy::Atomic]));
+    }
+
+    /// A writer whose reader went away, as stdout piped into `head` that exited.
+    struct ClosedPipe;
+
+    impl std::io::Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_is_not_an_error() {
+        assert!(print_out(&mut ClosedPipe, "table\n").is_ok());
+        let mut buf = Vec::new();
+        print_out(&mut buf, "table\n").unwrap();
+        assert_eq!(buf, b"table\n");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_is_refused_before_any_phase() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let url = format!("postgres://x@127.0.0.1:{port}/app");
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("faults.json");
+        let args = parse(&[
+            "--pg-url",
+            &url,
+            "--faults",
+            "latency",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        let e = format!("{:#}", run(args).await.unwrap_err());
+        assert!(e.starts_with("--pg-url: "), "{e}");
+        assert!(!json.exists(), "no report for a run that could not start");
     }
 }
