@@ -33,6 +33,21 @@ fn bad_lab_flags_exit_2_with_a_message() {
             "--html",
         ),
         (&["lab", "--html", "/tmp"][..], "--html"),
+        (
+            &["lab", "--output", "/nonexistent-dir/runs.json"][..],
+            "--output",
+        ),
+        (&["lab", "--output", "/tmp"][..], "--output"),
+        (
+            &[
+                "lab",
+                "--strategy",
+                "redlock",
+                "--redlock-urls",
+                "redis://127.0.0.1:1,redis://127.0.0.1:2,redis://127.0.0.1:3",
+            ][..],
+            "--redlock-urls: 0 of 3 servers answer",
+        ),
     ] {
         let out = contend(args);
         let stderr = String::from_utf8_lossy(&out.stderr);

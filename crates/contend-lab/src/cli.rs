@@ -198,22 +198,32 @@ impl LabArgs {
             config.etcd_urls = urls;
         }
         config.json = self.json;
-        config.output = self.output;
-        if let Some(path) = &self.html {
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-            if path.as_os_str().is_empty() || path.is_dir() || dir.is_some_and(|d| !d.is_dir()) {
-                return Err(ConfigError(format!(
-                    "--html: cannot write {}: expected a file in an existing directory",
-                    path.display()
-                )));
+        // Checked before the run, not found unwritable after it (with --target, after it wrote
+        // to the servers).
+        for (flag, path) in [("--output", &self.output), ("--html", &self.html)] {
+            if let Some(path) = path {
+                check_output_file(flag, path)?;
             }
         }
+        config.output = self.output;
         config.html = self.html;
         config.wide = self.wide;
         config.allow_unsafe_on_cluster = self.allow_unsafe_on_cluster;
         config.progress = !self.no_progress && !self.json;
         Ok(config)
     }
+}
+
+/// Refuses an output path that cannot be a file in an existing directory.
+fn check_output_file(flag: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if path.as_os_str().is_empty() || path.is_dir() || dir.is_some_and(|d| !d.is_dir()) {
+        return Err(ConfigError(format!(
+            "{flag}: cannot write {}: expected a file in an existing directory",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The scenarios of `config`, in its order (all of `registry` when it names none).

@@ -97,6 +97,7 @@ pub async fn lock_services(config: &LabConfig) -> anyhow::Result<LockServices> {
                 commands: counter(single_urls()),
             }),
             (Strategy::Redlock, _) if !config.redlock_urls.is_empty() => {
+                check_redlock_majority(&config.redlock_urls).await?;
                 let lock = Redlock::builder(&config.redlock_urls)
                     .namespace(NAMESPACE)
                     .connect()
@@ -118,6 +119,26 @@ pub async fn lock_services(config: &LabConfig) -> anyhow::Result<LockServices> {
         services.insert(Strategy::Etcd, etcd_service(config).await?);
     }
     Ok(services)
+}
+
+/// Refuses to start the `redlock` runs when fewer than a majority of its servers answer: every
+/// acquisition would fail, and the runs would only count errors (as an unreachable
+/// `--redis-url` is refused before the runs).
+async fn check_redlock_majority(urls: &[String]) -> anyhow::Result<()> {
+    let answers = futures_util::future::join_all(
+        urls.iter()
+            .map(|url| contend_redis::command_count(std::slice::from_ref(url))),
+    )
+    .await;
+    let answering = answers.iter().filter(|a| a.is_ok()).count();
+    let majority = urls.len() / 2 + 1;
+    if answering < majority {
+        anyhow::bail!(
+            "--redlock-urls: {answering} of {} servers answer; Redlock needs a majority ({majority})",
+            urls.len()
+        );
+    }
+    Ok(())
 }
 
 /// The lock service of the `etcd` strategy, or why there is none (no `--etcd-urls`).
