@@ -6,7 +6,7 @@
 //! contention (their retry budget ran out, [`LabReport::exit_code`]); 2 (an `Err` from [`run`])
 //! for bad flags or an error that stopped the lab.
 
-use std::io::Write as _;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -325,14 +325,41 @@ pub fn emit(config: &LabConfig, report: &LabReport) -> anyhow::Result<()> {
     } else {
         report.render_compact()
     };
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|_| stdout.flush())
-    {
-        Ok(()) => Ok(()),
-        // `contend lab | head` is not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(e).context("cannot write to stdout"),
+    print_out(&mut std::io::stdout().lock(), &text)
+}
+
+/// Writes `text` to `out` (stdout): a reader that went away (`contend lab | head`) is not an
+/// error, and not a panic as with `println!`, so the files and the exit status still follow.
+pub(crate) fn print_out(out: &mut impl Write, text: &str) -> anyhow::Result<()> {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer whose reader went away, as stdout piped into `head` that exited.
+    struct ClosedPipe;
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_is_not_an_error() {
+        assert!(print_out(&mut ClosedPipe, "table\n").is_ok());
+        let mut buf = Vec::new();
+        print_out(&mut buf, "table\n").unwrap();
+        assert_eq!(buf, b"table\n");
     }
 }

@@ -11,6 +11,7 @@ use super::report::{self, FaultReport};
 use super::run::{Phase, RedisUrls, run_phase};
 use super::service::{ServicePhase, run_instance_kill};
 use super::{Fault, RunRow};
+use crate::cli::print_out;
 
 /// Arguments of `contend faults`.
 #[derive(Debug, Clone, clap::Args)]
@@ -471,17 +472,6 @@ fn writable(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the table to `out` (stdout): a reader that went away (`contend faults | head`) is not
-/// an error, and not a panic as with `println!`, so the files and the exit status still follow.
-fn print_out(out: &mut impl std::io::Write, text: &str) -> anyhow::Result<()> {
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(e).context("cannot write to stdout")
-        }
-        _ => Ok(()),
-    }
-}
-
 /// The nodes of `--galera-urls`: at least two `mysql://` URLs.
 fn galera_nodes(list: &str) -> anyhow::Result<Vec<String>> {
     let nodes = contend::nodes::split_urls(list);
@@ -918,26 +908,6 @@ mod tests {
         ]))
         .unwrap();
         assert!(matches!(&phases[0], Planned::Db(p) if p.strategies == [Strategy::Atomic]));
-    }
-
-    /// A writer whose reader went away, as stdout piped into `head` that exited.
-    struct ClosedPipe;
-
-    impl std::io::Write for ClosedPipe {
-        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-            Err(std::io::ErrorKind::BrokenPipe.into())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_closed_stdout_is_not_an_error() {
-        assert!(print_out(&mut ClosedPipe, "table\n").is_ok());
-        let mut buf = Vec::new();
-        print_out(&mut buf, "table\n").unwrap();
-        assert_eq!(buf, b"table\n");
     }
 
     #[tokio::test]
