@@ -2,7 +2,7 @@
 //! (`DbBuilder::writer_queue`), as `Session::write_autocommit` does: the building blocks'
 //! one-statement forms (`Counter::try_sub_now` / `try_sub_in`, `GetOrCreate::get_or_create`),
 //! the idempotency `Store` (claim, take-over, complete, release), and `Db::execute_script`
-//! (with `fencing::ensure_schema` and `Store::ensure_schema` on it).
+//! (with `fencing::ensure_schema` and `Store::ensure_schema` on it), each in a test of its own.
 //!
 //! Each test holds a write transaction (the turn and SQLite's write lock) on a `Db` whose busy
 //! timeout is 1 ms, and runs the library's write beside it in a task of its own (so its future
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use contend::fencing;
-use contend::idempotency::{Claim, Fingerprint, Key, Outcome, Store};
+use contend::idempotency::{Claim, Claimed, Fingerprint, Key, Outcome, Store};
 use contend::strategy::Value;
 use contend::strategy::atomic::Counter;
 use contend::strategy::get_or_create::{GetOrCreate, Method};
@@ -189,79 +189,83 @@ async fn counter_try_sub_now_takes_the_turn_without_a_dedicated_writer() {
     assert_eq!(balance(&db).await, 7);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_or_create_takes_the_writer_turn() {
+/// `GetOrCreate::get_or_create` with `method`, beside a held write, then again (found).
+async fn get_or_create_beside_a_held_write(method: Method) {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir).await;
     let tags = GetOrCreate::new("tag", "id", "name").unwrap();
-    for (name, method) in [("a", Method::OnConflict), ("b", Method::CatchUnique)] {
-        let (d, t) = (db.clone(), tags.clone());
-        let found = took_the_turn(
-            &format!("GetOrCreate::get_or_create ({method:?})"),
-            beside_a_held_write(&db, async move {
-                t.get_or_create(&d, name, &[("uses", Value::Int(0))], method)
-                    .await
-            })
-            .await,
-        );
-        assert!(found.created, "{method:?}");
-        // Found again (the insert meets the row): the same id.
-        let again = tags
-            .get_or_create(&db, name, &[("uses", Value::Int(0))], method)
-            .await
-            .unwrap();
-        assert_eq!((again.id, again.created), (found.id, false), "{method:?}");
+    let (d, t) = (db.clone(), tags.clone());
+    let found = took_the_turn(
+        &format!("GetOrCreate::get_or_create ({method:?})"),
+        beside_a_held_write(&db, async move {
+            t.get_or_create(&d, "rust", &[("uses", Value::Int(0))], method)
+                .await
+        })
+        .await,
+    );
+    assert!(found.created);
+    // Found again (the insert meets the row): the same id.
+    let again = tags
+        .get_or_create(&db, "rust", &[("uses", Value::Int(0))], method)
+        .await
+        .unwrap();
+    assert_eq!((again.id, again.created), (found.id, false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_or_create_on_conflict_takes_the_writer_turn() {
+    get_or_create_beside_a_held_write(Method::OnConflict).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_or_create_catch_unique_takes_the_writer_turn() {
+    get_or_create_beside_a_held_write(Method::CatchUnique).await;
+}
+
+/// A store on a new database, with its table, and a request's fingerprint.
+async fn store(dir: &tempfile::TempDir) -> (Db, Store, Fingerprint) {
+    let db = open(dir).await;
+    let store = Store::new(db.clone());
+    store.ensure_schema().await.unwrap();
+    (db, store, Fingerprint::request("POST", "/orders", b"{}"))
+}
+
+/// Claims `key`, which must be free.
+async fn claimed(store: &Store, key: &Key, fp: &Fingerprint) -> Claimed {
+    match store.claim(key, fp).await.unwrap() {
+        Claim::Claimed(claimed) => claimed,
+        other => panic!("the first claim wins: {other:?}"),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_idempotency_store_takes_the_writer_turn() {
+async fn the_idempotency_claim_takes_the_writer_turn() {
+    // The INSERT of the key row.
     let dir = tempfile::tempdir().unwrap();
-    let db = open(&dir).await;
-    let store = Store::new(db.clone());
-    store.ensure_schema().await.unwrap();
-    let fp = Fingerprint::request("POST", "/orders", b"{}");
-
-    // claim: the INSERT of the key row.
+    let (db, store, fp) = store(&dir).await;
     let key = Key::new("caller", "k1").unwrap();
     let (s, k, f) = (store.clone(), key.clone(), fp.clone());
     let claim = took_the_turn(
         "Store::claim",
         beside_a_held_write(&db, async move { s.claim(&k, &f).await }).await,
     );
-    let Claim::Claimed(claimed) = claim else {
-        panic!("the first claim wins: {claim:?}")
-    };
+    assert!(matches!(claim, Claim::Claimed(_)), "{claim:?}");
+    assert!(matches!(
+        store.claim(&key, &fp).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+}
 
-    // complete: the UPDATE storing the outcome.
-    let outcome = Outcome::new(201, b"{}".to_vec()).unwrap();
-    let (s, c, o) = (store.clone(), claimed.clone(), outcome.clone());
-    let stored = took_the_turn(
-        "Store::complete",
-        beside_a_held_write(&db, async move { s.complete(&c, &o).await }).await,
-    );
-    assert!(stored);
-    assert!(matches!(store.claim(&key, &fp).await.unwrap(), Claim::Completed(o) if o == outcome));
-
-    // release: the DELETE of an in-flight key.
-    let key = Key::new("caller", "k2").unwrap();
-    let Claim::Claimed(claimed) = store.claim(&key, &fp).await.unwrap() else {
-        panic!("the first claim wins")
-    };
-    let (s, c) = (store.clone(), claimed.clone());
-    let released = took_the_turn(
-        "Store::release",
-        beside_a_held_write(&db, async move { s.release(&c).await }).await,
-    );
-    assert!(released);
-
-    // The take-over of a key whose lease expired: the conditional UPDATE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_take_over_takes_the_writer_turn() {
+    // A key whose lease expired is taken over by the next claim: its INSERT meets the row,
+    // then a conditional UPDATE takes it. (The INSERT comes first and waits for the turn, so
+    // this cannot tell the UPDATE's turn from the INSERT's; both go the same way.)
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _, fp) = store(&dir).await;
     let expired = Store::new(db.clone()).lease(Duration::ZERO);
     let key = Key::new("caller", "k3").unwrap();
-    assert!(matches!(
-        expired.claim(&key, &fp).await.unwrap(),
-        Claim::Claimed(_)
-    ));
+    claimed(&expired, &key, &fp).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
     let (s, k, f) = (expired.clone(), key.clone(), fp.clone());
     let taken = took_the_turn(
@@ -269,6 +273,43 @@ async fn the_idempotency_store_takes_the_writer_turn() {
         beside_a_held_write(&db, async move { s.claim(&k, &f).await }).await,
     );
     assert!(matches!(taken, Claim::Claimed(_)), "{taken:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_complete_takes_the_writer_turn() {
+    // The UPDATE storing an outcome outside a business transaction.
+    let dir = tempfile::tempdir().unwrap();
+    let (db, store, fp) = store(&dir).await;
+    let key = Key::new("caller", "k1").unwrap();
+    let claimed = claimed(&store, &key, &fp).await;
+    let outcome = Outcome::new(201, b"{}".to_vec()).unwrap();
+    let (s, o) = (store.clone(), outcome.clone());
+    let stored = took_the_turn(
+        "Store::complete",
+        beside_a_held_write(&db, async move { s.complete(&claimed, &o).await }).await,
+    );
+    assert!(stored);
+    assert!(matches!(store.claim(&key, &fp).await.unwrap(), Claim::Completed(o) if o == outcome));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_release_takes_the_writer_turn() {
+    // The DELETE of an in-flight key.
+    let dir = tempfile::tempdir().unwrap();
+    let (db, store, fp) = store(&dir).await;
+    let key = Key::new("caller", "k2").unwrap();
+    let claimed = claimed(&store, &key, &fp).await;
+    let s = store.clone();
+    let released = took_the_turn(
+        "Store::release",
+        beside_a_held_write(&db, async move { s.release(&claimed).await }).await,
+    );
+    assert!(released);
+    // Released: the key can be claimed again.
+    assert!(matches!(
+        store.claim(&key, &fp).await.unwrap(),
+        Claim::Claimed(_)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,19 +327,32 @@ async fn execute_script_takes_the_writer_turn() {
     );
     assert_eq!(balance(&db).await, 15);
 
-    // fencing::ensure_schema runs on it.
-    let d = db.clone();
-    took_the_turn(
-        "fencing::ensure_schema",
-        beside_a_held_write(&db, async move { fencing::ensure_schema(&d).await }).await,
-    );
-    let none = fencing::highest(&db, "doc:1").await.unwrap();
-    assert_eq!(none, None);
-
     // One `SELECT` (a health check's ping) cannot write: it runs at once, beside the queue.
     let d = db.clone();
     let (pinged, waited) =
         beside_a_held_write(&db, async move { d.execute_script("SELECT 1").await }).await;
     pinged.unwrap();
     assert!(!waited, "a ping does not wait for the writers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_schema_takes_the_writer_turn() {
+    // `fencing::ensure_schema` and `Store::ensure_schema` run on `Db::execute_script`.
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir).await;
+    let d = db.clone();
+    took_the_turn(
+        "fencing::ensure_schema",
+        beside_a_held_write(&db, async move { fencing::ensure_schema(&d).await }).await,
+    );
+    assert_eq!(fencing::highest(&db, "doc:1").await.unwrap(), None);
+    let store = Store::new(db.clone());
+    let s = store.clone();
+    took_the_turn(
+        "Store::ensure_schema",
+        beside_a_held_write(&db, async move { s.ensure_schema().await }).await,
+    );
+    let key = Key::new("caller", "k").unwrap();
+    let fp = Fingerprint::request("GET", "/", b"");
+    claimed(&store, &key, &fp).await;
 }
