@@ -245,9 +245,14 @@ impl DbBuilder {
     /// and polls (up to 100 ms per sleep) instead of handing the lock over in order, so
     /// throughput collapses and latency grows with concurrency. With the queue, writers take
     /// turns on an async mutex before `BEGIN` and the busy handler is left to guard against
-    /// *other* processes writing the same file. Read-only transactions, autocommit statements and
-    /// other processes do not take part in the queue (they may still meet the busy timeout).
-    /// Ignored by the other backends.
+    /// *other* processes writing the same file. The library's writes outside transactions take
+    /// the same turn: the executor's one-statement `atomic`, [`Session::write_autocommit`], the
+    /// building blocks' autocommit forms (`Counter::try_sub_now` / `try_sub_in`,
+    /// `GetOrCreate::get_or_create`), the idempotency `Store` and [`Db::execute_script`].
+    /// Read-only transactions, reads, statements the application runs through
+    /// [`Session::autocommit`] or on [`Db::pool`], and other processes do not take part in the
+    /// queue (a write among them may still meet the busy timeout). Ignored by the other
+    /// backends.
     ///
     /// On a SQLite file, every write transaction of the `Db` (and the executor's one-statement
     /// `atomic`) then runs on one dedicated writer connection, kept with the turn between
@@ -509,6 +514,19 @@ fn sqlite_settings(
         );
         conn.execute(AssertSqlSafe(sql)).await.map(|_| ())
     })
+}
+
+/// Whether `sql` is one `SELECT` statement (optionally ending with `;`), which cannot write:
+/// [`Db::execute_script`] runs it without the SQLite writer's turn. Anything else (several
+/// statements, a `WITH`, a comment first) counts as a possible write.
+fn single_select(sql: &str) -> bool {
+    let sql = sql.trim();
+    let sql = sql.strip_suffix(';').unwrap_or(sql);
+    let select = sql
+        .get(..6)
+        .is_some_and(|h| h.eq_ignore_ascii_case("select"))
+        && sql[6..].starts_with(char::is_whitespace);
+    select && !sql.contains(';')
 }
 
 /// Asks the MySQL/MariaDB node behind `pool` whether it is a Galera node.
@@ -924,12 +942,39 @@ impl<DB: Database> Db<DB> {
     /// always on the first node (so that schema changes and the data loaded after them are
     /// made in order on one node).
     ///
+    /// On a SQLite `Db` with a writer queue ([`DbBuilder::writer_queue`]) the script runs in
+    /// this process's turn to write, as a write transaction does (on a pooled connection, not
+    /// the dedicated writer connection, so that what a script sets on its connection, a
+    /// `PRAGMA` or a temporary table, never reaches later writes): it waits for the writers
+    /// queued before it instead of meeting them in SQLite's busy handler. The exception is a
+    /// script of one `SELECT` statement (a ping such as `SELECT 1`), which cannot write and
+    /// runs at once, beside the queue. So do not run a writing script from inside a write
+    /// transaction of the same SQLite `Db`: it would wait for the turn that transaction holds
+    /// (until the acquire timeout, then a [`ConflictKind::Busy`] conflict; without the queue it
+    /// met that transaction's lock in the busy handler instead).
+    ///
     /// # Errors
-    /// The first statement's error.
+    /// The first statement's error; [`Error::Unavailable`] when no connection becomes free, and
+    /// a [`ConflictKind::Busy`] conflict when the SQLite writer's turn does not come, within the
+    /// acquire timeout.
+    ///
+    /// # Cancel safety
+    /// Dropped while waiting for a connection or the writer's turn, nothing ran. Dropped
+    /// mid-script, the statements that ran stay run (each autocommits unless the script opened
+    /// a transaction) and the connection is closed, not pooled.
     pub async fn execute_script(&self, sql: &str) -> Result<()> {
-        let mut conn = self.inner.pool.acquire().await?;
-        DB::execute_raw(&mut conn, sql.to_string()).await?;
-        Ok(())
+        // The connection first, then the turn (as `writer_turn` asks).
+        let conn = self.inner.pool.acquire().await?;
+        let _turn = if single_select(sql) {
+            None
+        } else {
+            self.writer_turn(None).await?
+        };
+        let mut guard = crate::session::CloseUnlessDone(Some(conn));
+        let conn = guard.0.as_mut().expect("connection present");
+        let result = DB::execute_raw(conn, sql.to_string()).await;
+        drop(guard.0.take());
+        result.map_err(Error::from)
     }
 
     /// Runs `body` in a new outermost transaction with default options (no retry): commits when
@@ -1157,5 +1202,34 @@ impl<DB: Database> Db<DB> {
         let mut options = options.clone();
         options.session_busy_timeout_ms = Some(self.inner.busy_timeout_ms);
         tx::run(self, None, &options, body).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::single_select;
+
+    #[test]
+    fn only_one_select_skips_the_writer_turn() {
+        for ping in [
+            "SELECT 1",
+            "select 1;",
+            "  SELECT\n count(*) FROM t  ",
+            "Select\t1",
+        ] {
+            assert!(single_select(ping), "{ping:?}");
+        }
+        for write in [
+            "SELECT 1; DELETE FROM t",
+            "INSERT INTO t VALUES (1)",
+            "WITH x AS (SELECT 1) DELETE FROM t",
+            "-- ping\nSELECT 1",
+            "SELECTED",
+            "SELECT",
+            "PRAGMA user_version = 3",
+            "",
+        ] {
+            assert!(!single_select(write), "{write:?}");
+        }
     }
 }

@@ -104,7 +104,7 @@ use sqlx::Any;
 use crate::backend::{Backend, ColumnKind, Database};
 use crate::db::Db;
 use crate::error::{Error, Result};
-use crate::session::{classified, pinned_pooled};
+use crate::session::classified;
 use crate::strategy::Value;
 use crate::tx::Tx;
 
@@ -548,18 +548,24 @@ impl<DB: Database> Store<DB> {
     /// lease is taken over with a conditional `UPDATE` on the old owner (again exactly one
     /// winner).
     ///
-    /// Runs on one connection from the pool, outside any transaction (every statement
-    /// autocommits; behind a transaction pooler each is a transaction of its own): the claim
-    /// must be visible to concurrent duplicates at once.
+    /// Runs on one [`crate::Session`] of the store's `Db`, outside any transaction (every
+    /// statement autocommits; behind a transaction pooler each is a transaction of its own):
+    /// the claim must be visible to concurrent duplicates at once. Its writes (the `INSERT`
+    /// and the take-over `UPDATE`) go through [`crate::Session::write_autocommit`]: on a
+    /// SQLite `Db` with a writer queue ([`crate::DbBuilder::writer_queue`]) each waits for
+    /// this process's turn to write instead of meeting the queue's writer in SQLite's busy
+    /// handler. The future is `Send` (it runs inside `tokio::spawn`).
     ///
     /// # Errors
     /// Database errors; [`Error::Conflict`] ([`crate::ConflictKind::Busy`]) when the key's row
-    /// kept changing under five attempts in a row.
+    /// kept changing under five attempts in a row, or when the SQLite writer's turn does not
+    /// come within the `Db`'s acquire timeout.
     ///
     /// # Cancel safety
     /// Not cancellation-safe once the `INSERT` ran: dropped after it, the key stays in flight
     /// until its lease expires (no request executes under it meanwhile; retries get
-    /// [`Claim::InFlight`]).
+    /// [`Claim::InFlight`]). Dropped while waiting for the writer's turn, it leaves the queue
+    /// without writing; a connection interrupted mid-statement is closed, not pooled.
     pub async fn claim(&self, key: &Key, fp: &Fingerprint) -> Result<Claim> {
         let table = &self.table;
         let insert = format!(
@@ -577,8 +583,9 @@ impl<DB: Database> Store<DB> {
         let backend = self.db.backend();
         let scope = Value::Text(key.scope.clone());
         let idem_key = Value::Text(key.key.clone());
-        // One pooled connection for the whole claim; every statement autocommits.
-        let mut conn = self.db.acquire().await?;
+        // One session for the whole claim; every statement autocommits, the writes in the
+        // writer's turn.
+        let mut session = self.db.session();
         for _ in 0..CLAIM_ATTEMPTS {
             let owner = nonce();
             let args = [
@@ -588,10 +595,9 @@ impl<DB: Database> Store<DB> {
                 Value::Text(owner.clone()),
                 Value::Int(self.lease_until()),
             ];
-            let inserted: Result<u64> = pinned_pooled(&self.db, &mut conn, |c| {
-                classified(DB::execute_values(c, backend, &insert, &args))
-            })
-            .await;
+            let inserted: Result<u64> = session
+                .write_autocommit(write_values::<DB>(backend, insert.clone(), args.into()))
+                .await;
             match inserted {
                 Ok(_) => return Ok(Claim::Claimed(self.claimed(key, owner))),
                 Err(e) => {
@@ -601,10 +607,11 @@ impl<DB: Database> Store<DB> {
                 }
             }
             let args = [scope.clone(), idem_key.clone()];
-            let row = pinned_pooled(&self.db, &mut conn, |c| {
-                classified(DB::fetch_row(c, backend, &select, &args, &STORED_COLUMNS))
-            })
-            .await?;
+            let row = session
+                .autocommit(|c| {
+                    classified(DB::fetch_row(c, backend, &select, &args, &STORED_COLUMNS))
+                })
+                .await?;
             let Some(row) = row else {
                 continue; // released meanwhile: insert again
             };
@@ -636,10 +643,9 @@ impl<DB: Database> Store<DB> {
                 idem_key.clone(),
                 Value::Text(stored.owner),
             ];
-            let taken = pinned_pooled(&self.db, &mut conn, |c| {
-                classified(DB::execute_values(c, backend, &take_over, &args))
-            })
-            .await?;
+            let taken = session
+                .write_autocommit(write_values::<DB>(backend, take_over.clone(), args.into()))
+                .await?;
             if taken == 1 {
                 return Ok(Claim::Claimed(self.claimed(key, owner)));
             }
@@ -666,22 +672,27 @@ impl<DB: Database> Store<DB> {
     /// owns the key and it is in flight: an outcome stored by a committed transaction is never
     /// overwritten. Returns whether it stored.
     ///
+    /// One autocommit statement, through [`crate::Session::write_autocommit`]: on a SQLite
+    /// `Db` with a writer queue, in this process's turn to write.
+    ///
     /// # Errors
-    /// Database errors.
+    /// Database errors; a [`crate::ConflictKind::Busy`] conflict when the SQLite writer's turn
+    /// does not come within the `Db`'s acquire timeout.
     ///
     /// # Cancel safety
-    /// One autocommit statement: dropped, it either ran or did not.
+    /// One autocommit statement: dropped, it either ran or did not (dropped while waiting for
+    /// the writer's turn, it did not).
     pub async fn complete(&self, claimed: &Claimed, outcome: &Outcome) -> Result<bool> {
-        let mut conn = self.db.acquire().await?;
         let (backend, sql, args) = (
             self.db.backend(),
             claimed.complete_sql(),
             claimed.complete_args(outcome),
         );
-        let done = pinned_pooled(&self.db, &mut conn, |c| {
-            classified(DB::execute_values(c, backend, &sql, &args))
-        })
-        .await?;
+        let done = self
+            .db
+            .session()
+            .write_autocommit(write_values::<DB>(backend, sql, args.into()))
+            .await?;
         Ok(done == 1)
     }
 
@@ -689,23 +700,46 @@ impl<DB: Database> Store<DB> {
     /// not be remembered), so that the same key can be used again. Only while `claimed` still
     /// owns it and it is in flight. Returns whether it released.
     ///
+    /// One autocommit statement, through [`crate::Session::write_autocommit`]: on a SQLite
+    /// `Db` with a writer queue, in this process's turn to write.
+    ///
     /// # Errors
-    /// Database errors.
+    /// Database errors; a [`crate::ConflictKind::Busy`] conflict when the SQLite writer's turn
+    /// does not come within the `Db`'s acquire timeout.
     ///
     /// # Cancel safety
-    /// One autocommit statement: dropped, it either ran or did not.
+    /// One autocommit statement: dropped, it either ran or did not (dropped while waiting for
+    /// the writer's turn, it did not).
     pub async fn release(&self, claimed: &Claimed) -> Result<bool> {
         let sql = format!(
             "DELETE FROM {} WHERE scope = ? AND idem_key = ? AND owner = ? AND status_code IS NULL",
             self.table
         );
-        let mut conn = self.db.acquire().await?;
         let (backend, args) = (self.db.backend(), claimed.owner_args());
-        let done = pinned_pooled(&self.db, &mut conn, |c| {
-            classified(DB::execute_values(c, backend, &sql, &args))
-        })
-        .await?;
+        let done = self
+            .db
+            .session()
+            .write_autocommit(write_values::<DB>(backend, sql, args.into()))
+            .await?;
         Ok(done == 1)
+    }
+}
+
+/// The body of a [`crate::Session::write_autocommit`] that runs `sql` with `args` and returns
+/// the rows it affected (owning both, as a body that may run on the writer connection must).
+fn write_values<DB: Database>(
+    backend: Backend,
+    sql: String,
+    args: Vec<Value>,
+) -> impl for<'c> FnOnce(&'c mut DB::Connection) -> futures_util::future::BoxFuture<'c, Result<u64>>
++ Send
++ 'static {
+    move |c| {
+        Box::pin(async move {
+            DB::execute_values(c, backend, &sql, &args)
+                .await
+                .map_err(Error::from)
+        })
     }
 }
 

@@ -47,8 +47,8 @@ pub struct Session<DB: Database = Any> {
     conn: Option<PoolConnection<DB>>,
 }
 
-/// Closes the connection unless the operation finished.
-struct CloseUnlessDone<DB: Database>(Option<PoolConnection<DB>>);
+/// Closes the connection unless the operation finished (take it out of the guard when it did).
+pub(crate) struct CloseUnlessDone<DB: Database>(pub(crate) Option<PoolConnection<DB>>);
 
 impl<DB: Database> Drop for CloseUnlessDone<DB> {
     fn drop(&mut self) {
@@ -76,6 +76,8 @@ impl<DB: Database> Session<DB> {
     }
 
     /// Runs statements outside a transaction (each its own autocommit) on the held connection.
+    /// For statements that write, use [`Session::write_autocommit`], which on a SQLite `Db`
+    /// runs them in the writer's turn; here they run beside the writer queue.
     ///
     /// Behind a transaction pooler ([`crate::DbBuilder::transaction_pooler`]) the body runs
     /// inside `BEGIN` ... `COMMIT` instead (`ROLLBACK` when it fails): only a transaction keeps

@@ -119,11 +119,20 @@ impl Counter {
     /// Subtracts `amount` if the value is at least `amount`, in one autocommit statement.
     /// Returns whether it applied (`false`: not enough, or no such row).
     ///
+    /// On a SQLite `Db` with a writer queue ([`crate::DbBuilder::writer_queue`]) the statement
+    /// waits for this process's turn to write, as a write transaction does, and runs on the
+    /// dedicated writer connection when the `Db` has one ([`Session::write_autocommit`]): the
+    /// process's concurrent writers never meet in SQLite's busy handler. The future is `Send`
+    /// (it runs inside `tokio::spawn`).
+    ///
     /// # Errors
-    /// [`Error::Aborted`] for an `amount` that is not positive; database errors, classified.
+    /// [`Error::Aborted`] for an `amount` that is not positive; a
+    /// [`crate::ConflictKind::Busy`] conflict when the SQLite writer's turn does not come
+    /// within the `Db`'s acquire timeout; database errors, classified.
     ///
     /// # Cancel safety
     /// One autocommit statement: when dropped it either committed or did not; nothing partial.
+    /// Dropped while waiting for the writer's turn, it leaves the queue without writing.
     pub async fn try_sub_now<'k, DB, K>(&self, db: &Db<DB>, key: K, amount: i64) -> Result<bool>
     where
         DB: BlockDatabase,
@@ -133,13 +142,18 @@ impl Counter {
     }
 
     /// Like [`Counter::try_sub_now`], on a [`Session`]'s held connection (one autocommit
-    /// statement; behind a transaction pooler, in a transaction of its own).
+    /// statement; behind a transaction pooler, in a transaction of its own), through
+    /// [`Session::write_autocommit`]: on a SQLite `Db` with a writer queue, in this process's
+    /// turn to write (on the dedicated writer connection when the `Db` has one).
     ///
     /// # Errors
-    /// [`Error::Aborted`] for an `amount` that is not positive; database errors, classified.
+    /// [`Error::Aborted`] for an `amount` that is not positive; a
+    /// [`crate::ConflictKind::Busy`] conflict when the SQLite writer's turn does not come
+    /// within the `Db`'s acquire timeout; database errors, classified.
     ///
     /// # Cancel safety
-    /// As [`Session::autocommit`]: an interrupted statement's connection is closed, not kept.
+    /// As [`Session::write_autocommit`]: the turn is released, and an interrupted statement's
+    /// connection is closed, not kept; the statement either committed or did not.
     pub async fn try_sub_in<'k, DB, K>(
         &self,
         session: &mut Session<DB>,
@@ -153,7 +167,7 @@ impl Counter {
         Self::check_amount(amount)?;
         let q = self.sub_query(session.db().backend(), "", key, amount);
         let done = session
-            .autocommit(|conn| classified(DB::execute_query(conn, q)))
+            .write_autocommit(move |conn| classified(DB::execute_query(conn, q)))
             .await?;
         Ok(done > 0)
     }

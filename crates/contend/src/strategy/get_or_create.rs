@@ -37,7 +37,6 @@ use super::{BlockDatabase, Ident, InvalidIdent, Value};
 use crate::backend::Backend;
 use crate::db::Db;
 use crate::error::{ConflictKind, Error, Result};
-use crate::session::pinned_pooled;
 use crate::tx::Tx;
 
 /// How [`GetOrCreate`] handles the race.
@@ -174,13 +173,23 @@ impl GetOrCreate {
     /// because of the race, never creates a second row. `key` is any type sqlx binds for the
     /// database.
     ///
+    /// The insert is a write: it runs through [`crate::Session::write_autocommit`], so on a
+    /// SQLite `Db` with a writer queue ([`crate::DbBuilder::writer_queue`]) it waits for this
+    /// process's turn to write (on the dedicated writer connection when the `Db` has one)
+    /// instead of meeting the queue's writer in SQLite's busy handler. The read after a lost
+    /// race runs on a pooled connection, concurrent with the writer under WAL. The future is
+    /// `Send` (it runs inside `tokio::spawn`).
+    ///
     /// # Errors
     /// [`Error::Aborted`] when a default names a column that is not a plain identifier; a
-    /// retryable conflict when the row vanished between the race and the read; database errors.
+    /// retryable conflict when the row vanished between the race and the read; a
+    /// [`ConflictKind::Busy`] conflict when the SQLite writer's turn does not come within the
+    /// `Db`'s acquire timeout; database errors.
     ///
     /// # Cancel safety
     /// Each statement is autocommit: dropped, either the row was created or it was not, and a
-    /// later call finds it.
+    /// later call finds it. Dropped while waiting for the writer's turn, it leaves the queue
+    /// without writing; a connection interrupted mid-statement is closed, not pooled.
     pub async fn get_or_create<'k, DB, K>(
         &self,
         db: &Db<DB>,
@@ -195,14 +204,17 @@ impl GetOrCreate {
         let backend = db.backend();
         let returning = backend.dialect().returning();
         let q = self.insert_query(backend, key.clone(), defaults, method)?;
-        let mut conn = db.acquire().await?;
-        let inserted =
-            pinned_pooled(db, &mut conn, |c| Box::pin(insert::<DB>(c, q, returning))).await?;
+        let mut session = db.session();
+        let inserted = session
+            .write_autocommit(move |c| Box::pin(insert::<DB>(c, q, returning)))
+            .await?;
         if let Some(id) = inserted {
             return Ok(Found { id, created: true });
         }
         let q = self.find_query(backend, key, false);
-        let id = pinned_pooled(db, &mut conn, |c| Box::pin(find::<DB>(c, q))).await?;
+        let id = session
+            .autocommit(move |c| Box::pin(find::<DB>(c, q)))
+            .await?;
         id.map(|id| Found { id, created: false })
             .ok_or_else(lost_row)
     }
