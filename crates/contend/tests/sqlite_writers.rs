@@ -530,3 +530,84 @@ async fn the_writer_connections_wal_is_checkpointed_in_the_background() {
         wal / FRAME
     );
 }
+
+/// `mxFrame` (frames in the WAL) and `nBackfill` (frames copied into the database file) from
+/// the wal-index (`<db>-shm`, native byte order; <https://www.sqlite.org/walformat.html>).
+fn wal_index(shm: &std::path::Path) -> (u32, u32) {
+    let bytes = std::fs::read(shm).unwrap();
+    let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap());
+    (u32_at(16), u32_at(96))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_the_wal_is_checkpointed_while_the_writer_is_idle() {
+    // A burst of writes past the 1,000th, where a background checkpoint starts: the writes
+    // after it append to the WAL while it copies, so it ends with frames left to copy, and the
+    // WAL (far below the 4,096 frames of a catch-up with the turn held) cannot start over.
+    // Once the writers pause, the rest is checkpointed without anyone's turn: the whole WAL is
+    // copied, and the next write starts it over. Before, nothing ran until the next 1,000
+    // writes, so the frames stayed uncopied however long the writer paused.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idle.db");
+    let db = Db::connect(&format!("sqlite:{}", path.display()))
+        .await
+        .unwrap();
+    db.execute_script("CREATE TABLE t (n INTEGER)")
+        .await
+        .unwrap();
+    let mut writers = Vec::new();
+    for w in 0..4_i64 {
+        let db = db.clone();
+        writers.push(tokio::spawn(async move {
+            let mut session = db.session();
+            for i in 0..400_i64 {
+                session
+                    .transaction(|tx| {
+                        Box::pin(async move {
+                            tx.query("INSERT INTO t VALUES (?)")
+                                .bind(w * 1_000 + i)
+                                .execute(tx.conn())
+                                .await?;
+                            Ok::<_, Error>(())
+                        })
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let shm = dir.path().join("idle.db-shm");
+    let (frames, _) = wal_index(&shm);
+    assert!(frames > 1_000, "the burst wrote {frames} frames");
+    // Wait (not timed: a slow disk only makes it take longer) for the WAL to be copied whole.
+    let mut copied = 0;
+    for _ in 0..1_000 {
+        let (frames, backfilled) = wal_index(&shm);
+        copied = backfilled;
+        if frames > 0 && backfilled == frames {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (frames, _) = wal_index(&shm);
+    assert_eq!(
+        copied, frames,
+        "the idle writer's WAL was not checkpointed whole"
+    );
+    // The next write starts the WAL over.
+    db.transaction(|tx| {
+        Box::pin(async move {
+            tx.query("INSERT INTO t VALUES (-1)")
+                .execute(tx.conn())
+                .await?;
+            Ok::<_, Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    let (frames, _) = wal_index(&shm);
+    assert!(frames < 10, "the WAL did not start over: {frames} frames");
+}
