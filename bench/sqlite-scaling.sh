@@ -27,10 +27,17 @@
 # Needs: jq, awk. Exit status: 0 when every row meets the target, 1 when one does not, 2 when a
 # run fails.
 #
-# Last measured (2026-11-30, `ROUNDS=5 DURATION=1s LAB_ROUNDS=3`, release build, shared 2-core
-# machine, load average 4.9 at the start, 2.0 at the end, 4-11 in the hour before): background
-# checkpoints every 1,000 writes, taking the write turn only past 4,096 WAL frames. 16/1 medians:
-# transfer 0.91-1.32, order 0.79-1.19, withdraw 0.60-1.54 (atomic, pessimistic, optimistic,
+# Last measured (2026-11-30 17:51 UTC, `ROUNDS=5 DURATION=1s LAB_ROUNDS=3`, release build, shared 2-core
+# machine, load average 1.9 at the start and the end): the lab on one CPU (--cpus auto), the library's
+# autocommit writes in the writer's turn, the idle catch-up checkpoint. Every row met the target: 16/1
+# medians 0.91-1.11 for atomic, pessimistic, optimistic and serializable on transfer, order and withdraw,
+# p99 at 16 workers 0.7-3.3 ms (the largest spread 2.4-5.4 ms, transfer atomic); batched 4.4-11.8x with
+# p99 0.09-0.58 ms. Default `contend lab`: 3.3 s (2.9-3.4), its largest safe-run p99 5.2 ms (median over
+# the 3 runs of the largest of 40 runs).
+#
+# Before (same day, load average 4.9 to 2.0): both CPUs, get_or_create's record write beside the writer
+# queue, the catch-up checkpoint in mid-run (background checkpoints every 1,000 writes, taking the
+# write turn only past 4,096 WAL frames). 16/1 medians: transfer 0.91-1.32, order 0.79-1.19, withdraw 0.60-1.54 (atomic, pessimistic, optimistic,
 # serializable); p99 at 16 workers: transfer 10.6-11.1 ms, order 1.5-11.3 ms, withdraw 1.5-6.2 ms;
 # batched 4.5-10.3x with p99 0.3-2.2 ms. Met: withdraw atomic, order serializable and the three
 # batched rows; not met: the other 10 (p99 above 5 ms; the spreads run from 0.7 to 15 ms, so a
