@@ -23,6 +23,10 @@ use contend::strategy::get_or_create::{GetOrCreate, Method};
 use contend::{Database, Db, Error};
 use tokio::sync::Notify;
 
+#[path = "common/held_write.rs"]
+mod held_write;
+use held_write::hold_a_write;
+
 /// How long the write beside the held one is given to fail before the holder commits. The
 /// outcome after the fix does not depend on it (the write waits for the turn however long it
 /// takes); a write that fails `Busy` does so within a few milliseconds.
@@ -66,29 +70,6 @@ async fn open_typed(dir: &tempfile::TempDir) -> Db<sqlx::Sqlite> {
     db
 }
 
-/// Starts a write transaction on `db` that holds the turn (and SQLite's write lock) until
-/// `release` is notified; returns once it has written, with its task.
-async fn hold_a_write<DB: Database>(
-    db: &Db<DB>,
-    release: Arc<Notify>,
-) -> tokio::task::JoinHandle<Result<(), Error>> {
-    let (db, entered) = (db.clone(), Arc::new(Notify::new()));
-    let e = entered.clone();
-    let task = tokio::spawn(async move {
-        db.transaction(|tx| {
-            Box::pin(async move {
-                DB::execute_raw(tx.conn(), "UPDATE holder SET n = n + 1".into()).await?;
-                e.notify_one();
-                release.notified().await;
-                Ok::<_, Error>(())
-            })
-        })
-        .await
-    });
-    entered.notified().await;
-    task
-}
-
 /// Runs `write` in a task of its own while a write transaction holds the turn, lets the
 /// transaction commit after [`GRACE`], and returns the write's result and whether it was still
 /// waiting when the transaction committed.
@@ -99,7 +80,7 @@ where
     F: Future<Output = Result<T, Error>> + Send + 'static,
 {
     let release = Arc::new(Notify::new());
-    let holder = hold_a_write(db, release.clone()).await;
+    let holder = hold_a_write(db, "UPDATE holder SET n = n + 1", release.clone()).await;
     let mut write = tokio::spawn(write);
     let early = tokio::time::timeout(GRACE, &mut write).await;
     let waited = early.is_err();

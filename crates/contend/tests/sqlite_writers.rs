@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use contend::{ConflictKind, Db, Error, RetryPolicy, TxOptions};
 
+#[path = "common/held_write.rs"]
+mod held_write;
+use held_write::hold_a_write;
+
 const WRITERS: usize = 16;
 const PER_WRITER: i64 = 20;
 
@@ -364,31 +368,6 @@ async fn a_second_process_writing_the_same_file_is_guarded_by_the_busy_timeout()
     );
 }
 
-/// Starts a write transaction on `db` that adds 100 and holds the turn (and SQLite's write
-/// lock) until `release` is notified; returns once it has written, with its task.
-async fn hold_a_write(
-    db: &Db,
-    release: Arc<tokio::sync::Notify>,
-) -> tokio::task::JoinHandle<Result<(), Error>> {
-    let (db, entered) = (db.clone(), Arc::new(tokio::sync::Notify::new()));
-    let e = entered.clone();
-    let task = tokio::spawn(async move {
-        db.transaction(|tx| {
-            Box::pin(async move {
-                tx.query("UPDATE counter SET n = n + 100")
-                    .execute(tx.conn())
-                    .await?;
-                e.notify_one();
-                release.notified().await;
-                Ok::<_, Error>(())
-            })
-        })
-        .await
-    });
-    entered.notified().await;
-    task
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn autocommit_writes_take_the_writer_turn_too() {
     let dir = tempfile::tempdir().unwrap();
@@ -399,7 +378,7 @@ async fn autocommit_writes_take_the_writer_turn_too() {
     // queue, and meets the queue's writer in SQLite's busy handler (1 ms busy timeout here: it
     // fails at once instead of sleeping 1, 2, 5, 10 ms ... as it would with the default).
     let release = Arc::new(tokio::sync::Notify::new());
-    let holder = hold_a_write(&db, release.clone()).await;
+    let holder = hold_a_write(&db, "UPDATE counter SET n = n + 100", release.clone()).await;
     let update = increment_by_one(&db);
     let beside = db
         .session()
@@ -419,7 +398,7 @@ async fn autocommit_writes_take_the_writer_turn_too() {
     // Through `write_autocommit` the same write waits for the turn instead, and runs once the
     // transaction holding it has committed.
     let release = Arc::new(tokio::sync::Notify::new());
-    let holder = hold_a_write(&db, release.clone()).await;
+    let holder = hold_a_write(&db, "UPDATE counter SET n = n + 100", release.clone()).await;
     let update = increment_by_one(&db);
     let mut session = db.session();
     let queued = tokio::spawn(async move {
