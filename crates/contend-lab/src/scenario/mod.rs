@@ -320,13 +320,14 @@ pub(crate) async fn fetch_scalar(
         .await
 }
 
-/// Runs `q` (autocommit, as [`fetch_scalar`]) and returns the rows it affected.
+/// Runs the write `q` (autocommit, as [`fetch_scalar`]; on SQLite in the writer's turn, as every
+/// write of the lab, [`contend::Session::write_autocommit`]) and returns the rows it affected.
 pub(crate) async fn exec(
     db: &Db,
     q: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
 ) -> contend::Result<u64> {
     db.session()
-        .autocommit(|c| Box::pin(async move { Ok(q.execute(c).await?.rows_affected()) }))
+        .write_autocommit(|c| Box::pin(async move { Ok(q.execute(c).await?.rows_affected()) }))
         .await
 }
 
