@@ -8,11 +8,12 @@
 //! SQLite, then set the pace, and the lab would teach that locking strategies are several times
 //! slower than they are.
 //!
-//! Measured on the 2-core dev VM (2026-11-30, release build, default `contend lab`: every
-//! scenario and strategy, 16 workers, 1,000 operations each): 9.6 s spread over both CPUs, 3.1 s
-//! on one; `transfer`/`pessimistic` 3,400 against 15,500 ops/s with p99 10.6 against 2.1 ms. The
-//! unsafe baselines broke exactly as often either way. A busy loop on the other CPU gave the
-//! same speed-up as keeping to one: what costs is waking an idle CPU.
+//! Measured on the 2-core dev VM (2026-11-30, release build, one run each of the default
+//! `contend lab`: every scenario and strategy, 16 workers, 1,000 operations each): 9.6 s spread
+//! over both CPUs, 3.1 s on one; `transfer`/`pessimistic` 3,400 against 15,500 ops/s with p99
+//! 10.6 against 2.1 ms. The unsafe baselines broke exactly as often either way. Spread out but
+//! with a busy loop keeping the other CPU awake, the same `transfer`/`pessimistic` run reached
+//! 12,000 ops/s: what costs is waking an idle CPU. `bench/lab-cpus.sh` compares the two settings.
 //!
 //! A server database (PostgreSQL, MariaDB) does its work in processes of its own, which the lab's
 //! client threads should not crowd, and the lab driving services over HTTP does not touch the
