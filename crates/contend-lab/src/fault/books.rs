@@ -1,4 +1,4 @@
-//! The fault suite's workload on a database: the lab's `transfer` operation (its [`Plan`] run
+//! The fault suite's workload on a database: the lab's `transfer` operation (its `Plan` run
 //! by the lab's executor under the run's strategy), with the operation's unique id written into
 //! the ledger in the same transaction as the balance changes. After the run the ledger tells,
 //! per operation id, how many times it was applied, and the books must still balance.
