@@ -127,21 +127,16 @@ fn check_strategy_flags(args: &ServeArgs, strategy: Strategy) -> anyhow::Result<
     if let Some(url) = &args.migrate_url {
         contend::nodes::check_urls(&contend::nodes::split_urls(url)).context("--migrate-url")?;
     }
-    if let Err(why) = strategy.supported_on(backend) {
-        anyhow::bail!("--strategy {strategy}: strategy `{strategy}` is not supported here: {why}");
-    }
-    let missing = match strategy {
-        Strategy::Redis if args.redis_url.is_none() => Some("--redis-url"),
-        Strategy::Redlock if args.redlock_urls.is_empty() => Some("--redlock-urls"),
-        Strategy::Etcd if args.etcd_urls.iter().all(|u| u.trim().is_empty()) => Some("--etcd-urls"),
-        _ => None,
+    let has_lock_service = match strategy {
+        Strategy::Redis => args.redis_url.is_some(),
+        Strategy::Redlock => !args.redlock_urls.is_empty(),
+        Strategy::Etcd => args.etcd_urls.iter().any(|u| !u.trim().is_empty()),
+        _ => true,
     };
-    if let Some(flag) = missing {
-        anyhow::bail!(
-            "--strategy {strategy}: strategy `{strategy}` needs the server to run with {flag}"
-        );
+    match crate::engine::unmet(strategy, backend, has_lock_service) {
+        Some(why) => anyhow::bail!("--strategy {strategy}: {why}"),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Runs the service until SIGTERM or Ctrl-C, then finishes in-flight requests and exits 0.

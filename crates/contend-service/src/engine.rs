@@ -64,25 +64,38 @@ pub(crate) fn check_supported(state: &AppState, strategy: Strategy) -> Result<()
         Ok(()) => "strategy `redis-spin` is not offered by the service".to_string(),
         // On a Galera cluster: `advisory` and `serializable`, with the reason.
         Err(e @ contend::Error::UnsafeOnCluster { .. }) => e.to_string(),
-        Err(_) => match (strategy.supported_on(backend), strategy) {
-            (Err(why), _) => format!("strategy `{strategy}` is not supported here: {why}"),
-            (Ok(()), Strategy::Redis) => {
-                "strategy `redis` needs the server to run with --redis-url".to_string()
-            }
-            (Ok(()), Strategy::Redlock) => {
-                "strategy `redlock` needs the server to run with --redlock-urls".to_string()
-            }
-            (Ok(()), Strategy::Etcd) => {
-                "strategy `etcd` needs the server to run with --etcd-urls".to_string()
-            }
-            (Ok(()), _) => format!("strategy `{strategy}` is not offered by the service"),
-        },
+        Err(_) => unmet(strategy, backend, false)
+            .unwrap_or_else(|| format!("strategy `{strategy}` is not offered by the service")),
     };
     Err(ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         "strategy_unsupported",
         why,
     ))
+}
+
+/// What keeps `strategy` from running on `backend`, as far as the server's flags tell: the
+/// backend cannot do it, or it is a lock strategy and its lock service was not given
+/// (`has_lock_service`). `contend serve` asks this of its flags before it opens anything;
+/// [`check_supported`] words its refusal with it.
+pub(crate) fn unmet(
+    strategy: Strategy,
+    backend: contend::Backend,
+    has_lock_service: bool,
+) -> Option<String> {
+    if let Err(why) = strategy.supported_on(backend) {
+        return Some(format!(
+            "strategy `{strategy}` is not supported here: {why}"
+        ));
+    }
+    let flag = match strategy {
+        Strategy::Redis => "--redis-url",
+        Strategy::Redlock => "--redlock-urls",
+        Strategy::Etcd => "--etcd-urls",
+        _ => return None,
+    };
+    (!has_lock_service)
+        .then(|| format!("strategy `{strategy}` needs the server to run with {flag}"))
 }
 
 /// A [`Write`] whose success response is stored as the outcome of the request's idempotency
