@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::extract::{OneHeader, one_header};
 
 /// Who sent a request, once its bearer token checked out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,16 +162,20 @@ impl TokenCache {
 
 /// The bearer token of a request, or 401.
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let value = values
-        .next()
-        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <token>` header"))?;
-    if values.next().is_some() {
+    let value = match one_header(headers, header::AUTHORIZATION) {
+        OneHeader::One(value) => value,
+        OneHeader::Absent => {
+            return Err(ApiError::unauthorized(
+                "missing `Authorization: Bearer <token>` header",
+            ));
+        }
         // Which one would count is ambiguous (a proxy may check one, this service another).
-        return Err(ApiError::unauthorized(
-            "more than one Authorization header; send exactly one",
-        ));
-    }
+        OneHeader::Repeated => {
+            return Err(ApiError::unauthorized(
+                "more than one Authorization header; send exactly one",
+            ));
+        }
+    };
     let value = value
         .to_str()
         .map_err(|_| ApiError::unauthorized("the Authorization header is not valid ASCII"))?;

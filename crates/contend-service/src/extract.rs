@@ -5,8 +5,9 @@
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::header::AsHeaderName;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use contend::strategy::Strategy;
 use serde::de::DeserializeOwned;
 
@@ -71,10 +72,30 @@ pub struct JsonRequest<T> {
 #[derive(Debug, Clone)]
 pub struct Auth(pub Authed);
 
+/// A request header the service reads one value of.
+pub(crate) enum OneHeader<'h> {
+    /// Not sent.
+    Absent,
+    /// Sent once.
+    One(&'h HeaderValue),
+    /// Sent more than once: refused, not decided by whichever copy comes first (a proxy in
+    /// front may have read another one).
+    Repeated,
+}
+
+/// Header `name` of `headers`, as [`OneHeader`].
+pub(crate) fn one_header<K: AsHeaderName>(headers: &HeaderMap, name: K) -> OneHeader<'_> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => OneHeader::Absent,
+        (Some(value), None) => OneHeader::One(value),
+        (Some(_), Some(_)) => OneHeader::Repeated,
+    }
+}
+
 fn is_json(headers: &HeaderMap) -> bool {
     // One Content-Type only: with two, which one the body follows is anyone's guess.
-    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
+    let OneHeader::One(value) = one_header(headers, header::CONTENT_TYPE) else {
         return false;
     };
     let Ok(value) = value.to_str() else {
@@ -109,9 +130,9 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// The strategy chosen by `X-Concurrency-Strategy`, if any.
 fn strategy_header(state: &AppState, headers: &HeaderMap) -> Result<Option<Strategy>, ApiError> {
-    let mut values = headers.get_all(STRATEGY_HEADER).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
+    let value = match one_header(headers, STRATEGY_HEADER) {
+        OneHeader::Absent => return Ok(None),
+        sent => sent,
     };
     if !state.inner.allow_strategy_header {
         return Err(ApiError::new(
@@ -120,13 +141,13 @@ fn strategy_header(state: &AppState, headers: &HeaderMap) -> Result<Option<Strat
             "X-Concurrency-Strategy is only accepted when the server runs with --allow-strategy-header",
         ));
     }
-    if values.next().is_some() {
+    let OneHeader::One(value) = value else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "unknown_strategy",
             "more than one X-Concurrency-Strategy header; send one",
         ));
-    }
+    };
     let name = value.to_str().unwrap_or("").trim();
     if !STRATEGY_NAMES.contains(&name) {
         return Err(ApiError::new(
