@@ -202,7 +202,7 @@ impl LabArgs {
         // to the servers).
         for (flag, path) in [("--output", &self.output), ("--html", &self.html)] {
             if let Some(path) = path {
-                check_output_file(flag, path)?;
+                config::check_output_file(flag, path)?;
             }
         }
         config.output = self.output;
@@ -212,18 +212,6 @@ impl LabArgs {
         config.progress = !self.no_progress && !self.json;
         Ok(config)
     }
-}
-
-/// Refuses an output path that cannot be a file in an existing directory.
-fn check_output_file(flag: &str, path: &std::path::Path) -> Result<(), ConfigError> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if path.as_os_str().is_empty() || path.is_dir() || dir.is_some_and(|d| !d.is_dir()) {
-        return Err(ConfigError(format!(
-            "{flag}: cannot write {}: expected a file in an existing directory",
-            path.display()
-        )));
-    }
-    Ok(())
 }
 
 /// The scenarios of `config`, in its order (all of `registry` when it names none).

@@ -255,6 +255,41 @@ pub fn check_etcd_url(url: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Refuses an output file (`--output`, `--html`, `--json`) that cannot be written, before any
+/// load is spent on a report that could not be kept: an empty path, a directory, or a file in a
+/// directory that does not exist.
+///
+/// ```
+/// use contend_lab::config::check_output_file;
+/// assert!(check_output_file("--html", std::path::Path::new("report.html")).is_ok());
+/// let e = check_output_file("--html", std::path::Path::new("/no/such/dir/r.html")).unwrap_err();
+/// assert!(e.to_string().contains("--html: cannot write /no/such/dir/r.html: no directory"));
+/// ```
+///
+/// # Errors
+/// What is wrong with the path, naming `flag`.
+pub fn check_output_file(flag: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(bad(format!("{flag}: no file given")));
+    }
+    if path.is_dir() {
+        return Err(bad(format!(
+            "{flag}: cannot write {}: it is a directory",
+            path.display()
+        )));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(bad(format!(
+            "{flag}: cannot write {}: no directory {}",
+            path.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// A URL that does not start with `redis://`, `rediss://` or `redis+unix://`.
 pub fn check_redis_url(flag: &str, url: &str) -> Result<(), ConfigError> {
     let ok = ["redis://", "rediss://", "redis+unix://", "unix://"]

@@ -451,27 +451,6 @@ pub fn plan(args: &FaultArgs) -> anyhow::Result<(Vec<Planned>, Vec<String>)> {
     Ok((planned, skipped))
 }
 
-/// Refuses an output file whose directory does not exist, before minutes of load are spent
-/// on a report that cannot be written.
-fn writable(path: &std::path::Path) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    anyhow::ensure!(
-        dir.is_dir(),
-        "cannot write {}: no directory {}",
-        path.display(),
-        dir.display()
-    );
-    anyhow::ensure!(
-        !path.is_dir(),
-        "cannot write {}: it is a directory",
-        path.display()
-    );
-    Ok(())
-}
-
 /// The nodes of `--galera-urls`: at least two `mysql://` URLs.
 fn galera_nodes(list: &str) -> anyhow::Result<Vec<String>> {
     let nodes = contend::nodes::split_urls(list);
@@ -521,8 +500,10 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let (phases, skipped) = plan(&args)?;
-    for path in [&args.json, &args.html].into_iter().flatten() {
-        writable(path)?;
+    for (flag, path) in [("--json", &args.json), ("--html", &args.html)] {
+        if let Some(path) = path {
+            crate::config::check_output_file(flag, path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
     }
     // The single servers must answer now (the Galera nodes may still be starting, behind
     // --galera-ready): an unreachable one is a bad flag, not a failed phase.
@@ -631,6 +612,7 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::check_output_file;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -826,16 +808,16 @@ mod tests {
         assert!(err(&["--pg-url", pg, "--strategy", "bogus"]).contains("unknown strategy"));
         assert!(err(&["--pg-url", pg, "--strategy", "redis"]).contains("Redis"));
         let dir = tempfile::tempdir().unwrap();
-        assert!(writable(&dir.path().join("faults.html")).is_ok());
+        assert!(check_output_file("--html", &dir.path().join("faults.html")).is_ok());
         let missing = dir.path().join("no-such-dir").join("faults.html");
         assert!(
-            writable(&missing)
+            check_output_file("--html", &missing)
                 .unwrap_err()
                 .to_string()
                 .contains("no directory")
         );
         assert!(
-            writable(dir.path())
+            check_output_file("--html", dir.path())
                 .unwrap_err()
                 .to_string()
                 .contains("is a directory")
