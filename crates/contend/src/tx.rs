@@ -49,9 +49,13 @@
 //!   `COMMIT` and returns [`Error::TransactionBroken`] instead; hooks do not run.
 //! - MariaDB and SQLite undo only the failed statement: the rest of the transaction commits.
 //!   Exception: an InnoDB deadlock (and, with `innodb_rollback_on_timeout`, a lock wait timeout)
-//!   rolls back the *whole* transaction, and statements the body runs after ignoring it execute
-//!   outside any transaction. Never swallow [`Error::conflict`] errors: return them, so that the
-//!   attempt ends and the retry policy can run it again.
+//!   rolls back the *whole* transaction. Statements the body runs after ignoring it would execute
+//!   outside any transaction; contend runs MariaDB transactions with `autocommit` off and a
+//!   savepoint that the `COMMIT` checks, so they are rolled back and the commit fails with
+//!   [`Error::TransactionBroken`] (on a Galera node, where a brute-force abort can roll the
+//!   transaction back without any statement reporting it, a
+//!   [`ConflictKind::Certification`] conflict, retried). Never swallow [`Error::conflict`]
+//!   errors: return them, so that the attempt ends and the retry policy can run it again.
 //!
 //! # Cancellation
 //! Dropping the future of a transaction at any await point (an HTTP client went away) is safe:
@@ -303,7 +307,7 @@ impl<DB: Database> Tx<DB> {
         if let Err(e) = tx.raw(sql).await {
             // Whatever part of the BEGIN took effect is undone; if that fails the connection is
             // closed on drop.
-            let rollback = tx.pooled("ROLLBACK".into());
+            let rollback = tx.pooled(backend.dialect().end(false).into());
             let rolled_back = match tx.raw(rollback).await {
                 Ok(()) => true,
                 // SQLite answers ROLLBACK with an error when BEGIN did not start a transaction
@@ -341,35 +345,26 @@ impl<DB: Database> Tx<DB> {
         }
     }
 
-    /// Ends the transaction with `COMMIT` or `ROLLBACK`, undoes session settings, and marks the
-    /// connection fit for the pool.
-    async fn finish(&mut self, end: &'static str) -> Result<()> {
-        let commit = end == "COMMIT";
-        let result = if commit && self.backend == Backend::Postgres {
-            // PostgreSQL answers COMMIT of a transaction that an error has aborted with success
-            // (and the command tag ROLLBACK, which the Any driver does not show). A body that
-            // swallowed a database error would "commit" nothing and its hooks would run. Any
-            // statement but COMMIT/ROLLBACK fails in an aborted transaction (25P02), so one in
-            // the same round trip as the COMMIT tells the two apart. The cheapest such statement:
-            // a transaction-local SET of a custom setting (no snapshot, no plan, no row to send
-            // and decode, unlike `SELECT 1`; allowed in read-only transactions and on standbys;
-            // it ends with the COMMIT and touches no setting anything reads).
-            let commit = self.pooled(GUARDED_COMMIT.into());
-            match self.raw(commit).await {
-                Err(e) if has_sqlstate(&e, "25P02") => Err(Error::TransactionBroken(
-                    "PostgreSQL had aborted the transaction after a database error that the body \
-                     did not return; it was rolled back, not committed",
-                )),
-                other => other,
-            }
-        } else {
-            let end = self.pooled(end.to_string());
-            self.raw(end).await
-        };
+    /// Ends the transaction with `COMMIT` (when `commit`) or `ROLLBACK`, undoes session
+    /// settings, and marks the connection fit for the pool. A `COMMIT` goes with the backend's
+    /// guard ([`crate::backend::Dialect::end`]): a transaction the server had already rolled
+    /// back fails with the guard's error instead of committing what ran after the rollback.
+    async fn finish(&mut self, commit: bool) -> Result<()> {
+        let dialect = self.backend.dialect();
+        let end = self.pooled(dialect.end(commit).into());
+        let mut result = self.raw(end).await;
+        if commit
+            && let Err(e) = &result
+            && let Some(instead) =
+                database_error(e).and_then(|db| dialect.rolled_back_before_commit(db))
+        {
+            tracing::debug!(error = %e, "the transaction had been rolled back before COMMIT");
+            result = Err(instead);
+        }
         if result.is_err() && commit {
             // A failed COMMIT may leave the transaction open (SQLite busy): roll it back, and
             // keep the connection out of the pool if even that fails.
-            let rollback = self.pooled("ROLLBACK".into());
+            let rollback = self.pooled(dialect.end(false).into());
             if self.raw(rollback).await.is_err() {
                 return result;
             }
@@ -537,20 +532,19 @@ impl<DB: Database> Tx<DB> {
     }
 }
 
-/// PostgreSQL's `COMMIT`, behind a statement that fails when the transaction was aborted
-/// ([`Tx::finish`]).
-const GUARDED_COMMIT: &str = "SET LOCAL contend.commit_guard = 1; COMMIT";
-
-/// Whether `err` is a database error with this SQLSTATE.
-fn has_sqlstate(err: &Error, code: &str) -> bool {
+/// The database error behind `err`, if there is one.
+fn database_error(err: &Error) -> Option<&dyn sqlx::error::DatabaseError> {
     let source = match err {
         Error::Database(e) => e,
         Error::Conflict {
             source: Some(e), ..
         } => e.as_ref(),
-        _ => return false,
+        _ => return None,
     };
-    matches!(source, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
+    match source {
+        sqlx::Error::Database(db) => Some(db.as_ref()),
+        _ => None,
+    }
 }
 
 /// Whether a transaction body may be run more than once: the plain `transaction` calls take a
@@ -702,14 +696,14 @@ where
     };
     let mut tx = Tx::begin(conn, db.backend(), options, db.transaction_pooler()).await?;
     let Some(run) = body.call(&mut tx) else {
-        let _ = tx.finish("ROLLBACK").await;
+        let _ = tx.finish(false).await;
         return Err(Error::TransactionBroken(
             "a once-only transaction body was asked to run twice",
         )
         .into());
     };
     let result = match run.await {
-        Ok(value) if tx.depth == 0 => match tx.finish("COMMIT").await {
+        Ok(value) if tx.depth == 0 => match tx.finish(true).await {
             Ok(()) => {
                 let hooks = std::mem::take(&mut tx.hooks);
                 Ok((value, hooks.into_iter().map(|(_, h)| h).collect()))
@@ -717,14 +711,14 @@ where
             Err(err) => Err(db.commit_error(err).into()),
         },
         Ok(_) => {
-            let _ = tx.finish("ROLLBACK").await;
+            let _ = tx.finish(false).await;
             Err(Error::TransactionBroken(
                 "a savepoint was cancelled; the transaction was rolled back",
             )
             .into())
         }
         Err(err) => {
-            if let Err(e) = tx.finish("ROLLBACK").await {
+            if let Err(e) = tx.finish(false).await {
                 tracing::debug!(error = %e, "rollback failed; the connection will be closed");
             }
             Err(err)

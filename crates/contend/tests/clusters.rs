@@ -441,6 +441,112 @@ async fn galera_commit_conflict_is_a_certification_conflict() {
     db.close().await;
 }
 
+/// A brute-force abort: node 2 commits a write to a row that node 1's open transaction has
+/// written; applied on node 1, it rolls that transaction back. MariaDB reports it on the
+/// victim's next statement, but not always: under `contend faults` (kill-connections) a
+/// transfer's balance updates were rolled back while its ledger `INSERT` and the `COMMIT` after
+/// them answered success, and with `autocommit` on the `INSERT` had committed by itself. Here the
+/// body swallows the report and goes on, which is what the unreported case looks like from the
+/// client: contend's commit guard must find the transaction gone, keep nothing the body ran
+/// after the abort, and return a certification conflict, which the retry policy runs again
+/// (once). Without the guard the swallowed case commits ledger row 101 alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn galera_statements_after_a_brute_force_abort_never_commit() {
+    let Some(nodes) = galera_nodes() else {
+        return;
+    };
+    let db = contend::Db::connect(&nodes[0])
+        .await
+        .expect("connect node 1");
+    let table = galera_rows(&db).await;
+    let ledger = common::table("galera_bf_ledger");
+    db.execute_script(&format!(
+        "CREATE TABLE {ledger} (id INT PRIMARY KEY) ENGINE=InnoDB"
+    ))
+    .await
+    .expect("create ledger");
+    db.catch_up().await.expect("catch up");
+    let mut other = my_connect(&nodes[1]).await;
+    my_exec(&mut other, "SET SESSION wsrep_sync_wait = 3")
+        .await
+        .expect("causal reads and writes");
+    let node2 = std::sync::Arc::new(tokio::sync::Mutex::new(other));
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (t, l, a) = (table.clone(), ledger.clone(), attempts.clone());
+    let options = contend::TxOptions::new().retry(
+        contend::RetryPolicy::new()
+            .max_attempts(3)
+            .base_delay(Duration::from_millis(1)),
+    );
+    let run = tokio::time::timeout(
+        STEP,
+        db.run(&options, move |tx| {
+            let (t, l, a, node2) = (t.clone(), l.clone(), a.clone(), node2.clone());
+            Box::pin(async move {
+                let attempt = a.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                tx.query(&format!("UPDATE {t} SET v = v + 10 WHERE id = 1"))
+                    .execute(tx.conn())
+                    .await?;
+                let insert = format!("INSERT INTO {l} (id) VALUES (?)");
+                if attempt == 1 {
+                    let mut node2 = node2.lock().await;
+                    my_exec(
+                        &mut node2,
+                        &format!("UPDATE {t} SET v = v + 1 WHERE id = 1"),
+                    )
+                    .await
+                    .expect("node 2 commits first");
+                    // Applied on node 1 meanwhile: this transaction is rolled back.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let reported = tx.query(&insert).bind(1_i32).execute(tx.conn()).await;
+                    assert!(
+                        reported.is_err(),
+                        "the abort is reported here: {reported:?}"
+                    );
+                    // ... and swallowed: what runs next runs after the abort.
+                    tx.query(&insert).bind(101_i32).execute(tx.conn()).await?;
+                } else {
+                    tx.query(&insert)
+                        .bind(attempt as i32)
+                        .execute(tx.conn())
+                        .await?;
+                }
+                Ok::<_, contend::Error>(())
+            })
+        }),
+    )
+    .await
+    .expect("the transaction ends");
+    run.result.expect("the retry commits");
+    assert_eq!(
+        run.conflicts,
+        vec![contend::ConflictKind::Certification],
+        "the first attempt's commit found the transaction gone"
+    );
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    db.catch_up().await.expect("catch up");
+    let ids: Vec<i32> = db
+        .query_scalar(&format!("SELECT id FROM {ledger} ORDER BY id"))
+        .fetch_all(db.pool())
+        .await
+        .expect("read ledger");
+    assert_eq!(
+        ids,
+        [2],
+        "only the retry's row; nothing of the aborted attempt"
+    );
+    let v: i64 = db
+        .query_scalar(&format!("SELECT v FROM {table} WHERE id = 1"))
+        .fetch_one(db.pool())
+        .await
+        .expect("read back");
+    assert_eq!(v, 11, "node 2's +1 and the retry's +10");
+    db.execute_script(&format!("DROP TABLE {table}; DROP TABLE {ledger}"))
+        .await
+        .expect("drop tables");
+    db.close().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // pgbouncer (transaction pooling) in front of PostgreSQL
 // ---------------------------------------------------------------------------------------------

@@ -1008,3 +1008,89 @@ async fn sqlite_busy_begin_keeps_the_connection() {
     .await
     .expect("the kept connection works");
 }
+
+/// An InnoDB deadlock rolls back the victim's *whole* transaction. A body that swallows the
+/// deadlock and goes on would, with `autocommit` on, commit what it runs afterwards one statement
+/// at a time: the end of a transaction without its beginning. contend's commit guard (a
+/// savepoint the `COMMIT` releases, `autocommit` off) finds the transaction gone: the victim's
+/// commit fails, and nothing it ran after the deadlock is kept. The other transaction commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_statements_after_a_swallowed_deadlock_never_commit() {
+    let Some(mut t) = TestDb::open(Backend::MySql).await else {
+        return;
+    };
+    let rows = t
+        .create_table("dlrows", "id INTEGER PRIMARY KEY, v INTEGER NOT NULL")
+        .await;
+    let ledger = t.create_table("dlledger", "id INTEGER PRIMARY KEY").await;
+    t.db.execute_script(&format!("INSERT INTO {rows} VALUES (1, 0), (2, 0)"))
+        .await
+        .unwrap();
+    let both_hold_one = Arc::new(tokio::sync::Barrier::new(2));
+    let run = |first: i64, second: i64| {
+        let (db, rows, ledger, barrier) = (
+            t.db.clone(),
+            rows.clone(),
+            ledger.clone(),
+            both_hold_one.clone(),
+        );
+        tokio::spawn(async move {
+            db.transaction(move |tx| {
+                Box::pin(async move {
+                    let update = format!("UPDATE {rows} SET v = v + 1 WHERE id = ?");
+                    tx.query(&update).bind(first).execute(tx.conn()).await?;
+                    barrier.wait().await;
+                    // One of the two is the deadlock's victim here; it swallows the error.
+                    let deadlocked = tx.query(&update).bind(second).execute(tx.conn()).await;
+                    tx.query(&format!("INSERT INTO {ledger} (id) VALUES (?)"))
+                        .bind(first)
+                        .execute(tx.conn())
+                        .await?;
+                    Ok::<_, Error>(deadlocked.is_err())
+                })
+            })
+            .await
+        })
+    };
+    let (a, b) = (run(1, 2), run(2, 1));
+    let results = [a.await.unwrap(), b.await.unwrap()];
+    let victims: Vec<usize> = (0..2)
+        .filter(|&i| !matches!(results[i], Ok(false)))
+        .collect();
+    assert_eq!(victims.len(), 1, "one victim: {results:?}");
+    let victim = victims[0];
+    let err = results[victim]
+        .as_ref()
+        .expect_err("the victim's transaction is gone: its commit must fail");
+    assert!(
+        matches!(err, Error::TransactionBroken(why) if why.contains("before COMMIT")),
+        "{err:?}"
+    );
+    let winner = 1 - victim;
+    assert_eq!(
+        t.ids(&ledger).await,
+        [winner as i64 + 1],
+        "only the winner's ledger row"
+    );
+    let values: Vec<i64> =
+        t.db.query_scalar(&format!("SELECT v FROM {rows} ORDER BY id"))
+            .fetch_all(t.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(values, [1, 1], "only the winner's two updates");
+    // Every connection went back to the pool with autocommit on again.
+    let mut conns = Vec::new();
+    for _ in 0..t.db.pool().size() {
+        conns.push(t.db.pool().acquire().await.unwrap());
+    }
+    for conn in &mut conns {
+        let autocommit: i64 =
+            t.db.query_scalar("SELECT @@autocommit")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+        assert_eq!(autocommit, 1);
+    }
+    drop(conns);
+    t.cleanup().await;
+}

@@ -344,6 +344,23 @@ pub trait Dialect: Send + Sync + 'static {
     /// [`Error::Unsupported`] when the backend cannot honour an option.
     fn begin(&self, options: &TxOptions) -> Result<(String, Option<String>)>;
 
+    /// The statements that end a transaction begun with [`Dialect::begin`], in one round trip:
+    /// `COMMIT` when `commit`, else `ROLLBACK`, with the backend's commit guard (see
+    /// [`Dialect::rolled_back_before_commit`]) and the reset of any session setting that
+    /// `begin` changed for the transaction's length.
+    fn end(&self, commit: bool) -> &'static str {
+        if commit { "COMMIT" } else { "ROLLBACK" }
+    }
+
+    /// Whether `err`, the error of [`Dialect::end`]'s `COMMIT` round trip, is its guard's: the
+    /// server had rolled the whole transaction back before the `COMMIT` (so nothing of the
+    /// transaction committed, and what ran after the rollback is rolled back too), with the
+    /// error to return instead. `None` for any other error.
+    fn rolled_back_before_commit(&self, err: &dyn DatabaseError) -> Option<Error> {
+        let _ = err;
+        None
+    }
+
     /// Classifies a database error as a conflict kind, if it is one.
     fn classify(&self, err: &dyn DatabaseError) -> Option<ConflictKind>;
 

@@ -1,5 +1,24 @@
 //! MySQL/MariaDB: `SET TRANSACTION ...` before `START TRANSACTION` on the same connection,
-//! session timeouts restored afterwards, error-number classification.
+//! session timeouts restored afterwards, a guard that finds a transaction the server rolled back
+//! on its own, error-number classification.
+//!
+//! # The commit guard
+//! MariaDB rolls a whole transaction back on its own after an InnoDB deadlock, and on a Galera
+//! node when a replicated write set brute-force aborts it. With `autocommit` on, whatever the
+//! client sends afterwards runs as autocommit statements, each committed at once: the end of a
+//! transaction commits without its beginning. The error that should stop the client reaches it
+//! only when a statement reports it; a brute-force abort can go unreported. Seen on MariaDB
+//! 10.11 with Galera 4 under `contend faults` (kill-connections): a transfer's two balance
+//! updates were rolled back, its ledger `INSERT` after them and the `COMMIT` answered success,
+//! and the ledger row stayed without its balance changes.
+//!
+//! So a transaction runs with `autocommit` off and begins with a savepoint of its own
+//! (`contend_tx`): statements after such a rollback run in a new transaction, which commits
+//! nothing by itself, and the `COMMIT` round trip first releases that savepoint, which exists
+//! only in the transaction that began. Gone, the release fails (1305), the `COMMIT` is not run,
+//! and the transaction is rolled back: [`Error::TransactionBroken`], or on a Galera node a
+//! [`ConflictKind::Certification`] conflict, which a retry policy runs again. Both statements
+//! ride the round trips of `START TRANSACTION` and `COMMIT`.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -7,8 +26,18 @@ use std::time::Duration;
 use sqlx::error::DatabaseError;
 
 use super::{AdvisoryXact, Backend, Dialect, RowLock};
-use crate::error::{ConflictKind, Result};
+use crate::error::{ConflictKind, Error, Result};
 use crate::tx::TxOptions;
+
+/// The savepoint every transaction begins with: the commit guard (see the module).
+const GUARD: &str = "contend_tx";
+
+/// What [`Dialect::rolled_back_before_commit`] says on MySQL/MariaDB (on a Galera node the
+/// `Db` makes it a certification conflict).
+pub(crate) const ROLLED_BACK_BEFORE_COMMIT: &str = "MariaDB/MySQL had rolled the transaction back \
+     before COMMIT (a deadlock or lock wait timeout that the body did not return, a Galera \
+     brute-force abort, or the body ended it itself: COMMIT, or DDL, which commits \
+     implicitly); what ran after that was rolled back, not committed";
 
 /// The MySQL/MariaDB dialect.
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,12 +48,13 @@ impl Dialect for MySql {
         Backend::MySql
     }
 
-    /// `SET TRANSACTION ISOLATION LEVEL ..; START TRANSACTION [READ ONLY]`. Lock and statement
-    /// timeouts are session variables in InnoDB/MariaDB (`innodb_lock_wait_timeout`, whole
-    /// seconds, at least 1; `max_statement_time`), so they are set before and reset to the
-    /// server default after the transaction, never left on a pooled connection.
+    /// `SET autocommit = 0; SET TRANSACTION ISOLATION LEVEL ..; START TRANSACTION [READ ONLY];
+    /// SAVEPOINT contend_tx` (the commit guard, see the module). Lock and statement timeouts
+    /// are session variables in InnoDB/MariaDB (`innodb_lock_wait_timeout`, whole seconds, at
+    /// least 1; `max_statement_time`), so they are set before and reset to the server default
+    /// after the transaction, never left on a pooled connection.
     fn begin(&self, options: &TxOptions) -> Result<(String, Option<String>)> {
-        let mut sql = String::new();
+        let mut sql = String::from("SET autocommit = 0; ");
         let mut restore = Vec::new();
         if let Some(t) = options.lock_timeout {
             let secs = t.as_millis().div_ceil(1000).max(1);
@@ -47,8 +77,33 @@ impl Dialect for MySql {
         if options.read_only {
             sql.push_str(" READ ONLY");
         }
+        write!(sql, "; SAVEPOINT {GUARD}").unwrap();
         let restore = (!restore.is_empty()).then(|| format!("SET SESSION {}", restore.join(", ")));
         Ok((sql, restore))
+    }
+
+    /// `RELEASE SAVEPOINT contend_tx; COMMIT; SET autocommit = 1`, or `ROLLBACK; SET
+    /// autocommit = 1`: the release fails when the transaction that began is gone (the module's
+    /// commit guard), and then nothing after it runs.
+    fn end(&self, commit: bool) -> &'static str {
+        if commit {
+            "RELEASE SAVEPOINT contend_tx; COMMIT; SET autocommit = 1"
+        } else {
+            "ROLLBACK; SET autocommit = 1"
+        }
+    }
+
+    /// `1305` (no such savepoint) from the guard of [`Dialect::end`]:
+    /// [`Error::TransactionBroken`], saying so.
+    fn rolled_back_before_commit(&self, err: &dyn DatabaseError) -> Option<Error> {
+        #[cfg(feature = "mysql")]
+        if let Some(e) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            && e.number() == 1305
+        {
+            return Some(Error::TransactionBroken(ROLLED_BACK_BEFORE_COMMIT));
+        }
+        let _ = err;
+        None
     }
 
     /// `1213` deadlock, `1205` lock wait timeout, `3572` NOWAIT lock refused, `1020` record

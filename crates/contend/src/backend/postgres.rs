@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::error::DatabaseError;
 
 use super::{AdvisoryXact, Backend, Dialect, RowLock};
-use crate::error::{ConflictKind, Result};
+use crate::error::{ConflictKind, Error, Result};
 use crate::tx::TxOptions;
 
 /// The PostgreSQL dialect.
@@ -45,6 +45,32 @@ impl Dialect for Postgres {
             .unwrap();
         }
         Ok((sql, None))
+    }
+
+    /// `COMMIT` behind a statement that fails when the transaction was aborted. PostgreSQL
+    /// answers `COMMIT` of a transaction that an error has aborted with success (and the
+    /// command tag ROLLBACK, which the Any driver does not show), so a body that swallowed a
+    /// database error would "commit" nothing and its hooks would run. Any statement but
+    /// `COMMIT`/`ROLLBACK` fails in an aborted transaction (25P02), so one in the same round
+    /// trip tells the two apart. The cheapest such statement: a transaction-local `SET` of a
+    /// custom setting (no snapshot, no plan, no row to send and decode, unlike `SELECT 1`;
+    /// allowed in read-only transactions and on standbys; it ends with the `COMMIT` and touches
+    /// no setting anything reads).
+    fn end(&self, commit: bool) -> &'static str {
+        if commit {
+            "SET LOCAL contend.commit_guard = 1; COMMIT"
+        } else {
+            "ROLLBACK"
+        }
+    }
+
+    /// `25P02` (in_failed_sql_transaction) from the guard of [`Dialect::end`]:
+    /// [`Error::TransactionBroken`].
+    fn rolled_back_before_commit(&self, err: &dyn DatabaseError) -> Option<Error> {
+        (err.code().as_deref() == Some("25P02")).then_some(Error::TransactionBroken(
+            "PostgreSQL had aborted the transaction after a database error that the body did \
+             not return; it was rolled back, not committed",
+        ))
     }
 
     /// `40001` serialization_failure, `40P01` deadlock_detected, `55P03` lock_not_available.
