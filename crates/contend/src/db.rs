@@ -946,33 +946,18 @@ impl<DB: Database> Db<DB> {
         Ok(())
     }
 
-    /// The error of a failed `COMMIT`, classified. On a Galera node:
-    /// - a deadlock reported by `COMMIT` (which takes no row locks, so InnoDB cannot have found
-    ///   one) is a certification conflict ([`ConflictKind::Certification`]);
-    /// - so is a transaction that the commit guard finds rolled back before its `COMMIT`
-    ///   (`backend::mysql`'s module): a replicated write set brute-force aborted it, which no
-    ///   statement of the body may have reported. It was rolled back, so running it again is
-    ///   safe.
+    /// The error of a failed `COMMIT`, classified: on a Galera node a deadlock reported by
+    /// `COMMIT` (which takes no row locks, so InnoDB cannot have found one) is a certification
+    /// conflict ([`ConflictKind::Certification`]).
     pub(crate) fn commit_error(&self, err: Error) -> Error {
-        if !self.inner.cluster.is_galera() {
-            return err;
-        }
         match err {
             Error::Conflict {
                 kind: ConflictKind::Deadlock,
                 source,
-            } => Error::Conflict {
+            } if self.inner.cluster.is_galera() => Error::Conflict {
                 kind: ConflictKind::Certification,
                 source,
             },
-            Error::TransactionBroken(why)
-                if why == crate::backend::mysql::ROLLED_BACK_BEFORE_COMMIT =>
-            {
-                Error::Conflict {
-                    kind: ConflictKind::Certification,
-                    source: None,
-                }
-            }
             other => other,
         }
     }
@@ -1285,9 +1270,7 @@ impl<DB: Database> Db<DB> {
         E: TxError,
         B: tx::Body<DB, T, E>,
     {
-        let mut options = options.clone();
-        options.session_busy_timeout_ms = Some(self.inner.busy_timeout_ms);
-        tx::run(self, None, &options, body).await
+        tx::run(self, None, options, body).await
     }
 }
 

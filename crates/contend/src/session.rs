@@ -235,9 +235,7 @@ impl<DB: Database> Session<DB> {
         E: TxError,
         B: tx::Body<DB, T, E>,
     {
-        let mut options = options.clone();
-        options.session_busy_timeout_ms = Some(self.db.busy_timeout_ms());
-        tx::run(&self.db, Some(&mut self.conn), &options, body).await
+        tx::run(&self.db, Some(&mut self.conn), options, body).await
     }
 }
 

@@ -49,13 +49,13 @@
 //!   `COMMIT` and returns [`Error::TransactionBroken`] instead; hooks do not run.
 //! - MariaDB and SQLite undo only the failed statement: the rest of the transaction commits.
 //!   Exception: an InnoDB deadlock (and, with `innodb_rollback_on_timeout`, a lock wait timeout)
-//!   rolls back the *whole* transaction. Statements the body runs after ignoring it would execute
-//!   outside any transaction; contend runs MariaDB transactions with `autocommit` off and a
-//!   savepoint that the `COMMIT` checks, so they are rolled back and the commit fails with
-//!   [`Error::TransactionBroken`] (on a Galera node, where a brute-force abort can roll the
-//!   transaction back without any statement reporting it, a
-//!   [`ConflictKind::Certification`] conflict, retried). Never swallow [`Error::conflict`]
-//!   errors: return them, so that the attempt ends and the retry policy can run it again.
+//!   rolls back the *whole* transaction, and statements the body runs after ignoring it execute
+//!   outside any transaction. Never swallow [`Error::conflict`] errors: return them, so that the
+//!   attempt ends and the retry policy can run it again. On a Galera node, where a brute-force
+//!   abort can roll a transaction back without any statement reporting it, contend runs
+//!   read-write transactions with `autocommit` off and a savepoint that the `COMMIT` checks:
+//!   what ran after such a rollback is rolled back too, and the commit fails with a
+//!   [`ConflictKind::Certification`] conflict, which a retry policy runs again.
 //!
 //! # Cancellation
 //! Dropping the future of a transaction at any await point (an HTTP client went away) is safe:
@@ -114,7 +114,11 @@ pub struct TxOptions {
     pub(crate) lock_timeout: Option<Duration>,
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) retry: RetryPolicy,
+    /// Set from the `Db` by [`run`]: the busy timeout a SQLite connection goes back to.
     pub(crate) session_busy_timeout_ms: Option<u64>,
+    /// Set from the `Db` by [`run`]: begin with the commit guard (a Galera node; see
+    /// `backend::mysql`).
+    pub(crate) commit_guard: bool,
 }
 
 impl TxOptions {
@@ -261,6 +265,8 @@ pub struct Tx<DB: Database = Any> {
     /// Behind a transaction pooler: every `BEGIN`, `COMMIT` and `ROLLBACK` also clears the
     /// server connection's prepared statements ([`crate::DbBuilder::transaction_pooler`]).
     pooler: bool,
+    /// Begun with the commit guard ([`TxOptions`]' `commit_guard`): ended with it too.
+    commit_guard: bool,
 }
 
 impl<DB: Database> std::fmt::Debug for Tx<DB> {
@@ -302,12 +308,13 @@ impl<DB: Database> Tx<DB> {
             restore,
             lock_timeout: options.lock_timeout,
             pooler,
+            commit_guard: options.commit_guard && !options.read_only,
         };
         let sql = tx.pooled(sql);
         if let Err(e) = tx.raw(sql).await {
             // Whatever part of the BEGIN took effect is undone; if that fails the connection is
             // closed on drop.
-            let rollback = tx.pooled(backend.dialect().end(false).into());
+            let rollback = tx.pooled(backend.dialect().end(false, tx.commit_guard).into());
             let rolled_back = match tx.raw(rollback).await {
                 Ok(()) => true,
                 // SQLite answers ROLLBACK with an error when BEGIN did not start a transaction
@@ -346,12 +353,14 @@ impl<DB: Database> Tx<DB> {
     }
 
     /// Ends the transaction with `COMMIT` (when `commit`) or `ROLLBACK`, undoes session
-    /// settings, and marks the connection fit for the pool. A `COMMIT` goes with the backend's
-    /// guard ([`crate::backend::Dialect::end`]): a transaction the server had already rolled
-    /// back fails with the guard's error instead of committing what ran after the rollback.
+    /// settings, and marks the connection fit for the pool. The end goes with the backend's
+    /// commit guard ([`crate::backend::Dialect::end`]): a `COMMIT` of a transaction that the
+    /// server had already rolled back fails with the guard's error (PostgreSQL:
+    /// [`Error::TransactionBroken`]; a Galera node: a certification conflict) instead of
+    /// committing what ran after the rollback.
     async fn finish(&mut self, commit: bool) -> Result<()> {
         let dialect = self.backend.dialect();
-        let end = self.pooled(dialect.end(commit).into());
+        let end = self.pooled(dialect.end(commit, self.commit_guard).into());
         let mut result = self.raw(end).await;
         if commit
             && let Err(e) = &result
@@ -362,9 +371,10 @@ impl<DB: Database> Tx<DB> {
             result = Err(instead);
         }
         if result.is_err() && commit {
-            // A failed COMMIT may leave the transaction open (SQLite busy): roll it back, and
-            // keep the connection out of the pool if even that fails.
-            let rollback = self.pooled(dialect.end(false).into());
+            // A failed COMMIT may leave the transaction open (SQLite busy; after the guard, the
+            // transaction of what ran after the rollback): roll it back, and keep the
+            // connection out of the pool if even that fails.
+            let rollback = self.pooled(dialect.end(false, self.commit_guard).into());
             if self.raw(rollback).await.is_err() {
                 return result;
             }
@@ -603,6 +613,11 @@ where
     if in_transaction() {
         return report;
     }
+    // What the Db knows that the caller's options do not.
+    let mut options = options.clone();
+    options.session_busy_timeout_ms = Some(db.busy_timeout_ms());
+    options.commit_guard = db.cluster().is_galera();
+    let options = &options;
     let started = Instant::now();
     loop {
         report.attempts += 1;

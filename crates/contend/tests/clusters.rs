@@ -445,11 +445,13 @@ async fn galera_commit_conflict_is_a_certification_conflict() {
 /// written; applied on node 1, it rolls that transaction back. MariaDB reports it on the
 /// victim's next statement, but not always: under `contend faults` (kill-connections) a
 /// transfer's balance updates were rolled back while its ledger `INSERT` and the `COMMIT` after
-/// them answered success, and with `autocommit` on the `INSERT` had committed by itself. Here the
-/// body swallows the report and goes on, which is what the unreported case looks like from the
-/// client: contend's commit guard must find the transaction gone, keep nothing the body ran
-/// after the abort, and return a certification conflict, which the retry policy runs again
-/// (once). Without the guard the swallowed case commits ledger row 101 alone.
+/// them answered success, and the `INSERT` had committed by itself. Here the body swallows the
+/// report and goes on, which is what the unreported case looks like from the client. contend's
+/// commit guard must keep everything the body runs after the abort from committing, and turn
+/// the attempt into a certification conflict, which the retry policy runs again: the first
+/// attempt writes after the abort (refused: the session is read-only outside a transaction),
+/// the second only reads and returns `Ok` (its `COMMIT` finds no transaction open), the third
+/// commits. Without the guard the first attempt commits ledger row 101 alone and ends there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn galera_statements_after_a_brute_force_abort_never_commit() {
     let Some(nodes) = galera_nodes() else {
@@ -475,7 +477,7 @@ async fn galera_statements_after_a_brute_force_abort_never_commit() {
     let (t, l, a) = (table.clone(), ledger.clone(), attempts.clone());
     let options = contend::TxOptions::new().retry(
         contend::RetryPolicy::new()
-            .max_attempts(3)
+            .max_attempts(4)
             .base_delay(Duration::from_millis(1)),
     );
     let run = tokio::time::timeout(
@@ -488,7 +490,7 @@ async fn galera_statements_after_a_brute_force_abort_never_commit() {
                     .execute(tx.conn())
                     .await?;
                 let insert = format!("INSERT INTO {l} (id) VALUES (?)");
-                if attempt == 1 {
+                if attempt <= 2 {
                     let mut node2 = node2.lock().await;
                     my_exec(
                         &mut node2,
@@ -504,7 +506,13 @@ async fn galera_statements_after_a_brute_force_abort_never_commit() {
                         "the abort is reported here: {reported:?}"
                     );
                     // ... and swallowed: what runs next runs after the abort.
-                    tx.query(&insert).bind(101_i32).execute(tx.conn()).await?;
+                    if attempt == 1 {
+                        tx.query(&insert).bind(101_i32).execute(tx.conn()).await?;
+                    } else {
+                        tx.query(&format!("SELECT v FROM {t} WHERE id = 1"))
+                            .fetch_one(tx.conn())
+                            .await?;
+                    }
                 } else {
                     tx.query(&insert)
                         .bind(attempt as i32)
@@ -517,13 +525,13 @@ async fn galera_statements_after_a_brute_force_abort_never_commit() {
     )
     .await
     .expect("the transaction ends");
-    run.result.expect("the retry commits");
+    run.result.expect("the third attempt commits");
     assert_eq!(
         run.conflicts,
-        vec![contend::ConflictKind::Certification],
-        "the first attempt's commit found the transaction gone"
+        vec![contend::ConflictKind::Certification; 2],
+        "both aborted attempts end as certification conflicts"
     );
-    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
     db.catch_up().await.expect("catch up");
     let ids: Vec<i32> = db
         .query_scalar(&format!("SELECT id FROM {ledger} ORDER BY id"))
@@ -532,15 +540,19 @@ async fn galera_statements_after_a_brute_force_abort_never_commit() {
         .expect("read ledger");
     assert_eq!(
         ids,
-        [2],
-        "only the retry's row; nothing of the aborted attempt"
+        [3],
+        "only the last attempt's row; nothing of the aborted ones"
     );
     let v: i64 = db
         .query_scalar(&format!("SELECT v FROM {table} WHERE id = 1"))
         .fetch_one(db.pool())
         .await
         .expect("read back");
-    assert_eq!(v, 11, "node 2's +1 and the retry's +10");
+    assert_eq!(v, 12, "node 2's two +1 and the last attempt's +10");
+    // Every connection went back to the pool writable outside transactions.
+    db.execute_script(&format!("INSERT INTO {ledger} (id) VALUES (4), (5), (6)"))
+        .await
+        .expect("autocommit writes after the guard");
     db.execute_script(&format!("DROP TABLE {table}; DROP TABLE {ledger}"))
         .await
         .expect("drop tables");

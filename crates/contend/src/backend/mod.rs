@@ -347,8 +347,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// The statements that end a transaction begun with [`Dialect::begin`], in one round trip:
     /// `COMMIT` when `commit`, else `ROLLBACK`, with the backend's commit guard (see
     /// [`Dialect::rolled_back_before_commit`]) and the reset of any session setting that
-    /// `begin` changed for the transaction's length.
-    fn end(&self, commit: bool) -> &'static str {
+    /// `begin` changed for it. `commit_guard`: the transaction began with the guard that
+    /// [`TxOptions`] asks for on a Galera node (MySQL/MariaDB's; PostgreSQL's guard is always on).
+    fn end(&self, commit: bool, commit_guard: bool) -> &'static str {
+        let _ = commit_guard;
         if commit { "COMMIT" } else { "ROLLBACK" }
     }
 

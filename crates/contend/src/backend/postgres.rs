@@ -56,7 +56,7 @@ impl Dialect for Postgres {
     /// custom setting (no snapshot, no plan, no row to send and decode, unlike `SELECT 1`;
     /// allowed in read-only transactions and on standbys; it ends with the `COMMIT` and touches
     /// no setting anything reads).
-    fn end(&self, commit: bool) -> &'static str {
+    fn end(&self, commit: bool, _commit_guard: bool) -> &'static str {
         if commit {
             "SET LOCAL contend.commit_guard = 1; COMMIT"
         } else {
