@@ -331,6 +331,24 @@ async fn galera_nodes_are_one_db_taken_in_turn() {
     }
 }
 
+/// Node 2 adds 1 to row 1 of `table` and commits (causal reads and writes on its session), then
+/// `settle` passes so that node 1 has applied it: a node-1 transaction holding the row is then
+/// brute-force aborted.
+async fn node2_writes_row_1(
+    node2: &tokio::sync::Mutex<MySqlConnection>,
+    table: &str,
+    settle: Duration,
+) {
+    let mut node2 = node2.lock().await;
+    my_exec(
+        &mut node2,
+        &format!("UPDATE {table} SET v = v + 1 WHERE id = 1"),
+    )
+    .await
+    .expect("node 2 commits first");
+    tokio::time::sleep(settle).await;
+}
+
 /// A transaction on node 1 updates a row and, while it is open, node 2 updates the same row and
 /// commits. Node 1's `COMMIT` then fails with 1213 / 40001 (certification, or the brute-force
 /// abort of node 1's transaction surfacing at `COMMIT`), which contend classifies as a
@@ -369,14 +387,7 @@ async fn galera_commit_conflict_is_a_certification_conflict() {
                     .execute(tx.conn())
                     .await?;
                 // Node 2 writes the same row and commits while node 1's transaction is open.
-                let mut node2 = node2.lock().await;
-                my_exec(
-                    &mut node2,
-                    &format!("UPDATE {t} SET v = v + 1 WHERE id = 1"),
-                )
-                .await
-                .expect("node 2 commits first");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                node2_writes_row_1(&node2, &t, Duration::from_millis(200)).await;
                 Ok::<_, contend::Error>(())
             })
         }),
@@ -491,15 +502,8 @@ async fn galera_statements_after_a_brute_force_abort_never_commit() {
                     .await?;
                 let insert = format!("INSERT INTO {l} (id) VALUES (?)");
                 if attempt <= 2 {
-                    let mut node2 = node2.lock().await;
-                    my_exec(
-                        &mut node2,
-                        &format!("UPDATE {t} SET v = v + 1 WHERE id = 1"),
-                    )
-                    .await
-                    .expect("node 2 commits first");
                     // Applied on node 1 meanwhile: this transaction is rolled back.
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    node2_writes_row_1(&node2, &t, Duration::from_millis(300)).await;
                     let reported = tx.query(&insert).bind(1_i32).execute(tx.conn()).await;
                     assert!(
                         reported.is_err(),
