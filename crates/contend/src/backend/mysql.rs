@@ -23,7 +23,7 @@
 //! A single server has no such abort: a whole transaction is rolled back there only with an
 //! error the body is given (an InnoDB deadlock), and the guard is left out. On Galera it costs:
 //! MariaDB makes a savepoint expensive there (16 clients moving money between 4 rows of one node
-//! of the test cluster committed about 30 % fewer transactions with one). Cheaper markers were
+//! of the test cluster committed 25-30 % fewer transactions with one). Cheaper markers were
 //! tried and fail: `@@in_transaction` cannot tell the new transaction from the old one, and a
 //! read-only session default with `START TRANSACTION READ WRITE` does not hold, because the
 //! brute-force rollback leaves the `READ WRITE` in force for the statements after it.
