@@ -751,7 +751,9 @@ impl<DB: Database> Db<DB> {
     /// Like [`Db::from_pool`] for the nodes of one cluster, one pool per node, in the order
     /// [`Db::acquire`] takes them; and it asks MySQL/MariaDB servers whether they are Galera
     /// nodes ([`Db::cluster`]), which [`Db::from_pool`] (not async) cannot. One pool is fine:
-    /// a single Galera node is then recognised as one.
+    /// a single Galera node is then recognised as one. Use it for any Galera node: what contend
+    /// does differently there (certification conflicts at `COMMIT`, the commit guard of
+    /// [`crate::backend::mysql`], the executor's refusals) follows from [`Db::cluster`].
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> contend::Result<()> {
