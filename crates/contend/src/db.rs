@@ -1012,7 +1012,9 @@ impl<DB: Database> Db<DB> {
 
     /// Runs several `;`-separated statements without parameters (schema setup and the like),
     /// always on the first node (so that schema changes and the data loaded after them are
-    /// made in order on one node).
+    /// made in order on one node). Over several nodes of a Galera cluster it returns once every
+    /// node has applied the script ([`Db::catch_up`]): the next acquisitions take the other
+    /// nodes, which would otherwise apply it a little later (a table not there yet: 1146).
     ///
     /// On a SQLite `Db` with a writer queue ([`DbBuilder::writer_queue`]) the script runs in
     /// this process's turn to write, as a write transaction does (on a pooled connection, not
@@ -1028,12 +1030,13 @@ impl<DB: Database> Db<DB> {
     /// # Errors
     /// The first statement's error; [`Error::Unavailable`] when no connection becomes free, and
     /// a [`ConflictKind::Busy`] conflict when the SQLite writer's turn does not come, within the
-    /// acquire timeout.
+    /// acquire timeout; over several Galera nodes, [`Db::catch_up`]'s errors (the script ran).
     ///
     /// # Cancel safety
     /// Dropped while waiting for a connection or the writer's turn, nothing ran. Dropped
     /// mid-script, the statements that ran stay run (each autocommits unless the script opened
-    /// a transaction) and the connection is closed, not pooled.
+    /// a transaction) and the connection is closed, not pooled. Dropped while waiting for the
+    /// other Galera nodes, the script ran.
     pub async fn execute_script(&self, sql: &str) -> Result<()> {
         // The connection first, then the turn (as `writer_turn` asks).
         let conn = self.inner.pool.acquire().await?;
@@ -1046,7 +1049,11 @@ impl<DB: Database> Db<DB> {
         let conn = guard.0.as_mut().expect("connection present");
         let result = DB::execute_raw(conn, sql.to_string()).await;
         drop(guard.0.take());
-        result.map_err(Error::from)
+        result.map_err(Error::from)?;
+        if !self.inner.others.is_empty() && !single_select(sql) {
+            self.catch_up().await?;
+        }
+        Ok(())
     }
 
     /// Runs `body` in a new outermost transaction with default options (no retry): commits when

@@ -280,6 +280,45 @@ async fn galera_rows(db: &contend::Db) -> String {
     table
 }
 
+/// `execute_script` runs on the first node; the other nodes apply its DDL and rows a little
+/// later. When it returns, every node must have them: the next acquisitions take the other nodes
+/// in turn, and a write there before the table reached it fails with 1146 "doesn't exist" (seen
+/// once in CI in the lab's setup: `CREATE TABLE` by script, then the first row on node 2). A
+/// script that loads 20,000 rows makes the lag long enough to see on every run: read at once on
+/// each node (no causal wait), the rows must all be there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn galera_script_is_on_every_node_when_it_returns() {
+    let Some(nodes) = galera_nodes() else {
+        return;
+    };
+    let db = contend::Db::connect(&nodes.join(","))
+        .await
+        .expect("connect the nodes");
+    let table = common::table("galera_script");
+    for round in 0..3 {
+        db.execute_script(&format!(
+            "DROP TABLE IF EXISTS {table}; \
+             CREATE TABLE {table} (id INT PRIMARY KEY) ENGINE=InnoDB; \
+             INSERT INTO {table} SELECT seq FROM seq_1_to_20000"
+        ))
+        .await
+        .expect("create and load the table");
+        for node in 0..nodes.len() {
+            let mut conn = db.acquire().await.expect("acquire");
+            let n: i64 = db
+                .query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}, acquisition {node}: {e}"));
+            assert_eq!(n, 20_000, "round {round}, acquisition {node}");
+        }
+    }
+    db.execute_script(&format!("DROP TABLE {table}"))
+        .await
+        .expect("drop table");
+    db.close().await;
+}
+
 /// A comma-separated list of the nodes is one `Db` over all of them: recognised as a Galera
 /// cluster, each acquisition on the next node in turn. A list that adds a server outside the
 /// cluster is refused, naming that server.
