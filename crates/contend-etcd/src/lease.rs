@@ -86,6 +86,39 @@ impl Lease {
         self.state.send_modify(|s| s.lost = true);
     }
 
+    /// Completes when the lease is known to be gone: etcd said so, or the keepalive gave up (no
+    /// renewal confirmed for a whole TTL, and the keepalive in flight then unanswered for a
+    /// request timeout). Unlike [`Lease::lost`], a validity that ran out while a keepalive is
+    /// still in flight does not complete it: a late positive answer proves that etcd renewed
+    /// the lease before it expired (etcd does not renew an expired lease), so the keys
+    /// written under it were never deleted.
+    pub fn gone(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.state.subscribe();
+        async move {
+            // An error means the keepalive task and the lease are gone: so is the lease.
+            let _ = rx.wait_for(|s| s.lost).await;
+        }
+    }
+
+    /// The keepalive's verdict on the lease: `true` at once while it is valid, or as soon as a
+    /// keepalive confirms it again after its validity ran out; `false` once it is gone
+    /// ([`Lease::gone`]). The keepalive decides within a request timeout of the lapse.
+    pub async fn confirmed(&self) -> bool {
+        let mut rx = self.state.subscribe();
+        loop {
+            let s = *rx.borrow_and_update();
+            if s.lost {
+                return false;
+            }
+            if Instant::now() < s.valid_until {
+                return true;
+            }
+            if rx.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
     /// Completes when the lease is lost, or its validity runs out without renewal.
     pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.state.subscribe();
@@ -168,10 +201,14 @@ async fn keep_alive(id: i64, keep: KeepAlive, state: Arc<watch::Sender<LeaseStat
             }
             Err(_) => continue,
         };
+        let mut last_sent = sent;
         loop {
-            tokio::time::sleep(period).await;
+            // A fixed cadence from the last send, not from its answer: after a late answer
+            // the next keepalive goes at once, before the validity that answer gave runs out.
+            tokio::time::sleep_until((last_sent + period).into()).await;
             keep.requests.fetch_add(1, Ordering::Relaxed);
             let sent = Instant::now();
+            last_sent = sent;
             if keeper.keep_alive().await.is_err() {
                 break;
             }

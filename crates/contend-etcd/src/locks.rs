@@ -277,8 +277,16 @@ impl EtcdLocks {
     /// # Errors
     /// [`contend::Error::LockNotAcquired`] when the wait runs out;
     /// [`contend::Error::LockService`] with an [`EtcdError`] when etcd does not answer
-    /// ([`EtcdError::NoQuorum`], [`EtcdError::Unavailable`]) or the client's lease expired
-    /// while it waited ([`EtcdError::LeaseLost`]).
+    /// ([`EtcdError::NoQuorum`], [`EtcdError::Unavailable`]), or with
+    /// [`EtcdError::LeaseLost`] when the client's lease was lost just as the wait ran out.
+    ///
+    /// # A lease that lapses while waiting
+    /// A keepalive answered late (during an election, say) lets the lease's validity run out
+    /// for a moment: the waiter keeps its place until the keepalive decides. A late positive
+    /// answer means etcd renewed the lease before it expired, so the waiter's key was never
+    /// deleted and it goes on waiting; a lock granted in that moment is handed over only once
+    /// the lease is confirmed again. When the lease is gone, the acquisition starts again with
+    /// a new lease (at the back of the queue) within the same wait.
     ///
     /// # Cancel safety
     /// Safe: if the future is dropped after its key was written, the key is deleted in a
@@ -296,36 +304,48 @@ impl EtcdLocks {
     /// As [`EtcdLocks::acquire`].
     pub async fn acquire_within(&self, key: &str, wait: Duration) -> contend::Result<EtcdGuard> {
         let started = Instant::now();
-        let lease = self.inner.lease().await?;
-        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let deadline = started + wait;
         let prefix = format!("{}{}/", self.inner.prefix, escape(key));
-        let own = format!("{prefix}{:016x}-{seq:x}", lease.id()).into_bytes();
-        let mut pending = Pending {
-            inner: self.inner.clone(),
-            key: Some(own.clone()),
-        };
-        let attempt = self.inner.lock(&prefix, &own, &lease);
-        let token = match tokio::time::timeout_at((started + wait).into(), attempt).await {
-            Ok(Ok(token)) => token,
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(contend::Error::LockNotAcquired {
-                    key: key.to_string(),
-                    waited_ms: ms(started.elapsed()),
-                });
-            }
-        };
-        pending.key = None;
-        let (released, _) = watch::channel(false);
-        Ok(EtcdGuard {
-            key: key.to_string(),
-            own,
-            token: FencingToken::new(u64::try_from(token).unwrap_or(0)),
-            lease,
-            inner: self.inner.clone(),
-            released: Arc::new(released),
-            done: false,
-        })
+        loop {
+            let lease = self.inner.lease().await?;
+            let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+            let own = format!("{prefix}{:016x}-{seq:x}", lease.id()).into_bytes();
+            let mut pending = Pending {
+                inner: self.inner.clone(),
+                key: Some(own.clone()),
+            };
+            let attempt = self.inner.lock(&prefix, &own, &lease);
+            let token = match tokio::time::timeout_at(deadline.into(), attempt).await {
+                Ok(Ok(token)) => token,
+                Ok(Err(EtcdError::LeaseLost)) if Instant::now() < deadline => {
+                    // The waiter's key went (or goes) with the lease; `pending` deletes it
+                    // in case etcd still has it, and the next turn takes a new lease.
+                    tracing::debug!(
+                        key,
+                        "etcd lease lost while waiting; waiting again on a new lease"
+                    );
+                    continue;
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    return Err(contend::Error::LockNotAcquired {
+                        key: key.to_string(),
+                        waited_ms: ms(started.elapsed()),
+                    });
+                }
+            };
+            pending.key = None;
+            let (released, _) = watch::channel(false);
+            return Ok(EtcdGuard {
+                key: key.to_string(),
+                own,
+                token: FencingToken::new(u64::try_from(token).unwrap_or(0)),
+                lease,
+                inner: self.inner.clone(),
+                released: Arc::new(released),
+                done: false,
+            });
+        }
     }
 }
 
@@ -423,9 +443,22 @@ impl Inner {
         Ok(lease)
     }
 
-    /// The recipe: write `own` under `prefix` with the lease, then wait until it is the oldest
-    /// key there. Returns its create revision (the fencing token).
+    /// The recipe ([`Inner::queue`]), handing the lock over only on a lease that is valid: one
+    /// whose validity ran out while a keepalive was late is granted once the keepalive
+    /// confirms it again. Returns the fencing token.
     async fn lock(&self, prefix: &str, own: &[u8], lease: &Lease) -> Result<i64, EtcdError> {
+        let token = self.queue(prefix, own, lease).await?;
+        if lease.confirmed().await {
+            Ok(token)
+        } else {
+            Err(EtcdError::LeaseLost)
+        }
+    }
+
+    /// Writes `own` under `prefix` with the lease, then waits until it is the oldest key
+    /// there. Returns its create revision. Fails with [`EtcdError::LeaseLost`] (the lease
+    /// marked lost) when the lease is gone, not merely unconfirmed ([`Lease::gone`]).
+    async fn queue(&self, prefix: &str, own: &[u8], lease: &Lease) -> Result<i64, EtcdError> {
         let lease_id = lease.id();
         let last_two = GetOptions::new()
             .with_prefix()
@@ -461,6 +494,7 @@ impl Inner {
         };
         let Some(mine) = created else {
             // Written and gone in the same transaction cannot happen; the lease must be gone.
+            lease.mark_lost();
             return Err(EtcdError::LeaseLost);
         };
         let from = answer.header().map_or(0, |h| h.revision()) + 1;
@@ -506,7 +540,9 @@ impl Inner {
             };
             tokio::select! {
                 waited = self.deleted(&before, from) => waited?,
-                () = lease.lost() => return Err(EtcdError::LeaseLost),
+                // Not `lost()`: a lapse while a keepalive is late is not a reason to leave the
+                // queue; the keepalive decides within a request timeout.
+                () = lease.gone() => return Err(EtcdError::LeaseLost),
             }
         }
     }
@@ -613,8 +649,11 @@ impl EtcdGuard {
         self.lease.valid_until()
     }
 
-    /// True once the lock is lost: the lease expired, etcd refused a keepalive, or no
-    /// keepalive was confirmed for a whole TTL.
+    /// True once the lock may be lost: the lease expired, etcd refused a keepalive, or no
+    /// keepalive was confirmed for a whole TTL. While a keepalive's answer is late it is true
+    /// (act on it: the lock cannot be shown to be held); a late answer that renews the lease
+    /// makes it false again, since etcd renews only a lease that never expired, so the lock
+    /// was in fact held throughout.
     pub fn is_lost(&self) -> bool {
         self.lease.is_lost()
     }
