@@ -116,8 +116,8 @@ pub struct TxOptions {
     pub(crate) retry: RetryPolicy,
     /// Set from the `Db` by [`run`]: the busy timeout a SQLite connection goes back to.
     pub(crate) session_busy_timeout_ms: Option<u64>,
-    /// Set from the `Db` by [`run`]: begin with the commit guard (a Galera node; see
-    /// `backend::mysql`).
+    /// Set from the `Db` by [`run`]: begin and end with the commit guard (a read-write
+    /// transaction on a Galera node; see `backend::mysql`).
     pub(crate) commit_guard: bool,
 }
 
@@ -308,7 +308,7 @@ impl<DB: Database> Tx<DB> {
             restore,
             lock_timeout: options.lock_timeout,
             pooler,
-            commit_guard: options.commit_guard && !options.read_only,
+            commit_guard: options.commit_guard,
         };
         let sql = tx.pooled(sql);
         if let Err(e) = tx.raw(sql).await {
@@ -616,7 +616,7 @@ where
     // What the Db knows that the caller's options do not.
     let mut options = options.clone();
     options.session_busy_timeout_ms = Some(db.busy_timeout_ms());
-    options.commit_guard = db.cluster().is_galera();
+    options.commit_guard = db.cluster().is_galera() && !options.read_only;
     let options = &options;
     let started = Instant::now();
     loop {

@@ -499,9 +499,10 @@ async fn galera_commit_conflict_is_a_certification_conflict() {
 /// report and goes on, which is what the unreported case looks like from the client. contend's
 /// commit guard must keep everything the body runs after the abort from committing, and turn
 /// the attempt into a certification conflict, which the retry policy runs again: the first
-/// attempt writes after the abort (refused: the session is read-only outside a transaction),
-/// the second only reads and returns `Ok` (its `COMMIT` finds no transaction open), the third
-/// commits. Without the guard the first attempt commits ledger row 101 alone and ends there.
+/// attempt writes after the abort, the second only reads and returns `Ok` (in both, what ran
+/// after the abort ran in a new transaction without the guard's savepoint, so the `COMMIT`'s
+/// release of it fails and that transaction is rolled back), the third commits. Without the
+/// guard the first attempt commits ledger row 101 alone and ends there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn galera_statements_after_a_brute_force_abort_never_commit() {
     let Some(nodes) = galera_nodes() else {

@@ -502,7 +502,7 @@ pub async fn run(args: FaultArgs) -> anyhow::Result<ExitCode> {
     let (phases, skipped) = plan(&args)?;
     for (flag, path) in [("--json", &args.json), ("--html", &args.html)] {
         if let Some(path) = path {
-            crate::config::check_output_file(flag, path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::config::check_output_file(flag, path)?;
         }
     }
     // The single servers must answer now (the Galera nodes may still be starting, behind

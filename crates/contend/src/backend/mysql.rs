@@ -37,8 +37,13 @@ use super::{AdvisoryXact, Backend, Dialect, RowLock};
 use crate::error::{ConflictKind, Error, Result};
 use crate::tx::TxOptions;
 
-/// The savepoint a guarded transaction begins with (see the module).
-const GUARD: &str = "contend_tx";
+/// The savepoint a guarded transaction begins with (see the module): a macro, so that
+/// [`Dialect::end`] can name it in its `&'static str` with `concat!`.
+macro_rules! guard_savepoint {
+    () => {
+        "contend_tx"
+    };
+}
 
 /// The MySQL/MariaDB dialect.
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,13 +55,13 @@ impl Dialect for MySql {
     }
 
     /// `SET SESSION ..; SET TRANSACTION ISOLATION LEVEL ..; START TRANSACTION [READ ONLY]`, and
-    /// with the commit guard (read-write transactions only) `autocommit = 0` among the session
-    /// settings and `SAVEPOINT contend_tx` last (see the module). Lock and statement timeouts
-    /// are session variables in InnoDB/MariaDB (`innodb_lock_wait_timeout`, whole seconds, at
-    /// least 1; `max_statement_time`), so they are set before and reset to the server default
-    /// after the transaction, never left on a pooled connection.
+    /// with the commit guard (read-write transactions on a Galera node) `autocommit = 0` among
+    /// the session settings and `SAVEPOINT contend_tx` last (see the module). Lock and
+    /// statement timeouts are session variables in InnoDB/MariaDB (`innodb_lock_wait_timeout`,
+    /// whole seconds, at least 1; `max_statement_time`), so they are set before and reset to
+    /// the server default after the transaction, never left on a pooled connection.
     fn begin(&self, options: &TxOptions) -> Result<(String, Option<String>)> {
-        let guard = options.commit_guard && !options.read_only;
+        let guard = options.commit_guard;
         let mut set = Vec::new();
         let mut restore = Vec::new();
         if guard {
@@ -84,7 +89,7 @@ impl Dialect for MySql {
             sql.push_str(" READ ONLY");
         }
         if guard {
-            write!(sql, "; SAVEPOINT {GUARD}").unwrap();
+            sql.push_str(concat!("; SAVEPOINT ", guard_savepoint!()));
         }
         let restore = (!restore.is_empty()).then(|| format!("SET SESSION {}", restore.join(", ")));
         Ok((sql, restore))
@@ -95,7 +100,11 @@ impl Dialect for MySql {
     /// (see the module), and then nothing after it runs.
     fn end(&self, commit: bool, commit_guard: bool) -> &'static str {
         match (commit, commit_guard) {
-            (true, true) => "RELEASE SAVEPOINT contend_tx; COMMIT; SET autocommit = 1",
+            (true, true) => concat!(
+                "RELEASE SAVEPOINT ",
+                guard_savepoint!(),
+                "; COMMIT; SET autocommit = 1"
+            ),
             (false, true) => "ROLLBACK; SET autocommit = 1",
             (true, false) => "COMMIT",
             (false, false) => "ROLLBACK",
